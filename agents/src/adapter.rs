@@ -1,0 +1,163 @@
+//! The one trait every local image service is reached through, and the verified image it
+//! receives.
+//!
+//! An adapter only ever sees an [`AssembledImage`]: files that were rebuilt from verified
+//! chunks and matched their whole-file hashes. Only [`crate::assemble`] can make one, so an
+//! adapter cannot be handed something unchecked (received → verified → assembled →
+//! published, each step a type).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use futures::future::BoxFuture;
+use seedcast_core::GlobalId;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterError {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no image with local id {0:?} at this site")]
+    NotFound(String),
+    #[error("image {local_id:?} has no file {file:?}")]
+    NoSuchFile { local_id: String, file: String },
+    #[error("{0}")]
+    Service(String),
+}
+
+impl AdapterError {
+    pub fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> AdapterError + '_ {
+        move |source| AdapterError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// One file of an assembled image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AssembledFile {
+    pub name: String,
+    pub len: u64,
+    pub mode: u32,
+}
+
+/// A verified image in a staging directory, ready to hand to a site's service.
+///
+/// Dropping it removes the staging directory, unless an adapter took it over with
+/// [`AssembledImage::into_dir`].
+pub struct AssembledImage {
+    dir: Option<PathBuf>,
+    pub global_id: GlobalId,
+    pub version: u32,
+    pub manifest_id: [u8; 32],
+    pub name: String,
+    pub files: Vec<AssembledFile>,
+}
+
+impl fmt::Debug for AssembledImage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AssembledImage({}@{} in {:?})", self.global_id, self.version, self.dir)
+    }
+}
+
+impl AssembledImage {
+    pub(crate) fn new(
+        dir: PathBuf,
+        global_id: GlobalId,
+        version: u32,
+        manifest_id: [u8; 32],
+        name: String,
+        files: Vec<AssembledFile>,
+    ) -> Self {
+        AssembledImage {
+            dir: Some(dir),
+            global_id,
+            version,
+            manifest_id,
+            name,
+            files,
+        }
+    }
+
+    /// The staging directory holding the files (by their base names).
+    pub fn dir(&self) -> &Path {
+        self.dir.as_deref().expect("present until into_dir")
+    }
+
+    pub fn file_path(&self, name: &str) -> PathBuf {
+        self.dir().join(name)
+    }
+
+    /// Take the staging directory over (e.g. to rename it into place); no cleanup follows.
+    pub fn into_dir(mut self) -> PathBuf {
+        self.dir.take().expect("present until into_dir")
+    }
+}
+
+impl Drop for AssembledImage {
+    fn drop(&mut self) {
+        if let Some(d) = self.dir.take() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+/// A published file made readable here: in place, or a downloaded copy removed on drop.
+#[derive(Debug)]
+pub enum ReadBack {
+    InPlace(PathBuf),
+    Downloaded(tempfile::TempPath),
+}
+
+impl ReadBack {
+    pub fn path(&self) -> &Path {
+        match self {
+            ReadBack::InPlace(p) => p,
+            ReadBack::Downloaded(t) => t,
+        }
+    }
+}
+
+/// A site's local image service.
+///
+/// `publish` must be atomic as the service sees it: the image is either fully there under
+/// its new local id or not at all. The local id is the service's own name for the image.
+pub trait Adapter: Send + Sync + fmt::Debug {
+    /// The name used on the command line (`--adapter`).
+    fn kind(&self) -> &'static str;
+
+    /// Where the assembler stages images for this adapter. For services on the local
+    /// filesystem it is on the same filesystem, so publishing is a rename.
+    fn staging_root(&self) -> &Path;
+
+    /// Make `image` available in the service; returns its local id.
+    fn publish(&self, image: AssembledImage) -> BoxFuture<'_, Result<String, AdapterError>>;
+
+    /// Replace the image known as `local_id` with `image` (a newer or older version of the
+    /// same global id). The old image stays until the new one is in place. Returns the new
+    /// local id (the same one where the service updates in place). By default a new image
+    /// is published and the old one deleted.
+    fn update<'a>(&'a self, local_id: &'a str, image: AssembledImage) -> BoxFuture<'a, Result<String, AdapterError>> {
+        Box::pin(async move {
+            let new_id = self.publish(image).await?;
+            if new_id != local_id {
+                match self.delete(local_id).await {
+                    Ok(()) | Err(AdapterError::NotFound(_)) => {}
+                    Err(e) => tracing::warn!(local_id, "old version not removed: {e}"),
+                }
+            }
+            Ok(new_id)
+        })
+    }
+
+    /// Read a published file back (to check it, or to seed new versions from it).
+    fn read_back<'a>(&'a self, local_id: &'a str, file: &'a str) -> BoxFuture<'a, Result<ReadBack, AdapterError>>;
+
+    /// Remove a published image.
+    fn delete<'a>(&'a self, local_id: &'a str) -> BoxFuture<'a, Result<(), AdapterError>>;
+}

@@ -1,0 +1,248 @@
+//! Chunks and their integrity: bytes that arrive from anywhere are an [`UnverifiedChunk`];
+//! only [`UnverifiedChunk::verify`] turns them into a [`VerifiedChunk`], and stores and
+//! assemblers accept nothing else. A mismatch carries both hashes (as bitar's `chunk.rs`).
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::id::ChunkId;
+
+/// How a chunk's bytes are stored and sent.
+///
+/// Discriminants are fixed: they are persisted in pack files and sent on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[repr(u8)]
+pub enum Encoding {
+    /// The bytes as they are (used when zstd would not make them smaller).
+    Raw = 0,
+    /// One zstd frame holding the whole chunk.
+    Zstd = 1,
+}
+
+impl Encoding {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(Encoding::Raw),
+            1 => Some(Encoding::Zstd),
+            _ => None,
+        }
+    }
+}
+
+/// The stored (possibly compressed) form of a chunk, exactly as it travels.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompressedChunk {
+    pub id: ChunkId,
+    pub raw_len: u32,
+    pub encoding: Encoding,
+    pub payload: Bytes,
+}
+
+impl CompressedChunk {
+    /// Compress `raw` (already named `id`) with zstd at `level`, keeping the raw bytes
+    /// instead when compression does not pay.
+    pub fn compress(id: ChunkId, raw: &[u8], level: i32) -> Self {
+        let raw_len = raw.len() as u32;
+        match zstd::bulk::compress(raw, level) {
+            Ok(c) if c.len() < raw.len() => CompressedChunk {
+                id,
+                raw_len,
+                encoding: Encoding::Zstd,
+                payload: Bytes::from(c),
+            },
+            _ => CompressedChunk {
+                id,
+                raw_len,
+                encoding: Encoding::Raw,
+                payload: Bytes::copy_from_slice(raw),
+            },
+        }
+    }
+}
+
+/// Why a chunk was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum VerifyError {
+    #[error("chunk hash mismatch: expected {}, got {}", .0.expected, .0.actual)]
+    HashMismatch(HashMismatch),
+    #[error("chunk {id}: declared length {declared} exceeds the limit {limit}")]
+    TooLarge {
+        id: ChunkId,
+        declared: u32,
+        limit: u32,
+    },
+    #[error("chunk {id}: decoded to {actual} bytes, declared {declared}")]
+    LengthMismatch {
+        id: ChunkId,
+        declared: u32,
+        actual: usize,
+    },
+    #[error("chunk {id}: zstd payload does not decode: {reason}")]
+    Decode { id: ChunkId, reason: String },
+}
+
+/// Expected and actual hash of a chunk whose bytes do not match its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HashMismatch {
+    pub expected: ChunkId,
+    pub actual: ChunkId,
+}
+
+/// Bytes claimed to be chunk `id`; nothing accepts them until verified.
+#[derive(Debug, Clone)]
+pub struct UnverifiedChunk(pub CompressedChunk);
+
+impl UnverifiedChunk {
+    /// Decode (bounded by the declared length, itself bounded by `max_raw`), hash, compare.
+    ///
+    /// The declared length bounds the decompression buffer, so a zstd bomb cannot make
+    /// us allocate more than `max_raw` bytes.
+    pub fn verify(self, max_raw: u32) -> Result<VerifiedChunk, VerifyError> {
+        let c = self.0;
+        if c.raw_len > max_raw {
+            return Err(VerifyError::TooLarge {
+                id: c.id,
+                declared: c.raw_len,
+                limit: max_raw,
+            });
+        }
+        let raw: Bytes = match c.encoding {
+            Encoding::Raw => c.payload.clone(),
+            Encoding::Zstd => zstd::bulk::decompress(&c.payload, c.raw_len as usize)
+                .map(Bytes::from)
+                .map_err(|e| VerifyError::Decode {
+                    id: c.id,
+                    reason: e.to_string(),
+                })?,
+        };
+        if raw.len() != c.raw_len as usize {
+            return Err(VerifyError::LengthMismatch {
+                id: c.id,
+                declared: c.raw_len,
+                actual: raw.len(),
+            });
+        }
+        let actual = ChunkId::of(&raw);
+        if actual != c.id {
+            return Err(VerifyError::HashMismatch(HashMismatch {
+                expected: c.id,
+                actual,
+            }));
+        }
+        Ok(VerifiedChunk { stored: c, raw })
+    }
+}
+
+/// A chunk whose bytes are known to hash to its id: the only kind a store accepts.
+///
+/// Holds both the raw bytes and the stored form, so whoever verified it never has to
+/// decode or re-encode it again.
+#[derive(Debug, Clone)]
+pub struct VerifiedChunk {
+    stored: CompressedChunk,
+    raw: Bytes,
+}
+
+impl VerifiedChunk {
+    /// Name raw bytes by hashing them; verified by construction.
+    pub fn from_raw(raw: Bytes) -> Self {
+        let id = ChunkId::of(&raw);
+        VerifiedChunk {
+            stored: CompressedChunk {
+                id,
+                raw_len: raw.len() as u32,
+                encoding: Encoding::Raw,
+                payload: raw.clone(),
+            },
+            raw,
+        }
+    }
+
+    pub fn id(&self) -> ChunkId {
+        self.stored.id
+    }
+
+    pub fn raw(&self) -> &Bytes {
+        &self.raw
+    }
+
+    pub fn stored(&self) -> &CompressedChunk {
+        &self.stored
+    }
+
+    pub fn into_parts(self) -> (CompressedChunk, Bytes) {
+        (self.stored, self.raw)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verify_accepts_good_and_names_both_hashes_on_bad() {
+        let raw = vec![42u8; 10_000];
+        let id = ChunkId::of(&raw);
+        let c = CompressedChunk::compress(id, &raw, 3);
+        assert_eq!(c.encoding, Encoding::Zstd);
+        let v = UnverifiedChunk(c.clone()).verify(1 << 20).unwrap();
+        assert_eq!(v.raw().as_ref(), &raw[..]);
+
+        let wrong = ChunkId::of(b"other");
+        let err = UnverifiedChunk(CompressedChunk { id: wrong, ..c })
+            .verify(1 << 20)
+            .unwrap_err();
+        match err {
+            VerifyError::HashMismatch(m) => {
+                assert_eq!(m.expected, wrong);
+                assert_eq!(m.actual, id);
+            }
+            e => panic!("unexpected {e}"),
+        }
+    }
+
+    #[test]
+    fn verify_refuses_oversized_and_lying_lengths() {
+        let raw = vec![1u8; 1000];
+        let id = ChunkId::of(&raw);
+        let c = CompressedChunk::compress(id, &raw, 3);
+        let too_big = CompressedChunk {
+            raw_len: 5000,
+            ..c.clone()
+        };
+        assert!(matches!(
+            UnverifiedChunk(too_big.clone()).verify(2000),
+            Err(VerifyError::TooLarge { .. })
+        ));
+        // Declares more than the payload decodes to.
+        assert!(UnverifiedChunk(too_big).verify(1 << 20).is_err());
+        // Declares less: the bounded decoder refuses.
+        let short = CompressedChunk { raw_len: 10, ..c };
+        assert!(UnverifiedChunk(short).verify(1 << 20).is_err());
+    }
+
+    #[test]
+    fn incompressible_chunks_stay_raw() {
+        let raw: Vec<u8> = (0..4096u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let raw = blake3::Hasher::new()
+            .update(&raw)
+            .finalize_xof()
+            .fill_vec(4096);
+        let c = CompressedChunk::compress(ChunkId::of(&raw), &raw, 3);
+        assert_eq!(c.encoding, Encoding::Raw);
+        assert!(UnverifiedChunk(c).verify(8192).is_ok());
+    }
+
+    trait FillVec {
+        fn fill_vec(self, n: usize) -> Vec<u8>;
+    }
+    impl FillVec for blake3::OutputReader {
+        fn fill_vec(mut self, n: usize) -> Vec<u8> {
+            let mut v = vec![0; n];
+            self.fill(&mut v);
+            v
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! The one place the binary encoding is named.
+//!
+//! bincode 2.0.1 (serde mode, standard config: little-endian varints) is pinned: bincode 3
+//! is a placeholder and the project has ended upstream (RUSTSEC-2025-0141). Everything else
+//! calls [`encode`] / [`decode`], so swapping in postcard or wincode touches only this file
+//! (and bumps [`crate::protocol::PROTOCOL_VERSION`] and the persisted format versions).
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::protocol::MAX_MESSAGE_SIZE;
+
+/// A value could not be encoded or decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("encode failed: {0}")]
+    Encode(String),
+    #[error("malformed message: {0}")]
+    Decode(String),
+    #[error("malformed message: {0} trailing bytes after the value")]
+    Trailing(usize),
+}
+
+fn config() -> impl bincode::config::Config {
+    // The limit bounds every length prefix inside a message, so a hostile one cannot make
+    // the decoder allocate more than a whole message may hold.
+    bincode::config::standard().with_limit::<MAX_MESSAGE_SIZE>()
+}
+
+pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
+    bincode::serde::encode_to_vec(value, config()).map_err(|e| CodecError::Encode(e.to_string()))
+}
+
+/// Decode exactly one value that fills all of `bytes`.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    let (v, used) = bincode::serde::decode_from_slice(bytes, config())
+        .map_err(|e| CodecError::Decode(e.to_string()))?;
+    if used != bytes.len() {
+        return Err(CodecError::Trailing(bytes.len() - used));
+    }
+    Ok(v)
+}
+
+/// A persisted record was written by another format version or is damaged.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("empty record")]
+    Empty,
+    #[error("record format {found} is not supported (this build reads format {expected})")]
+    Format { found: u8, expected: u8 },
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+}
+
+/// Encode a persisted record: one format byte, then the value. Every record on disk
+/// carries its format, so a newer build can read or refuse an older one clearly.
+pub fn encode_record<T: Serialize>(format: u8, value: &T) -> Result<Vec<u8>, CodecError> {
+    let mut out = vec![format];
+    out.extend(encode(value)?);
+    Ok(out)
+}
+
+/// Decode a record written by [`encode_record`] with the same `format`.
+pub fn decode_record<T: DeserializeOwned>(format: u8, bytes: &[u8]) -> Result<T, RecordError> {
+    let (&found, body) = bytes.split_first().ok_or(RecordError::Empty)?;
+    if found != format {
+        return Err(RecordError::Format {
+            found,
+            expected: format,
+        });
+    }
+    Ok(decode(body)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_carry_their_format() {
+        let r = encode_record(1, &(5u32, "x".to_string())).unwrap();
+        assert_eq!(r[0], 1);
+        let back: (u32, String) = decode_record(1, &r).unwrap();
+        assert_eq!(back, (5, "x".into()));
+        assert!(matches!(
+            decode_record::<(u32, String)>(2, &r),
+            Err(RecordError::Format { found: 1, expected: 2 })
+        ));
+        assert!(matches!(
+            decode_record::<(u32, String)>(1, &[]),
+            Err(RecordError::Empty)
+        ));
+        // Truncated body.
+        assert!(decode_record::<(u32, String)>(1, &r[..r.len() - 1]).is_err());
+        // Trailing garbage.
+        let mut long = r.clone();
+        long.push(0);
+        assert!(matches!(
+            decode_record::<(u32, String)>(1, &long),
+            Err(RecordError::Codec(CodecError::Trailing(1)))
+        ));
+    }
+}

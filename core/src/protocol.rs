@@ -1,0 +1,365 @@
+//! The seedcast wire protocol, version 1. This module is the specification.
+//!
+//! # Transport
+//! QUIC (RFC 9000) with TLS 1.3, ALPN [`ALPN`]. The engine's certificate is issued by its own
+//! CA for the name [`SERVER_NAME`]; peers pin that CA (by the fingerprint in a token, then by
+//! the stored CA certificate). Agents present a per-site client certificate from the same CA.
+//!
+//! # Framing
+//! Every message is one frame ([`crate::frame`]): a 4-byte big-endian length, then the
+//! message encoded by [`crate::codec`]. No frame may exceed [`MAX_MESSAGE_SIZE`]; a larger
+//! length prefix is refused before anything is allocated.
+//!
+//! # Connection
+//! 1. The dialer opens the first bidirectional stream (the *control stream*) and sends
+//!    [`Hello`]. The engine answers [`HelloReply`]; a `Refused` reply is followed by a
+//!    connection close with [`close::REFUSED`] or [`close::VERSION`].
+//! 2. **Enroll** (no client certificate yet): the engine checks the join secret, signs the
+//!    agent's CSR and answers `Enrolled`; the agent reconnects with the new certificate.
+//! 3. **Agent** (with its site certificate): after `Welcome`, the agent sends
+//!    [`AgentMsg::Inventory`]; from then on the engine sends [`EngineMsg`] and the agent
+//!    [`AgentMsg`] on the control stream. For each `Deploy` the agent answers `Need`, the
+//!    engine sends those chunks on unidirectional streams (each: one [`DataStreamHeader`]
+//!    frame, then any number of [`ChunkHeader`] frames each followed by `payload_len` raw
+//!    bytes), and the agent answers `Published` or `Failed`.
+//! 4. **Client** (admin secret): after `Welcome`, each request is one new bidirectional
+//!    stream: one [`Request`] frame (for `Upload`, followed by `count` chunk records as on a
+//!    data stream), then the engine's [`Response`] frame(s). `Watch` answers with `Progress`
+//!    frames until every target site is published or failed, then finishes the stream.
+//!
+//! # Evolving it
+//! Enum variants are encoded by their index: **append new variants at the end, never
+//! reorder or remove** (the golden tests below pin today's encodings). A change that old
+//! peers cannot ignore bumps [`PROTOCOL_VERSION`] and the ALPN.
+
+use serde::{Deserialize, Serialize};
+
+use crate::chunk::Encoding;
+use crate::chunker::ChunkerConfig;
+use crate::id::{ChunkId, GlobalId};
+use crate::manifest::{FileEntry, Manifest};
+
+/// ALPN protocol id; a peer without it fails the TLS handshake.
+pub const ALPN: &[u8] = b"seedcast/1";
+/// Carried in [`Hello`] and checked by the engine.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Hard maximum of one frame's body. A manifest of a ~100 GiB image fits.
+pub const MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
+/// The DNS name in the engine's certificate; dialers verify it whatever address they use.
+pub const SERVER_NAME: &str = "seedcast-engine";
+/// Most chunk ids one `Missing` request may carry.
+pub const MAX_IDS_PER_REQUEST: usize = 65_536;
+/// Most chunks one `Upload` request may carry.
+pub const MAX_UPLOAD_BATCH: u32 = 4096;
+
+/// QUIC application close codes.
+pub mod close {
+    /// Normal end of a session.
+    pub const DONE: u32 = 0;
+    /// The peer speaks another protocol version.
+    pub const VERSION: u32 = 1;
+    /// Credentials missing, wrong or revoked.
+    pub const REFUSED: u32 = 2;
+    /// A frame was malformed, truncated or too large.
+    pub const PROTOCOL: u32 = 3;
+    /// The engine is shutting down.
+    pub const SHUTDOWN: u32 = 4;
+    /// Another connection took over this site.
+    pub const REPLACED: u32 = 5;
+}
+
+/// First message of every connection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol: u32,
+    pub role: Role,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// A client (push / status / …), authenticated by the admin token's secret.
+    Client { admin_secret: String },
+    /// An enrolled agent; its identity is its client certificate.
+    Agent { site: String, adapter: String },
+    /// An agent asking for a site certificate with the join token's secret.
+    Enroll {
+        join_secret: String,
+        site: String,
+        adapter: String,
+        /// PKCS#10 request (DER) for the key the agent keeps.
+        csr_der: Vec<u8>,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HelloReply {
+    Welcome {
+        protocol: u32,
+        engine_id: String,
+        /// Chunking the engine expects pushes to use.
+        chunking: ChunkerConfig,
+    },
+    Enrolled {
+        cert_der: Vec<u8>,
+        ca_der: Vec<u8>,
+    },
+    Refused {
+        reason: RefuseReason,
+        message: String,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RefuseReason {
+    ProtocolVersion,
+    BadToken,
+    UnknownSite,
+    Revoked,
+    BadRequest,
+}
+
+/// What an agent holds: reported on connect so the engine can reconcile.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldImage {
+    pub global_id: GlobalId,
+    pub version: u32,
+    pub manifest_id: [u8; 32],
+    pub local_id: String,
+}
+
+/// Agent → engine, on the control stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentMsg {
+    Inventory {
+        images: Vec<HeldImage>,
+    },
+    /// The chunks of `transfer` this site lacks (after looking in its cache).
+    Need {
+        transfer: u64,
+        chunks: Vec<ChunkId>,
+    },
+    Published {
+        transfer: u64,
+        local_id: String,
+        /// Chunk payload bytes this site received for the transfer.
+        bytes_received: u64,
+    },
+    Failed {
+        transfer: u64,
+        error: String,
+    },
+}
+
+/// Engine → agent, on the control stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EngineMsg {
+    /// Make this manifest's version of the image published at the site.
+    Deploy { transfer: u64, manifest: Manifest },
+}
+
+/// First frame of a unidirectional data stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataStreamHeader {
+    pub transfer: u64,
+}
+
+/// Announces one chunk; `payload_len` raw bytes follow the frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkHeader {
+    pub id: ChunkId,
+    pub raw_len: u32,
+    pub encoding: Encoding,
+    pub payload_len: u32,
+}
+
+impl ChunkHeader {
+    /// Largest payload a header may announce: a chunk of the largest allowed size, stored
+    /// raw, plus slack for a zstd frame that did not shrink.
+    pub const MAX_PAYLOAD: u32 = ChunkerConfig::MAX_CHUNK + 64 * 1024;
+}
+
+/// A client's request; one per bidirectional stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Which of these chunks does the engine lack?
+    Missing { chunks: Vec<ChunkId> },
+    /// `count` chunk records follow on this stream.
+    Upload { count: u32 },
+    /// Register an image from chunks the engine holds.
+    Commit(CommitRequest),
+    /// One image (by id), or every image.
+    Status { global_id: Option<GlobalId> },
+    Sites,
+    /// Stream progress of a version until every target site is done.
+    Watch { global_id: GlobalId, version: u32 },
+    /// Revoke a site's certificate; its agent is disconnected and refused from then on.
+    Revoke { site: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitRequest {
+    pub name: String,
+    pub files: Vec<FileEntry>,
+    /// Target sites; `None` means every site the engine knows.
+    pub sites: Option<Vec<String>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    Missing { chunks: Vec<ChunkId> },
+    Uploaded { stored: u32, bytes: u64 },
+    Committed(ImageStatus),
+    Image(ImageStatus),
+    Images(Vec<ImageStatus>),
+    Sites(Vec<SiteInfo>),
+    Progress(ImageStatus),
+    Revoked,
+    Error { kind: ErrorKind, message: String },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    NotFound,
+    Invalid,
+    MissingChunks,
+    Internal,
+}
+
+/// Everything known about one version of an image across its sites.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageStatus {
+    pub global_id: GlobalId,
+    pub name: String,
+    pub version: u32,
+    /// Bytes the push of this version uploaded (chunk payloads the engine lacked).
+    pub bytes_uploaded: u64,
+    /// Sum of file lengths, holes included.
+    pub total_len: u64,
+    /// Bytes of data (not holes).
+    pub data_len: u64,
+    pub sites: Vec<SitePlacement>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SitePlacement {
+    pub site: String,
+    /// The site service's own id for the image, once published.
+    pub local_id: Option<String>,
+    /// The version this placement is about.
+    pub version: u32,
+    pub state: PlacementState,
+    /// Chunk payload bytes sent to the site for this version.
+    pub bytes_sent: u64,
+    /// Chunk payload bytes the site asked for (known once it answered `Need`).
+    pub bytes_needed: u64,
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PlacementState {
+    Pending,
+    Transferring,
+    Published,
+    Failed,
+}
+
+impl PlacementState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            PlacementState::Pending => "pending",
+            PlacementState::Transferring => "transferring",
+            PlacementState::Published => "published",
+            PlacementState::Failed => "failed",
+        }
+    }
+
+    /// Published or failed: nothing more will happen without a new request.
+    pub fn is_final(&self) -> bool {
+        matches!(self, PlacementState::Published | PlacementState::Failed)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiteInfo {
+    pub site: String,
+    pub adapter: String,
+    pub connected: bool,
+    pub revoked: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    //! Golden encodings: if one of these changes, old peers can no longer talk to new ones.
+    use super::*;
+    use crate::codec;
+
+    fn hex(v: &impl Serialize) -> String {
+        hex::encode(codec::encode(v).unwrap())
+    }
+
+    #[test]
+    fn golden_hello() {
+        let h = Hello {
+            protocol: PROTOCOL_VERSION,
+            role: Role::Client {
+                admin_secret: "s".into(),
+            },
+        };
+        // 01        protocol = 1 (varint)
+        // 00        Role::Client (variant 0)
+        // 01 73     admin_secret = "s" (len 1, 's')
+        assert_eq!(hex(&h), "01000173");
+        let a = Role::Agent {
+            site: "a".into(),
+            adapter: "dir".into(),
+        };
+        // 01 | 01 61 | 03 646972
+        assert_eq!(hex(&a), "01016103646972");
+    }
+
+    #[test]
+    fn golden_variant_indexes() {
+        // Each enum's first byte is its variant index; appending keeps these.
+        let idx = |v: &dyn Fn() -> Vec<u8>| v()[0];
+        assert_eq!(idx(&|| codec::encode(&Request::Sites).unwrap()), 4);
+        assert_eq!(
+            idx(&|| codec::encode(&Request::Revoke { site: "x".into() }).unwrap()),
+            6
+        );
+        assert_eq!(idx(&|| codec::encode(&Response::Revoked).unwrap()), 7);
+        assert_eq!(
+            idx(&|| codec::encode(&AgentMsg::Failed {
+                transfer: 1,
+                error: String::new()
+            })
+            .unwrap()),
+            3
+        );
+        assert_eq!(
+            idx(&|| codec::encode(&PlacementState::Failed).unwrap()),
+            3
+        );
+        assert_eq!(
+            idx(&|| codec::encode(&RefuseReason::BadRequest).unwrap()),
+            4
+        );
+    }
+
+    #[test]
+    fn golden_chunk_header() {
+        let h = ChunkHeader {
+            id: ChunkId([0xab; 32]),
+            raw_len: 65536,
+            encoding: Encoding::Zstd,
+            payload_len: 300,
+        };
+        // ab×32          id (fixed 32 bytes)
+        // fc 00 00 01 00 raw_len 65536 (varint: 0xfc + u32 LE)
+        // 01             Encoding::Zstd
+        // fb 2c 01       payload_len 300 (varint: 0xfb + u16 LE)
+        assert_eq!(
+            hex(&h),
+            format!("{}fc0000010001fb2c01", "ab".repeat(32))
+        );
+    }
+}

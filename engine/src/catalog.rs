@@ -1,0 +1,415 @@
+//! The engine's catalog: RocksDB, one column family per kind of record.
+//!
+//! | column family | key | value |
+//! | --- | --- | --- |
+//! | `chunks` | chunk id (32 B) | [`ChunkRecord`]: pack location, sizes, reference count |
+//! | `manifests` | global id (12 B) + version (u32 BE) | [`ManifestRecord`] |
+//! | `images` | global id | [`ImageRecord`]: name, current version, target sites |
+//! | `sites` | site name | [`SiteRecord`]: adapter, certificate fingerprint, revoked |
+//! | `placements` | global id + site name | [`PlacementRecord`]: version, local id, state |
+//! | `meta` | name | catalog format, engine id |
+//!
+//! Every value is a versioned record ([`seedcast_core::codec::encode_record`]). The catalog
+//! stays off the per-chunk path: chunk records are written in batches after their pack bytes
+//! are durable, and the chunk index is read once at start into memory (see `store`).
+//! Commits of images are one synced `WriteBatch`, so a crash leaves all of a commit or none.
+
+use std::path::Path;
+
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options,
+    WriteBatch, WriteOptions,
+};
+use serde::{Deserialize, Serialize};
+use serde::de::DeserializeOwned;
+use seedcast_core::codec::{self, RecordError};
+use seedcast_core::protocol::PlacementState;
+use seedcast_core::{ChunkId, GlobalId, Manifest};
+
+/// Format of this catalog's layout; stored under `meta/catalog_format`.
+pub const CATALOG_FORMAT: u8 = 1;
+/// Format byte of every record value.
+pub const RECORD_FORMAT: u8 = 1;
+
+const CF_CHUNKS: &str = "chunks";
+const CF_MANIFESTS: &str = "manifests";
+const CF_IMAGES: &str = "images";
+const CF_SITES: &str = "sites";
+const CF_PLACEMENTS: &str = "placements";
+const CF_META: &str = "meta";
+const ALL_CFS: [&str; 6] = [CF_CHUNKS, CF_MANIFESTS, CF_IMAGES, CF_SITES, CF_PLACEMENTS, CF_META];
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("catalog database: {0}")]
+    Db(#[from] rocksdb::Error),
+    #[error("catalog record {what}: {source}")]
+    Record {
+        what: String,
+        #[source]
+        source: RecordError,
+    },
+    #[error("catalog encode: {0}")]
+    Encode(#[from] codec::CodecError),
+    #[error("catalog at {path} has format {found}; this build reads format {CATALOG_FORMAT}")]
+    Format { path: String, found: u8 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRecord {
+    pub pack: u32,
+    /// Offset of the entry (its header) in the pack.
+    pub offset: u64,
+    pub stored_len: u32,
+    pub raw_len: u32,
+    pub encoding: u8,
+    /// Number of manifests that reference the chunk.
+    pub refs: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestRecord {
+    pub manifest: Manifest,
+    pub manifest_id: [u8; 32],
+    /// Chunk payload bytes the push of this version uploaded.
+    pub bytes_uploaded: u64,
+    pub created_unix: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    pub name: String,
+    pub current_version: u32,
+    /// Sites the image belongs at.
+    pub sites: Vec<String>,
+    pub created_unix: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiteRecord {
+    pub adapter: String,
+    /// BLAKE3 of the site certificate the engine issued; only that one is accepted.
+    pub cert_fingerprint: [u8; 32],
+    pub enrolled_unix: u64,
+    pub revoked: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacementRecord {
+    /// The version that belongs at the site.
+    pub version: u32,
+    pub state: PlacementState,
+    /// The site service's id of what is published there (of `published_version`).
+    pub local_id: Option<String>,
+    pub published_version: Option<u32>,
+    pub bytes_sent: u64,
+    pub bytes_needed: u64,
+    pub error: Option<String>,
+}
+
+impl PlacementRecord {
+    pub fn pending(version: u32) -> Self {
+        PlacementRecord {
+            version,
+            state: PlacementState::Pending,
+            local_id: None,
+            published_version: None,
+            bytes_sent: 0,
+            bytes_needed: 0,
+            error: None,
+        }
+    }
+}
+
+/// Everything one image commit writes, applied atomically.
+#[derive(Debug)]
+pub struct ImageCommit<'a> {
+    pub global_id: GlobalId,
+    pub image: &'a ImageRecord,
+    pub manifest: &'a ManifestRecord,
+    pub placements: Vec<(String, PlacementRecord)>,
+    /// Chunk records with their reference counts already raised.
+    pub chunk_refs: Vec<(ChunkId, ChunkRecord)>,
+}
+
+pub struct Catalog {
+    db: DB,
+}
+
+impl std::fmt::Debug for Catalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Catalog({})", self.db.path().display())
+    }
+}
+
+fn manifest_key(g: &GlobalId, version: u32) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..12].copy_from_slice(g.as_bytes());
+    k[12..].copy_from_slice(&version.to_be_bytes());
+    k
+}
+
+fn placement_key(g: &GlobalId, site: &str) -> Vec<u8> {
+    let mut k = g.as_bytes().to_vec();
+    k.extend_from_slice(site.as_bytes());
+    k
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Catalog {
+    /// Open (or create) the catalog at `path`.
+    pub fn open(path: &Path) -> Result<Self, CatalogError> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        // Tables with a bloom filter and a shared block cache: "do I hold this chunk?" misses
+        // are the common question and must not touch disk. Each descriptor carries the
+        // options (open_cf would silently use defaults).
+        let cache = Cache::new_lru_cache(64 << 20);
+        let cfs = ALL_CFS.iter().map(|name| {
+            let mut bbo = BlockBasedOptions::default();
+            bbo.set_bloom_filter(10.0, false);
+            bbo.set_block_cache(&cache);
+            bbo.set_cache_index_and_filter_blocks(true);
+            let mut o = Options::default();
+            o.set_block_based_table_factory(&bbo);
+            ColumnFamilyDescriptor::new(*name, o)
+        });
+        let db = DB::open_cf_descriptors(&opts, path, cfs)?;
+        let cat = Catalog { db };
+        match cat.db.get_cf(cat.cf(CF_META), b"catalog_format")? {
+            None => {
+                let mut wo = WriteOptions::default();
+                wo.set_sync(true);
+                cat.db
+                    .put_cf_opt(cat.cf(CF_META), b"catalog_format", [CATALOG_FORMAT], &wo)?;
+            }
+            Some(v) if v.as_slice() == [CATALOG_FORMAT] => {}
+            Some(v) => {
+                return Err(CatalogError::Format {
+                    path: path.display().to_string(),
+                    found: v.first().copied().unwrap_or(0),
+                });
+            }
+        }
+        Ok(cat)
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db.cf_handle(name).expect("column families are created at open")
+    }
+
+    fn get<T: DeserializeOwned>(&self, cf: &str, key: &[u8], what: impl FnOnce() -> String) -> Result<Option<T>, CatalogError> {
+        match self.db.get_pinned_cf(self.cf(cf), key)? {
+            None => Ok(None),
+            Some(v) => codec::decode_record(RECORD_FORMAT, &v)
+                .map(Some)
+                .map_err(|source| CatalogError::Record {
+                    what: what(),
+                    source,
+                }),
+        }
+    }
+
+    fn scan<T: DeserializeOwned>(&self, cf: &str, prefix: &[u8]) -> Result<Vec<(Vec<u8>, T)>, CatalogError> {
+        let mut out = Vec::new();
+        let it = self
+            .db
+            .iterator_cf(self.cf(cf), IteratorMode::From(prefix, Direction::Forward));
+        for item in it {
+            let (k, v) = item?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            let rec = codec::decode_record(RECORD_FORMAT, &v).map_err(|source| CatalogError::Record {
+                what: format!("{cf}/{}", hex::encode(&k)),
+                source,
+            })?;
+            out.push((k.to_vec(), rec));
+        }
+        Ok(out)
+    }
+
+    fn put_synced<T: Serialize>(&self, cf: &str, key: &[u8], value: &T) -> Result<(), CatalogError> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db
+            .put_cf_opt(self.cf(cf), key, codec::encode_record(RECORD_FORMAT, value)?, &wo)?;
+        Ok(())
+    }
+
+    /// A stable random id for this engine, made on first open.
+    pub fn engine_id(&self) -> Result<String, CatalogError> {
+        if let Some(v) = self.db.get_cf(self.cf(CF_META), b"engine_id")? {
+            return Ok(String::from_utf8_lossy(&v).into_owned());
+        }
+        let id = format!("engine-{}", hex::encode(rand::random::<[u8; 6]>()));
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db
+            .put_cf_opt(self.cf(CF_META), b"engine_id", id.as_bytes(), &wo)?;
+        Ok(id)
+    }
+
+    // ---- chunks ----
+
+    /// Every chunk record, for building the in-memory index at start.
+    pub fn all_chunks(&self) -> Result<Vec<(ChunkId, ChunkRecord)>, CatalogError> {
+        let mut out = Vec::new();
+        for (k, rec) in self.scan::<ChunkRecord>(CF_CHUNKS, &[])? {
+            let id: [u8; 32] = k.as_slice().try_into().map_err(|_| CatalogError::Record {
+                what: format!("chunks/{}", hex::encode(&k)),
+                source: RecordError::Empty,
+            })?;
+            out.push((ChunkId(id), rec));
+        }
+        Ok(out)
+    }
+
+    /// Record chunks whose pack bytes are already durable. Not synced: if the write is lost
+    /// in a crash the chunks are simply uploaded again; a later synced commit orders it.
+    pub fn put_chunks(&self, chunks: &[(ChunkId, ChunkRecord)]) -> Result<(), CatalogError> {
+        let mut batch = WriteBatch::default();
+        for (id, rec) in chunks {
+            batch.put_cf(self.cf(CF_CHUNKS), id.as_bytes(), codec::encode_record(RECORD_FORMAT, rec)?);
+        }
+        self.db.write(batch)?;
+        Ok(())
+    }
+
+    // ---- images and manifests ----
+
+    /// Write an image's version, its placements and chunk references as one synced batch.
+    pub fn commit_image(&self, c: ImageCommit<'_>) -> Result<(), CatalogError> {
+        let mut batch = WriteBatch::default();
+        let g = &c.global_id;
+        batch.put_cf(self.cf(CF_IMAGES), g.as_bytes(), codec::encode_record(RECORD_FORMAT, c.image)?);
+        batch.put_cf(
+            self.cf(CF_MANIFESTS),
+            manifest_key(g, c.manifest.manifest.version),
+            codec::encode_record(RECORD_FORMAT, c.manifest)?,
+        );
+        for (site, p) in &c.placements {
+            batch.put_cf(self.cf(CF_PLACEMENTS), placement_key(g, site), codec::encode_record(RECORD_FORMAT, p)?);
+        }
+        for (id, rec) in &c.chunk_refs {
+            batch.put_cf(self.cf(CF_CHUNKS), id.as_bytes(), codec::encode_record(RECORD_FORMAT, rec)?);
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(batch, &wo)?;
+        Ok(())
+    }
+
+    pub fn image(&self, g: &GlobalId) -> Result<Option<ImageRecord>, CatalogError> {
+        self.get(CF_IMAGES, g.as_bytes(), || format!("images/{g}"))
+    }
+
+    pub fn images(&self) -> Result<Vec<(GlobalId, ImageRecord)>, CatalogError> {
+        Ok(self
+            .scan::<ImageRecord>(CF_IMAGES, &[])?
+            .into_iter()
+            .filter_map(|(k, r)| Some((GlobalId(k.as_slice().try_into().ok()?), r)))
+            .collect())
+    }
+
+    pub fn manifest(&self, g: &GlobalId, version: u32) -> Result<Option<ManifestRecord>, CatalogError> {
+        self.get(CF_MANIFESTS, &manifest_key(g, version), || format!("manifests/{g}@{version}"))
+    }
+
+    pub fn image_exists(&self, g: &GlobalId) -> Result<bool, CatalogError> {
+        Ok(self.db.get_pinned_cf(self.cf(CF_IMAGES), g.as_bytes())?.is_some())
+    }
+
+    // ---- sites ----
+
+    pub fn site(&self, name: &str) -> Result<Option<SiteRecord>, CatalogError> {
+        self.get(CF_SITES, name.as_bytes(), || format!("sites/{name}"))
+    }
+
+    pub fn put_site(&self, name: &str, rec: &SiteRecord) -> Result<(), CatalogError> {
+        self.put_synced(CF_SITES, name.as_bytes(), rec)
+    }
+
+    pub fn sites(&self) -> Result<Vec<(String, SiteRecord)>, CatalogError> {
+        Ok(self
+            .scan::<SiteRecord>(CF_SITES, &[])?
+            .into_iter()
+            .map(|(k, r)| (String::from_utf8_lossy(&k).into_owned(), r))
+            .collect())
+    }
+
+    pub fn new_site_record(adapter: &str, cert_fingerprint: [u8; 32]) -> SiteRecord {
+        SiteRecord {
+            adapter: adapter.to_string(),
+            cert_fingerprint,
+            enrolled_unix: now_unix(),
+            revoked: false,
+        }
+    }
+
+    // ---- placements ----
+
+    pub fn placements(&self, g: &GlobalId) -> Result<Vec<(String, PlacementRecord)>, CatalogError> {
+        Ok(self
+            .scan::<PlacementRecord>(CF_PLACEMENTS, g.as_bytes())?
+            .into_iter()
+            .map(|(k, r)| (String::from_utf8_lossy(&k[12..]).into_owned(), r))
+            .collect())
+    }
+
+    pub fn placement(&self, g: &GlobalId, site: &str) -> Result<Option<PlacementRecord>, CatalogError> {
+        self.get(CF_PLACEMENTS, &placement_key(g, site), || format!("placements/{g}/{site}"))
+    }
+
+    /// Every placement at `site`, for reconciling when its agent connects.
+    pub fn placements_at(&self, site: &str) -> Result<Vec<(GlobalId, PlacementRecord)>, CatalogError> {
+        Ok(self
+            .scan::<PlacementRecord>(CF_PLACEMENTS, &[])?
+            .into_iter()
+            .filter(|(k, _)| k.len() > 12 && &k[12..] == site.as_bytes())
+            .map(|(k, r)| (GlobalId(k[..12].try_into().expect("12 bytes")), r))
+            .collect())
+    }
+
+    pub fn put_placement(&self, g: &GlobalId, site: &str, p: &PlacementRecord) -> Result<(), CatalogError> {
+        self.put_synced(CF_PLACEMENTS, &placement_key(g, site), p)
+    }
+}
+
+pub(crate) fn unix_now() -> u64 {
+    now_unix()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reopens_and_refuses_foreign_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("cat");
+        {
+            let c = Catalog::open(&p).unwrap();
+            c.put_site("a", &Catalog::new_site_record("dir", [1; 32])).unwrap();
+        }
+        {
+            let c = Catalog::open(&p).unwrap();
+            assert_eq!(c.site("a").unwrap().unwrap().adapter, "dir");
+            assert_eq!(c.sites().unwrap().len(), 1);
+            // A record of a format this build does not know is refused, not misread.
+            c.db.put_cf(c.cf(CF_SITES), b"b", [9u8, 1, 2]).unwrap();
+            let e = c.site("b").unwrap_err().to_string();
+            assert!(e.contains("format 9"), "{e}");
+            c.db.put_cf(c.cf(CF_META), b"catalog_format", [7u8]).unwrap();
+        }
+        let e = Catalog::open(&p).unwrap_err().to_string();
+        assert!(e.contains("format 7"), "{e}");
+    }
+}

@@ -1,0 +1,291 @@
+//! Deploying image versions to one site: the engine's half of the transfer.
+//!
+//! Per site, one worker deploys one version at a time: `Deploy` (the manifest) → the agent's
+//! `Need` (what it lacks) → those chunks, in their stored compressed form, on several
+//! unidirectional streams → the agent's `Published` (with its local id) or `Failed`.
+//! Desired state lives in the catalog's placements, so a worker that starts (an agent that
+//! connects or reconnects) simply deploys every placement not yet published; anything a
+//! crash interrupted is redone, and chunks the agent verified before are not asked for again.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use quinn::{Connection, SendStream};
+use seedcast_core::protocol::{AgentMsg, ChunkHeader, DataStreamHeader, EngineMsg, PlacementState};
+use seedcast_core::{ChunkId, GlobalId};
+use seedcast_net::{FramedError, write_msg};
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use crate::catalog::PlacementRecord;
+use crate::{Engine, EngineError, Shared};
+
+/// Chunks a data stream reads from the store at a time.
+const READ_BATCH: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    #[error(transparent)]
+    Framed(#[from] FramedError),
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("stream: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("stream: {0}")]
+    Closed(#[from] quinn::ClosedStream),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("agent disconnected")]
+    Disconnected,
+    #[error("agent broke the protocol: {0}")]
+    Protocol(String),
+}
+
+fn update_placement(
+    shared: &Shared,
+    g: &GlobalId,
+    site: &str,
+    f: impl FnOnce(&mut PlacementRecord),
+) -> Result<(), EngineError> {
+    let Some(mut p) = shared.catalog.placement(g, site)? else {
+        return Ok(());
+    };
+    f(&mut p);
+    shared.catalog.put_placement(g, site, &p)?;
+    shared.changed();
+    Ok(())
+}
+
+/// Placements at `site` that are not yet what they should be.
+fn pending_work(shared: &Shared, site: &str, retry_failed: bool) -> Result<Vec<(GlobalId, u32)>, EngineError> {
+    Ok(shared
+        .catalog
+        .placements_at(site)?
+        .into_iter()
+        .filter(|(_, p)| match p.state {
+            PlacementState::Published => p.published_version != Some(p.version),
+            PlacementState::Failed => retry_failed,
+            PlacementState::Pending | PlacementState::Transferring => true,
+        })
+        .map(|(g, p)| (g, p.version))
+        .collect())
+}
+
+pub(crate) async fn site_worker(
+    shared: &Arc<Shared>,
+    site: &str,
+    conn: &Connection,
+    send: &mut SendStream,
+    mut rx: mpsc::Receiver<AgentMsg>,
+    wake: &Notify,
+) -> Result<(), DeployError> {
+    // On (re)connect, failed placements get another try; afterwards only new work.
+    let mut retry_failed = true;
+    loop {
+        let work = pending_work(shared, site, retry_failed)?;
+        retry_failed = false;
+        if work.is_empty() {
+            wake.notified().await;
+            continue;
+        }
+        for (g, version) in work {
+            deploy(shared, site, conn, send, &mut rx, g, version).await?;
+        }
+    }
+}
+
+/// The next message about `transfer` from the agent.
+async fn reply_for(rx: &mut mpsc::Receiver<AgentMsg>, transfer: u64) -> Result<AgentMsg, DeployError> {
+    loop {
+        let m = rx.recv().await.ok_or(DeployError::Disconnected)?;
+        let t = match &m {
+            AgentMsg::Need { transfer, .. }
+            | AgentMsg::Published { transfer, .. }
+            | AgentMsg::Failed { transfer, .. } => *transfer,
+            AgentMsg::Inventory { .. } => continue,
+        };
+        if t == transfer {
+            return Ok(m);
+        }
+        warn!(got = t, want = transfer, "reply for another transfer ignored");
+    }
+}
+
+async fn deploy(
+    shared: &Arc<Shared>,
+    site: &str,
+    conn: &Connection,
+    send: &mut SendStream,
+    rx: &mut mpsc::Receiver<AgentMsg>,
+    g: GlobalId,
+    version: u32,
+) -> Result<(), DeployError> {
+    let Some(mrec) = shared.catalog.manifest(&g, version)? else {
+        update_placement(shared, &g, site, |p| {
+            p.state = PlacementState::Failed;
+            p.error = Some(format!("manifest of version {version} is missing"));
+        })?;
+        return Ok(());
+    };
+    let transfer = Engine::next_transfer(shared);
+    update_placement(shared, &g, site, |p| {
+        p.state = PlacementState::Transferring;
+        p.bytes_sent = 0;
+        p.bytes_needed = 0;
+        p.error = None;
+    })?;
+    write_msg(
+        send,
+        &EngineMsg::Deploy {
+            transfer,
+            manifest: mrec.manifest.clone(),
+        },
+    )
+    .await?;
+
+    let need = match reply_for(rx, transfer).await? {
+        AgentMsg::Need { chunks, .. } => chunks,
+        AgentMsg::Failed { error, .. } => return record_failure(shared, &g, site, error),
+        other => return Err(DeployError::Protocol(format!("expected Need, got {other:?}"))),
+    };
+    let wanted = mrec.manifest.chunks();
+    let mut bytes_needed = 0u64;
+    for id in &need {
+        if !wanted.contains_key(id) {
+            return Err(DeployError::Protocol(format!("asked for chunk {id}, which the manifest does not name")));
+        }
+        let rec = shared.store.record(id).ok_or_else(|| {
+            EngineError::Internal(format!("chunk {id} of {g} is not in the store"))
+        })?;
+        bytes_needed += rec.stored_len as u64;
+    }
+    update_placement(shared, &g, site, |p| p.bytes_needed = bytes_needed)?;
+    let key = (g, site.to_string());
+    shared.live.lock().expect("live lock").insert(key.clone(), 0);
+
+    let sent = Arc::new(AtomicU64::new(0));
+    let sending = send_chunks(shared, conn, transfer, need, key.clone(), sent.clone());
+    // The agent may answer before everything is sent (it failed): stop sending then.
+    let reply = tokio::select! {
+        r = sending => { r?; reply_for(rx, transfer).await? }
+        m = reply_for(rx, transfer) => m?,
+    };
+    shared.live.lock().expect("live lock").remove(&key);
+    let bytes_sent = sent.load(Ordering::Relaxed);
+    match reply {
+        AgentMsg::Published { local_id, .. } => {
+            info!(site, global_id = %g, version, %local_id, bytes_sent, "published");
+            update_placement(shared, &g, site, |p| {
+                p.state = PlacementState::Published;
+                p.local_id = Some(local_id);
+                p.published_version = Some(version);
+                p.bytes_sent = bytes_sent;
+                p.error = None;
+            })?;
+            Ok(())
+        }
+        AgentMsg::Failed { error, .. } => {
+            update_placement(shared, &g, site, |p| p.bytes_sent = bytes_sent)?;
+            record_failure(shared, &g, site, error)
+        }
+        other => Err(DeployError::Protocol(format!("expected Published or Failed, got {other:?}"))),
+    }
+}
+
+fn record_failure(shared: &Shared, g: &GlobalId, site: &str, error: String) -> Result<(), DeployError> {
+    warn!(site, global_id = %g, "deployment failed: {error}");
+    update_placement(shared, g, site, |p| {
+        p.state = PlacementState::Failed;
+        p.error = Some(error);
+    })?;
+    Ok(())
+}
+
+/// Send `ids` over up to `streams_per_transfer` unidirectional streams that take batches
+/// from a shared cursor, so a slow stream does not hold the others back.
+async fn send_chunks(
+    shared: &Arc<Shared>,
+    conn: &Connection,
+    transfer: u64,
+    ids: Vec<ChunkId>,
+    key: (GlobalId, String),
+    sent: Arc<AtomicU64>,
+) -> Result<(), DeployError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let streams = shared
+        .cfg
+        .streams_per_transfer
+        .clamp(1, ids.len().div_ceil(READ_BATCH));
+    let ids = Arc::new(ids);
+    let cursor = Arc::new(AtomicUsize::new(0));
+    let mut set = JoinSet::new();
+    for _ in 0..streams {
+        set.spawn(stream_task(
+            shared.clone(),
+            conn.clone(),
+            transfer,
+            ids.clone(),
+            cursor.clone(),
+            sent.clone(),
+            key.clone(),
+        ));
+    }
+    while let Some(r) = set.join_next().await {
+        r.map_err(|e| EngineError::Internal(format!("send task: {e}")))??;
+    }
+    Ok(())
+}
+
+async fn stream_task(
+    shared: Arc<Shared>,
+    conn: Connection,
+    transfer: u64,
+    ids: Arc<Vec<ChunkId>>,
+    cursor: Arc<AtomicUsize>,
+    sent: Arc<AtomicU64>,
+    key: (GlobalId, String),
+) -> Result<(), DeployError> {
+    let mut s = conn.open_uni().await?;
+    write_msg(&mut s, &DataStreamHeader { transfer }).await?;
+    loop {
+        let start = cursor.fetch_add(READ_BATCH, Ordering::Relaxed);
+        if start >= ids.len() {
+            break;
+        }
+        let batch: Vec<ChunkId> = ids[start..(start + READ_BATCH).min(ids.len())].to_vec();
+        let sh = shared.clone();
+        let chunks = tokio::task::spawn_blocking(move || {
+            batch
+                .iter()
+                .map(|id| {
+                    sh.store
+                        .read(id)?
+                        .ok_or_else(|| EngineError::Internal(format!("chunk {id} vanished from the store")))
+                })
+                .collect::<Result<Vec<_>, EngineError>>()
+        })
+        .await
+        .map_err(|e| EngineError::Internal(format!("read task: {e}")))??;
+        for c in chunks {
+            let h = ChunkHeader {
+                id: c.id,
+                raw_len: c.raw_len,
+                encoding: c.encoding,
+                payload_len: c.payload.len() as u32,
+            };
+            write_msg(&mut s, &h).await?;
+            let n = c.payload.len() as u64;
+            // The stored bytes go out as they are: no copy, no recompression.
+            s.write_chunk(c.payload).await?;
+            let total = sent.fetch_add(n, Ordering::Relaxed) + n;
+            if let Some(v) = shared.live.lock().expect("live lock").get_mut(&key) {
+                *v = total;
+            }
+        }
+    }
+    s.finish()?;
+    Ok(())
+}

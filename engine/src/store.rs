@@ -1,0 +1,348 @@
+//! The engine's chunk store: every distinct chunk once, in its stored (zstd) form, appended
+//! to pack files; located through an in-memory index built from the catalog at start.
+//!
+//! Pack format 1: the file starts with [`PACK_MAGIC`]; then entries, each a 45-byte header
+//! (`SCCK`, chunk id, encoding, raw length, stored length; integers little-endian) and the
+//! stored bytes. The header lets a read check it got the entry it asked for, and lets a pack
+//! be re-indexed without the catalog.
+//!
+//! Durability order: entries are appended and the pack is synced *before* their index
+//! records are written, so the catalog never points at bytes that are not on disk. An entry
+//! whose record was lost in a crash is garbage at the end of a pack and is uploaded again.
+//! The send path reads packs with positioned reads and never touches RocksDB.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use bytes::Bytes;
+use seedcast_core::{ChunkId, CompressedChunk, Encoding, VerifiedChunk};
+
+use crate::catalog::{Catalog, CatalogError, ChunkRecord};
+
+/// First bytes of every pack file; the last byte is the pack format.
+pub const PACK_MAGIC: &[u8; 8] = b"SCPACK\x00\x01";
+const ENTRY_MAGIC: &[u8; 4] = b"SCCK";
+const ENTRY_HEADER: usize = 4 + 32 + 1 + 4 + 4;
+/// Packs roll over past this size (1 GiB).
+pub const DEFAULT_MAX_PACK: u64 = 1 << 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("pack {path}: {why}")]
+    Corrupt { path: PathBuf, why: String },
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+#[derive(Debug)]
+struct Writer {
+    pack: u32,
+    file: Arc<File>,
+    len: u64,
+}
+
+#[derive(Debug)]
+pub struct ChunkStore {
+    dir: PathBuf,
+    index: RwLock<HashMap<ChunkId, ChunkRecord>>,
+    packs: RwLock<Vec<Arc<File>>>,
+    writer: Mutex<Writer>,
+    max_pack: u64,
+}
+
+fn pack_path(dir: &Path, n: u32) -> PathBuf {
+    dir.join(format!("pack-{n:06}.pack"))
+}
+
+fn open_pack(path: &Path, create: bool) -> Result<(Arc<File>, u64), StoreError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create)
+        .truncate(false)
+        .open(path)
+        .map_err(io_err(path))?;
+    let mut len = file.metadata().map_err(io_err(path))?.len();
+    if len == 0 && create {
+        file.write_all_at(PACK_MAGIC, 0).map_err(io_err(path))?;
+        file.sync_all().map_err(io_err(path))?;
+        len = PACK_MAGIC.len() as u64;
+    }
+    let mut magic = [0u8; 8];
+    file.read_exact_at(&mut magic, 0).map_err(|_| StoreError::Corrupt {
+        path: path.to_path_buf(),
+        why: "shorter than its header".into(),
+    })?;
+    if &magic[..7] != &PACK_MAGIC[..7] {
+        return Err(StoreError::Corrupt {
+            path: path.to_path_buf(),
+            why: "not a seedcast pack (bad magic)".into(),
+        });
+    }
+    if magic[7] != PACK_MAGIC[7] {
+        return Err(StoreError::Corrupt {
+            path: path.to_path_buf(),
+            why: format!("pack format {} is not supported (this build reads {})", magic[7], PACK_MAGIC[7]),
+        });
+    }
+    Ok((Arc::new(file), len))
+}
+
+impl ChunkStore {
+    /// Open the packs in `dir` and index the chunks the catalog records. Records that point
+    /// past the end of their pack (a pack cut short outside seedcast) are dropped, with a
+    /// warning, so those chunks are uploaded again rather than served broken.
+    pub fn open(dir: &Path, catalog: &Catalog) -> Result<Self, StoreError> {
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let mut packs = Vec::new();
+        let mut lens = Vec::new();
+        loop {
+            let p = pack_path(dir, packs.len() as u32);
+            if !p.exists() {
+                break;
+            }
+            let (f, len) = open_pack(&p, false)?;
+            packs.push(f);
+            lens.push(len);
+        }
+        if packs.is_empty() {
+            let (f, len) = open_pack(&pack_path(dir, 0), true)?;
+            packs.push(f);
+            lens.push(len);
+        }
+        let mut index = HashMap::new();
+        for (id, rec) in catalog.all_chunks()? {
+            let end = rec.offset + ENTRY_HEADER as u64 + rec.stored_len as u64;
+            match lens.get(rec.pack as usize) {
+                Some(&len) if end <= len => {
+                    index.insert(id, rec);
+                }
+                _ => tracing::warn!(chunk = %id, pack = rec.pack, "chunk record points past its pack; dropped"),
+            }
+        }
+        let last = packs.len() - 1;
+        let writer = Writer {
+            pack: last as u32,
+            file: packs[last].clone(),
+            len: lens[last],
+        };
+        Ok(ChunkStore {
+            dir: dir.to_path_buf(),
+            index: RwLock::new(index),
+            packs: RwLock::new(packs),
+            writer: Mutex::new(writer),
+            max_pack: DEFAULT_MAX_PACK,
+        })
+    }
+
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.index.read().expect("index lock").contains_key(id)
+    }
+
+    pub fn record(&self, id: &ChunkId) -> Option<ChunkRecord> {
+        self.index.read().expect("index lock").get(id).copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.read().expect("index lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Which of `ids` are not stored, in the order given.
+    pub fn missing(&self, ids: &[ChunkId]) -> Vec<ChunkId> {
+        let idx = self.index.read().expect("index lock");
+        ids.iter().filter(|id| !idx.contains_key(id)).copied().collect()
+    }
+
+    /// Store verified chunks not yet held. Blocking (file writes and a sync): call from a
+    /// blocking thread. Returns how many were new and their stored bytes.
+    pub fn insert(&self, chunks: &[VerifiedChunk], catalog: &Catalog) -> Result<(u32, u64), StoreError> {
+        let mut w = self.writer.lock().expect("writer lock");
+        let mut added: Vec<(ChunkId, ChunkRecord)> = Vec::new();
+        let mut bytes = 0u64;
+        let mut touched = vec![w.pack];
+        {
+            let idx = self.index.read().expect("index lock");
+            let mut buf = Vec::new();
+            for c in chunks {
+                let s = c.stored();
+                if idx.contains_key(&s.id) || added.iter().any(|(id, _)| *id == s.id) {
+                    continue;
+                }
+                if w.len >= self.max_pack {
+                    let n = w.pack + 1;
+                    let (f, len) = open_pack(&pack_path(&self.dir, n), true)?;
+                    self.packs.write().expect("packs lock").push(f.clone());
+                    *w = Writer { pack: n, file: f, len };
+                    touched.push(n);
+                }
+                buf.clear();
+                buf.extend_from_slice(ENTRY_MAGIC);
+                buf.extend_from_slice(s.id.as_bytes());
+                buf.push(s.encoding as u8);
+                buf.extend_from_slice(&s.raw_len.to_le_bytes());
+                buf.extend_from_slice(&(s.payload.len() as u32).to_le_bytes());
+                buf.extend_from_slice(&s.payload);
+                let path = pack_path(&self.dir, w.pack);
+                w.file.write_all_at(&buf, w.len).map_err(io_err(&path))?;
+                added.push((
+                    s.id,
+                    ChunkRecord {
+                        pack: w.pack,
+                        offset: w.len,
+                        stored_len: s.payload.len() as u32,
+                        raw_len: s.raw_len,
+                        encoding: s.encoding as u8,
+                        refs: 0,
+                    },
+                ));
+                w.len += buf.len() as u64;
+                bytes += s.payload.len() as u64;
+            }
+        }
+        if added.is_empty() {
+            return Ok((0, 0));
+        }
+        let packs = self.packs.read().expect("packs lock");
+        for n in touched {
+            packs[n as usize]
+                .sync_data()
+                .map_err(io_err(&pack_path(&self.dir, n)))?;
+        }
+        drop(packs);
+        catalog.put_chunks(&added)?;
+        let n = added.len() as u32;
+        self.index.write().expect("index lock").extend(added);
+        Ok((n, bytes))
+    }
+
+    /// Read a chunk's stored form. Blocking (a positioned read, usually from page cache).
+    pub fn read(&self, id: &ChunkId) -> Result<Option<CompressedChunk>, StoreError> {
+        let Some(rec) = self.record(id) else {
+            return Ok(None);
+        };
+        let file = self.packs.read().expect("packs lock")[rec.pack as usize].clone();
+        let path = || pack_path(&self.dir, rec.pack);
+        let mut buf = vec![0u8; ENTRY_HEADER + rec.stored_len as usize];
+        file.read_exact_at(&mut buf, rec.offset)
+            .map_err(|e| StoreError::Io { path: path(), source: e })?;
+        let corrupt = |why: &str| StoreError::Corrupt {
+            path: path(),
+            why: format!("entry at {} for chunk {id}: {why}", rec.offset),
+        };
+        if &buf[..4] != ENTRY_MAGIC || &buf[4..36] != id.as_bytes() {
+            return Err(corrupt("header does not match the index"));
+        }
+        let encoding = Encoding::from_u8(buf[36]).ok_or_else(|| corrupt("unknown encoding"))?;
+        let raw_len = u32::from_le_bytes(buf[37..41].try_into().expect("4 bytes"));
+        let stored_len = u32::from_le_bytes(buf[41..45].try_into().expect("4 bytes"));
+        if raw_len != rec.raw_len || stored_len != rec.stored_len {
+            return Err(corrupt("lengths do not match the index"));
+        }
+        let payload = Bytes::from(buf).slice(ENTRY_HEADER..);
+        Ok(Some(CompressedChunk {
+            id: *id,
+            raw_len,
+            encoding,
+            payload,
+        }))
+    }
+
+    /// The chunk records of `ids` with one more reference each, for a commit batch.
+    /// Apply them with [`ChunkStore::apply_refs`] once the commit is durable.
+    pub fn with_ref(&self, ids: impl IntoIterator<Item = ChunkId>) -> Vec<(ChunkId, ChunkRecord)> {
+        let idx = self.index.read().expect("index lock");
+        ids.into_iter()
+            .filter_map(|id| {
+                idx.get(&id).map(|r| {
+                    let mut r = *r;
+                    r.refs = r.refs.saturating_add(1);
+                    (id, r)
+                })
+            })
+            .collect()
+    }
+
+    pub fn apply_refs(&self, recs: &[(ChunkId, ChunkRecord)]) {
+        let mut idx = self.index.write().expect("index lock");
+        for (id, r) in recs {
+            if let Some(cur) = idx.get_mut(id) {
+                cur.refs = r.refs;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(seed: u8, n: usize) -> VerifiedChunk {
+        let raw: Vec<u8> = (0..n).map(|i| (i as u8).wrapping_mul(seed)).collect();
+        let id = ChunkId::of(&raw);
+        seedcast_core::UnverifiedChunk(CompressedChunk::compress(id, &raw, 3))
+            .verify(1 << 20)
+            .unwrap()
+    }
+
+    #[test]
+    fn stores_once_reads_back_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = Catalog::open(&dir.path().join("cat")).unwrap();
+        let store = ChunkStore::open(&dir.path().join("packs"), &cat).unwrap();
+        let a = chunk(3, 70_000);
+        let b = chunk(5, 10_000);
+        let (n, bytes) = store.insert(&[a.clone(), b.clone(), a.clone()], &cat).unwrap();
+        assert_eq!(n, 2);
+        assert!(bytes > 0);
+        assert_eq!(store.insert(&[a.clone()], &cat).unwrap(), (0, 0));
+        let back = store.read(&a.id()).unwrap().unwrap();
+        assert_eq!(&back, a.stored());
+        drop(store);
+        let store = ChunkStore::open(&dir.path().join("packs"), &cat).unwrap();
+        assert_eq!(store.len(), 2);
+        assert_eq!(&store.read(&b.id()).unwrap().unwrap(), b.stored());
+        assert_eq!(store.missing(&[a.id(), ChunkId([0; 32])]), vec![ChunkId([0; 32])]);
+    }
+
+    #[test]
+    fn truncated_pack_drops_records_and_foreign_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = Catalog::open(&dir.path().join("cat")).unwrap();
+        let packs = dir.path().join("packs");
+        let store = ChunkStore::open(&packs, &cat).unwrap();
+        let a = chunk(7, 50_000);
+        store.insert(&[a.clone()], &cat).unwrap();
+        drop(store);
+        let p = pack_path(&packs, 0);
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.set_len(20).unwrap();
+        let store = ChunkStore::open(&packs, &cat).unwrap();
+        assert!(!store.contains(&a.id()));
+        drop(store);
+        fs::write(&p, b"not a pack at all").unwrap();
+        let e = ChunkStore::open(&packs, &cat).unwrap_err().to_string();
+        assert!(e.contains("bad magic"), "{e}");
+        fs::write(&p, b"SCPACK\x00\x09").unwrap();
+        let e = ChunkStore::open(&packs, &cat).unwrap_err().to_string();
+        assert!(e.contains("pack format 9"), "{e}");
+    }
+}

@@ -1,0 +1,68 @@
+//! quinn endpoints and the transport settings every role shares.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::{Endpoint, TransportConfig, VarInt};
+
+/// Transport tuning, with the scenario each value is for.
+#[derive(Debug, Clone)]
+pub struct TransportOptions {
+    /// Keep-alive, so idle agents stay connected through NATs and idle timeouts. 5 s.
+    pub keep_alive: Duration,
+    /// A peer silent this long is gone (agents then reconnect). 30 s.
+    pub idle_timeout: Duration,
+    /// Per-stream receive window. 8 MiB: above the 1.25 MB default, which caps a stream at
+    /// 1.25 MB per round trip (too little on a WAN).
+    pub stream_window: u32,
+    /// Per-connection receive window and send window. 32 MiB.
+    pub connection_window: u32,
+    /// Concurrent streams a peer may open (chunk streams are short-lived). 256.
+    pub max_streams: u32,
+}
+
+impl Default for TransportOptions {
+    fn default() -> Self {
+        TransportOptions {
+            keep_alive: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(30),
+            stream_window: 8 << 20,
+            connection_window: 32 << 20,
+            max_streams: 256,
+        }
+    }
+}
+
+impl TransportOptions {
+    pub fn to_config(&self) -> Arc<TransportConfig> {
+        let mut t = TransportConfig::default();
+        t.keep_alive_interval(Some(self.keep_alive));
+        t.max_idle_timeout(Some(
+            self.idle_timeout
+                .try_into()
+                .unwrap_or_else(|_| VarInt::from_u32(30_000).into()),
+        ));
+        t.stream_receive_window(VarInt::from_u32(self.stream_window));
+        t.receive_window(VarInt::from_u32(self.connection_window));
+        t.send_window(self.connection_window as u64);
+        t.max_concurrent_bidi_streams(VarInt::from_u32(self.max_streams));
+        t.max_concurrent_uni_streams(VarInt::from_u32(self.max_streams));
+        Arc::new(t)
+    }
+}
+
+/// A server endpoint (the engine).
+pub fn server(addr: SocketAddr, config: quinn::ServerConfig) -> std::io::Result<Endpoint> {
+    Endpoint::server(config, addr)
+}
+
+/// A client endpoint on an ephemeral port of the same address family as `target`.
+pub fn client(target: SocketAddr) -> std::io::Result<Endpoint> {
+    let bind: SocketAddr = if target.is_ipv6() {
+        "[::]:0".parse().expect("literal")
+    } else {
+        "0.0.0.0:0".parse().expect("literal")
+    };
+    Endpoint::client(bind)
+}

@@ -1,0 +1,489 @@
+//! The engine's small PKI and the tokens that bootstrap trust (kubeadm / k3s style).
+//!
+//! On first start the engine creates a CA, a server certificate for
+//! [`seedcast_core::protocol::SERVER_NAME`], and two tokens:
+//! `DATA/join.token` (for agents) and `DATA/admin.token` (for clients). A token is
+//! `<kind>.<CA fingerprint>.<secret>`: the fingerprint (BLAKE3 of the CA certificate's DER)
+//! lets the dialer verify the engine before it sends the secret; the secret lets the engine
+//! verify the dialer. An agent enrolls once with the join token and receives a certificate
+//! for its site, signed by the CA, which it keeps for later starts. Each site has its own
+//! certificate, so one site can be revoked without touching the others.
+
+use std::fmt;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SerialNumber,
+};
+use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use seedcast_core::protocol::SERVER_NAME;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("certificate operation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("{path}: not a valid {what}")]
+    Corrupt { path: PathBuf, what: &'static str },
+    #[error("invalid token: {0}")]
+    Token(String),
+    #[error("invalid site name {0:?}: use 1-63 characters from a-z, 0-9, '-' and '_'")]
+    SiteName(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
+    move |source| PkiError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// BLAKE3 of a certificate's DER: what tokens pin.
+pub fn fingerprint(der: &[u8]) -> [u8; 32] {
+    *blake3::hash(der).as_bytes()
+}
+
+/// Site names become certificate subjects, catalog keys and directory names.
+pub fn validate_site_name(name: &str) -> Result<(), PkiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(PkiError::SiteName(name.to_string()))
+    }
+}
+
+/// Which door a token opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenKind {
+    /// Agents: enroll a site.
+    Join,
+    /// Clients: push, adapt, status, sites.
+    Admin,
+}
+
+impl TokenKind {
+    fn prefix(self) -> &'static str {
+        match self {
+            TokenKind::Join => "scjoin1",
+            TokenKind::Admin => "scadmin1",
+        }
+    }
+}
+
+/// `<kind>.<64 hex CA fingerprint>.<secret>`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token {
+    pub kind: TokenKind,
+    pub ca_fingerprint: [u8; 32],
+    pub secret: String,
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never log the secret.
+        write!(f, "Token({:?}, ca {}…)", self.kind, &hex::encode(self.ca_fingerprint)[..12])
+    }
+}
+
+impl fmt::Display for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}.{}.{}",
+            self.kind.prefix(),
+            hex::encode(self.ca_fingerprint),
+            self.secret
+        )
+    }
+}
+
+impl FromStr for Token {
+    type Err = PkiError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let mut parts = s.splitn(3, '.');
+        let (Some(kind), Some(fp), Some(secret)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(PkiError::Token(
+                "expected <kind>.<fingerprint>.<secret> (the contents of join.token or admin.token)"
+                    .into(),
+            ));
+        };
+        let kind = match kind {
+            "scjoin1" => TokenKind::Join,
+            "scadmin1" => TokenKind::Admin,
+            k => return Err(PkiError::Token(format!("unknown token kind {k:?}"))),
+        };
+        let fp: [u8; 32] = hex::decode(fp)
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .ok_or_else(|| PkiError::Token("the fingerprint must be 64 hex digits".into()))?;
+        if secret.len() < 16 || !secret.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(PkiError::Token("the secret must be at least 16 hex digits".into()));
+        }
+        Ok(Token {
+            kind,
+            ca_fingerprint: fp,
+            secret: secret.to_string(),
+        })
+    }
+}
+
+/// Compare secrets in time independent of where they differ.
+pub fn secrets_match(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn new_secret() -> String {
+    hex::encode(rand::random::<[u8; 16]>())
+}
+
+fn validity(years: i64) -> (time::OffsetDateTime, time::OffsetDateTime) {
+    let now = time::OffsetDateTime::now_utc();
+    (
+        now - time::Duration::days(1),
+        now + time::Duration::days(365 * years),
+    )
+}
+
+fn random_serial() -> SerialNumber {
+    let mut b = rand::random::<[u8; 16]>();
+    b[0] &= 0x7f; // positive
+    SerialNumber::from_slice(&b)
+}
+
+/// The CA's parameters. Rebuilt identically on every start: an [`Issuer`] needs only the
+/// subject, key usages and key-id method, which are constants here.
+fn ca_params() -> CertificateParams {
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "seedcast");
+    dn.push(DnType::CommonName, "seedcast engine CA");
+    p.distinguished_name = dn;
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    p
+}
+
+/// Write a file atomically (temp + rename) with the given mode.
+pub fn write_private(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError> {
+    let tmp = path.with_extension("tmp");
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io_err(&tmp))?;
+    f.write_all(bytes).map_err(io_err(&tmp))?;
+    f.sync_all().map_err(io_err(&tmp))?;
+    fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, PkiError> {
+    fs::read(path).map_err(io_err(path))
+}
+
+fn load_key(path: &Path) -> Result<KeyPair, PkiError> {
+    let pem = String::from_utf8(read(path)?).map_err(|_| PkiError::Corrupt {
+        path: path.into(),
+        what: "PEM private key",
+    })?;
+    KeyPair::from_pem(&pem).map_err(|_| PkiError::Corrupt {
+        path: path.into(),
+        what: "PEM private key",
+    })
+}
+
+fn key_der(k: &KeyPair) -> PrivateKeyDer<'static> {
+    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(k.serialize_der()))
+}
+
+/// Everything the engine needs to prove who it is and to admit others.
+pub struct EnginePki {
+    ca_der: CertificateDer<'static>,
+    issuer: Issuer<'static, KeyPair>,
+    server_cert: CertificateDer<'static>,
+    server_key: KeyPair,
+    pub join: Token,
+    pub admin: Token,
+}
+
+impl fmt::Debug for EnginePki {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "EnginePki(ca {})", hex::encode(&self.fingerprint()[..6]))
+    }
+}
+
+impl EnginePki {
+    /// Load the CA, server certificate and tokens from `data`, creating them on first start.
+    pub fn load_or_create(data: &Path) -> Result<Self, PkiError> {
+        let tls = data.join("tls");
+        fs::create_dir_all(&tls).map_err(io_err(&tls))?;
+        let (ca_key_p, ca_crt_p) = (tls.join("ca.key"), tls.join("ca.der"));
+        let (srv_key_p, srv_crt_p) = (tls.join("engine.key"), tls.join("engine.der"));
+
+        if !ca_crt_p.exists() {
+            let key = KeyPair::generate()?;
+            let mut params = ca_params();
+            (params.not_before, params.not_after) = validity(20);
+            params.serial_number = Some(random_serial());
+            let cert = params.self_signed(&key)?;
+            write_private(&ca_key_p, key.serialize_pem().as_bytes(), 0o600)?;
+            write_private(&ca_crt_p, cert.der(), 0o644)?;
+        }
+        let ca_key = load_key(&ca_key_p)?;
+        let ca_der = CertificateDer::from(read(&ca_crt_p)?);
+        let issuer = Issuer::new(ca_params(), ca_key);
+
+        if !srv_crt_p.exists() {
+            let key = KeyPair::generate()?;
+            let mut p = CertificateParams::new(vec![SERVER_NAME.to_string()])?;
+            p.distinguished_name.push(DnType::CommonName, SERVER_NAME);
+            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+            p.use_authority_key_identifier_extension = true;
+            (p.not_before, p.not_after) = validity(10);
+            p.serial_number = Some(random_serial());
+            let cert = p.signed_by(&key, &issuer)?;
+            write_private(&srv_key_p, key.serialize_pem().as_bytes(), 0o600)?;
+            write_private(&srv_crt_p, cert.der(), 0o644)?;
+        }
+        let server_key = load_key(&srv_key_p)?;
+        let server_cert = CertificateDer::from(read(&srv_crt_p)?);
+
+        let fp = fingerprint(&ca_der);
+        let join = load_or_create_token(&data.join("join.token"), TokenKind::Join, fp)?;
+        let admin = load_or_create_token(&data.join("admin.token"), TokenKind::Admin, fp)?;
+        Ok(EnginePki {
+            ca_der,
+            issuer,
+            server_cert,
+            server_key,
+            join,
+            admin,
+        })
+    }
+
+    pub fn ca_der(&self) -> &CertificateDer<'static> {
+        &self.ca_der
+    }
+
+    pub fn fingerprint(&self) -> [u8; 32] {
+        fingerprint(&self.ca_der)
+    }
+
+    /// The chain the engine presents: its certificate, then the CA (so dialers holding
+    /// only the CA's fingerprint can find and check it).
+    pub fn server_chain(&self) -> Vec<CertificateDer<'static>> {
+        vec![self.server_cert.clone(), self.ca_der.clone()]
+    }
+
+    pub fn server_key(&self) -> PrivateKeyDer<'static> {
+        key_der(&self.server_key)
+    }
+
+    /// Issue a client certificate for `site` to the key in `csr_der`. Only the key is taken
+    /// from the request; subject and usages are the engine's.
+    pub fn issue_site_cert(&self, site: &str, csr_der: &[u8]) -> Result<CertificateDer<'static>, PkiError> {
+        validate_site_name(site)?;
+        let mut csr =
+            CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))?;
+        let mut p = CertificateParams::default();
+        p.distinguished_name.push(DnType::OrganizationName, "seedcast site");
+        p.distinguished_name.push(DnType::CommonName, site);
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.use_authority_key_identifier_extension = true;
+        (p.not_before, p.not_after) = validity(10);
+        p.serial_number = Some(random_serial());
+        csr.params = p;
+        Ok(csr.signed_by(&self.issuer)?.der().clone())
+    }
+}
+
+fn load_or_create_token(path: &Path, kind: TokenKind, fp: [u8; 32]) -> Result<Token, PkiError> {
+    if path.exists() {
+        let text = String::from_utf8(read(path)?).map_err(|_| PkiError::Corrupt {
+            path: path.into(),
+            what: "token",
+        })?;
+        let t: Token = text.parse()?;
+        if t.kind != kind || t.ca_fingerprint != fp {
+            return Err(PkiError::Corrupt {
+                path: path.into(),
+                what: "token for this engine's CA",
+            });
+        }
+        return Ok(t);
+    }
+    let t = Token {
+        kind,
+        ca_fingerprint: fp,
+        secret: new_secret(),
+    };
+    write_private(path, format!("{t}\n").as_bytes(), 0o600)?;
+    Ok(t)
+}
+
+/// A site's credentials, kept in the agent's data dir after enrollment.
+pub struct SiteCredentials {
+    pub site: String,
+    pub cert: CertificateDer<'static>,
+    key: KeyPair,
+    pub ca: CertificateDer<'static>,
+}
+
+impl fmt::Debug for SiteCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SiteCredentials({})", self.site)
+    }
+}
+
+/// A key and the request to certify it, made before enrolling.
+pub struct PendingEnrollment {
+    key: KeyPair,
+    pub csr_der: Vec<u8>,
+}
+
+impl fmt::Debug for PendingEnrollment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PendingEnrollment")
+    }
+}
+
+impl PendingEnrollment {
+    pub fn new(site: &str) -> Result<Self, PkiError> {
+        validate_site_name(site)?;
+        let key = KeyPair::generate()?;
+        let mut p = CertificateParams::default();
+        p.distinguished_name.push(DnType::CommonName, site);
+        let csr = p.serialize_request(&key)?;
+        Ok(PendingEnrollment {
+            key,
+            csr_der: csr.der().to_vec(),
+        })
+    }
+
+    pub fn complete(self, site: &str, cert_der: Vec<u8>, ca_der: Vec<u8>) -> SiteCredentials {
+        SiteCredentials {
+            site: site.to_string(),
+            cert: CertificateDer::from(cert_der),
+            key: self.key,
+            ca: CertificateDer::from(ca_der),
+        }
+    }
+}
+
+impl SiteCredentials {
+    fn paths(dir: &Path) -> [PathBuf; 4] {
+        let t = dir.join("tls");
+        [t.join("site.key"), t.join("site.der"), t.join("ca.der"), t.join("site.name")]
+    }
+
+    /// Load credentials saved by [`SiteCredentials::save`], if any.
+    pub fn load(dir: &Path) -> Result<Option<Self>, PkiError> {
+        let [key_p, crt_p, ca_p, name_p] = Self::paths(dir);
+        if !crt_p.exists() {
+            return Ok(None);
+        }
+        let site = String::from_utf8(read(&name_p)?).map_err(|_| PkiError::Corrupt {
+            path: name_p.clone(),
+            what: "site name",
+        })?;
+        Ok(Some(SiteCredentials {
+            site: site.trim().to_string(),
+            cert: CertificateDer::from(read(&crt_p)?),
+            key: load_key(&key_p)?,
+            ca: CertificateDer::from(read(&ca_p)?),
+        }))
+    }
+
+    pub fn save(&self, dir: &Path) -> Result<(), PkiError> {
+        let [key_p, crt_p, ca_p, name_p] = Self::paths(dir);
+        let t = dir.join("tls");
+        fs::create_dir_all(&t).map_err(io_err(&t))?;
+        write_private(&key_p, self.key.serialize_pem().as_bytes(), 0o600)?;
+        write_private(&ca_p, &self.ca, 0o644)?;
+        write_private(&name_p, self.site.as_bytes(), 0o644)?;
+        // The certificate last: its presence marks the set complete.
+        write_private(&crt_p, &self.cert, 0o644)
+    }
+
+    pub fn ca_fingerprint(&self) -> [u8; 32] {
+        fingerprint(&self.ca)
+    }
+
+    pub fn cert_fingerprint(&self) -> [u8; 32] {
+        fingerprint(&self.cert)
+    }
+
+    pub fn key(&self) -> PrivateKeyDer<'static> {
+        key_der(&self.key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip_and_refuse_garbage() {
+        let t = Token {
+            kind: TokenKind::Join,
+            ca_fingerprint: [3; 32],
+            secret: "0123456789abcdef0123".into(),
+        };
+        assert_eq!(t.to_string().parse::<Token>().unwrap(), t);
+        for bad in ["", "x.y.z", "scjoin1.00.0123456789abcdef", "scjoin1.zz.0123"] {
+            assert!(bad.parse::<Token>().is_err(), "{bad}");
+        }
+        assert!(!format!("{t:?}").contains("0123456789"));
+    }
+
+    #[test]
+    fn engine_pki_persists_and_issues_site_certs() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = EnginePki::load_or_create(dir.path()).unwrap();
+        let b = EnginePki::load_or_create(dir.path()).unwrap();
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        assert_eq!(a.join, b.join);
+        assert_ne!(a.join.secret, a.admin.secret);
+        let pending = PendingEnrollment::new("site-a").unwrap();
+        let cert = b.issue_site_cert("site-a", &pending.csr_der).unwrap();
+        let creds = pending.complete("site-a", cert.to_vec(), b.ca_der().to_vec());
+        let agent_dir = tempfile::tempdir().unwrap();
+        creds.save(agent_dir.path()).unwrap();
+        let back = SiteCredentials::load(agent_dir.path()).unwrap().unwrap();
+        assert_eq!(back.site, "site-a");
+        assert_eq!(back.ca_fingerprint(), a.fingerprint());
+        assert!(b.issue_site_cert("Bad Name", &[1, 2, 3]).is_err());
+        assert!(b.issue_site_cert("ok", &[1, 2, 3]).is_err());
+    }
+
+    #[test]
+    fn secrets_compare() {
+        assert!(secrets_match("abcd", "abcd"));
+        assert!(!secrets_match("abcd", "abce"));
+        assert!(!secrets_match("abcd", "abc"));
+    }
+}
