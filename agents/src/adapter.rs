@@ -29,7 +29,7 @@ pub enum AdapterError {
 }
 
 impl AdapterError {
-    pub fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> AdapterError + '_ {
+    pub fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> AdapterError + 'a {
         move |source| AdapterError::Io {
             op,
             path: path.to_path_buf(),

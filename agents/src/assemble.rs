@@ -38,7 +38,7 @@ pub enum AssembleError {
     Manifest(String),
 }
 
-fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> AssembleError + '_ {
+fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> AssembleError + 'a {
     move |source| AssembleError::Io {
         op,
         path: path.to_path_buf(),

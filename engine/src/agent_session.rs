@@ -48,9 +48,17 @@ pub(crate) async fn session(
     let handle = AgentHandle {
         conn_id,
         conn: conn.clone(),
-        adapter: adapter.clone(),
         wake: wake.clone(),
     };
+    // The site may have moved to another kind of local service since it enrolled.
+    if let Ok(Some(mut rec)) = shared.catalog.site(&site)
+        && rec.adapter != adapter
+    {
+        rec.adapter = adapter.clone();
+        if let Err(e) = shared.catalog.put_site(&site, &rec) {
+            warn!(site, "recording adapter change: {e}");
+        }
+    }
     if let Some(old) = shared.agents.lock().expect("agents lock").insert(site.clone(), handle) {
         old.conn
             .close(VarInt::from_u32(close::REPLACED), b"a newer connection took over this site");

@@ -121,7 +121,7 @@ async fn deploy(
     g: GlobalId,
     version: u32,
 ) -> Result<(), DeployError> {
-    let Some(mrec) = shared.catalog.manifest(&g, version)? else {
+    let Some(mrec) = shared.catalog.manifest(&g, version).map_err(EngineError::from)? else {
         update_placement(shared, &g, site, |p| {
             p.state = PlacementState::Failed;
             p.error = Some(format!("manifest of version {version} is missing"));

@@ -64,7 +64,6 @@ impl EngineConfig {
 pub(crate) struct AgentHandle {
     pub conn_id: u64,
     pub conn: quinn::Connection,
-    pub adapter: String,
     /// Wakes the site's worker when new work for it is committed.
     pub wake: Arc<Notify>,
 }

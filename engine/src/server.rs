@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use quinn::{Connection, RecvStream, SendStream, VarInt};
+use quinn::{Connection, SendStream, VarInt};
 use seedcast_core::protocol::{Hello, HelloReply, PROTOCOL_VERSION, RefuseReason, Role, close};
 use seedcast_net::pki::{fingerprint, secrets_match, validate_site_name};
 use seedcast_net::{FramedError, read_msg_required, write_msg};
