@@ -1,1 +1,311 @@
-fn main() {}
+//! The `seedcast` binary: parses the command line and dispatches to library calls.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use seedcast::client::{Client, PushOptions, parse_token};
+use seedcast::output;
+use seedcast_core::GlobalId;
+use seedcast_core::protocol::ImageStatus;
+
+#[derive(Parser, Debug)]
+#[command(name = "seedcast", version, about = "Distribute VM images and their updates to many sites, moving only the chunks each site lacks")]
+struct Cli {
+    /// Log filter (tracing syntax), e.g. `info` or `seedcast_engine=debug`. Logs go to stderr.
+    #[arg(long, global = true, env = "SEEDCAST_LOG")]
+    log: Option<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+/// Where the engine is and the admin token.
+#[derive(Args, Debug)]
+struct Conn {
+    /// Engine address, host:port.
+    #[arg(long, env = "SEEDCAST_ENGINE")]
+    engine: String,
+    /// The admin token (its text, or the path of DATA/admin.token).
+    #[arg(long, env = "SEEDCAST_TOKEN", hide_env_values = true)]
+    token: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the engine (the management node).
+    Engine {
+        /// Data directory: catalog, chunk packs, CA, join.token and admin.token.
+        #[arg(long)]
+        data: PathBuf,
+        /// UDP address to listen on.
+        #[arg(long, default_value = "0.0.0.0:7447")]
+        listen: SocketAddr,
+    },
+    /// Run a site's agent.
+    Agent {
+        /// Data directory: site certificate and the agent database.
+        #[arg(long)]
+        data: PathBuf,
+        /// Engine address, host:port.
+        #[arg(long, env = "SEEDCAST_ENGINE")]
+        engine: String,
+        /// The engine's join token (text or path); needed only for the first start.
+        #[arg(long, env = "SEEDCAST_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// This site's name (a-z, 0-9, '-', '_').
+        #[arg(long)]
+        site: String,
+        /// The site's local image service.
+        #[arg(long, default_value = "dir")]
+        adapter: String,
+        /// dir adapter: the pool directory.
+        #[arg(long)]
+        pool: Option<PathBuf>,
+    },
+    /// Register an image (a set of files) and distribute it; prints its global id.
+    Push {
+        #[command(flatten)]
+        conn: Conn,
+        /// A name for people (the global id is what identifies the image).
+        #[arg(long)]
+        name: String,
+        /// The image's files (disk images, kernel, initrd, metadata …), known by base name.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Target sites, comma-separated (default: every site the engine knows).
+        #[arg(long, value_delimiter = ',')]
+        sites: Option<Vec<String>>,
+        /// Return only once every target site has published (or failed).
+        #[arg(long)]
+        wait: bool,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show an image across its sites, or every image.
+    Status {
+        #[command(flatten)]
+        conn: Conn,
+        global_id: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the sites the engine knows.
+    Sites {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a site's certificate: its agent is disconnected and refused from then on.
+    Revoke {
+        #[command(flatten)]
+        conn: Conn,
+        site: String,
+    },
+    /// Run an engine and three agents on loopback, push a generated image, check every copy.
+    Demo {
+        /// Keep the demo's files here instead of a temporary directory.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Size of the generated disk image in MiB.
+        #[arg(long, default_value_t = 256)]
+        disk_mib: u64,
+    },
+}
+
+fn init_logs(filter: Option<&str>, default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter.unwrap_or(default))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn connect(c: &Conn) -> Result<Client> {
+    let token = parse_token(&c.token).context("--token")?;
+    Ok(Client::connect(&c.engine, &token).await?)
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{v}");
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Engine { data, listen } => {
+            init_logs(cli.log.as_deref(), "info");
+            let engine = seedcast_engine::Engine::open(seedcast_engine::EngineConfig::new(&data))
+                .with_context(|| format!("opening the engine's data directory {}", data.display()))?;
+            let ep = engine.bind(listen).with_context(|| format!("listening on {listen}"))?;
+            eprintln!(
+                "seedcast engine {} listening on {}\n  agents enroll with: {}\n  clients use:        {}",
+                engine.id(),
+                ep.local_addr()?,
+                data.join("join.token").display(),
+                data.join("admin.token").display()
+            );
+            engine.run(ep, shutdown_signal()).await?;
+        }
+        Cmd::Agent {
+            data,
+            engine,
+            token,
+            site,
+            adapter,
+            pool,
+        } => {
+            init_logs(cli.log.as_deref(), "info");
+            let token = token.map(|t| parse_token(&t)).transpose().context("--token")?;
+            let opts = seedcast_agents::adapters::AdapterOptions { pool };
+            let adapter = seedcast_agents::adapters::build(&adapter, &opts)?;
+            let cfg = seedcast_agents::AgentConfig::new(&data, engine, &site, token);
+            let agent = seedcast_agents::Agent::open(cfg, adapter)?;
+            agent.run(shutdown_signal()).await?;
+        }
+        Cmd::Push {
+            conn,
+            name,
+            files,
+            sites,
+            wait,
+            json,
+        } => {
+            init_logs(cli.log.as_deref(), "warn");
+            let client = connect(&conn).await?;
+            let mut opts = PushOptions::new(name, files);
+            opts.sites = sites;
+            let bar = ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr());
+            bar.set_style(
+                ProgressStyle::with_template("{msg:>10} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec})")
+                    .expect("template")
+                    .progress_chars("=> "),
+            );
+            bar.set_message("chunking");
+            let committed = client
+                .push(&opts, |p| {
+                    bar.set_length(p.total);
+                    bar.set_position(p.chunked);
+                })
+                .await?;
+            let status = if wait {
+                bar.set_message("sending");
+                let bar = Arc::new(bar.clone());
+                client
+                    .watch(&committed.global_id, committed.version, |s: &ImageStatus| {
+                        let need: u64 = s.sites.iter().map(|p| p.bytes_needed).sum();
+                        let sent: u64 = s.sites.iter().map(|p| p.bytes_sent).sum();
+                        bar.set_length(need.max(1));
+                        bar.set_position(sent);
+                    })
+                    .await?
+            } else {
+                committed
+            };
+            bar.finish_and_clear();
+            client.close().await;
+            if json {
+                print_json(&output::image_json(&status));
+            } else {
+                println!("{}", status.global_id);
+            }
+            if wait
+                && status
+                    .sites
+                    .iter()
+                    .any(|p| p.state == seedcast_core::protocol::PlacementState::Failed)
+            {
+                eprintln!("some sites failed:\n{}", output::image_table(&status));
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Cmd::Status { conn, global_id, json } => {
+            init_logs(cli.log.as_deref(), "warn");
+            let client = connect(&conn).await?;
+            match global_id {
+                Some(g) => {
+                    let g: GlobalId = g.parse()?;
+                    let s = client.status(&g).await?;
+                    if json {
+                        print_json(&output::image_json(&s));
+                    } else {
+                        print!("{}", output::image_table(&s));
+                    }
+                }
+                None => {
+                    let v = client.images().await?;
+                    if json {
+                        print_json(&output::images_json(&v));
+                    } else if v.is_empty() {
+                        println!("no images");
+                    } else {
+                        for s in &v {
+                            print!("{}", output::image_table(s));
+                        }
+                    }
+                }
+            }
+            client.close().await;
+        }
+        Cmd::Sites { conn, json } => {
+            init_logs(cli.log.as_deref(), "warn");
+            let client = connect(&conn).await?;
+            let v = client.sites().await?;
+            client.close().await;
+            if json {
+                print_json(&output::sites_json(&v));
+            } else {
+                print!("{}", output::sites_table(&v));
+            }
+        }
+        Cmd::Revoke { conn, site } => {
+            init_logs(cli.log.as_deref(), "warn");
+            let client = connect(&conn).await?;
+            client.revoke(&site).await?;
+            client.close().await;
+            println!("revoked {site}");
+        }
+        Cmd::Demo { dir, disk_mib } => {
+            init_logs(cli.log.as_deref(), "warn");
+            if disk_mib == 0 {
+                bail!("--disk-mib must be at least 1");
+            }
+            let opts = seedcast::demo::DemoOptions {
+                dir,
+                disk_mib,
+                ..Default::default()
+            };
+            let report = seedcast::demo::run(opts, &mut std::io::stdout()).await?;
+            if !report.identical {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
