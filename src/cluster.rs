@@ -191,6 +191,15 @@ impl LocalCluster {
         }
     }
 
+    /// Wait for an agent to stop by itself (a fatal error); returns how its run ended.
+    pub async fn agent_exit(&mut self, site: &str) -> Option<Result<(), AgentError>> {
+        let a = self.agent_mut(site);
+        match a.run.take() {
+            Some(r) => r.task.await.ok(),
+            None => None,
+        }
+    }
+
     /// Start a stopped agent again with the same data directory.
     pub fn resume_agent(&mut self, site: &str) {
         let a = self.agent_mut(site);

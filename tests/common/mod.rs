@@ -1,0 +1,63 @@
+//! Shared helpers for the integration tests: images, pushes, and checks of what sites hold.
+#![allow(dead_code)]
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, ensure};
+use seedcast::client::{Client, PushOptions};
+use seedcast::cluster::{LocalCluster, file_hash};
+use seedcast::synth;
+use seedcast_agents::Adapter;
+use seedcast_core::protocol::{ImageStatus, PlacementState};
+
+pub const SITES: [&str; 3] = ["site-a", "site-b", "site-c"];
+
+/// A small image: a sparse disk of `disk_mib`, a kernel, metadata.
+pub fn make_image(dir: &Path, disk_mib: u64, seed: &str) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir)?;
+    let disk = dir.join("disk.raw");
+    synth::write_disk(&disk, disk_mib << 20, seed)?;
+    synth::write_blob(&dir.join("vmlinuz"), 3 << 20, &format!("{seed} kernel"), 0.4)?;
+    std::fs::write(dir.join("metadata.json"), format!("{{\"seed\": \"{seed}\"}}\n"))?;
+    Ok(vec![disk, dir.join("vmlinuz"), dir.join("metadata.json")])
+}
+
+/// Push and wait until every target site is done.
+pub async fn push_wait(client: &Client, name: &str, files: &[PathBuf], sites: Option<Vec<String>>) -> Result<ImageStatus> {
+    let mut opts = PushOptions::new(name, files.to_vec());
+    opts.sites = sites;
+    let committed = client.push(&opts, |_| {}).await?;
+    let done = client.watch(&committed.global_id, committed.version, |_| {}).await?;
+    ensure!(done.bytes_uploaded == committed.bytes_uploaded);
+    Ok(done)
+}
+
+/// Every published site of `status` holds `files` byte-identical, with holes kept sparse.
+pub async fn assert_copies(cluster: &LocalCluster, status: &ImageStatus, files: &[PathBuf]) -> Result<()> {
+    for p in &status.sites {
+        ensure!(p.state == PlacementState::Published, "{} is {:?}: {:?}", p.site, p.state, p.error);
+        let local = p.local_id.as_deref().context("published without local id")?;
+        let agent = cluster.agent(&p.site);
+        for f in files {
+            let name = f.file_name().unwrap().to_str().unwrap();
+            let rb = agent.adapter.read_back(local, name).await?;
+            ensure!(
+                file_hash(rb.path())? == file_hash(f)?,
+                "{name} at {} differs from the original",
+                p.site
+            );
+            let (src, dst) = (std::fs::metadata(f)?, std::fs::metadata(rb.path())?);
+            ensure!(src.len() == dst.len());
+            // Holes stay holes: the copy allocates no more than the data (plus slack).
+            ensure!(
+                dst.blocks() * 512 <= src.blocks() * 512 + (1 << 20),
+                "{name} at {} is not sparse: {} allocated vs {}",
+                p.site,
+                dst.blocks() * 512,
+                src.blocks() * 512
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,201 @@
+//! Who may talk to the engine, and what a malformed peer gets: real engine, real agents,
+//! real QUIC on 127.0.0.1.
+
+mod common;
+
+use std::time::Duration;
+
+use anyhow::Result;
+use common::{SITES, make_image, push_wait};
+use quinn::ConnectionError;
+use seedcast::client::{Client, ClientError};
+use seedcast::cluster::LocalCluster;
+use seedcast_agents::adapters::dir::DirAdapter;
+use seedcast_agents::{Agent, AgentConfig, AgentError};
+use seedcast_core::protocol::{Hello, PROTOCOL_VERSION, RefuseReason, Role, SERVER_NAME, close};
+use seedcast_net::endpoint::TransportOptions;
+use seedcast_net::pki::Token;
+use std::sync::Arc;
+
+fn agent(cluster: &LocalCluster, site: &str, token: Token) -> Result<Agent> {
+    let adapter = Arc::new(DirAdapter::new(cluster.root.join("pools").join(site))?);
+    let cfg = AgentConfig::new(
+        cluster.root.join("agents").join(site),
+        cluster.engine_addr.to_string(),
+        site,
+        Some(token),
+    );
+    Ok(Agent::open(cfg, adapter)?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_and_clients_without_valid_credentials_are_refused() -> Result<()> {
+    let cluster = LocalCluster::start(None, &SITES[..1]).await?;
+
+    // Right engine fingerprint, wrong secret: refused at enrollment, with the reason.
+    let mut forged = cluster.join.clone();
+    forged.secret = "00000000000000000000000000000000".into();
+    let e = agent(&cluster, "intruder", forged)?.run(std::future::pending()).await.unwrap_err();
+    match &e {
+        AgentError::Refused { reason, message } => {
+            assert_eq!(*reason, RefuseReason::BadToken);
+            assert!(message.contains("invalid join token"), "{message}");
+        }
+        e => panic!("expected a refusal, got {e}"),
+    }
+    assert!(e.is_fatal());
+
+    // A token pinning another CA: the agent will not even finish the TLS handshake.
+    let mut other_ca = cluster.join.clone();
+    other_ca.ca_fingerprint = [9; 32];
+    let e = agent(&cluster, "elsewhere", other_ca)?.credentials().await.unwrap_err();
+    assert!(e.to_string().contains("handshake failed"), "{e}");
+
+    // The admin token cannot enroll an agent; the join token cannot act as a client.
+    assert!(agent(&cluster, "x", cluster.admin.clone()).is_err());
+    let e = Client::connect(&cluster.engine_addr.to_string(), &cluster.join).await.unwrap_err();
+    assert!(e.to_string().contains("join token"), "{e}");
+    let mut bad_admin = cluster.admin.clone();
+    bad_admin.secret = "11111111111111111111111111111111".into();
+    let e = Client::connect(&cluster.engine_addr.to_string(), &bad_admin).await.unwrap_err();
+    assert!(matches!(e, ClientError::Refused(ref m) if m.contains("invalid admin token")), "{e}");
+
+    // None of them became a site.
+    let client = cluster.client().await?;
+    let sites = client.sites().await?;
+    assert_eq!(sites.iter().map(|s| s.site.as_str()).collect::<Vec<_>>(), ["site-a"]);
+
+    // An agent claiming an enrolled site without that site's certificate is refused too.
+    let conn = raw_connect(&cluster).await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    seedcast_net::write_msg(
+        &mut send,
+        &Hello {
+            protocol: PROTOCOL_VERSION,
+            role: Role::Agent {
+                site: "site-a".into(),
+                adapter: "dir".into(),
+            },
+        },
+    )
+    .await?;
+    let r: seedcast_core::protocol::HelloReply = seedcast_net::read_msg_required(&mut recv).await?;
+    assert!(format!("{r:?}").contains("enroll"), "{r:?}");
+    client.close().await;
+    cluster.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_site_is_cut_off_and_no_longer_a_target() -> Result<()> {
+    let mut cluster = LocalCluster::start(None, &SITES).await?;
+    let client = cluster.client().await?;
+    client.revoke("site-b").await?;
+    // The agent stops with a fatal, explained error.
+    let ended = tokio::time::timeout(Duration::from_secs(20), cluster.agent_exit("site-b")).await?;
+    let e = ended.expect("agent task").unwrap_err();
+    assert!(e.is_fatal() && e.to_string().contains("revoked"), "{e}");
+    let sites = client.sites().await?;
+    let b = sites.iter().find(|s| s.site == "site-b").unwrap();
+    assert!(b.revoked && !b.connected);
+    // A restart with its old certificate is refused.
+    cluster.resume_agent("site-b");
+    let e = tokio::time::timeout(Duration::from_secs(20), cluster.agent_exit("site-b")).await?;
+    assert!(matches!(e, Some(Err(AgentError::Refused { reason: RefuseReason::Revoked, .. }))), "{e:?}");
+
+    let files = make_image(&cluster.root.join("img"), 2, "revoked")?;
+    let s = push_wait(&client, "after-revoke", &files, None).await?;
+    assert_eq!(s.sites.iter().map(|p| p.site.as_str()).collect::<Vec<_>>(), ["site-a", "site-c"]);
+    client.close().await;
+    cluster.shutdown().await?;
+    Ok(())
+}
+
+async fn raw_connect(cluster: &LocalCluster) -> Result<quinn::Connection> {
+    let cc = seedcast_net::tls::client_config(cluster.admin.ca_fingerprint, None, &TransportOptions::default())?;
+    let ep = seedcast_net::endpoint::client(cluster.engine_addr)?;
+    Ok(ep.connect_with(cc, cluster.engine_addr, SERVER_NAME)?.await?)
+}
+
+/// Send `bytes` as the first stream of a fresh connection; return how the engine closed it.
+async fn close_after(cluster: &LocalCluster, bytes: &[u8]) -> Result<(u64, String)> {
+    let conn = raw_connect(cluster).await?;
+    let (mut send, _recv) = conn.open_bi().await?;
+    send.write_all(bytes).await?;
+    send.finish()?;
+    match tokio::time::timeout(Duration::from_secs(15), conn.closed()).await? {
+        ConnectionError::ApplicationClosed(c) => Ok((c.error_code.into_inner(), String::from_utf8_lossy(&c.reason).into_owned())),
+        other => anyhow::bail!("unexpected close: {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncated_oversized_and_garbage_frames_get_errors_not_panics() -> Result<()> {
+    let cluster = LocalCluster::start(None, &SITES[..1]).await?;
+    let protocol = close::PROTOCOL as u64;
+
+    // A length prefix far beyond the maximum: refused before anything is allocated.
+    let (code, reason) = close_after(&cluster, &u32::MAX.to_be_bytes()).await?;
+    assert_eq!(code, protocol);
+    assert!(reason.contains("exceeds the maximum"), "{reason}");
+
+    // A frame cut short.
+    let mut truncated = 100u32.to_be_bytes().to_vec();
+    truncated.extend_from_slice(&[1, 2, 3]);
+    let (code, reason) = close_after(&cluster, &truncated).await?;
+    assert_eq!(code, protocol);
+    assert!(reason.contains("truncated"), "{reason}");
+
+    // A whole frame that is not a message.
+    let mut garbage = 8u32.to_be_bytes().to_vec();
+    garbage.extend_from_slice(&[0xff; 8]);
+    let (code, reason) = close_after(&cluster, &garbage).await?;
+    assert_eq!(code, protocol);
+    assert!(reason.contains("malformed"), "{reason}");
+
+    // Another protocol version: refused with a reason naming both.
+    let hello = seedcast_core::frame::encode(
+        &Hello {
+            protocol: 99,
+            role: Role::Client {
+                admin_secret: cluster.admin.secret.clone(),
+            },
+        },
+        1 << 20,
+    )?;
+    let (code, reason) = close_after(&cluster, &hello).await?;
+    assert_eq!(code, close::VERSION as u64);
+    assert!(reason.contains("speaks 1") && reason.contains("99"), "{reason}");
+
+    // An authenticated client sending an oversized request frame gets an error too.
+    let client = cluster.client().await?;
+    let conn = raw_connect(&cluster).await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    seedcast_net::write_msg(
+        &mut send,
+        &Hello {
+            protocol: PROTOCOL_VERSION,
+            role: Role::Client {
+                admin_secret: cluster.admin.secret.clone(),
+            },
+        },
+    )
+    .await?;
+    let _: seedcast_core::protocol::HelloReply = seedcast_net::read_msg_required(&mut recv).await?;
+    let (mut s2, _r2) = conn.open_bi().await?;
+    s2.write_all(&(200u32 << 20).to_be_bytes()).await?;
+    s2.finish()?;
+    match tokio::time::timeout(Duration::from_secs(15), conn.closed()).await? {
+        ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code.into_inner(), protocol);
+            assert!(String::from_utf8_lossy(&c.reason).contains("exceeds"));
+        }
+        other => panic!("unexpected close: {other}"),
+    }
+
+    // The engine is unharmed: other clients carry on.
+    assert_eq!(client.sites().await?.len(), 1);
+    client.close().await;
+    cluster.shutdown().await?;
+    Ok(())
+}
