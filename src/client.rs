@@ -53,7 +53,13 @@ pub enum ClientError {
 
 impl ClientError {
     pub fn is_not_found(&self) -> bool {
-        matches!(self, ClientError::Engine { kind: ErrorKind::NotFound, .. })
+        matches!(
+            self,
+            ClientError::Engine {
+                kind: ErrorKind::NotFound,
+                ..
+            }
+        )
     }
 }
 
@@ -103,7 +109,10 @@ pub struct Client {
 }
 
 enum Chunked {
-    Batch { chunks: Vec<(ChunkId, Bytes)>, chunked: u64 },
+    Batch {
+        chunks: Vec<(ChunkId, Bytes)>,
+        chunked: u64,
+    },
     File(FileEntry),
 }
 
@@ -123,7 +132,11 @@ impl Client {
         Self::connect_with(engine, token, &TransportOptions::default()).await
     }
 
-    pub async fn connect_with(engine: &str, token: &Token, transport: &TransportOptions) -> Result<Client, ClientError> {
+    pub async fn connect_with(
+        engine: &str,
+        token: &Token,
+        transport: &TransportOptions,
+    ) -> Result<Client, ClientError> {
         if token.kind != TokenKind::Admin {
             return Err(ClientError::Usage(
                 "this is a join token; clients need the admin token (DATA/admin.token)".into(),
@@ -139,13 +152,16 @@ impl Client {
             .next()
             .ok_or_else(|| unreachable("no address".into()))?;
         let cc = seedcast_net::tls::client_config(token.ca_fingerprint, None, transport)?;
-        let endpoint = seedcast_net::endpoint::client(addr).map_err(|e| unreachable(e.to_string()))?;
+        let endpoint =
+            seedcast_net::endpoint::client(addr).map_err(|e| unreachable(e.to_string()))?;
         let conn = endpoint
             .connect_with(cc, addr, SERVER_NAME)
             .map_err(|e| unreachable(e.to_string()))?
             .await
             .map_err(|e| match e {
-                ConnectionError::TransportError(t) => unreachable(format!("TLS/QUIC handshake failed: {t}")),
+                ConnectionError::TransportError(t) => {
+                    unreachable(format!("TLS/QUIC handshake failed: {t}"))
+                }
                 ConnectionError::TimedOut => unreachable("timed out".into()),
                 e => ClientError::Connection(e),
             })?;
@@ -158,7 +174,11 @@ impl Client {
         };
         write_msg(&mut send, &hello).await?;
         match read_msg_required::<HelloReply>(&mut recv).await? {
-            HelloReply::Welcome { engine_id, chunking, .. } => Ok(Client {
+            HelloReply::Welcome {
+                engine_id,
+                chunking,
+                ..
+            } => Ok(Client {
                 endpoint,
                 conn,
                 chunking,
@@ -202,7 +222,12 @@ impl Client {
 
     /// One image's status.
     pub async fn status(&self, g: &GlobalId) -> Result<ImageStatus, ClientError> {
-        match self.request(&Request::Status { global_id: Some(*g) }).await? {
+        match self
+            .request(&Request::Status {
+                global_id: Some(*g),
+            })
+            .await?
+        {
             Response::Image(s) => Ok(s),
             r => Err(ClientError::Unexpected(format!("{r:?}"))),
         }
@@ -238,7 +263,14 @@ impl Client {
         mut on_progress: impl FnMut(&ImageStatus),
     ) -> Result<ImageStatus, ClientError> {
         let (mut send, mut recv) = self.conn.open_bi().await?;
-        write_msg(&mut send, &Request::Watch { global_id: *g, version }).await?;
+        write_msg(
+            &mut send,
+            &Request::Watch {
+                global_id: *g,
+                version,
+            },
+        )
+        .await?;
         let _ = send.finish();
         let mut last = None;
         while let Some(r) = read_msg::<Response>(&mut recv).await? {
@@ -277,7 +309,10 @@ impl Client {
                 source,
             })?;
             if !md.is_file() {
-                return Err(ClientError::Usage(format!("{}: not a regular file", p.display())));
+                return Err(ClientError::Usage(format!(
+                    "{}: not a regular file",
+                    p.display()
+                )));
             }
             total += md.len();
         }
@@ -322,19 +357,33 @@ impl Client {
 
     /// Ask which of `chunks` the engine lacks; compress and upload those. Returns the
     /// compressed bytes uploaded.
-    async fn upload_missing(&self, chunks: Vec<(ChunkId, Bytes)>, level: i32) -> Result<u64, ClientError> {
+    async fn upload_missing(
+        &self,
+        chunks: Vec<(ChunkId, Bytes)>,
+        level: i32,
+    ) -> Result<u64, ClientError> {
         let ids: Vec<ChunkId> = chunks.iter().map(|(id, _)| *id).collect();
-        let missing: HashSet<ChunkId> = match self.request(&Request::Missing { chunks: ids }).await? {
-            Response::Missing { chunks } => chunks.into_iter().collect(),
-            r => return Err(ClientError::Unexpected(format!("{r:?}"))),
-        };
-        let todo: Vec<(ChunkId, Bytes)> = chunks.into_iter().filter(|(id, _)| missing.contains(id)).collect();
+        let missing: HashSet<ChunkId> =
+            match self.request(&Request::Missing { chunks: ids }).await? {
+                Response::Missing { chunks } => chunks.into_iter().collect(),
+                r => return Err(ClientError::Unexpected(format!("{r:?}"))),
+            };
+        let todo: Vec<(ChunkId, Bytes)> = chunks
+            .into_iter()
+            .filter(|(id, _)| missing.contains(id))
+            .collect();
         if todo.is_empty() {
             return Ok(0);
         }
         let compressed = compress_parallel(todo, level).await?;
         let (mut send, mut recv) = self.conn.open_bi().await?;
-        write_msg(&mut send, &Request::Upload { count: compressed.len() as u32 }).await?;
+        write_msg(
+            &mut send,
+            &Request::Upload {
+                count: compressed.len() as u32,
+            },
+        )
+        .await?;
         let mut bytes = 0u64;
         for c in compressed {
             let h = ChunkHeader {
@@ -345,7 +394,9 @@ impl Client {
             };
             write_msg(&mut send, &h).await?;
             bytes += c.payload.len() as u64;
-            send.write_chunk(c.payload).await.map_err(FramedError::from)?;
+            send.write_chunk(c.payload)
+                .await
+                .map_err(FramedError::from)?;
         }
         let _ = send.finish();
         match Self::check(read_msg_required(&mut recv).await?)? {
@@ -356,8 +407,13 @@ impl Client {
 }
 
 /// Compress on every core: split the batch across blocking threads.
-async fn compress_parallel(todo: Vec<(ChunkId, Bytes)>, level: i32) -> Result<Vec<CompressedChunk>, ClientError> {
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+async fn compress_parallel(
+    todo: Vec<(ChunkId, Bytes)>,
+    level: i32,
+) -> Result<Vec<CompressedChunk>, ClientError> {
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
     let per = todo.len().div_ceil(threads).max(1);
     let mut handles = Vec::new();
     let mut rest = todo;
@@ -400,7 +456,8 @@ fn chunk_files(
             let mode = f.metadata().map_err(fail)?.permissions().mode() & 0o7777;
             let name = base_name(&path)?;
             let mut rb = RecipeBuilder::new();
-            let chunker = StreamingChunker::new(f, cfg).map_err(|e| ClientError::Usage(e.to_string()))?;
+            let chunker =
+                StreamingChunker::new(f, cfg).map_err(|e| ClientError::Usage(e.to_string()))?;
             for piece in chunker {
                 let (_, piece) = piece.map_err(fail)?;
                 chunked += piece.len();
@@ -456,7 +513,8 @@ pub fn parse_token(s: &str) -> Result<Token, ClientError> {
                     path: p.to_path_buf(),
                     source,
                 })?;
-                text.parse::<Token>().map_err(|e| ClientError::Usage(format!("{}: {e}", p.display())))
+                text.parse::<Token>()
+                    .map_err(|e| ClientError::Usage(format!("{}: {e}", p.display())))
             } else {
                 Err(ClientError::Usage(e.to_string()))
             }

@@ -77,7 +77,10 @@ pub struct LocalCluster {
 impl LocalCluster {
     /// Start an engine and one agent per site under `root` (a temporary directory if
     /// `None`), and wait until every agent is connected.
-    pub async fn start(root: Option<PathBuf>, sites: &[&str]) -> Result<LocalCluster, ClusterError> {
+    pub async fn start(
+        root: Option<PathBuf>,
+        sites: &[&str],
+    ) -> Result<LocalCluster, ClusterError> {
         let (root, tmp) = match root {
             Some(r) => {
                 std::fs::create_dir_all(&r)?;
@@ -102,7 +105,8 @@ impl LocalCluster {
         for s in sites {
             c.add_agent(s).await?;
         }
-        c.wait_connected(sites.len(), Duration::from_secs(30)).await?;
+        c.wait_connected(sites.len(), Duration::from_secs(30))
+            .await?;
         Ok(c)
     }
 
@@ -113,7 +117,10 @@ impl LocalCluster {
         let task = tokio::spawn(engine.run(ep, async {
             let _ = rx.await;
         }));
-        self.engine = Some(Running { stop: Some(tx), task });
+        self.engine = Some(Running {
+            stop: Some(tx),
+            task,
+        });
         Ok(())
     }
 
@@ -143,7 +150,12 @@ impl LocalCluster {
         let data = self.root.join("agents").join(site);
         let pool = self.root.join("pools").join(site);
         let adapter = Arc::new(DirAdapter::new(pool.clone())?);
-        let cfg = AgentConfig::new(&data, self.engine_addr.to_string(), site, Some(self.join.clone()));
+        let cfg = AgentConfig::new(
+            &data,
+            self.engine_addr.to_string(),
+            site,
+            Some(self.join.clone()),
+        );
         let agent = Agent::open(cfg, adapter.clone())?;
         // Enroll now, so errors surface here and the site is known before any push.
         agent.credentials().await?;
@@ -165,7 +177,10 @@ impl LocalCluster {
         let task = tokio::spawn(a.agent.clone().run(async {
             let _ = rx.await;
         }));
-        a.run = Some(Running { stop: Some(tx), task });
+        a.run = Some(Running {
+            stop: Some(tx),
+            task,
+        });
     }
 
     pub fn agent(&self, site: &str) -> &LocalAgent {
@@ -224,7 +239,9 @@ impl LocalCluster {
                 }
             }
             if Instant::now() > deadline {
-                return Err(ClusterError::Timeout(format!("fewer than {n} agents connected after {timeout:?}")));
+                return Err(ClusterError::Timeout(format!(
+                    "fewer than {n} agents connected after {timeout:?}"
+                )));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -7,8 +7,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use seedcast_core::protocol::{ImageStatus, PlacementState};
 use seedcast_agents::Adapter;
+use seedcast_core::protocol::{ImageStatus, PlacementState};
 
 use crate::client::{ClientError, PushOptions};
 use crate::cluster::{ClusterError, LocalCluster, file_hash};
@@ -72,10 +72,18 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<Demo
     let disk = img.join("disk.raw");
     let data = synth::write_disk(&disk, opts.disk_mib << 20, "seedcast demo disk")?;
     synth::write_blob(&img.join("vmlinuz"), 8 << 20, "seedcast demo kernel", 0.3)?;
-    synth::write_blob(&img.join("initrd.img"), 24 << 20, "seedcast demo initrd", 0.6)?;
+    synth::write_blob(
+        &img.join("initrd.img"),
+        24 << 20,
+        "seedcast demo initrd",
+        0.6,
+    )?;
     std::fs::write(
         img.join("metadata.json"),
-        format!("{{\"os\": \"demo-linux\", \"arch\": \"x86_64\", \"disk_mib\": {}}}\n", opts.disk_mib),
+        format!(
+            "{{\"os\": \"demo-linux\", \"arch\": \"x86_64\", \"disk_mib\": {}}}\n",
+            opts.disk_mib
+        ),
     )?;
     let files: Vec<PathBuf> = ["disk.raw", "vmlinuz", "initrd.img", "metadata.json"]
         .iter()
@@ -103,7 +111,12 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<Demo
     };
 
     let (first, took) = push("demo-image").await?;
-    writeln!(out, "\npush + distribute to {} sites: {:.2} s", sites.len(), took.as_secs_f64())?;
+    writeln!(
+        out,
+        "\npush + distribute to {} sites: {:.2} s",
+        sites.len(),
+        took.as_secs_f64()
+    )?;
     write!(out, "{}", image_table(&first))?;
     writeln!(
         out,
@@ -122,11 +135,23 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<Demo
     let mut identical = first.sites.len() == sites.len();
     let originals: Vec<(String, blake3::Hash)> = files
         .iter()
-        .map(|p| Ok((p.file_name().unwrap_or_default().to_string_lossy().into_owned(), file_hash(p)?)))
+        .map(|p| {
+            Ok((
+                p.file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned(),
+                file_hash(p)?,
+            ))
+        })
         .collect::<std::io::Result<_>>()?;
     for p in &first.sites {
         let a = cluster.agent(&p.site);
-        let Some(local) = p.local_id.as_deref().filter(|_| p.state == PlacementState::Published) else {
+        let Some(local) = p
+            .local_id
+            .as_deref()
+            .filter(|_| p.state == PlacementState::Published)
+        else {
             writeln!(out, "  {}: not published ({:?})", p.site, p.error)?;
             identical = false;
             continue;
@@ -134,7 +159,11 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<Demo
         let mut ok = true;
         let mut allocated = 0u64;
         for (name, h) in &originals {
-            let rb = a.adapter.read_back(local, name).await.map_err(ClusterError::from)?;
+            let rb = a
+                .adapter
+                .read_back(local, name)
+                .await
+                .map_err(ClusterError::from)?;
             ok &= file_hash(rb.path())? == *h;
             allocated += std::fs::metadata(rb.path())?.blocks() * 512;
         }

@@ -14,7 +14,11 @@ use seedcast_core::GlobalId;
 use seedcast_core::protocol::ImageStatus;
 
 #[derive(Parser, Debug)]
-#[command(name = "seedcast", version, about = "Distribute VM images and their updates to many sites, moving only the chunks each site lacks")]
+#[command(
+    name = "seedcast",
+    version,
+    about = "Distribute VM images and their updates to many sites, moving only the chunks each site lacks"
+)]
 struct Cli {
     /// Log filter (tracing syntax), e.g. `info` or `seedcast_engine=debug`. Logs go to stderr.
     #[arg(long, global = true, env = "SEEDCAST_LOG")]
@@ -150,8 +154,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Engine { data, listen } => {
             init_logs(cli.log.as_deref(), "info");
             let engine = seedcast_engine::Engine::open(seedcast_engine::EngineConfig::new(&data))
-                .with_context(|| format!("opening the engine's data directory {}", data.display()))?;
-            let ep = engine.bind(listen).with_context(|| format!("listening on {listen}"))?;
+                .with_context(|| {
+                format!("opening the engine's data directory {}", data.display())
+            })?;
+            let ep = engine
+                .bind(listen)
+                .with_context(|| format!("listening on {listen}"))?;
             eprintln!(
                 "seedcast engine {} listening on {}\n  agents enroll with: {}\n  clients use:        {}",
                 engine.id(),
@@ -170,7 +178,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             pool,
         } => {
             init_logs(cli.log.as_deref(), "info");
-            let token = token.map(|t| parse_token(&t)).transpose().context("--token")?;
+            let token = token
+                .map(|t| parse_token(&t))
+                .transpose()
+                .context("--token")?;
             let opts = seedcast_agents::adapters::AdapterOptions { pool };
             let adapter = seedcast_agents::adapters::build(&adapter, &opts)?;
             let cfg = seedcast_agents::AgentConfig::new(&data, engine, &site, token);
@@ -189,11 +200,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let client = connect(&conn).await?;
             let mut opts = PushOptions::new(name, files);
             opts.sites = sites;
-            let bar = ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr());
+            let bar =
+                ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr());
             bar.set_style(
-                ProgressStyle::with_template("{msg:>10} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec})")
-                    .expect("template")
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "{msg:>10} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec})",
+                )
+                .expect("template")
+                .progress_chars("=> "),
             );
             bar.set_message("chunking");
             let committed = client
@@ -206,12 +220,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 bar.set_message("sending");
                 let bar = Arc::new(bar.clone());
                 client
-                    .watch(&committed.global_id, committed.version, |s: &ImageStatus| {
-                        let need: u64 = s.sites.iter().map(|p| p.bytes_needed).sum();
-                        let sent: u64 = s.sites.iter().map(|p| p.bytes_sent).sum();
-                        bar.set_length(need.max(1));
-                        bar.set_position(sent);
-                    })
+                    .watch(
+                        &committed.global_id,
+                        committed.version,
+                        |s: &ImageStatus| {
+                            let need: u64 = s.sites.iter().map(|p| p.bytes_needed).sum();
+                            let sent: u64 = s.sites.iter().map(|p| p.bytes_sent).sum();
+                            bar.set_length(need.max(1));
+                            bar.set_position(sent);
+                        },
+                    )
                     .await?
             } else {
                 committed
@@ -233,7 +251,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        Cmd::Status { conn, global_id, json } => {
+        Cmd::Status {
+            conn,
+            global_id,
+            json,
+        } => {
             init_logs(cli.log.as_deref(), "warn");
             let client = connect(&conn).await?;
             match global_id {

@@ -55,7 +55,11 @@ pub fn human_bytes(n: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 /// A table of an image's sites, for people.
@@ -80,7 +84,10 @@ pub fn image_table(s: &ImageStatus) -> String {
             p.version,
             p.state.as_str(),
             human_bytes(p.bytes_sent),
-            p.error.as_deref().map(|e| format!("  ({e})")).unwrap_or_default()
+            p.error
+                .as_deref()
+                .map(|e| format!("  ({e})"))
+                .unwrap_or_default()
         );
     }
     out

@@ -35,7 +35,10 @@ async fn agents_and_clients_without_valid_credentials_are_refused() -> Result<()
     // Right engine fingerprint, wrong secret: refused at enrollment, with the reason.
     let mut forged = cluster.join.clone();
     forged.secret = "00000000000000000000000000000000".into();
-    let e = agent(&cluster, "intruder", forged)?.run(std::future::pending()).await.unwrap_err();
+    let e = agent(&cluster, "intruder", forged)?
+        .run(std::future::pending())
+        .await
+        .unwrap_err();
     match &e {
         AgentError::Refused { reason, message } => {
             assert_eq!(*reason, RefuseReason::BadToken);
@@ -48,22 +51,35 @@ async fn agents_and_clients_without_valid_credentials_are_refused() -> Result<()
     // A token pinning another CA: the agent will not even finish the TLS handshake.
     let mut other_ca = cluster.join.clone();
     other_ca.ca_fingerprint = [9; 32];
-    let e = agent(&cluster, "elsewhere", other_ca)?.credentials().await.unwrap_err();
+    let e = agent(&cluster, "elsewhere", other_ca)?
+        .credentials()
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("handshake failed"), "{e}");
 
     // The admin token cannot enroll an agent; the join token cannot act as a client.
     assert!(agent(&cluster, "x", cluster.admin.clone()).is_err());
-    let e = Client::connect(&cluster.engine_addr.to_string(), &cluster.join).await.unwrap_err();
+    let e = Client::connect(&cluster.engine_addr.to_string(), &cluster.join)
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("join token"), "{e}");
     let mut bad_admin = cluster.admin.clone();
     bad_admin.secret = "11111111111111111111111111111111".into();
-    let e = Client::connect(&cluster.engine_addr.to_string(), &bad_admin).await.unwrap_err();
-    assert!(matches!(e, ClientError::Refused(ref m) if m.contains("invalid admin token")), "{e}");
+    let e = Client::connect(&cluster.engine_addr.to_string(), &bad_admin)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, ClientError::Refused(ref m) if m.contains("invalid admin token")),
+        "{e}"
+    );
 
     // None of them became a site.
     let client = cluster.client().await?;
     let sites = client.sites().await?;
-    assert_eq!(sites.iter().map(|s| s.site.as_str()).collect::<Vec<_>>(), ["site-a"]);
+    assert_eq!(
+        sites.iter().map(|s| s.site.as_str()).collect::<Vec<_>>(),
+        ["site-a"]
+    );
 
     // An agent claiming an enrolled site without that site's certificate is refused too.
     let conn = raw_connect(&cluster).await?;
@@ -101,20 +117,38 @@ async fn a_revoked_site_is_cut_off_and_no_longer_a_target() -> Result<()> {
     // A restart with its old certificate is refused.
     cluster.resume_agent("site-b");
     let e = tokio::time::timeout(Duration::from_secs(20), cluster.agent_exit("site-b")).await?;
-    assert!(matches!(e, Some(Err(AgentError::Refused { reason: RefuseReason::Revoked, .. }))), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            Some(Err(AgentError::Refused {
+                reason: RefuseReason::Revoked,
+                ..
+            }))
+        ),
+        "{e:?}"
+    );
 
     let files = make_image(&cluster.root.join("img"), 2, "revoked")?;
     let s = push_wait(&client, "after-revoke", &files, None).await?;
-    assert_eq!(s.sites.iter().map(|p| p.site.as_str()).collect::<Vec<_>>(), ["site-a", "site-c"]);
+    assert_eq!(
+        s.sites.iter().map(|p| p.site.as_str()).collect::<Vec<_>>(),
+        ["site-a", "site-c"]
+    );
     client.close().await;
     cluster.shutdown().await?;
     Ok(())
 }
 
 async fn raw_connect(cluster: &LocalCluster) -> Result<quinn::Connection> {
-    let cc = seedcast_net::tls::client_config(cluster.admin.ca_fingerprint, None, &TransportOptions::default())?;
+    let cc = seedcast_net::tls::client_config(
+        cluster.admin.ca_fingerprint,
+        None,
+        &TransportOptions::default(),
+    )?;
     let ep = seedcast_net::endpoint::client(cluster.engine_addr)?;
-    Ok(ep.connect_with(cc, cluster.engine_addr, SERVER_NAME)?.await?)
+    Ok(ep
+        .connect_with(cc, cluster.engine_addr, SERVER_NAME)?
+        .await?)
 }
 
 /// Send `bytes` as the first stream of a fresh connection; return how the engine closed it.
@@ -124,7 +158,10 @@ async fn close_after(cluster: &LocalCluster, bytes: &[u8]) -> Result<(u64, Strin
     send.write_all(bytes).await?;
     send.finish()?;
     match tokio::time::timeout(Duration::from_secs(15), conn.closed()).await? {
-        ConnectionError::ApplicationClosed(c) => Ok((c.error_code.into_inner(), String::from_utf8_lossy(&c.reason).into_owned())),
+        ConnectionError::ApplicationClosed(c) => Ok((
+            c.error_code.into_inner(),
+            String::from_utf8_lossy(&c.reason).into_owned(),
+        )),
         other => anyhow::bail!("unexpected close: {other}"),
     }
 }
@@ -165,7 +202,10 @@ async fn truncated_oversized_and_garbage_frames_get_errors_not_panics() -> Resul
     )?;
     let (code, reason) = close_after(&cluster, &hello).await?;
     assert_eq!(code, close::VERSION as u64);
-    assert!(reason.contains("speaks 1") && reason.contains("99"), "{reason}");
+    assert!(
+        reason.contains("speaks 1") && reason.contains("99"),
+        "{reason}"
+    );
 
     // An authenticated client sending an oversized request frame gets an error too.
     let client = cluster.client().await?;

@@ -21,9 +21,16 @@ async fn one_global_id_three_local_ids_byte_identical() -> Result<()> {
 
     assert_eq!(s.version, 1);
     assert_eq!(s.sites.len(), 3);
-    let locals: HashSet<_> = s.sites.iter().map(|p| p.local_id.clone().unwrap()).collect();
+    let locals: HashSet<_> = s
+        .sites
+        .iter()
+        .map(|p| p.local_id.clone().unwrap())
+        .collect();
     assert_eq!(locals.len(), 3, "three distinct local ids");
-    assert!(!locals.contains(&s.global_id.to_string()), "local ids are the service's own");
+    assert!(
+        !locals.contains(&s.global_id.to_string()),
+        "local ids are the service's own"
+    );
     assert!(s.bytes_uploaded > 0);
     // Holes are neither uploaded nor sent: far less than the logical size moves.
     for p in &s.sites {
@@ -60,7 +67,9 @@ async fn second_identical_push_moves_no_chunk_bytes_and_similar_image_little() -
     let disk = &files[0];
     let mut bytes = std::fs::read(disk)?;
     let mid = bytes.len() / 2;
-    bytes[mid..mid + 4096].iter_mut().for_each(|b| *b = b.wrapping_add(1));
+    bytes[mid..mid + 4096]
+        .iter_mut()
+        .for_each(|b| *b = b.wrapping_add(1));
     let dir = cluster.root.join("img2");
     std::fs::create_dir_all(&dir)?;
     let disk2 = dir.join("disk.raw");
@@ -68,7 +77,11 @@ async fn second_identical_push_moves_no_chunk_bytes_and_similar_image_little() -
     let files2 = vec![disk2, files[1].clone(), files[2].clone()];
     let third = push_wait(&client, "similar", &files2, None).await?;
     // At most a few chunks (max 256 KiB each, compressed) are new.
-    assert!(third.bytes_uploaded < 768 << 10, "uploaded {}", third.bytes_uploaded);
+    assert!(
+        third.bytes_uploaded < 768 << 10,
+        "uploaded {}",
+        third.bytes_uploaded
+    );
     for p in &third.sites {
         assert!(p.bytes_sent <= third.bytes_uploaded, "{p:?}");
     }
@@ -98,7 +111,12 @@ async fn catalog_and_mapping_survive_an_engine_restart() -> Result<()> {
     cluster.wait_connected(3, Duration::from_secs(30)).await?;
     let again = push_wait(&client, "restart-again", &files, None).await?;
     assert_eq!(again.bytes_uploaded, 0);
-    assert!(again.sites.iter().all(|p| p.state == PlacementState::Published && p.bytes_sent == 0));
+    assert!(
+        again
+            .sites
+            .iter()
+            .all(|p| p.state == PlacementState::Published && p.bytes_sent == 0)
+    );
     client.close().await;
     cluster.shutdown().await?;
     Ok(())
@@ -110,7 +128,9 @@ async fn an_offline_site_receives_the_image_when_it_reconnects() -> Result<()> {
     let files = make_image(&cluster.root.join("img"), 8, "offline")?;
     cluster.stop_agent("site-c").await;
     let client = cluster.client().await?;
-    let committed = client.push(&PushOptions::new("offline", files.clone()), |_| {}).await?;
+    let committed = client
+        .push(&PushOptions::new("offline", files.clone()), |_| {})
+        .await?;
     // site-c is known, so it is a target; it waits as pending while the others publish.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -120,7 +140,10 @@ async fn an_offline_site_receives_the_image_when_it_reconnects() -> Result<()> {
             assert_eq!(by("site-c"), PlacementState::Pending);
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "a and b never published: {s:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a and b never published: {s:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     cluster.resume_agent("site-c");
@@ -151,12 +174,18 @@ async fn push_to_named_sites_and_bad_requests_get_clear_errors() -> Result<()> {
         .unwrap_err();
     assert!(e.to_string().contains("not a regular file"), "{e}");
     let e = client
-        .push(&PushOptions::new("x", vec![cluster.root.join("absent")]), |_| {})
+        .push(
+            &PushOptions::new("x", vec![cluster.root.join("absent")]),
+            |_| {},
+        )
         .await
         .unwrap_err();
     assert!(e.to_string().contains("absent"), "{e}");
     let e = client
-        .push(&PushOptions::new("x", vec![files[0].clone(), files[0].clone()]), |_| {})
+        .push(
+            &PushOptions::new("x", vec![files[0].clone(), files[0].clone()]),
+            |_| {},
+        )
         .await
         .unwrap_err();
     assert!(e.to_string().contains("two files are named"), "{e}");
@@ -226,9 +255,15 @@ mod raw {
     use seedcast_net::endpoint::TransportOptions;
 
     pub async fn connect_admin(cluster: &LocalCluster) -> Result<quinn::Connection> {
-        let cc = seedcast_net::tls::client_config(cluster.admin.ca_fingerprint, None, &TransportOptions::default())?;
+        let cc = seedcast_net::tls::client_config(
+            cluster.admin.ca_fingerprint,
+            None,
+            &TransportOptions::default(),
+        )?;
         let ep = seedcast_net::endpoint::client(cluster.engine_addr)?;
-        let conn = ep.connect_with(cc, cluster.engine_addr, SERVER_NAME)?.await?;
+        let conn = ep
+            .connect_with(cc, cluster.engine_addr, SERVER_NAME)?
+            .await?;
         let (mut send, mut recv) = conn.open_bi().await?;
         seedcast_net::write_msg(
             &mut send,

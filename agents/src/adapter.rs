@@ -29,7 +29,10 @@ pub enum AdapterError {
 }
 
 impl AdapterError {
-    pub fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> AdapterError + 'a {
+    pub fn io<'a>(
+        op: &'static str,
+        path: &'a Path,
+    ) -> impl FnOnce(std::io::Error) -> AdapterError + 'a {
         move |source| AdapterError::Io {
             op,
             path: path.to_path_buf(),
@@ -61,7 +64,11 @@ pub struct AssembledImage {
 
 impl fmt::Debug for AssembledImage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "AssembledImage({}@{} in {:?})", self.global_id, self.version, self.dir)
+        write!(
+            f,
+            "AssembledImage({}@{} in {:?})",
+            self.global_id, self.version, self.dir
+        )
     }
 }
 
@@ -142,7 +149,11 @@ pub trait Adapter: Send + Sync + fmt::Debug {
     /// same global id). The old image stays until the new one is in place. Returns the new
     /// local id (the same one where the service updates in place). By default a new image
     /// is published and the old one deleted.
-    fn update<'a>(&'a self, local_id: &'a str, image: AssembledImage) -> BoxFuture<'a, Result<String, AdapterError>> {
+    fn update<'a>(
+        &'a self,
+        local_id: &'a str,
+        image: AssembledImage,
+    ) -> BoxFuture<'a, Result<String, AdapterError>> {
         Box::pin(async move {
             let new_id = self.publish(image).await?;
             if new_id != local_id {
@@ -156,7 +167,11 @@ pub trait Adapter: Send + Sync + fmt::Debug {
     }
 
     /// Read a published file back (to check it, or to seed new versions from it).
-    fn read_back<'a>(&'a self, local_id: &'a str, file: &'a str) -> BoxFuture<'a, Result<ReadBack, AdapterError>>;
+    fn read_back<'a>(
+        &'a self,
+        local_id: &'a str,
+        file: &'a str,
+    ) -> BoxFuture<'a, Result<ReadBack, AdapterError>>;
 
     /// Remove a published image.
     fn delete<'a>(&'a self, local_id: &'a str) -> BoxFuture<'a, Result<(), AdapterError>>;

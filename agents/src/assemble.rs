@@ -27,8 +27,14 @@ pub enum AssembleError {
     #[error("chunk {0} is not in the cache")]
     MissingChunk(ChunkId),
     #[error("chunk {id} in the cache is {actual} bytes, the recipe says {expected}")]
-    ChunkLength { id: ChunkId, expected: u32, actual: usize },
-    #[error("file {path:?} does not match its hash after assembly: expected {expected}, got {actual}")]
+    ChunkLength {
+        id: ChunkId,
+        expected: u32,
+        actual: usize,
+    },
+    #[error(
+        "file {path:?} does not match its hash after assembly: expected {expected}, got {actual}"
+    )]
     FileHash {
         path: String,
         expected: String,
@@ -48,8 +54,14 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> As
 
 /// Build every file of `manifest` in a fresh directory `staging` from chunks in `db`.
 /// Blocking: call from a blocking thread. On error the staging directory is removed.
-pub fn assemble(db: &AgentDb, manifest: &Manifest, staging: PathBuf) -> Result<AssembledImage, AssembleError> {
-    let manifest_id = manifest.id().map_err(|e| AssembleError::Manifest(e.to_string()))?;
+pub fn assemble(
+    db: &AgentDb,
+    manifest: &Manifest,
+    staging: PathBuf,
+) -> Result<AssembledImage, AssembleError> {
+    let manifest_id = manifest
+        .id()
+        .map_err(|e| AssembleError::Manifest(e.to_string()))?;
     if staging.exists() {
         fs::remove_dir_all(&staging).map_err(io("clean", &staging))?;
     }

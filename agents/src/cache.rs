@@ -13,11 +13,14 @@
 
 use std::path::Path;
 
-use rocksdb::{BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBPinnableSlice, IteratorMode, Options, WriteBatch, WriteOptions};
-use serde::{Deserialize, Serialize};
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBPinnableSlice, IteratorMode, Options,
+    WriteBatch, WriteOptions,
+};
 use seedcast_core::codec::{self, RecordError};
 use seedcast_core::protocol::HeldImage;
 use seedcast_core::{ChunkId, GlobalId, Manifest, VerifiedChunk};
+use serde::{Deserialize, Serialize};
 
 pub const CACHE_FORMAT: u8 = 1;
 pub const RECORD_FORMAT: u8 = 1;
@@ -103,7 +106,9 @@ impl AgentDb {
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
         let me = AgentDb { db };
         match me.db.get_cf(me.cf(CF_META), b"cache_format")? {
-            None => me.db.put_cf(me.cf(CF_META), b"cache_format", [CACHE_FORMAT])?,
+            None => me
+                .db
+                .put_cf(me.cf(CF_META), b"cache_format", [CACHE_FORMAT])?,
             Some(v) if v.as_slice() == [CACHE_FORMAT] => {}
             Some(v) => {
                 return Err(CacheError::Format {
@@ -116,11 +121,16 @@ impl AgentDb {
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
-        self.db.cf_handle(name).expect("column families are created at open")
+        self.db
+            .cf_handle(name)
+            .expect("column families are created at open")
     }
 
     pub fn has_chunk(&self, id: &ChunkId) -> Result<bool, CacheError> {
-        Ok(self.db.get_pinned_cf(self.cf(CF_CHUNKS), id.as_bytes())?.is_some())
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(CF_CHUNKS), id.as_bytes())?
+            .is_some())
     }
 
     /// A cached chunk's raw bytes.
@@ -161,7 +171,10 @@ impl AgentDb {
     }
 
     pub fn chunk_count(&self) -> Result<usize, CacheError> {
-        Ok(self.db.iterator_cf(self.cf(CF_CHUNKS), IteratorMode::Start).count())
+        Ok(self
+            .db
+            .iterator_cf(self.cf(CF_CHUNKS), IteratorMode::Start)
+            .count())
     }
 
     pub fn held(&self, g: &GlobalId) -> Result<Option<HeldRecord>, CacheError> {
@@ -177,9 +190,18 @@ impl AgentDb {
     }
 
     /// Record a published image (and its manifest) in one synced batch.
-    pub fn put_held(&self, g: &GlobalId, rec: &HeldRecord, manifest: &Manifest) -> Result<(), CacheError> {
+    pub fn put_held(
+        &self,
+        g: &GlobalId,
+        rec: &HeldRecord,
+        manifest: &Manifest,
+    ) -> Result<(), CacheError> {
         let mut batch = WriteBatch::default();
-        batch.put_cf(self.cf(CF_IMAGES), g.as_bytes(), codec::encode_record(RECORD_FORMAT, rec)?);
+        batch.put_cf(
+            self.cf(CF_IMAGES),
+            g.as_bytes(),
+            codec::encode_record(RECORD_FORMAT, rec)?,
+        );
         batch.put_cf(
             self.cf(CF_MANIFESTS),
             manifest_key(g, manifest.version),
@@ -192,7 +214,10 @@ impl AgentDb {
     }
 
     pub fn manifest(&self, g: &GlobalId, version: u32) -> Result<Option<Manifest>, CacheError> {
-        match self.db.get_pinned_cf(self.cf(CF_MANIFESTS), manifest_key(g, version))? {
+        match self
+            .db
+            .get_pinned_cf(self.cf(CF_MANIFESTS), manifest_key(g, version))?
+        {
             None => Ok(None),
             Some(v) => codec::decode_record(RECORD_FORMAT, &v)
                 .map(Some)
@@ -208,11 +233,14 @@ impl AgentDb {
         let mut out = Vec::new();
         for item in self.db.iterator_cf(self.cf(CF_IMAGES), IteratorMode::Start) {
             let (k, v) = item?;
-            let Ok(g) = <[u8; 12]>::try_from(&k[..]) else { continue };
-            let rec: HeldRecord = codec::decode_record(RECORD_FORMAT, &v).map_err(|source| CacheError::Record {
-                what: format!("images/{}", hex::encode(&k)),
-                source,
-            })?;
+            let Ok(g) = <[u8; 12]>::try_from(&k[..]) else {
+                continue;
+            };
+            let rec: HeldRecord =
+                codec::decode_record(RECORD_FORMAT, &v).map_err(|source| CacheError::Record {
+                    what: format!("images/{}", hex::encode(&k)),
+                    source,
+                })?;
             out.push(HeldImage {
                 global_id: GlobalId(g),
                 version: rec.version,

@@ -21,7 +21,9 @@ use seedcast_core::protocol::{
 use seedcast_core::transfer::Transfer;
 use seedcast_core::{ChunkerConfig, CompressedChunk, Manifest, UnverifiedChunk};
 use seedcast_net::endpoint::TransportOptions;
-use seedcast_net::pki::{PendingEnrollment, PkiError, SiteCredentials, Token, TokenKind, fingerprint};
+use seedcast_net::pki::{
+    PendingEnrollment, PkiError, SiteCredentials, Token, TokenKind, fingerprint,
+};
 use seedcast_net::tls::TlsError;
 use seedcast_net::{FramedError, read_msg, read_msg_required, read_payload, write_msg};
 use tokio::sync::oneshot;
@@ -47,7 +49,12 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
-    pub fn new(data: impl Into<PathBuf>, engine: impl Into<String>, site: impl Into<String>, token: Option<Token>) -> Self {
+    pub fn new(
+        data: impl Into<PathBuf>,
+        engine: impl Into<String>,
+        site: impl Into<String>,
+        token: Option<Token>,
+    ) -> Self {
         AgentConfig {
             data: data.into(),
             engine: engine.into(),
@@ -62,7 +69,10 @@ impl AgentConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("the engine refused this agent ({reason:?}): {message}")]
-    Refused { reason: RefuseReason, message: String },
+    Refused {
+        reason: RefuseReason,
+        message: String,
+    },
     #[error("the engine closed the connection (code {code}): {reason}")]
     Closed { code: u64, reason: String },
     #[error("configuration: {0}")]
@@ -105,7 +115,10 @@ impl AgentError {
     /// Errors that retrying cannot fix: the agent stops and says why.
     pub fn is_fatal(&self) -> bool {
         match self {
-            AgentError::Refused { .. } | AgentError::Config(_) | AgentError::Pki(_) | AgentError::Tls(_) => true,
+            AgentError::Refused { .. }
+            | AgentError::Config(_)
+            | AgentError::Pki(_)
+            | AgentError::Tls(_) => true,
             AgentError::Closed { code, .. } => {
                 [close::REFUSED, close::REPLACED, close::VERSION].contains(&(*code as u32))
             }
@@ -145,7 +158,8 @@ impl Agent {
             && t.kind != TokenKind::Join
         {
             return Err(AgentError::Config(
-                "this is an admin token; agents enroll with the join token (DATA/join.token)".into(),
+                "this is an admin token; agents enroll with the join token (DATA/join.token)"
+                    .into(),
             ));
         }
         std::fs::create_dir_all(&cfg.data)
@@ -183,7 +197,9 @@ impl Agent {
             return Ok(c);
         }
         let token = self.cfg.token.clone().ok_or_else(|| {
-            AgentError::Config("this site is not enrolled yet: pass --token (the engine's join.token)".into())
+            AgentError::Config(
+                "this site is not enrolled yet: pass --token (the engine's join.token)".into(),
+            )
         })?;
         self.enroll(&token).await
     }
@@ -200,7 +216,10 @@ impl Agent {
             .ok_or_else(|| unreachable("no address".into()))
     }
 
-    async fn dial(&self, cc: quinn::ClientConfig) -> Result<(quinn::Endpoint, Connection), AgentError> {
+    async fn dial(
+        &self,
+        cc: quinn::ClientConfig,
+    ) -> Result<(quinn::Endpoint, Connection), AgentError> {
         let addr = self.resolve().await?;
         let ep = seedcast_net::endpoint::client(addr).map_err(|e| AgentError::Unreachable {
             addr: self.cfg.engine.clone(),
@@ -245,7 +264,9 @@ impl Agent {
         match reply {
             HelloReply::Enrolled { cert_der, ca_der } => {
                 if fingerprint(&ca_der) != token.ca_fingerprint {
-                    return Err(AgentError::Protocol("enrolled with a CA other than the token's".into()));
+                    return Err(AgentError::Protocol(
+                        "enrolled with a CA other than the token's".into(),
+                    ));
                 }
                 let creds = pending.complete(&self.cfg.site, cert_der, ca_der);
                 creds.save(&self.cfg.data)?;
@@ -253,7 +274,9 @@ impl Agent {
                 Ok(creds)
             }
             HelloReply::Refused { reason, message } => Err(AgentError::Refused { reason, message }),
-            HelloReply::Welcome { .. } => Err(AgentError::Protocol("expected Enrolled, got Welcome".into())),
+            HelloReply::Welcome { .. } => Err(AgentError::Protocol(
+                "expected Enrolled, got Welcome".into(),
+            )),
         }
     }
 
@@ -291,7 +314,11 @@ impl Agent {
         }
     }
 
-    async fn session(&self, creds: &SiteCredentials, welcomed: &mut bool) -> Result<(), AgentError> {
+    async fn session(
+        &self,
+        creds: &SiteCredentials,
+        welcomed: &mut bool,
+    ) -> Result<(), AgentError> {
         let cc = seedcast_net::tls::client_config(
             creds.ca_fingerprint(),
             Some((vec![creds.cert.clone()], creds.key())),
@@ -322,12 +349,20 @@ impl Agent {
         };
         write_msg(&mut send, &hello).await?;
         let chunking = match read_msg_required::<HelloReply>(&mut recv).await? {
-            HelloReply::Welcome { engine_id, chunking, .. } => {
+            HelloReply::Welcome {
+                engine_id,
+                chunking,
+                ..
+            } => {
                 info!(site = %self.cfg.site, engine = %engine_id, "connected");
                 chunking
             }
-            HelloReply::Refused { reason, message } => return Err(AgentError::Refused { reason, message }),
-            HelloReply::Enrolled { .. } => return Err(AgentError::Protocol("unexpected Enrolled".into())),
+            HelloReply::Refused { reason, message } => {
+                return Err(AgentError::Refused { reason, message });
+            }
+            HelloReply::Enrolled { .. } => {
+                return Err(AgentError::Protocol("unexpected Enrolled".into()));
+            }
         };
         *welcomed = true;
         let db = self.db.clone();
@@ -343,7 +378,8 @@ impl Agent {
                 match read_msg::<EngineMsg>(&mut recv).await? {
                     None => return Ok::<(), AgentError>(()),
                     Some(EngineMsg::Deploy { transfer, manifest }) => {
-                        self.deploy(conn, &mut send, &slot, transfer, manifest).await?;
+                        self.deploy(conn, &mut send, &slot, transfer, manifest)
+                            .await?;
                     }
                 }
             }
@@ -365,7 +401,9 @@ impl Agent {
         let g = manifest.global_id;
         let version = manifest.version;
         info!(site = %self.cfg.site, global_id = %g, version, transfer, "deploy");
-        let result = self.receive_and_publish(conn, send, slot, transfer, manifest).await;
+        let result = self
+            .receive_and_publish(conn, send, slot, transfer, manifest)
+            .await;
         *slot.lock().expect("slot lock") = None;
         let reply = match result {
             Ok((local_id, bytes_received)) => AgentMsg::Published {
@@ -373,7 +411,12 @@ impl Agent {
                 local_id,
                 bytes_received,
             },
-            Err(e) if matches!(e, AgentError::Connection(_) | AgentError::Closed { .. } | AgentError::Framed(_)) => {
+            Err(e)
+                if matches!(
+                    e,
+                    AgentError::Connection(_) | AgentError::Closed { .. } | AgentError::Framed(_)
+                ) =>
+            {
                 return Err(e);
             }
             Err(e) => {
@@ -399,7 +442,9 @@ impl Agent {
         manifest: Manifest,
     ) -> Result<(String, u64), AgentError> {
         let g = manifest.global_id;
-        let manifest_id = manifest.id().map_err(|e| AgentError::Protocol(e.to_string()))?;
+        let manifest_id = manifest
+            .id()
+            .map_err(|e| AgentError::Protocol(e.to_string()))?;
         let held = self.db.held(&g)?;
 
         // Already published here (a repeated deployment): nothing to move.
@@ -408,7 +453,14 @@ impl Agent {
             && h.manifest_id == manifest_id
             && self.still_there(h, &manifest).await
         {
-            write_msg(send, &AgentMsg::Need { transfer: transfer_id, chunks: vec![] }).await?;
+            write_msg(
+                send,
+                &AgentMsg::Need {
+                    transfer: transfer_id,
+                    chunks: vec![],
+                },
+            )
+            .await?;
             return Ok((h.local_id.clone(), 0));
         }
 
@@ -428,12 +480,26 @@ impl Agent {
         .map_err(|e| AgentError::Internal(e.to_string()))?;
         let transfer = match t {
             (_, Some(e)) => {
-                write_msg(send, &AgentMsg::Need { transfer: transfer_id, chunks: vec![] }).await?;
+                write_msg(
+                    send,
+                    &AgentMsg::Need {
+                        transfer: transfer_id,
+                        chunks: vec![],
+                    },
+                )
+                .await?;
                 return Err(e.into());
             }
             (Err(e), None) => {
                 // Answer Need first so the engine's exchange stays in step, then fail.
-                write_msg(send, &AgentMsg::Need { transfer: transfer_id, chunks: vec![] }).await?;
+                write_msg(
+                    send,
+                    &AgentMsg::Need {
+                        transfer: transfer_id,
+                        chunks: vec![],
+                    },
+                )
+                .await?;
                 return Err(AgentError::Protocol(format!("invalid manifest: {e}")));
             }
             (Ok(t), None) => t,
@@ -446,7 +512,14 @@ impl Agent {
             transfer,
             done: Some(tx),
         });
-        write_msg(send, &AgentMsg::Need { transfer: transfer_id, chunks: need }).await?;
+        write_msg(
+            send,
+            &AgentMsg::Need {
+                transfer: transfer_id,
+                chunks: need,
+            },
+        )
+        .await?;
         if !complete {
             tokio::select! {
                 r = rx => match r {
@@ -506,7 +579,12 @@ impl Agent {
 }
 
 /// Accept the engine's data streams for as long as the connection lives.
-async fn accept_data_streams(conn: Connection, slot: Slot, db: Arc<AgentDb>, chunking: ChunkerConfig) -> Result<(), AgentError> {
+async fn accept_data_streams(
+    conn: Connection,
+    slot: Slot,
+    db: Arc<AgentDb>,
+    chunking: ChunkerConfig,
+) -> Result<(), AgentError> {
     let mut tasks = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
@@ -533,7 +611,12 @@ fn fail(slot: &Slot, transfer: u64, why: String) {
     }
 }
 
-async fn data_stream(mut recv: RecvStream, slot: &Slot, db: &Arc<AgentDb>, max_raw: u32) -> Result<(), AgentError> {
+async fn data_stream(
+    mut recv: RecvStream,
+    slot: &Slot,
+    db: &Arc<AgentDb>,
+    max_raw: u32,
+) -> Result<(), AgentError> {
     let DataStreamHeader { transfer } = read_msg_required(&mut recv).await?;
     loop {
         let h: ChunkHeader = match read_msg(&mut recv).await {
@@ -548,7 +631,9 @@ async fn data_stream(mut recv: RecvStream, slot: &Slot, db: &Arc<AgentDb>, max_r
         let admitted = {
             let mut g = slot.lock().expect("slot lock");
             match g.as_mut() {
-                Some(a) if a.transfer.id() == transfer => a.transfer.admit(&h).map_err(|e| e.to_string()),
+                Some(a) if a.transfer.id() == transfer => {
+                    a.transfer.admit(&h).map_err(|e| e.to_string())
+                }
                 _ => Err(format!("no transfer {transfer} in progress")),
             }
         };
@@ -568,7 +653,8 @@ async fn data_stream(mut recv: RecvStream, slot: &Slot, db: &Arc<AgentDb>, max_r
             })
             .verify(max_raw)
             .map_err(|e| e.to_string())?;
-            db2.put_chunks(std::slice::from_ref(&v)).map_err(|e| e.to_string())?;
+            db2.put_chunks(std::slice::from_ref(&v))
+                .map_err(|e| e.to_string())?;
             Ok::<_, String>(())
         })
         .await

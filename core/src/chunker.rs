@@ -56,7 +56,7 @@ impl ChunkerConfig {
     pub const MAX_CHUNK: u32 = 16 * 1024 * 1024;
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let even = |v: u32| v % 2 == 0;
+        let even = |v: u32| v.is_multiple_of(2);
         if !(even(self.min) && even(self.avg) && even(self.max)) {
             return Err(ConfigError("min, avg and max must be even"));
         }
@@ -71,8 +71,10 @@ impl ChunkerConfig {
         if !self.hole_block.is_power_of_two() || self.hole_block < 512 {
             return Err(ConfigError("hole_block must be a power of two >= 512"));
         }
-        if self.hole_min < self.hole_block || self.hole_min % self.hole_block != 0 {
-            return Err(ConfigError("hole_min must be a positive multiple of hole_block"));
+        if self.hole_min < self.hole_block || !self.hole_min.is_multiple_of(self.hole_block) {
+            return Err(ConfigError(
+                "hole_min must be a positive multiple of hole_block",
+            ));
         }
         Ok(())
     }
@@ -116,7 +118,8 @@ pub struct Chunker {
 /// True when every byte is zero. Folds 256-byte groups without branching so the compiler
 /// vectorises it, and stops at the first group that is not zero.
 fn is_zero(b: &[u8]) -> bool {
-    b.chunks(256).all(|g| g.iter().fold(0u8, |a, &x| a | x) == 0)
+    b.chunks(256)
+        .all(|g| g.iter().fold(0u8, |a, &x| a | x) == 0)
 }
 
 /// Outcome of looking for the end of a data segment within a window.
@@ -187,7 +190,11 @@ impl Chunker {
         let block = self.cfg.hole_block as usize;
         let hole_min = self.cfg.hole_min as usize;
         let misalign = (self.offset % block as u64) as usize;
-        let mut p = if misalign == 0 { block } else { block - misalign };
+        let mut p = if misalign == 0 {
+            block
+        } else {
+            block - misalign
+        };
         while p < window {
             if p + block <= buf.len() && is_zero(&buf[p..p + block]) {
                 let run = self.zero_run(buf, p, hole_min, eof);
@@ -219,7 +226,7 @@ impl Chunker {
         let max = self.cfg.max as usize;
 
         // At a block boundary the front may be a hole.
-        if self.offset % block as u64 == 0 {
+        if self.offset.is_multiple_of(block as u64) {
             let run = self.zero_run(buf, 0, usize::MAX, eof);
             if run >= hole_min || (self.in_hole && run > 0) {
                 let _ = buf.split_to(run);
@@ -419,7 +426,13 @@ mod tests {
         assert!(hole >= (10 << 20) - 4096, "hole {hole}");
         let data_bytes: u64 = pieces
             .iter()
-            .map(|p| if let Piece::Data(b) = p { b.len() as u64 } else { 0 })
+            .map(|p| {
+                if let Piece::Data(b) = p {
+                    b.len() as u64
+                } else {
+                    0
+                }
+            })
             .sum();
         assert!(data_bytes <= 500_000 + 8192);
         // An all-zero file is one hole (split into pieces no larger than the input).
@@ -441,8 +454,8 @@ mod tests {
     }
 
     const GOLDEN_1MIB_SEED42: &[u64] = &[
-        72462, 95088, 92685, 126641, 61257, 33809, 38933, 30628, 67662, 92703, 66969, 50006,
-        78032, 99296, 42405,
+        72462, 95088, 92685, 126641, 61257, 33809, 38933, 30628, 67662, 92703, 66969, 50006, 78032,
+        99296, 42405,
     ];
 
     /// Without holes, the cuts are exactly the fastcdc crate's own v2020 cuts.
@@ -543,11 +556,20 @@ mod tests {
 
     #[test]
     fn bad_configs_are_refused() {
-        let mut c = ChunkerConfig::default();
-        c.min = c.avg * 2;
-        assert!(Chunker::new(c).is_err());
-        let mut c = ChunkerConfig::default();
-        c.hole_block = 3000;
-        assert!(Chunker::new(c).is_err());
+        let d = ChunkerConfig::default();
+        assert!(
+            Chunker::new(ChunkerConfig {
+                min: d.avg * 2,
+                ..d
+            })
+            .is_err()
+        );
+        assert!(
+            Chunker::new(ChunkerConfig {
+                hole_block: 3000,
+                ..d
+            })
+            .is_err()
+        );
     }
 }

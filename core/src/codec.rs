@@ -84,7 +84,10 @@ mod tests {
         assert_eq!(back, (5, "x".into()));
         assert!(matches!(
             decode_record::<(u32, String)>(2, &r),
-            Err(RecordError::Format { found: 1, expected: 2 })
+            Err(RecordError::Format {
+                found: 1,
+                expected: 2
+            })
         ));
         assert!(matches!(
             decode_record::<(u32, String)>(1, &[]),

@@ -40,7 +40,10 @@ pub fn check(buf: &[u8], max: usize) -> Result<Option<usize>, FrameError> {
 }
 
 /// Decode the frame at the front of `buf`, if whole; returns the message and bytes used.
-pub fn parse<T: DeserializeOwned>(buf: &[u8], max: usize) -> Result<Option<(T, usize)>, FrameError> {
+pub fn parse<T: DeserializeOwned>(
+    buf: &[u8],
+    max: usize,
+) -> Result<Option<(T, usize)>, FrameError> {
     match check(buf, max)? {
         None => Ok(None),
         Some(total) => Ok(Some((codec::decode(&buf[HEADER_LEN..total])?, total))),

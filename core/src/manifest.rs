@@ -324,10 +324,7 @@ mod tests {
         ));
         m.files[0].recipe.len -= 1;
         m.files.push(m.files[0].clone());
-        assert_eq!(
-            m.validate(),
-            Err(ManifestError::DuplicateName("ok".into()))
-        );
+        assert_eq!(m.validate(), Err(ManifestError::DuplicateName("ok".into())));
         m.files.clear();
         assert_eq!(m.validate(), Err(ManifestError::NoFiles));
     }

@@ -182,18 +182,29 @@ impl ChunkHeader {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
     /// Which of these chunks does the engine lack?
-    Missing { chunks: Vec<ChunkId> },
+    Missing {
+        chunks: Vec<ChunkId>,
+    },
     /// `count` chunk records follow on this stream.
-    Upload { count: u32 },
+    Upload {
+        count: u32,
+    },
     /// Register an image from chunks the engine holds.
     Commit(CommitRequest),
     /// One image (by id), or every image.
-    Status { global_id: Option<GlobalId> },
+    Status {
+        global_id: Option<GlobalId>,
+    },
     Sites,
     /// Stream progress of a version until every target site is done.
-    Watch { global_id: GlobalId, version: u32 },
+    Watch {
+        global_id: GlobalId,
+        version: u32,
+    },
     /// Revoke a site's certificate; its agent is disconnected and refused from then on.
-    Revoke { site: String },
+    Revoke {
+        site: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -335,10 +346,7 @@ mod tests {
             .unwrap()),
             3
         );
-        assert_eq!(
-            idx(&|| codec::encode(&PlacementState::Failed).unwrap()),
-            3
-        );
+        assert_eq!(idx(&|| codec::encode(&PlacementState::Failed).unwrap()), 3);
         assert_eq!(
             idx(&|| codec::encode(&RefuseReason::BadRequest).unwrap()),
             4
@@ -357,9 +365,6 @@ mod tests {
         // fc 00 00 01 00 raw_len 65536 (varint: 0xfc + u32 LE)
         // 01             Encoding::Zstd
         // fb 2c 01       payload_len 300 (varint: 0xfb + u16 LE)
-        assert_eq!(
-            hex(&h),
-            format!("{}fc0000010001fb2c01", "ab".repeat(32))
-        );
+        assert_eq!(hex(&h), format!("{}fc0000010001fb2c01", "ab".repeat(32)));
     }
 }

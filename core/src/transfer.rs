@@ -16,7 +16,9 @@ use crate::protocol::ChunkHeader;
 pub enum TransferError {
     #[error("transfer {transfer}: chunk {id} was not asked for (or arrived twice)")]
     Unexpected { transfer: u64, id: ChunkId },
-    #[error("transfer {transfer}: chunk {id} declares {declared} bytes, the manifest says {expected}")]
+    #[error(
+        "transfer {transfer}: chunk {id} declares {declared} bytes, the manifest says {expected}"
+    )]
     LengthMismatch {
         transfer: u64,
         id: ChunkId,
@@ -24,7 +26,11 @@ pub enum TransferError {
         expected: u32,
     },
     #[error("transfer {transfer}: chunk {id} payload of {len} bytes exceeds the limit")]
-    PayloadTooLarge { transfer: u64, id: ChunkId, len: u32 },
+    PayloadTooLarge {
+        transfer: u64,
+        id: ChunkId,
+        len: u32,
+    },
     #[error("invalid manifest: {0}")]
     Manifest(#[from] ManifestError),
 }

@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use quinn::{Connection, RecvStream, SendStream, VarInt};
-use seedcast_core::protocol::{AgentMsg, HeldImage, HelloReply, PROTOCOL_VERSION, PlacementState, close};
+use seedcast_core::protocol::{
+    AgentMsg, HeldImage, HelloReply, PROTOCOL_VERSION, PlacementState, close,
+};
 use seedcast_net::{read_msg, read_msg_required, write_msg};
 use tokio::sync::{Notify, mpsc};
 use tracing::{info, warn};
@@ -33,7 +35,10 @@ pub(crate) async fn session(
         Ok(AgentMsg::Inventory { images }) => reconcile_inventory(&shared, &site, &images),
         Ok(other) => {
             warn!(site, "expected Inventory, got {other:?}");
-            conn.close(VarInt::from_u32(close::PROTOCOL), b"expected Inventory first");
+            conn.close(
+                VarInt::from_u32(close::PROTOCOL),
+                b"expected Inventory first",
+            );
             return;
         }
         Err(e) => {
@@ -59,9 +64,16 @@ pub(crate) async fn session(
             warn!(site, "recording adapter change: {e}");
         }
     }
-    if let Some(old) = shared.agents.lock().expect("agents lock").insert(site.clone(), handle) {
-        old.conn
-            .close(VarInt::from_u32(close::REPLACED), b"a newer connection took over this site");
+    if let Some(old) = shared
+        .agents
+        .lock()
+        .expect("agents lock")
+        .insert(site.clone(), handle)
+    {
+        old.conn.close(
+            VarInt::from_u32(close::REPLACED),
+            b"a newer connection took over this site",
+        );
     }
     info!(site, adapter, remote = %conn.remote_address(), "agent connected");
     shared.changed();

@@ -20,11 +20,11 @@ use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options,
     WriteBatch, WriteOptions,
 };
-use serde::{Deserialize, Serialize};
-use serde::de::DeserializeOwned;
 use seedcast_core::codec::{self, RecordError};
 use seedcast_core::protocol::PlacementState;
 use seedcast_core::{ChunkId, GlobalId, Manifest};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 /// Format of this catalog's layout; stored under `meta/catalog_format`.
 pub const CATALOG_FORMAT: u8 = 1;
@@ -37,7 +37,14 @@ const CF_IMAGES: &str = "images";
 const CF_SITES: &str = "sites";
 const CF_PLACEMENTS: &str = "placements";
 const CF_META: &str = "meta";
-const ALL_CFS: [&str; 6] = [CF_CHUNKS, CF_MANIFESTS, CF_IMAGES, CF_SITES, CF_PLACEMENTS, CF_META];
+const ALL_CFS: [&str; 6] = [
+    CF_CHUNKS,
+    CF_MANIFESTS,
+    CF_IMAGES,
+    CF_SITES,
+    CF_PLACEMENTS,
+    CF_META,
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -202,10 +209,17 @@ impl Catalog {
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
-        self.db.cf_handle(name).expect("column families are created at open")
+        self.db
+            .cf_handle(name)
+            .expect("column families are created at open")
     }
 
-    fn get<T: DeserializeOwned>(&self, cf: &str, key: &[u8], what: impl FnOnce() -> String) -> Result<Option<T>, CatalogError> {
+    fn get<T: DeserializeOwned>(
+        &self,
+        cf: &str,
+        key: &[u8],
+        what: impl FnOnce() -> String,
+    ) -> Result<Option<T>, CatalogError> {
         match self.db.get_pinned_cf(self.cf(cf), key)? {
             None => Ok(None),
             Some(v) => codec::decode_record(RECORD_FORMAT, &v)
@@ -217,7 +231,11 @@ impl Catalog {
         }
     }
 
-    fn scan<T: DeserializeOwned>(&self, cf: &str, prefix: &[u8]) -> Result<Vec<(Vec<u8>, T)>, CatalogError> {
+    fn scan<T: DeserializeOwned>(
+        &self,
+        cf: &str,
+        prefix: &[u8],
+    ) -> Result<Vec<(Vec<u8>, T)>, CatalogError> {
         let mut out = Vec::new();
         let it = self
             .db
@@ -227,20 +245,30 @@ impl Catalog {
             if !k.starts_with(prefix) {
                 break;
             }
-            let rec = codec::decode_record(RECORD_FORMAT, &v).map_err(|source| CatalogError::Record {
-                what: format!("{cf}/{}", hex::encode(&k)),
-                source,
-            })?;
+            let rec =
+                codec::decode_record(RECORD_FORMAT, &v).map_err(|source| CatalogError::Record {
+                    what: format!("{cf}/{}", hex::encode(&k)),
+                    source,
+                })?;
             out.push((k.to_vec(), rec));
         }
         Ok(out)
     }
 
-    fn put_synced<T: Serialize>(&self, cf: &str, key: &[u8], value: &T) -> Result<(), CatalogError> {
+    fn put_synced<T: Serialize>(
+        &self,
+        cf: &str,
+        key: &[u8],
+        value: &T,
+    ) -> Result<(), CatalogError> {
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
-        self.db
-            .put_cf_opt(self.cf(cf), key, codec::encode_record(RECORD_FORMAT, value)?, &wo)?;
+        self.db.put_cf_opt(
+            self.cf(cf),
+            key,
+            codec::encode_record(RECORD_FORMAT, value)?,
+            &wo,
+        )?;
         Ok(())
     }
 
@@ -277,7 +305,11 @@ impl Catalog {
     pub fn put_chunks(&self, chunks: &[(ChunkId, ChunkRecord)]) -> Result<(), CatalogError> {
         let mut batch = WriteBatch::default();
         for (id, rec) in chunks {
-            batch.put_cf(self.cf(CF_CHUNKS), id.as_bytes(), codec::encode_record(RECORD_FORMAT, rec)?);
+            batch.put_cf(
+                self.cf(CF_CHUNKS),
+                id.as_bytes(),
+                codec::encode_record(RECORD_FORMAT, rec)?,
+            );
         }
         self.db.write(batch)?;
         Ok(())
@@ -289,17 +321,29 @@ impl Catalog {
     pub fn commit_image(&self, c: ImageCommit<'_>) -> Result<(), CatalogError> {
         let mut batch = WriteBatch::default();
         let g = &c.global_id;
-        batch.put_cf(self.cf(CF_IMAGES), g.as_bytes(), codec::encode_record(RECORD_FORMAT, c.image)?);
+        batch.put_cf(
+            self.cf(CF_IMAGES),
+            g.as_bytes(),
+            codec::encode_record(RECORD_FORMAT, c.image)?,
+        );
         batch.put_cf(
             self.cf(CF_MANIFESTS),
             manifest_key(g, c.manifest.manifest.version),
             codec::encode_record(RECORD_FORMAT, c.manifest)?,
         );
         for (site, p) in &c.placements {
-            batch.put_cf(self.cf(CF_PLACEMENTS), placement_key(g, site), codec::encode_record(RECORD_FORMAT, p)?);
+            batch.put_cf(
+                self.cf(CF_PLACEMENTS),
+                placement_key(g, site),
+                codec::encode_record(RECORD_FORMAT, p)?,
+            );
         }
         for (id, rec) in &c.chunk_refs {
-            batch.put_cf(self.cf(CF_CHUNKS), id.as_bytes(), codec::encode_record(RECORD_FORMAT, rec)?);
+            batch.put_cf(
+                self.cf(CF_CHUNKS),
+                id.as_bytes(),
+                codec::encode_record(RECORD_FORMAT, rec)?,
+            );
         }
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
@@ -319,12 +363,21 @@ impl Catalog {
             .collect())
     }
 
-    pub fn manifest(&self, g: &GlobalId, version: u32) -> Result<Option<ManifestRecord>, CatalogError> {
-        self.get(CF_MANIFESTS, &manifest_key(g, version), || format!("manifests/{g}@{version}"))
+    pub fn manifest(
+        &self,
+        g: &GlobalId,
+        version: u32,
+    ) -> Result<Option<ManifestRecord>, CatalogError> {
+        self.get(CF_MANIFESTS, &manifest_key(g, version), || {
+            format!("manifests/{g}@{version}")
+        })
     }
 
     pub fn image_exists(&self, g: &GlobalId) -> Result<bool, CatalogError> {
-        Ok(self.db.get_pinned_cf(self.cf(CF_IMAGES), g.as_bytes())?.is_some())
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(CF_IMAGES), g.as_bytes())?
+            .is_some())
     }
 
     // ---- sites ----
@@ -364,12 +417,21 @@ impl Catalog {
             .collect())
     }
 
-    pub fn placement(&self, g: &GlobalId, site: &str) -> Result<Option<PlacementRecord>, CatalogError> {
-        self.get(CF_PLACEMENTS, &placement_key(g, site), || format!("placements/{g}/{site}"))
+    pub fn placement(
+        &self,
+        g: &GlobalId,
+        site: &str,
+    ) -> Result<Option<PlacementRecord>, CatalogError> {
+        self.get(CF_PLACEMENTS, &placement_key(g, site), || {
+            format!("placements/{g}/{site}")
+        })
     }
 
     /// Every placement at `site`, for reconciling when its agent connects.
-    pub fn placements_at(&self, site: &str) -> Result<Vec<(GlobalId, PlacementRecord)>, CatalogError> {
+    pub fn placements_at(
+        &self,
+        site: &str,
+    ) -> Result<Vec<(GlobalId, PlacementRecord)>, CatalogError> {
         Ok(self
             .scan::<PlacementRecord>(CF_PLACEMENTS, &[])?
             .into_iter()
@@ -378,7 +440,12 @@ impl Catalog {
             .collect())
     }
 
-    pub fn put_placement(&self, g: &GlobalId, site: &str, p: &PlacementRecord) -> Result<(), CatalogError> {
+    pub fn put_placement(
+        &self,
+        g: &GlobalId,
+        site: &str,
+        p: &PlacementRecord,
+    ) -> Result<(), CatalogError> {
         self.put_synced(CF_PLACEMENTS, &placement_key(g, site), p)
     }
 }
@@ -397,7 +464,8 @@ mod tests {
         let p = dir.path().join("cat");
         {
             let c = Catalog::open(&p).unwrap();
-            c.put_site("a", &Catalog::new_site_record("dir", [1; 32])).unwrap();
+            c.put_site("a", &Catalog::new_site_record("dir", [1; 32]))
+                .unwrap();
         }
         {
             let c = Catalog::open(&p).unwrap();
@@ -407,7 +475,8 @@ mod tests {
             c.db.put_cf(c.cf(CF_SITES), b"b", [9u8, 1, 2]).unwrap();
             let e = c.site("b").unwrap_err().to_string();
             assert!(e.contains("format 9"), "{e}");
-            c.db.put_cf(c.cf(CF_META), b"catalog_format", [7u8]).unwrap();
+            c.db.put_cf(c.cf(CF_META), b"catalog_format", [7u8])
+                .unwrap();
         }
         let e = Catalog::open(&p).unwrap_err().to_string();
         assert!(e.contains("format 7"), "{e}");

@@ -12,8 +12,8 @@ use std::time::Duration;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use seedcast_core::manifest::{MANIFEST_FORMAT, validate_files};
 use seedcast_core::protocol::{
-    ChunkHeader, CommitRequest, HelloReply, MAX_IDS_PER_REQUEST, MAX_UPLOAD_BATCH, PROTOCOL_VERSION,
-    Request, Response, close,
+    ChunkHeader, CommitRequest, HelloReply, MAX_IDS_PER_REQUEST, MAX_UPLOAD_BATCH,
+    PROTOCOL_VERSION, Request, Response, close,
 };
 use seedcast_core::{CompressedChunk, Extent, GlobalId, Manifest, UnverifiedChunk};
 use seedcast_net::{FramedError, read_msg_required, read_payload, write_msg};
@@ -24,7 +24,12 @@ use crate::catalog::{ImageCommit, ImageRecord, ManifestRecord, PlacementRecord, 
 use crate::server::close_for_violation;
 use crate::{EngineError, Shared, status};
 
-pub(crate) async fn session(shared: Arc<Shared>, conn: Connection, mut send: SendStream, _recv: RecvStream) {
+pub(crate) async fn session(
+    shared: Arc<Shared>,
+    conn: Connection,
+    mut send: SendStream,
+    _recv: RecvStream,
+) {
     let welcome = HelloReply::Welcome {
         protocol: PROTOCOL_VERSION,
         engine_id: shared.id.clone(),
@@ -154,7 +159,11 @@ impl From<FramedError> for UploadError {
 }
 
 /// Read `count` chunk records, verify them on a blocking thread, store the new ones.
-async fn upload(shared: &Arc<Shared>, recv: &mut RecvStream, count: u32) -> Result<(u32, u64), UploadError> {
+async fn upload(
+    shared: &Arc<Shared>,
+    recv: &mut RecvStream,
+    count: u32,
+) -> Result<(u32, u64), UploadError> {
     if count > MAX_UPLOAD_BATCH {
         return Err(UploadError::Engine(EngineError::Invalid(format!(
             "upload of {count} chunks exceeds the batch limit {MAX_UPLOAD_BATCH}"
@@ -218,11 +227,16 @@ fn resolve_sites(shared: &Shared, wanted: Option<Vec<String>>) -> Result<Vec<Str
     }
 }
 
-async fn commit(shared: &Arc<Shared>, c: CommitRequest, bytes_uploaded: u64) -> Result<seedcast_core::protocol::ImageStatus, EngineError> {
+async fn commit(
+    shared: &Arc<Shared>,
+    c: CommitRequest,
+    bytes_uploaded: u64,
+) -> Result<seedcast_core::protocol::ImageStatus, EngineError> {
     let shared2 = shared.clone();
-    let (gid, sites) = tokio::task::spawn_blocking(move || commit_blocking(&shared2, c, bytes_uploaded))
-        .await
-        .map_err(|e| EngineError::Internal(e.to_string()))??;
+    let (gid, sites) =
+        tokio::task::spawn_blocking(move || commit_blocking(&shared2, c, bytes_uploaded))
+            .await
+            .map_err(|e| EngineError::Internal(e.to_string()))??;
     for s in &sites {
         shared.wake_site(s);
     }
@@ -230,7 +244,11 @@ async fn commit(shared: &Arc<Shared>, c: CommitRequest, bytes_uploaded: u64) -> 
     status::image(shared, &gid)
 }
 
-fn commit_blocking(shared: &Shared, c: CommitRequest, bytes_uploaded: u64) -> Result<(GlobalId, Vec<String>), EngineError> {
+fn commit_blocking(
+    shared: &Shared,
+    c: CommitRequest,
+    bytes_uploaded: u64,
+) -> Result<(GlobalId, Vec<String>), EngineError> {
     let chunking = shared.cfg.chunking;
     if c.name.is_empty() || c.name.len() > 255 || c.name.chars().any(char::is_control) {
         return Err(EngineError::Invalid(format!(
@@ -303,7 +321,10 @@ fn commit_blocking(shared: &Shared, c: CommitRequest, bytes_uploaded: u64) -> Re
         global_id: gid,
         image: &image,
         manifest: &mrec,
-        placements: sites.iter().map(|s| (s.clone(), PlacementRecord::pending(1))).collect(),
+        placements: sites
+            .iter()
+            .map(|s| (s.clone(), PlacementRecord::pending(1)))
+            .collect(),
         chunk_refs: chunk_refs.clone(),
     })?;
     shared.store.apply_refs(&chunk_refs);
@@ -312,7 +333,12 @@ fn commit_blocking(shared: &Shared, c: CommitRequest, bytes_uploaded: u64) -> Re
 }
 
 /// Send `Progress` until every target site of `version` is published or failed.
-async fn watch(shared: &Arc<Shared>, send: &mut SendStream, g: GlobalId, version: u32) -> Result<(), FramedError> {
+async fn watch(
+    shared: &Arc<Shared>,
+    send: &mut SendStream,
+    g: GlobalId,
+    version: u32,
+) -> Result<(), FramedError> {
     let mut rx = shared.changes.subscribe();
     loop {
         let s = match status::image(shared, &g) {
@@ -345,8 +371,10 @@ fn revoke(shared: &Shared, site: &str) -> Result<(), EngineError> {
     rec.revoked = true;
     shared.catalog.put_site(site, &rec)?;
     if let Some(h) = shared.agents.lock().expect("agents lock").remove(site) {
-        h.conn
-            .close(VarInt::from_u32(close::REFUSED), format!("site {site:?} has been revoked").as_bytes());
+        h.conn.close(
+            VarInt::from_u32(close::REFUSED),
+            format!("site {site:?} has been revoked").as_bytes(),
+        );
     }
     warn!(site, "site revoked");
     shared.changed();

@@ -58,7 +58,11 @@ fn update_placement(
 }
 
 /// Placements at `site` that are not yet what they should be.
-fn pending_work(shared: &Shared, site: &str, retry_failed: bool) -> Result<Vec<(GlobalId, u32)>, EngineError> {
+fn pending_work(
+    shared: &Shared,
+    site: &str,
+    retry_failed: bool,
+) -> Result<Vec<(GlobalId, u32)>, EngineError> {
     Ok(shared
         .catalog
         .placements_at(site)?
@@ -96,7 +100,10 @@ pub(crate) async fn site_worker(
 }
 
 /// The next message about `transfer` from the agent.
-async fn reply_for(rx: &mut mpsc::Receiver<AgentMsg>, transfer: u64) -> Result<AgentMsg, DeployError> {
+async fn reply_for(
+    rx: &mut mpsc::Receiver<AgentMsg>,
+    transfer: u64,
+) -> Result<AgentMsg, DeployError> {
     loop {
         let m = rx.recv().await.ok_or(DeployError::Disconnected)?;
         let t = match &m {
@@ -108,7 +115,11 @@ async fn reply_for(rx: &mut mpsc::Receiver<AgentMsg>, transfer: u64) -> Result<A
         if t == transfer {
             return Ok(m);
         }
-        warn!(got = t, want = transfer, "reply for another transfer ignored");
+        warn!(
+            got = t,
+            want = transfer,
+            "reply for another transfer ignored"
+        );
     }
 }
 
@@ -121,7 +132,11 @@ async fn deploy(
     g: GlobalId,
     version: u32,
 ) -> Result<(), DeployError> {
-    let Some(mrec) = shared.catalog.manifest(&g, version).map_err(EngineError::from)? else {
+    let Some(mrec) = shared
+        .catalog
+        .manifest(&g, version)
+        .map_err(EngineError::from)?
+    else {
         update_placement(shared, &g, site, |p| {
             p.state = PlacementState::Failed;
             p.error = Some(format!("manifest of version {version} is missing"));
@@ -147,13 +162,19 @@ async fn deploy(
     let need = match reply_for(rx, transfer).await? {
         AgentMsg::Need { chunks, .. } => chunks,
         AgentMsg::Failed { error, .. } => return record_failure(shared, &g, site, error),
-        other => return Err(DeployError::Protocol(format!("expected Need, got {other:?}"))),
+        other => {
+            return Err(DeployError::Protocol(format!(
+                "expected Need, got {other:?}"
+            )));
+        }
     };
     let wanted = mrec.manifest.chunks();
     let mut bytes_needed = 0u64;
     for id in &need {
         if !wanted.contains_key(id) {
-            return Err(DeployError::Protocol(format!("asked for chunk {id}, which the manifest does not name")));
+            return Err(DeployError::Protocol(format!(
+                "asked for chunk {id}, which the manifest does not name"
+            )));
         }
         let rec = shared.store.record(id).ok_or_else(|| {
             EngineError::Internal(format!("chunk {id} of {g} is not in the store"))
@@ -162,7 +183,11 @@ async fn deploy(
     }
     update_placement(shared, &g, site, |p| p.bytes_needed = bytes_needed)?;
     let key = (g, site.to_string());
-    shared.live.lock().expect("live lock").insert(key.clone(), 0);
+    shared
+        .live
+        .lock()
+        .expect("live lock")
+        .insert(key.clone(), 0);
 
     let sent = Arc::new(AtomicU64::new(0));
     let sending = send_chunks(shared, conn, transfer, need, key.clone(), sent.clone());
@@ -189,11 +214,18 @@ async fn deploy(
             update_placement(shared, &g, site, |p| p.bytes_sent = bytes_sent)?;
             record_failure(shared, &g, site, error)
         }
-        other => Err(DeployError::Protocol(format!("expected Published or Failed, got {other:?}"))),
+        other => Err(DeployError::Protocol(format!(
+            "expected Published or Failed, got {other:?}"
+        ))),
     }
 }
 
-fn record_failure(shared: &Shared, g: &GlobalId, site: &str, error: String) -> Result<(), DeployError> {
+fn record_failure(
+    shared: &Shared,
+    g: &GlobalId,
+    site: &str,
+    error: String,
+) -> Result<(), DeployError> {
     warn!(site, global_id = %g, "deployment failed: {error}");
     update_placement(shared, g, site, |p| {
         p.state = PlacementState::Failed;
@@ -261,9 +293,9 @@ async fn stream_task(
             batch
                 .iter()
                 .map(|id| {
-                    sh.store
-                        .read(id)?
-                        .ok_or_else(|| EngineError::Internal(format!("chunk {id} vanished from the store")))
+                    sh.store.read(id)?.ok_or_else(|| {
+                        EngineError::Internal(format!("chunk {id} vanished from the store"))
+                    })
                 })
                 .collect::<Result<Vec<_>, EngineError>>()
         })

@@ -24,7 +24,9 @@ pub enum EngineError {
     UnknownSite(String),
     #[error("{0}")]
     Invalid(String),
-    #[error("the engine lacks {count} chunk(s) the image needs (first: {first}); upload them before committing")]
+    #[error(
+        "the engine lacks {count} chunk(s) the image needs (first: {first}); upload them before committing"
+    )]
     MissingChunks { count: usize, first: ChunkId },
     #[error("internal error: {0}")]
     Internal(String),

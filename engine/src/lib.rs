@@ -152,7 +152,11 @@ impl Engine {
 
     /// Serve on `endpoint` until `shutdown` completes; then close every connection and
     /// return once every task has stopped (so the data directory can be reopened).
-    pub async fn run(self, endpoint: quinn::Endpoint, shutdown: impl Future<Output = ()>) -> Result<(), EngineError> {
+    pub async fn run(
+        self,
+        endpoint: quinn::Endpoint,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), EngineError> {
         server::run(self.shared, endpoint, shutdown).await
     }
 

@@ -58,14 +58,26 @@ pub(crate) async fn run(
 }
 
 /// Refuse a dialer: tell it why on the control stream, give it a moment to read that, close.
-pub(crate) async fn refuse(conn: &Connection, send: &mut SendStream, reason: RefuseReason, message: String) {
+pub(crate) async fn refuse(
+    conn: &Connection,
+    send: &mut SendStream,
+    reason: RefuseReason,
+    message: String,
+) {
     let code = match reason {
         RefuseReason::ProtocolVersion => close::VERSION,
         RefuseReason::BadRequest => close::PROTOCOL,
         _ => close::REFUSED,
     };
     info!(remote = %conn.remote_address(), ?reason, "refused: {message}");
-    let _ = write_msg(send, &HelloReply::Refused { reason, message: message.clone() }).await;
+    let _ = write_msg(
+        send,
+        &HelloReply::Refused {
+            reason,
+            message: message.clone(),
+        },
+    )
+    .await;
     let _ = send.finish();
     let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
     conn.close(VarInt::from_u32(code), message.as_bytes());
@@ -109,7 +121,13 @@ async fn handle_connection(shared: Arc<Shared>, conn: Connection) {
     match hello.role {
         Role::Client { admin_secret } => {
             if !secrets_match(&admin_secret, &shared.pki.admin.secret) {
-                refuse(&conn, &mut send, RefuseReason::BadToken, "invalid admin token".into()).await;
+                refuse(
+                    &conn,
+                    &mut send,
+                    RefuseReason::BadToken,
+                    "invalid admin token".into(),
+                )
+                .await;
                 return;
             }
             client_api::session(shared, conn, send, recv).await;
@@ -119,7 +137,18 @@ async fn handle_connection(shared: Arc<Shared>, conn: Connection) {
             site,
             adapter,
             csr_der,
-        } => enroll(&shared, &conn, send, &join_secret, &site, &adapter, &csr_der).await,
+        } => {
+            enroll(
+                &shared,
+                &conn,
+                send,
+                &join_secret,
+                &site,
+                &adapter,
+                &csr_der,
+            )
+            .await
+        }
         Role::Agent { site, adapter } => {
             if let Err((reason, msg)) = check_agent(&shared.catalog, &conn, &site) {
                 refuse(&conn, &mut send, reason, msg).await;
@@ -131,7 +160,11 @@ async fn handle_connection(shared: Arc<Shared>, conn: Connection) {
 }
 
 /// Is this connection's certificate the one issued to `site`, and is the site in good standing?
-fn check_agent(catalog: &Catalog, conn: &Connection, site: &str) -> Result<(), (RefuseReason, String)> {
+fn check_agent(
+    catalog: &Catalog,
+    conn: &Connection,
+    site: &str,
+) -> Result<(), (RefuseReason, String)> {
     let cert = seedcast_net::tls::peer_certificate(conn).ok_or((
         RefuseReason::BadToken,
         "no site certificate: enroll with the join token first".to_string(),
@@ -144,12 +177,17 @@ fn check_agent(catalog: &Catalog, conn: &Connection, site: &str) -> Result<(), (
             format!("site {site:?} is not enrolled at this engine"),
         ))?;
     if rec.revoked {
-        return Err((RefuseReason::Revoked, format!("site {site:?} has been revoked")));
+        return Err((
+            RefuseReason::Revoked,
+            format!("site {site:?} has been revoked"),
+        ));
     }
     if rec.cert_fingerprint != fingerprint(&cert) {
         return Err((
             RefuseReason::BadToken,
-            format!("certificate is not the one issued to site {site:?} (re-enrolled or revoked elsewhere)"),
+            format!(
+                "certificate is not the one issued to site {site:?} (re-enrolled or revoked elsewhere)"
+            ),
         ));
     }
     Ok(())
@@ -165,7 +203,13 @@ async fn enroll(
     csr_der: &[u8],
 ) {
     if !secrets_match(join_secret, &shared.pki.join.secret) {
-        refuse(conn, &mut send, RefuseReason::BadToken, "invalid join token".into()).await;
+        refuse(
+            conn,
+            &mut send,
+            RefuseReason::BadToken,
+            "invalid join token".into(),
+        )
+        .await;
         return;
     }
     if let Err(e) = validate_site_name(site) {
@@ -175,18 +219,31 @@ async fn enroll(
     let cert = match shared.pki.issue_site_cert(site, csr_der) {
         Ok(c) => c,
         Err(e) => {
-            refuse(conn, &mut send, RefuseReason::BadRequest, format!("certificate request refused: {e}")).await;
+            refuse(
+                conn,
+                &mut send,
+                RefuseReason::BadRequest,
+                format!("certificate request refused: {e}"),
+            )
+            .await;
             return;
         }
     };
     // A new enrollment of a known site replaces its certificate: the old one stops working.
     let rec = Catalog::new_site_record(adapter, fingerprint(&cert));
     if let Err(e) = shared.catalog.put_site(site, &rec) {
-        refuse(conn, &mut send, RefuseReason::BadRequest, format!("catalog: {e}")).await;
+        refuse(
+            conn,
+            &mut send,
+            RefuseReason::BadRequest,
+            format!("catalog: {e}"),
+        )
+        .await;
         return;
     }
     if let Some(old) = shared.agents.lock().expect("agents lock").remove(site) {
-        old.conn.close(VarInt::from_u32(close::REPLACED), b"site re-enrolled");
+        old.conn
+            .close(VarInt::from_u32(close::REPLACED), b"site re-enrolled");
     }
     info!(site, adapter, "site enrolled");
     let reply = HelloReply::Enrolled {

@@ -14,7 +14,9 @@ pub(crate) fn image(shared: &Shared, g: &GlobalId) -> Result<ImageStatus, Engine
     let m = shared
         .catalog
         .manifest(g, img.current_version)?
-        .ok_or_else(|| EngineError::Internal(format!("manifest {g}@{} missing", img.current_version)))?;
+        .ok_or_else(|| {
+            EngineError::Internal(format!("manifest {g}@{} missing", img.current_version))
+        })?;
     let live = shared.live.lock().expect("live lock").clone();
     let mut sites: Vec<SitePlacement> = shared
         .catalog
@@ -22,7 +24,9 @@ pub(crate) fn image(shared: &Shared, g: &GlobalId) -> Result<ImageStatus, Engine
         .into_iter()
         .map(|(site, p)| {
             let bytes_sent = if p.state == PlacementState::Transferring {
-                live.get(&(*g, site.clone())).copied().unwrap_or(p.bytes_sent)
+                live.get(&(*g, site.clone()))
+                    .copied()
+                    .unwrap_or(p.bytes_sent)
             } else {
                 p.bytes_sent
             };

@@ -84,11 +84,12 @@ fn open_pack(path: &Path, create: bool) -> Result<(Arc<File>, u64), StoreError> 
         len = PACK_MAGIC.len() as u64;
     }
     let mut magic = [0u8; 8];
-    file.read_exact_at(&mut magic, 0).map_err(|_| StoreError::Corrupt {
-        path: path.to_path_buf(),
-        why: "shorter than its header".into(),
-    })?;
-    if &magic[..7] != &PACK_MAGIC[..7] {
+    file.read_exact_at(&mut magic, 0)
+        .map_err(|_| StoreError::Corrupt {
+            path: path.to_path_buf(),
+            why: "shorter than its header".into(),
+        })?;
+    if magic[..7] != PACK_MAGIC[..7] {
         return Err(StoreError::Corrupt {
             path: path.to_path_buf(),
             why: "not a seedcast pack (bad magic)".into(),
@@ -97,7 +98,10 @@ fn open_pack(path: &Path, create: bool) -> Result<(Arc<File>, u64), StoreError> 
     if magic[7] != PACK_MAGIC[7] {
         return Err(StoreError::Corrupt {
             path: path.to_path_buf(),
-            why: format!("pack format {} is not supported (this build reads {})", magic[7], PACK_MAGIC[7]),
+            why: format!(
+                "pack format {} is not supported (this build reads {})",
+                magic[7], PACK_MAGIC[7]
+            ),
         });
     }
     Ok((Arc::new(file), len))
@@ -132,7 +136,9 @@ impl ChunkStore {
                 Some(&len) if end <= len => {
                     index.insert(id, rec);
                 }
-                _ => tracing::warn!(chunk = %id, pack = rec.pack, "chunk record points past its pack; dropped"),
+                _ => {
+                    tracing::warn!(chunk = %id, pack = rec.pack, "chunk record points past its pack; dropped")
+                }
             }
         }
         let last = packs.len() - 1;
@@ -169,12 +175,19 @@ impl ChunkStore {
     /// Which of `ids` are not stored, in the order given.
     pub fn missing(&self, ids: &[ChunkId]) -> Vec<ChunkId> {
         let idx = self.index.read().expect("index lock");
-        ids.iter().filter(|id| !idx.contains_key(id)).copied().collect()
+        ids.iter()
+            .filter(|id| !idx.contains_key(id))
+            .copied()
+            .collect()
     }
 
     /// Store verified chunks not yet held. Blocking (file writes and a sync): call from a
     /// blocking thread. Returns how many were new and their stored bytes.
-    pub fn insert(&self, chunks: &[VerifiedChunk], catalog: &Catalog) -> Result<(u32, u64), StoreError> {
+    pub fn insert(
+        &self,
+        chunks: &[VerifiedChunk],
+        catalog: &Catalog,
+    ) -> Result<(u32, u64), StoreError> {
         let mut w = self.writer.lock().expect("writer lock");
         let mut added: Vec<(ChunkId, ChunkRecord)> = Vec::new();
         let mut bytes = 0u64;
@@ -191,7 +204,11 @@ impl ChunkStore {
                     let n = w.pack + 1;
                     let (f, len) = open_pack(&pack_path(&self.dir, n), true)?;
                     self.packs.write().expect("packs lock").push(f.clone());
-                    *w = Writer { pack: n, file: f, len };
+                    *w = Writer {
+                        pack: n,
+                        file: f,
+                        len,
+                    };
                     touched.push(n);
                 }
                 buf.clear();
@@ -243,7 +260,10 @@ impl ChunkStore {
         let path = || pack_path(&self.dir, rec.pack);
         let mut buf = vec![0u8; ENTRY_HEADER + rec.stored_len as usize];
         file.read_exact_at(&mut buf, rec.offset)
-            .map_err(|e| StoreError::Io { path: path(), source: e })?;
+            .map_err(|e| StoreError::Io {
+                path: path(),
+                source: e,
+            })?;
         let corrupt = |why: &str| StoreError::Corrupt {
             path: path(),
             why: format!("entry at {} for chunk {id}: {why}", rec.offset),
@@ -310,17 +330,25 @@ mod tests {
         let store = ChunkStore::open(&dir.path().join("packs"), &cat).unwrap();
         let a = chunk(3, 70_000);
         let b = chunk(5, 10_000);
-        let (n, bytes) = store.insert(&[a.clone(), b.clone(), a.clone()], &cat).unwrap();
+        let (n, bytes) = store
+            .insert(&[a.clone(), b.clone(), a.clone()], &cat)
+            .unwrap();
         assert_eq!(n, 2);
         assert!(bytes > 0);
-        assert_eq!(store.insert(&[a.clone()], &cat).unwrap(), (0, 0));
+        assert_eq!(
+            store.insert(std::slice::from_ref(&a), &cat).unwrap(),
+            (0, 0)
+        );
         let back = store.read(&a.id()).unwrap().unwrap();
         assert_eq!(&back, a.stored());
         drop(store);
         let store = ChunkStore::open(&dir.path().join("packs"), &cat).unwrap();
         assert_eq!(store.len(), 2);
         assert_eq!(&store.read(&b.id()).unwrap().unwrap(), b.stored());
-        assert_eq!(store.missing(&[a.id(), ChunkId([0; 32])]), vec![ChunkId([0; 32])]);
+        assert_eq!(
+            store.missing(&[a.id(), ChunkId([0; 32])]),
+            vec![ChunkId([0; 32])]
+        );
     }
 
     #[test]
@@ -330,7 +358,7 @@ mod tests {
         let packs = dir.path().join("packs");
         let store = ChunkStore::open(&packs, &cat).unwrap();
         let a = chunk(7, 50_000);
-        store.insert(&[a.clone()], &cat).unwrap();
+        store.insert(std::slice::from_ref(&a), &cat).unwrap();
         drop(store);
         let p = pack_path(&packs, 0);
         let f = OpenOptions::new().write(true).open(&p).unwrap();

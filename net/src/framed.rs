@@ -38,7 +38,9 @@ pub async fn write_msg<T: Serialize>(send: &mut SendStream, msg: &T) -> Result<(
 }
 
 /// Read one message; `Ok(None)` when the peer finished the stream at a frame boundary.
-pub async fn read_msg<T: DeserializeOwned>(recv: &mut RecvStream) -> Result<Option<T>, FramedError> {
+pub async fn read_msg<T: DeserializeOwned>(
+    recv: &mut RecvStream,
+) -> Result<Option<T>, FramedError> {
     let mut header = [0u8; HEADER_LEN];
     match recv.read_exact(&mut header).await {
         Ok(()) => {}
@@ -58,7 +60,9 @@ pub async fn read_msg<T: DeserializeOwned>(recv: &mut RecvStream) -> Result<Opti
 }
 
 /// Read one message that must be there.
-pub async fn read_msg_required<T: DeserializeOwned>(recv: &mut RecvStream) -> Result<T, FramedError> {
+pub async fn read_msg_required<T: DeserializeOwned>(
+    recv: &mut RecvStream,
+) -> Result<T, FramedError> {
     read_msg(recv).await?.ok_or(FramedError::UnexpectedEnd)
 }
 

@@ -20,7 +20,9 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SerialNumber,
 };
-use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls_pki_types::{
+    CertificateDer, CertificateSigningRequestDer, PrivateKeyDer, PrivatePkcs8KeyDer,
+};
 use seedcast_core::protocol::SERVER_NAME;
 
 #[derive(Debug, thiserror::Error)]
@@ -95,7 +97,12 @@ pub struct Token {
 impl fmt::Debug for Token {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Never log the secret.
-        write!(f, "Token({:?}, ca {}…)", self.kind, &hex::encode(self.ca_fingerprint)[..12])
+        write!(
+            f,
+            "Token({:?}, ca {}…)",
+            self.kind,
+            &hex::encode(self.ca_fingerprint)[..12]
+        )
     }
 }
 
@@ -133,7 +140,9 @@ impl FromStr for Token {
             .and_then(|v| v.try_into().ok())
             .ok_or_else(|| PkiError::Token("the fingerprint must be 64 hex digits".into()))?;
         if secret.len() < 16 || !secret.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(PkiError::Token("the secret must be at least 16 hex digits".into()));
+            return Err(PkiError::Token(
+                "the secret must be at least 16 hex digits".into(),
+            ));
         }
         Ok(Token {
             kind,
@@ -304,12 +313,18 @@ impl EnginePki {
 
     /// Issue a client certificate for `site` to the key in `csr_der`. Only the key is taken
     /// from the request; subject and usages are the engine's.
-    pub fn issue_site_cert(&self, site: &str, csr_der: &[u8]) -> Result<CertificateDer<'static>, PkiError> {
+    pub fn issue_site_cert(
+        &self,
+        site: &str,
+        csr_der: &[u8],
+    ) -> Result<CertificateDer<'static>, PkiError> {
         validate_site_name(site)?;
-        let mut csr =
-            CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))?;
+        let mut csr = CertificateSigningRequestParams::from_der(
+            &CertificateSigningRequestDer::from(csr_der),
+        )?;
         let mut p = CertificateParams::default();
-        p.distinguished_name.push(DnType::OrganizationName, "seedcast site");
+        p.distinguished_name
+            .push(DnType::OrganizationName, "seedcast site");
         p.distinguished_name.push(DnType::CommonName, site);
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -397,7 +412,12 @@ impl PendingEnrollment {
 impl SiteCredentials {
     fn paths(dir: &Path) -> [PathBuf; 4] {
         let t = dir.join("tls");
-        [t.join("site.key"), t.join("site.der"), t.join("ca.der"), t.join("site.name")]
+        [
+            t.join("site.key"),
+            t.join("site.der"),
+            t.join("ca.der"),
+            t.join("site.name"),
+        ]
     }
 
     /// Load credentials saved by [`SiteCredentials::save`], if any.
@@ -454,7 +474,12 @@ mod tests {
             secret: "0123456789abcdef0123".into(),
         };
         assert_eq!(t.to_string().parse::<Token>().unwrap(), t);
-        for bad in ["", "x.y.z", "scjoin1.00.0123456789abcdef", "scjoin1.zz.0123"] {
+        for bad in [
+            "",
+            "x.y.z",
+            "scjoin1.00.0123456789abcdef",
+            "scjoin1.zz.0123",
+        ] {
             assert!(bad.parse::<Token>().is_err(), "{bad}");
         }
         assert!(!format!("{t:?}").contains("0123456789"));

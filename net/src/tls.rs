@@ -32,7 +32,10 @@ fn provider() -> Arc<CryptoProvider> {
 /// not require) a client certificate from the same CA. Peers without one may only enroll
 /// (with the join secret) or act as clients (with the admin secret): the engine checks that
 /// in the first message, before any image byte moves.
-pub fn server_config(pki: &EnginePki, transport: &TransportOptions) -> Result<quinn::ServerConfig, TlsError> {
+pub fn server_config(
+    pki: &EnginePki,
+    transport: &TransportOptions,
+) -> Result<quinn::ServerConfig, TlsError> {
     let mut roots = RootCertStore::empty();
     roots.add(pki.ca_der().clone())?;
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())

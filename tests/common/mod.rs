@@ -18,26 +18,54 @@ pub fn make_image(dir: &Path, disk_mib: u64, seed: &str) -> Result<Vec<PathBuf>>
     std::fs::create_dir_all(dir)?;
     let disk = dir.join("disk.raw");
     synth::write_disk(&disk, disk_mib << 20, seed)?;
-    synth::write_blob(&dir.join("vmlinuz"), 3 << 20, &format!("{seed} kernel"), 0.4)?;
-    std::fs::write(dir.join("metadata.json"), format!("{{\"seed\": \"{seed}\"}}\n"))?;
+    synth::write_blob(
+        &dir.join("vmlinuz"),
+        3 << 20,
+        &format!("{seed} kernel"),
+        0.4,
+    )?;
+    std::fs::write(
+        dir.join("metadata.json"),
+        format!("{{\"seed\": \"{seed}\"}}\n"),
+    )?;
     Ok(vec![disk, dir.join("vmlinuz"), dir.join("metadata.json")])
 }
 
 /// Push and wait until every target site is done.
-pub async fn push_wait(client: &Client, name: &str, files: &[PathBuf], sites: Option<Vec<String>>) -> Result<ImageStatus> {
+pub async fn push_wait(
+    client: &Client,
+    name: &str,
+    files: &[PathBuf],
+    sites: Option<Vec<String>>,
+) -> Result<ImageStatus> {
     let mut opts = PushOptions::new(name, files.to_vec());
     opts.sites = sites;
     let committed = client.push(&opts, |_| {}).await?;
-    let done = client.watch(&committed.global_id, committed.version, |_| {}).await?;
+    let done = client
+        .watch(&committed.global_id, committed.version, |_| {})
+        .await?;
     ensure!(done.bytes_uploaded == committed.bytes_uploaded);
     Ok(done)
 }
 
 /// Every published site of `status` holds `files` byte-identical, with holes kept sparse.
-pub async fn assert_copies(cluster: &LocalCluster, status: &ImageStatus, files: &[PathBuf]) -> Result<()> {
+pub async fn assert_copies(
+    cluster: &LocalCluster,
+    status: &ImageStatus,
+    files: &[PathBuf],
+) -> Result<()> {
     for p in &status.sites {
-        ensure!(p.state == PlacementState::Published, "{} is {:?}: {:?}", p.site, p.state, p.error);
-        let local = p.local_id.as_deref().context("published without local id")?;
+        ensure!(
+            p.state == PlacementState::Published,
+            "{} is {:?}: {:?}",
+            p.site,
+            p.state,
+            p.error
+        );
+        let local = p
+            .local_id
+            .as_deref()
+            .context("published without local id")?;
         let agent = cluster.agent(&p.site);
         for f in files {
             let name = f.file_name().unwrap().to_str().unwrap();

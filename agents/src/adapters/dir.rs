@@ -71,7 +71,8 @@ impl Adapter for DirAdapter {
                 "manifest_id": hex::encode(image.manifest_id),
             });
             let meta_path = image.dir().join(".seedcast.json");
-            fs::write(&meta_path, format!("{meta:#}\n")).map_err(AdapterError::io("write", &meta_path))?;
+            fs::write(&meta_path, format!("{meta:#}\n"))
+                .map_err(AdapterError::io("write", &meta_path))?;
             let dest = self.image_dir(&local_id);
             let src = image.into_dir();
             fs::rename(&src, &dest).map_err(AdapterError::io("publish", &dest))?;
@@ -80,16 +81,22 @@ impl Adapter for DirAdapter {
         })
     }
 
-    fn read_back<'a>(&'a self, local_id: &'a str, file: &'a str) -> BoxFuture<'a, Result<ReadBack, AdapterError>> {
+    fn read_back<'a>(
+        &'a self,
+        local_id: &'a str,
+        file: &'a str,
+    ) -> BoxFuture<'a, Result<ReadBack, AdapterError>> {
         Box::pin(async move {
             check_local_id(local_id)?;
             let dir = self.image_dir(local_id);
             if !dir.is_dir() {
                 return Err(AdapterError::NotFound(local_id.to_string()));
             }
-            seedcast_core::manifest::validate_file_name(file).map_err(|_| AdapterError::NoSuchFile {
-                local_id: local_id.to_string(),
-                file: file.to_string(),
+            seedcast_core::manifest::validate_file_name(file).map_err(|_| {
+                AdapterError::NoSuchFile {
+                    local_id: local_id.to_string(),
+                    file: file.to_string(),
+                }
             })?;
             let p = dir.join(file);
             if !p.is_file() {

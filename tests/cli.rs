@@ -1,0 +1,246 @@
+//! The command line as scripts use it: real `seedcast engine` and `seedcast agent`
+//! processes on 127.0.0.1, `push --json --wait`, `status --json`, `sites --json`.
+
+use std::net::UdpSocket;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_seedcast");
+
+/// Kills the child when the test ends, pass or fail.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn spawn(args: &[&str]) -> Result<Proc> {
+    Ok(Proc(
+        Command::new(BIN)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    ))
+}
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> Result<Output> {
+    let mut c = Command::new(BIN);
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    Ok(c.output()?)
+}
+
+fn json(out: &Output) -> Result<Value> {
+    ensure!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn wait_for_file(p: &Path) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(s) = std::fs::read_to_string(p) {
+            return Ok(s.trim().to_string());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("{} never appeared", p.display())
+}
+
+#[test]
+fn engine_agents_push_status_sites_through_the_cli() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let addr = format!("127.0.0.1:{}", free_port()?);
+    let engine_data = d.join("engine");
+    let _engine = spawn(&[
+        "engine",
+        "--data",
+        engine_data.to_str().unwrap(),
+        "--listen",
+        &addr,
+    ])?;
+    let join = wait_for_file(&engine_data.join("join.token"))?;
+    let admin_path = engine_data.join("admin.token");
+    let admin = wait_for_file(&admin_path)?;
+
+    let mut agents = Vec::new();
+    for site in ["alpha", "beta", "gamma"] {
+        let data = d.join(format!("agent-{site}"));
+        let pool = d.join(format!("pool-{site}"));
+        agents.push(spawn(&[
+            "agent",
+            "--data",
+            data.to_str().unwrap(),
+            "--engine",
+            &addr,
+            "--token",
+            &join,
+            "--site",
+            site,
+            "--adapter",
+            "dir",
+            "--pool",
+            pool.to_str().unwrap(),
+        ])?);
+    }
+    // The environment may stand in for --engine and --token; the token may be a path.
+    let env = [
+        ("SEEDCAST_ENGINE", addr.as_str()),
+        ("SEEDCAST_TOKEN", admin_path.to_str().unwrap()),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(out) = run(&["sites", "--json"], &env)
+            && let Ok(v) = json(&out)
+            && v["sites"]
+                .as_array()
+                .is_some_and(|a| a.len() == 3 && a.iter().all(|s| s["connected"] == true))
+        {
+            assert!(
+                v["sites"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|s| s["adapter"] == "dir")
+            );
+            break;
+        }
+        ensure!(Instant::now() < deadline, "agents never connected");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let img = d.join("img");
+    std::fs::create_dir_all(&img)?;
+    seedcast::synth::write_disk(&img.join("disk.raw"), 8 << 20, "cli")?;
+    std::fs::write(img.join("meta.json"), b"{\"os\":\"cli\"}\n")?;
+    let out = run(
+        &[
+            "push",
+            "--engine",
+            &addr,
+            "--token",
+            &admin,
+            "--name",
+            "cli-image",
+            img.join("disk.raw").to_str().unwrap(),
+            img.join("meta.json").to_str().unwrap(),
+            "--wait",
+            "--json",
+        ],
+        &[],
+    )?;
+    let v = json(&out)?;
+    let gid = v["global_id"].as_str().context("global_id")?.to_string();
+    assert!(gid.starts_with("sc-"));
+    assert_eq!(v["version"], 1);
+    assert!(v["bytes_uploaded"].as_u64().unwrap() > 0);
+    let sites = v["sites"].as_array().unwrap();
+    assert_eq!(sites.len(), 3);
+    for s in sites {
+        assert_eq!(s["state"], "published");
+        assert_eq!(s["version"], 1);
+        assert!(s["bytes_sent"].as_u64().unwrap() > 0);
+        let local = s["local_id"].as_str().unwrap();
+        let site = s["site"].as_str().unwrap();
+        let copy = d.join(format!("pool-{site}")).join(local).join("disk.raw");
+        assert_eq!(std::fs::read(&copy)?, std::fs::read(img.join("disk.raw"))?);
+    }
+
+    // status ID --json prints the same object.
+    let st = json(&run(&["status", &gid, "--json"], &env)?)?;
+    assert_eq!(st["global_id"], v["global_id"]);
+    assert_eq!(st["sites"], v["sites"]);
+    assert_eq!(st["bytes_uploaded"], v["bytes_uploaded"]);
+    let all = json(&run(&["status", "--json"], &env)?)?;
+    let images = all["images"].as_array().unwrap();
+    assert_eq!(images.len(), 1);
+    assert_eq!(images[0]["name"], "cli-image");
+
+    // Without --json, push prints just the global id.
+    let out = run(
+        &[
+            "push",
+            "--name",
+            "again",
+            img.join("disk.raw").to_str().unwrap(),
+        ],
+        &env,
+    )?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8(out.stdout)?;
+    assert!(
+        printed.trim().starts_with("sc-") && printed.trim().len() == 27,
+        "{printed:?}"
+    );
+
+    // Errors: a clear message on stderr and a non-zero exit.
+    let out = run(&["status", "sc-000000000000000000000000"], &env)?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown global id"));
+    let out = run(&["status", "not-an-id"], &env)?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid global id"));
+    let out = run(
+        &["push", "--name", "x", d.join("missing").to_str().unwrap()],
+        &env,
+    )?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing"));
+    let out = run(
+        &["sites"],
+        &[
+            ("SEEDCAST_ENGINE", addr.as_str()),
+            ("SEEDCAST_TOKEN", "garbage"),
+        ],
+    )?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("token"));
+
+    // An agent with a wrong join token exits non-zero, saying it was refused.
+    let bad = join
+        .rsplit_once('.')
+        .map(|(head, _)| format!("{head}.ffffffffffffffffffffffffffffffff"))
+        .unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "agent",
+            "--data",
+            d.join("agent-bad").to_str().unwrap(),
+            "--engine",
+            &addr,
+            "--token",
+            &bad,
+            "--site",
+            "bad",
+            "--pool",
+            d.join("pool-bad").to_str().unwrap(),
+        ])
+        .output()?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid join token"));
+    Ok(())
+}
