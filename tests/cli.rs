@@ -244,3 +244,27 @@ fn engine_agents_push_status_sites_through_the_cli() -> Result<()> {
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid join token"));
     Ok(())
 }
+
+#[test]
+fn demo_runs_and_checks_every_copy() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let out = Command::new(BIN)
+        .args([
+            "demo",
+            "--disk-mib",
+            "16",
+            "--dir",
+            dir.path().to_str().unwrap(),
+        ])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "demo failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("demo OK"), "{text}");
+    assert_eq!(text.matches("byte-identical —").count(), 3, "{text}");
+    assert!(text.contains("uploaded 0 B, sent 0 B"), "{text}");
+    Ok(())
+}
