@@ -146,6 +146,17 @@ impl Chunker {
         })
     }
 
+    /// A chunker that continues a file at `offset` (an extent boundary of an earlier cut),
+    /// in the state the original chunker was in there: `in_hole` when the extent before
+    /// `offset` is a hole. Cutting from here gives the same pieces as cutting the whole file,
+    /// which is what lets an edit re-cut only the region it touches.
+    pub fn resume(cfg: ChunkerConfig, offset: u64, in_hole: bool) -> Result<Self, ConfigError> {
+        let mut c = Self::new(cfg)?;
+        c.offset = offset;
+        c.in_hole = in_hole;
+        Ok(c)
+    }
+
     pub fn config(&self) -> &ChunkerConfig {
         &self.cfg
     }

@@ -10,13 +10,17 @@
 //! - [`chunk`]: integrity in the types — bytes from the network are an [`UnverifiedChunk`];
 //!   only [`UnverifiedChunk::verify`] makes a [`VerifiedChunk`] that stores accept.
 //! - [`manifest`]: file recipes and versioned image manifests.
+//! - [`edit`]: a write at an offset re-cuts only the chunks it touches.
 //! - [`protocol`]: the wire protocol as a spec module (ALPN, limits, every message).
+//! - [`delta`]: zstd deltas against a base chunk, and sketches that find a similar base.
 //! - [`frame`] and [`codec`]: length-prefixed frames and the one place bincode is named.
 //! - [`transfer`]: the agent-side transfer state machine (what to ask for, what is done).
 
 pub mod chunk;
 pub mod chunker;
 pub mod codec;
+pub mod delta;
+pub mod edit;
 pub mod frame;
 pub mod id;
 pub mod manifest;

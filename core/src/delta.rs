@@ -1,0 +1,171 @@
+//! Deltas between chunks, and the sketches that find a similar base.
+//!
+//! A changed chunk usually resembles one the site already holds: the chunk it replaces, or
+//! another with much of the same content. Compressing it with zstd using that base as a
+//! *prefix* (what `zstd --patch-from` does for whole files) sends only the difference.
+//! The base is named in the frame; the receiver decodes with the same base and verifies the
+//! result against the chunk's id, so a wrong base can only fail, never corrupt.
+//!
+//! Similar bases are found by [`Sketch`]es (Finesse-style super-features): the chunk is cut
+//! into [`SUB_BLOCKS`] equal parts, each part's feature is the largest gear-hash value in it,
+//! and consecutive groups of features are hashed into [`SUPER_FEATURES`] super-features.
+//! Two chunks sharing any super-feature very likely share a large part of their content.
+
+use serde::{Deserialize, Serialize};
+
+/// Groups of sub-block features hashed together.
+pub const SUPER_FEATURES: usize = 4;
+/// Features per super-feature.
+pub const FEATURES_PER_SUPER: usize = 3;
+/// Equal parts a chunk is cut into for its features.
+pub const SUB_BLOCKS: usize = SUPER_FEATURES * FEATURES_PER_SUPER;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DeltaError {
+    #[error("zstd: {0}")]
+    Zstd(String),
+    #[error("delta decoded to {actual} bytes, expected {expected}")]
+    Length { expected: usize, actual: usize },
+}
+
+fn zerr(code: usize) -> DeltaError {
+    DeltaError::Zstd(zstd::zstd_safe::get_error_name(code).to_string())
+}
+
+/// Compress `target` with `base` as a zstd prefix at `level`.
+pub fn encode(base: &[u8], target: &[u8], level: i32) -> Result<Vec<u8>, DeltaError> {
+    use zstd::zstd_safe::{CCtx, CParameter};
+    let mut cctx = CCtx::create();
+    cctx.set_parameter(CParameter::CompressionLevel(level))
+        .map_err(zerr)?;
+    // The window must reach back over the whole base.
+    let window_log =
+        (usize::BITS - (base.len() + target.len()).max(1 << 10).leading_zeros()).clamp(10, 27);
+    cctx.set_parameter(CParameter::WindowLog(window_log))
+        .map_err(zerr)?;
+    cctx.ref_prefix(base).map_err(zerr)?;
+    let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(target.len()));
+    cctx.compress2(&mut out, target).map_err(zerr)?;
+    Ok(out)
+}
+
+/// Decode a delta made by [`encode`] with the same `base`; `raw_len` bounds the output.
+pub fn decode(base: &[u8], delta: &[u8], raw_len: usize) -> Result<Vec<u8>, DeltaError> {
+    use zstd::zstd_safe::{DCtx, DParameter};
+    let mut dctx = DCtx::create();
+    dctx.set_parameter(DParameter::WindowLogMax(27))
+        .map_err(zerr)?;
+    dctx.ref_prefix(base).map_err(zerr)?;
+    let mut out = Vec::with_capacity(raw_len);
+    dctx.decompress(&mut out, delta).map_err(zerr)?;
+    if out.len() != raw_len {
+        return Err(DeltaError::Length {
+            expected: raw_len,
+            actual: out.len(),
+        });
+    }
+    Ok(out)
+}
+
+/// A chunk's super-features. Persisted (engine catalog), so its computation is fixed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Sketch(pub [u64; SUPER_FEATURES]);
+
+/// A fixed gear table (from a BLAKE3 stream), so sketches are the same on every build.
+fn gear() -> &'static [u64; 256] {
+    use std::sync::OnceLock;
+    static GEAR: OnceLock<[u64; 256]> = OnceLock::new();
+    GEAR.get_or_init(|| {
+        let mut bytes = [0u8; 256 * 8];
+        blake3::Hasher::new()
+            .update(b"seedcast sketch gear v1")
+            .finalize_xof()
+            .fill(&mut bytes);
+        let mut t = [0u64; 256];
+        for (i, v) in t.iter_mut().enumerate() {
+            *v = u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        }
+        t
+    })
+}
+
+/// Chunks smaller than this get no sketch (too little to be worth a delta).
+pub const MIN_SKETCH_LEN: usize = 1024;
+
+/// The sketch of `data`, or `None` for data too small to sketch.
+pub fn sketch(data: &[u8]) -> Option<Sketch> {
+    if data.len() < MIN_SKETCH_LEN {
+        return None;
+    }
+    let g = gear();
+    let mut features = [0u64; SUB_BLOCKS];
+    let part = data.len() / SUB_BLOCKS;
+    let mut h = 0u64;
+    for (i, f) in features.iter_mut().enumerate() {
+        let end = if i + 1 == SUB_BLOCKS {
+            data.len()
+        } else {
+            (i + 1) * part
+        };
+        let mut best = 0u64;
+        for &b in &data[i * part..end] {
+            h = (h << 1).wrapping_add(g[b as usize]);
+            best = best.max(h);
+        }
+        *f = best;
+    }
+    let mut sf = [0u64; SUPER_FEATURES];
+    for (j, s) in sf.iter_mut().enumerate() {
+        let mut hasher = blake3::Hasher::new();
+        for f in &features[j * FEATURES_PER_SUPER..(j + 1) * FEATURES_PER_SUPER] {
+            hasher.update(&f.to_le_bytes());
+        }
+        *s = u64::from_le_bytes(
+            hasher.finalize().as_bytes()[..8]
+                .try_into()
+                .expect("8 bytes"),
+        );
+    }
+    Some(Sketch(sf))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn noise(seed: u64, n: usize) -> Vec<u8> {
+        let mut v = vec![0u8; n];
+        blake3::Hasher::new()
+            .update(&seed.to_le_bytes())
+            .finalize_xof()
+            .fill(&mut v);
+        v
+    }
+
+    #[test]
+    fn delta_round_trips_and_is_small_for_similar_chunks() {
+        let base = noise(1, 65536);
+        let mut target = base.clone();
+        target[30_000..30_100].copy_from_slice(&noise(2, 100));
+        let d = encode(&base, &target, 19).unwrap();
+        assert!(d.len() < 400, "delta {} bytes", d.len());
+        assert_eq!(decode(&base, &d, target.len()).unwrap(), target);
+        // The wrong base cannot reproduce the target.
+        let other = noise(3, 65536);
+        assert_ne!(decode(&other, &d, target.len()).ok(), Some(target.clone()));
+        assert!(decode(&base, &d, target.len() - 1).is_err());
+        assert!(decode(&base, b"garbage", 10).is_err());
+    }
+
+    #[test]
+    fn similar_chunks_share_super_features_and_different_ones_do_not() {
+        let a = noise(10, 65536);
+        let mut b = a.clone();
+        b[100..120].fill(7);
+        let (sa, sb) = (sketch(&a).unwrap(), sketch(&b).unwrap());
+        assert!(sa.0.iter().zip(sb.0.iter()).filter(|(x, y)| x == y).count() >= SUPER_FEATURES - 1);
+        let c = sketch(&noise(11, 65536)).unwrap();
+        assert!(sa.0.iter().all(|x| !c.0.contains(x)));
+        assert_eq!(sketch(&a[..100]), None);
+    }
+}
