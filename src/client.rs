@@ -15,8 +15,9 @@ use quinn::{Connection, ConnectionError, VarInt};
 use seedcast_core::chunker::StreamingChunker;
 use seedcast_core::manifest::{RecipeBuilder, validate_file_name};
 use seedcast_core::protocol::{
-    ChunkHeader, CommitRequest, ErrorKind, Hello, HelloReply, ImageStatus, PROTOCOL_VERSION,
-    Request, Response, Role, SERVER_NAME, SiteInfo, close,
+    AdaptOp, AdaptRequest, ChunkHeader, CommitRequest, ErrorKind, Hello, HelloReply, ImageStatus,
+    MAX_WRITE, PROTOCOL_VERSION, Request, Response, Role, SERVER_NAME, SiteInfo, VersionInfo,
+    close,
 };
 use seedcast_core::{ChunkId, ChunkerConfig, CompressedChunk, FileEntry, GlobalId};
 use seedcast_net::endpoint::TransportOptions;
@@ -85,6 +86,59 @@ impl PushOptions {
             zstd_level: 3,
             batch_bytes: 8 << 20,
         }
+    }
+}
+
+/// One change of an adaptation block, as the CLI states it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// `--file PATH=NEWFILE`: a new version of an existing file.
+    Replace { path: String, file: PathBuf },
+    /// `--write PATH@OFFSET=DATAFILE`: DATAFILE's bytes written at OFFSET.
+    Write {
+        path: String,
+        offset: u64,
+        data_file: PathBuf,
+    },
+    /// `--add PATH=FILE`: a new file.
+    Add { path: String, file: PathBuf },
+    /// `--remove PATH`.
+    Remove { path: String },
+}
+
+impl Change {
+    fn split_eq(s: &str, flag: &str, form: &str) -> Result<(String, PathBuf), ClientError> {
+        let (a, b) = s
+            .split_once('=')
+            .filter(|(a, b)| !a.is_empty() && !b.is_empty())
+            .ok_or_else(|| ClientError::Usage(format!("{flag} {s:?}: expected {form}")))?;
+        Ok((a.to_string(), PathBuf::from(b)))
+    }
+
+    pub fn parse_file(s: &str) -> Result<Self, ClientError> {
+        let (path, file) = Self::split_eq(s, "--file", "PATH=NEWFILE")?;
+        Ok(Change::Replace { path, file })
+    }
+
+    pub fn parse_add(s: &str) -> Result<Self, ClientError> {
+        let (path, file) = Self::split_eq(s, "--add", "PATH=FILE")?;
+        Ok(Change::Add { path, file })
+    }
+
+    pub fn parse_write(s: &str) -> Result<Self, ClientError> {
+        let form = "PATH@OFFSET=DATAFILE";
+        let (target, data_file) = Self::split_eq(s, "--write", form)?;
+        let (path, off) = target
+            .rsplit_once('@')
+            .ok_or_else(|| ClientError::Usage(format!("--write {s:?}: expected {form}")))?;
+        let offset = off.parse::<u64>().map_err(|_| {
+            ClientError::Usage(format!("--write {s:?}: offset {off:?} is not a number"))
+        })?;
+        Ok(Change::Write {
+            path: path.to_string(),
+            offset,
+            data_file,
+        })
     }
 }
 
@@ -290,15 +344,41 @@ impl Client {
     pub async fn push(
         &self,
         opts: &PushOptions,
-        mut on_progress: impl FnMut(PushProgress),
+        on_progress: impl FnMut(PushProgress),
     ) -> Result<ImageStatus, ClientError> {
         if opts.files.is_empty() {
             return Err(ClientError::Usage("push needs at least one file".into()));
         }
+        let mut named = Vec::new();
+        for p in &opts.files {
+            named.push((p.clone(), base_name(p)?));
+        }
+        let entries = self
+            .upload_files(named, opts.zstd_level, opts.batch_bytes, on_progress)
+            .await?;
+        let commit = CommitRequest {
+            name: opts.name.clone(),
+            files: entries,
+            sites: opts.sites.clone(),
+        };
+        match self.request(&Request::Commit(commit)).await? {
+            Response::Committed(s) => Ok(s),
+            r => Err(ClientError::Unexpected(format!("{r:?}"))),
+        }
+    }
+
+    /// Chunk local files (each with the name the image knows it by), upload the chunks the
+    /// engine lacks, return the files' entries.
+    async fn upload_files(
+        &self,
+        files: Vec<(PathBuf, String)>,
+        zstd_level: i32,
+        batch_bytes: usize,
+        mut on_progress: impl FnMut(PushProgress),
+    ) -> Result<Vec<FileEntry>, ClientError> {
         let mut names = HashSet::new();
         let mut total = 0u64;
-        for p in &opts.files {
-            let name = base_name(p)?;
+        for (p, name) in &files {
             if !names.insert(name.clone()) {
                 return Err(ClientError::Usage(format!(
                     "two files are named {name:?}: files of an image are known by their base names"
@@ -321,10 +401,12 @@ impl Client {
             ..Default::default()
         };
         on_progress(progress);
+        if files.is_empty() {
+            return Ok(Vec::new());
+        }
 
         let (tx, mut rx) = mpsc::channel::<Result<Chunked, ClientError>>(2);
-        let files = opts.files.clone();
-        let (cfg, batch_bytes) = (self.chunking, opts.batch_bytes.max(1 << 20));
+        let (cfg, batch_bytes) = (self.chunking, batch_bytes.max(1 << 20));
         let chunker = std::thread::spawn(move || chunk_files(files, cfg, batch_bytes, &tx));
 
         let mut entries = Vec::new();
@@ -333,7 +415,7 @@ impl Client {
                 Chunked::File(e) => entries.push(e),
                 Chunked::Batch { chunks, chunked } => {
                     progress.chunked = chunked;
-                    progress.uploaded += self.upload_missing(chunks, opts.zstd_level).await?;
+                    progress.uploaded += self.upload_missing(chunks, zstd_level).await?;
                     on_progress(progress);
                 }
             }
@@ -343,13 +425,117 @@ impl Client {
             .map_err(|_| ClientError::Internal("chunking thread panicked".into()))?;
         progress.chunked = total;
         on_progress(progress);
+        Ok(entries)
+    }
 
-        let commit = CommitRequest {
-            name: opts.name.clone(),
-            files: entries,
-            sites: opts.sites.clone(),
+    /// Send an adaptation block: the next version of `global_id`, made of `changes` applied
+    /// in order. New file contents are chunked here and only missing chunks uploaded.
+    pub async fn adapt(
+        &self,
+        global_id: &GlobalId,
+        changes: &[Change],
+        zstd_level: i32,
+    ) -> Result<ImageStatus, ClientError> {
+        if changes.is_empty() {
+            return Err(ClientError::Usage(
+                "an adaptation block needs at least one change (--file, --write, --add or --remove)".into(),
+            ));
+        }
+        let mut uploads = Vec::new();
+        for c in changes {
+            match c {
+                Change::Replace { path, file } | Change::Add { path, file } => {
+                    validate_file_name(path).map_err(|e| ClientError::Usage(e.to_string()))?;
+                    if !uploads
+                        .iter()
+                        .any(|(f, p): &(PathBuf, String)| f == file && p == path)
+                    {
+                        uploads.push((file.clone(), path.clone()));
+                    }
+                }
+                _ => {}
+            }
+        }
+        let entries = self
+            .upload_files(uploads, zstd_level, 8 << 20, |_| {})
+            .await?;
+        let entry = |path: &str| {
+            entries
+                .iter()
+                .find(|e| e.path == path)
+                .cloned()
+                .ok_or_else(|| ClientError::Internal(format!("no entry for {path}")))
         };
-        match self.request(&Request::Commit(commit)).await? {
+        let mut ops = Vec::new();
+        for c in changes {
+            ops.push(match c {
+                Change::Replace { path, .. } => {
+                    let e = entry(path)?;
+                    AdaptOp::Replace {
+                        path: e.path,
+                        mode: e.mode,
+                        recipe: e.recipe,
+                    }
+                }
+                Change::Add { path, .. } => AdaptOp::Add(entry(path)?),
+                Change::Remove { path } => AdaptOp::Remove { path: path.clone() },
+                Change::Write {
+                    path,
+                    offset,
+                    data_file,
+                } => {
+                    let md = std::fs::metadata(data_file).map_err(|source| ClientError::File {
+                        path: data_file.clone(),
+                        source,
+                    })?;
+                    if md.len() as usize > MAX_WRITE {
+                        return Err(ClientError::Usage(format!(
+                            "{}: a write carries at most {MAX_WRITE} bytes; use --file to replace the whole file",
+                            data_file.display()
+                        )));
+                    }
+                    let data = std::fs::read(data_file).map_err(|source| ClientError::File {
+                        path: data_file.clone(),
+                        source,
+                    })?;
+                    if data.is_empty() {
+                        return Err(ClientError::Usage(format!(
+                            "{}: an empty write changes nothing",
+                            data_file.display()
+                        )));
+                    }
+                    AdaptOp::Write {
+                        path: path.clone(),
+                        offset: *offset,
+                        data,
+                    }
+                }
+            });
+        }
+        let req = AdaptRequest {
+            global_id: *global_id,
+            ops,
+        };
+        match self.request(&Request::Adapt(req)).await? {
+            Response::Committed(s) => Ok(s),
+            r => Err(ClientError::Unexpected(format!("{r:?}"))),
+        }
+    }
+
+    /// Every version of an image, oldest first.
+    pub async fn history(&self, g: &GlobalId) -> Result<Vec<VersionInfo>, ClientError> {
+        match self.request(&Request::History { global_id: *g }).await? {
+            Response::History(v) => Ok(v),
+            r => Err(ClientError::Unexpected(format!("{r:?}"))),
+        }
+    }
+
+    /// Make the next version of `g` a copy of version `to`.
+    pub async fn rollback(&self, g: &GlobalId, to: u32) -> Result<ImageStatus, ClientError> {
+        match self
+            .request(&Request::Rollback { global_id: *g, to })
+            .await?
+        {
             Response::Committed(s) => Ok(s),
             r => Err(ClientError::Unexpected(format!("{r:?}"))),
         }
@@ -436,7 +622,7 @@ async fn compress_parallel(
 /// Chunk every file (on the calling thread), sending batches of new distinct chunks and
 /// each file's entry when it is done.
 fn chunk_files(
-    files: Vec<PathBuf>,
+    files: Vec<(PathBuf, String)>,
     cfg: ChunkerConfig,
     batch_bytes: usize,
     tx: &mpsc::Sender<Result<Chunked, ClientError>>,
@@ -446,7 +632,7 @@ fn chunk_files(
     let mut batch_len = 0usize;
     let mut chunked = 0u64;
     let send = |item| tx.blocking_send(item).is_ok();
-    for path in files {
+    for (path, name) in files {
         let fail = |source| ClientError::File {
             path: path.clone(),
             source,
@@ -454,7 +640,6 @@ fn chunk_files(
         let r = (|| {
             let f = File::open(&path).map_err(fail)?;
             let mode = f.metadata().map_err(fail)?.permissions().mode() & 0o7777;
-            let name = base_name(&path)?;
             let mut rb = RecipeBuilder::new();
             let chunker =
                 StreamingChunker::new(f, cfg).map_err(|e| ClientError::Usage(e.to_string()))?;
@@ -476,7 +661,7 @@ fn chunk_files(
                 }
             }
             Ok(Some(FileEntry {
-                path: name,
+                path: name.clone(),
                 mode,
                 recipe: rb.finish(),
             }))

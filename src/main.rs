@@ -3,12 +3,11 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use seedcast::client::{Client, PushOptions, parse_token};
+use seedcast::client::{Change, Client, PushOptions, parse_token};
 use seedcast::output;
 use seedcast_core::GlobalId;
 use seedcast_core::protocol::ImageStatus;
@@ -90,6 +89,51 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Send an adaptation block: the next version of an image, made by these changes (applied
+    /// as --remove, --file, --add, then --write in the order given), delivered to every site.
+    Adapt {
+        #[command(flatten)]
+        conn: Conn,
+        global_id: String,
+        /// A new version of a file of the image: PATH=NEWFILE.
+        #[arg(long = "file", value_name = "PATH=NEWFILE")]
+        files: Vec<String>,
+        /// Bytes of DATAFILE written at OFFSET of file PATH: PATH@OFFSET=DATAFILE.
+        #[arg(long = "write", value_name = "PATH@OFFSET=DATAFILE")]
+        writes: Vec<String>,
+        /// A file added to the image: PATH=FILE.
+        #[arg(long = "add", value_name = "PATH=FILE")]
+        adds: Vec<String>,
+        /// A file removed from the image.
+        #[arg(long = "remove", value_name = "PATH")]
+        removes: Vec<String>,
+        /// Return only once every target site has the new version (or failed).
+        #[arg(long)]
+        wait: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List an image's versions with their sizes and what each block changed.
+    History {
+        #[command(flatten)]
+        conn: Conn,
+        global_id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make every site serve an earlier version again (as a new version).
+    Rollback {
+        #[command(flatten)]
+        conn: Conn,
+        global_id: String,
+        /// The version to go back to.
+        #[arg(long)]
+        to: u32,
+        #[arg(long)]
+        wait: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Show an image across its sites, or every image.
     Status {
         #[command(flatten)]
@@ -147,6 +191,58 @@ async fn connect(c: &Conn) -> Result<Client> {
 
 fn print_json(v: &serde_json::Value) {
     println!("{v}");
+}
+
+/// After a push, adapt or rollback: optionally wait for every site, print the result.
+async fn finish(
+    client: Client,
+    committed: ImageStatus,
+    wait: bool,
+    json: bool,
+) -> Result<ExitCode> {
+    let status = if wait {
+        let bar = ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{msg:>10} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec})",
+            )
+            .expect("template")
+            .progress_chars("=> "),
+        );
+        bar.set_message("sending");
+        let s = client
+            .watch(
+                &committed.global_id,
+                committed.version,
+                |s: &ImageStatus| {
+                    let need: u64 = s.sites.iter().map(|p| p.bytes_needed).sum();
+                    let sent: u64 = s.sites.iter().map(|p| p.bytes_sent).sum();
+                    bar.set_length(need.max(1));
+                    bar.set_position(sent);
+                },
+            )
+            .await?;
+        bar.finish_and_clear();
+        s
+    } else {
+        committed
+    };
+    client.close().await;
+    if json {
+        print_json(&output::image_json(&status));
+    } else {
+        println!("{}", status.global_id);
+    }
+    if wait
+        && status
+            .sites
+            .iter()
+            .any(|p| p.state == seedcast_core::protocol::PlacementState::Failed)
+    {
+        eprintln!("some sites failed:\n{}", output::image_table(&status));
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
@@ -216,40 +312,66 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     bar.set_position(p.chunked);
                 })
                 .await?;
-            let status = if wait {
-                bar.set_message("sending");
-                let bar = Arc::new(bar.clone());
-                client
-                    .watch(
-                        &committed.global_id,
-                        committed.version,
-                        |s: &ImageStatus| {
-                            let need: u64 = s.sites.iter().map(|p| p.bytes_needed).sum();
-                            let sent: u64 = s.sites.iter().map(|p| p.bytes_sent).sum();
-                            bar.set_length(need.max(1));
-                            bar.set_position(sent);
-                        },
-                    )
-                    .await?
-            } else {
-                committed
-            };
             bar.finish_and_clear();
+            return finish(client, committed, wait, json).await;
+        }
+        Cmd::Adapt {
+            conn,
+            global_id,
+            files,
+            writes,
+            adds,
+            removes,
+            wait,
+            json,
+        } => {
+            init_logs(cli.log.as_deref(), "warn");
+            let g: GlobalId = global_id.parse()?;
+            let mut changes = Vec::new();
+            for r in &removes {
+                changes.push(Change::Remove { path: r.clone() });
+            }
+            for f in &files {
+                changes.push(Change::parse_file(f)?);
+            }
+            for a in &adds {
+                changes.push(Change::parse_add(a)?);
+            }
+            for w in &writes {
+                changes.push(Change::parse_write(w)?);
+            }
+            let client = connect(&conn).await?;
+            let committed = client.adapt(&g, &changes, 3).await?;
+            return finish(client, committed, wait, json).await;
+        }
+        Cmd::History {
+            conn,
+            global_id,
+            json,
+        } => {
+            init_logs(cli.log.as_deref(), "warn");
+            let g: GlobalId = global_id.parse()?;
+            let client = connect(&conn).await?;
+            let v = client.history(&g).await?;
             client.close().await;
             if json {
-                print_json(&output::image_json(&status));
+                print_json(&output::history_json(&g, &v));
             } else {
-                println!("{}", status.global_id);
+                print!("{}", output::history_table(&v));
             }
-            if wait
-                && status
-                    .sites
-                    .iter()
-                    .any(|p| p.state == seedcast_core::protocol::PlacementState::Failed)
-            {
-                eprintln!("some sites failed:\n{}", output::image_table(&status));
-                return Ok(ExitCode::FAILURE);
-            }
+        }
+        Cmd::Rollback {
+            conn,
+            global_id,
+            to,
+            wait,
+            json,
+        } => {
+            init_logs(cli.log.as_deref(), "warn");
+            let g: GlobalId = global_id.parse()?;
+            let client = connect(&conn).await?;
+            let committed = client.rollback(&g, to).await?;
+            return finish(client, committed, wait, json).await;
         }
         Cmd::Status {
             conn,

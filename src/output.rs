@@ -1,7 +1,8 @@
 //! What the CLI prints. The JSON shapes are a contract that scripts rely on: fields may be
 //! added, never renamed or removed.
 
-use seedcast_core::protocol::{ImageStatus, SiteInfo, SitePlacement};
+use seedcast_core::GlobalId;
+use seedcast_core::protocol::{ImageStatus, SiteInfo, SitePlacement, VersionInfo};
 use serde_json::{Value, json};
 
 fn placement_json(p: &SitePlacement) -> Value {
@@ -12,6 +13,7 @@ fn placement_json(p: &SitePlacement) -> Value {
         "state": p.state.as_str(),
         "bytes_sent": p.bytes_sent,
         "bytes_needed": p.bytes_needed,
+        "wire_bytes": p.wire_bytes,
         "error": p.error,
     })
 }
@@ -32,6 +34,44 @@ pub fn image_json(s: &ImageStatus) -> Value {
 /// `status --json` without an id.
 pub fn images_json(v: &[ImageStatus]) -> Value {
     json!({ "images": v.iter().map(image_json).collect::<Vec<_>>() })
+}
+
+/// `history --json`.
+pub fn history_json(g: &GlobalId, v: &[VersionInfo]) -> Value {
+    json!({
+        "global_id": g.to_string(),
+        "versions": v.iter().map(|i| json!({
+            "version": i.version,
+            "parent": i.parent,
+            "created_unix": i.created_unix,
+            "total_bytes": i.total_len,
+            "data_bytes": i.data_len,
+            "files": i.files,
+            "change": i.change,
+            "bytes_uploaded": i.bytes_uploaded,
+        })).collect::<Vec<_>>()
+    })
+}
+
+pub fn history_table(v: &[VersionInfo]) -> String {
+    let mut out = format!(
+        "{:>7} {:>6} {:>11} {:>11} {:>11}  {}\n",
+        "VERSION", "PARENT", "SIZE", "DATA", "UPLOADED", "CHANGE"
+    );
+    for i in v {
+        out += &format!(
+            "{:>7} {:>6} {:>11} {:>11} {:>11}  {}\n",
+            i.version,
+            i.parent
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "-".into()),
+            human_bytes(i.total_len),
+            human_bytes(i.data_len),
+            human_bytes(i.bytes_uploaded),
+            i.change
+        );
+    }
+    out
 }
 
 /// `sites --json`.
@@ -73,17 +113,18 @@ pub fn image_table(s: &ImageStatus) -> String {
         human_bytes(s.data_len)
     );
     out += &format!(
-        "  {:<12} {:<38} {:>7} {:<13} {:>12}\n",
-        "SITE", "LOCAL ID", "VERSION", "STATE", "BYTES SENT"
+        "  {:<12} {:<38} {:>7} {:<13} {:>12} {:>12}\n",
+        "SITE", "LOCAL ID", "VERSION", "STATE", "BYTES SENT", "ON THE WIRE"
     );
     for p in &s.sites {
         out += &format!(
-            "  {:<12} {:<38} {:>7} {:<13} {:>12}{}\n",
+            "  {:<12} {:<38} {:>7} {:<13} {:>12} {:>12}{}\n",
             p.site,
             p.local_id.as_deref().unwrap_or("-"),
             p.version,
             p.state.as_str(),
             human_bytes(p.bytes_sent),
+            human_bytes(p.wire_bytes),
             p.error
                 .as_deref()
                 .map(|e| format!("  ({e})"))

@@ -13,13 +13,17 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use quinn::{Connection, ConnectionError, RecvStream, SendStream, VarInt};
+use seedcast_core::delta::decode_group;
 use seedcast_core::protocol::{
-    AgentMsg, ChunkHeader, DataStreamHeader, EngineMsg, Hello, HelloReply, PROTOCOL_VERSION,
-    RefuseReason, Role, SERVER_NAME, close,
+    AgentMsg, DataRecord, DataStreamHeader, EngineMsg, HeldVersion, Hello, HelloReply,
+    PROTOCOL_VERSION, RefuseReason, Role, SERVER_NAME, close,
 };
 use seedcast_core::transfer::Transfer;
-use seedcast_core::{ChunkerConfig, CompressedChunk, Manifest, UnverifiedChunk};
+use seedcast_core::{
+    ChunkId, ChunkerConfig, CompressedChunk, Manifest, UnverifiedChunk, VerifiedChunk,
+};
 use seedcast_net::endpoint::TransportOptions;
 use seedcast_net::pki::{
     PendingEnrollment, PkiError, SiteCredentials, Token, TokenKind, fingerprint,
@@ -32,6 +36,7 @@ use tracing::{debug, info, warn};
 use crate::adapter::{Adapter, AdapterError};
 use crate::assemble::{AssembleError, assemble};
 use crate::cache::{AgentDb, CacheError, HeldRecord};
+use crate::seeds::SeedIndex;
 
 /// How an agent runs.
 #[derive(Debug, Clone)]
@@ -130,6 +135,8 @@ impl AgentError {
 /// The transfer being received, shared with the data-stream tasks.
 struct Active {
     transfer: Transfer,
+    /// Published images, for delta bases the cache does not hold.
+    seeds: Arc<SeedIndex>,
     /// Completed (Ok) or failed (Err with the reason) — sent once.
     done: Option<oneshot::Sender<Result<(), String>>>,
 }
@@ -464,45 +471,29 @@ impl Agent {
             return Ok((h.local_id.clone(), 0));
         }
 
+        // What is missing: not in the cache, and not in an image this site holds (seeds).
+        let seeds = Arc::new(SeedIndex::build(&self.db, self.adapter.as_ref()).await?);
         let db = self.db.clone();
-        let t = tokio::task::spawn_blocking(move || {
-            let mut err = None;
-            let t = Transfer::new(transfer_id, manifest, |id| match db.has_chunk(id) {
-                Ok(b) => b,
-                Err(e) => {
-                    err.get_or_insert(e);
-                    false
-                }
-            });
-            (t, err)
-        })
-        .await
-        .map_err(|e| AgentError::Internal(e.to_string()))?;
-        let transfer = match t {
-            (_, Some(e)) => {
+        let sd = seeds.clone();
+        let planned = tokio::task::spawn_blocking(move || plan(&db, &sd, transfer_id, manifest))
+            .await
+            .map_err(|e| AgentError::Internal(e.to_string()))?;
+        let (transfer, bases_from, unavailable) = match planned {
+            Ok(p) => p,
+            Err(e) => {
+                // Answer first so the engine's exchange stays in step, then fail.
                 write_msg(
                     send,
-                    &AgentMsg::Need {
+                    &AgentMsg::NeedFrom {
                         transfer: transfer_id,
                         chunks: vec![],
+                        bases_from: vec![],
+                        unavailable: vec![],
                     },
                 )
                 .await?;
-                return Err(e.into());
+                return Err(e);
             }
-            (Err(e), None) => {
-                // Answer Need first so the engine's exchange stays in step, then fail.
-                write_msg(
-                    send,
-                    &AgentMsg::Need {
-                        transfer: transfer_id,
-                        chunks: vec![],
-                    },
-                )
-                .await?;
-                return Err(AgentError::Protocol(format!("invalid manifest: {e}")));
-            }
-            (Ok(t), None) => t,
         };
         debug!(need = transfer.need().len(), "asking for missing chunks");
         let need = transfer.need().to_vec();
@@ -510,13 +501,16 @@ impl Agent {
         let complete = transfer.is_complete();
         *slot.lock().expect("slot lock") = Some(Active {
             transfer,
+            seeds,
             done: Some(tx),
         });
         write_msg(
             send,
-            &AgentMsg::Need {
+            &AgentMsg::NeedFrom {
                 transfer: transfer_id,
                 chunks: need,
+                bases_from,
+                unavailable,
             },
         )
         .await?;
@@ -611,6 +605,113 @@ fn fail(slot: &Slot, transfer: u64, why: String) {
     }
 }
 
+/// Decide what to ask for: chunks neither cached nor readable from a held image (those
+/// found in one are read, checked and cached now), and which held version can serve as delta
+/// bases. Blocking.
+type Plan = (Transfer, Vec<HeldVersion>, Vec<ChunkId>);
+
+fn plan(
+    db: &AgentDb,
+    seeds: &SeedIndex,
+    transfer_id: u64,
+    manifest: Manifest,
+) -> Result<Plan, AgentError> {
+    let g = manifest.global_id;
+    let mut err = None;
+    let mut seeded = Vec::new();
+    let t = Transfer::new(transfer_id, manifest, |id| match db.has_chunk(id) {
+        Ok(true) => true,
+        Ok(false) => match seeds.read(id) {
+            Some(v) => {
+                seeded.push(v);
+                true
+            }
+            None => false,
+        },
+        Err(e) => {
+            err.get_or_insert(e);
+            false
+        }
+    });
+    if let Some(e) = err {
+        return Err(e.into());
+    }
+    let t = t.map_err(|e| AgentError::Protocol(format!("invalid manifest: {e}")))?;
+    if !seeded.is_empty() {
+        debug!(chunks = seeded.len(), "reused from images held here");
+        db.put_chunks(&seeded)?;
+    }
+    let mut bases_from = Vec::new();
+    let mut unavailable = Vec::new();
+    if let Some(version) = seeds.held_version(&g)
+        && let Some(m) = db.manifest(&g, version)?
+    {
+        bases_from.push(HeldVersion {
+            global_id: g,
+            version,
+        });
+        for id in m.chunks().keys() {
+            if !seeds.has(id) && !db.has_chunk(id)? {
+                unavailable.push(*id);
+            }
+        }
+    }
+    Ok((t, bases_from, unavailable))
+}
+
+/// A base chunk's bytes: from the cache, else from a held image.
+fn base_bytes(db: &AgentDb, seeds: &SeedIndex, id: &ChunkId) -> Result<Bytes, String> {
+    if let Some(b) = db.chunk(id).map_err(|e| e.to_string())? {
+        return Ok(Bytes::copy_from_slice(&b));
+    }
+    seeds
+        .read(id)
+        .map(|v| v.raw().clone())
+        .ok_or_else(|| format!("base chunk {id} is not available at this site"))
+}
+
+/// Verify and cache what a data record carried; returns the chunks it completed.
+fn accept_record(
+    db: &AgentDb,
+    seeds: &SeedIndex,
+    record: &DataRecord,
+    payload: Bytes,
+    max_raw: u32,
+) -> Result<Vec<ChunkId>, String> {
+    match record {
+        DataRecord::Chunk(h) => {
+            let v = UnverifiedChunk(CompressedChunk {
+                id: h.id,
+                raw_len: h.raw_len,
+                encoding: h.encoding,
+                payload,
+            })
+            .verify(max_raw)
+            .map_err(|e| e.to_string())?;
+            db.put_chunks(std::slice::from_ref(&v))
+                .map_err(|e| e.to_string())?;
+            Ok(vec![h.id])
+        }
+        DataRecord::Group(g) => {
+            let mut base = Vec::new();
+            for id in &g.base {
+                base.extend_from_slice(&base_bytes(db, seeds, id)?);
+            }
+            let lens: Vec<u32> = g.chunks.iter().map(|(_, l)| *l).collect();
+            let parts =
+                decode_group(&base, &payload, &lens).map_err(|e| format!("delta group: {e}"))?;
+            let verified = g
+                .chunks
+                .iter()
+                .zip(parts)
+                .map(|((id, _), raw)| VerifiedChunk::check(*id, raw).map_err(|e| e.to_string()))
+                .collect::<Result<Vec<_>, _>>()?;
+            db.put_chunks(&verified).map_err(|e| e.to_string())?;
+            Ok(g.chunks.iter().map(|(id, _)| *id).collect())
+        }
+    }
+}
+
 async fn data_stream(
     mut recv: RecvStream,
     slot: &Slot,
@@ -619,8 +720,8 @@ async fn data_stream(
 ) -> Result<(), AgentError> {
     let DataStreamHeader { transfer } = read_msg_required(&mut recv).await?;
     loop {
-        let h: ChunkHeader = match read_msg(&mut recv).await {
-            Ok(Some(h)) => h,
+        let record: DataRecord = match read_msg(&mut recv).await {
+            Ok(Some(r)) => r,
             Ok(None) => return Ok(()),
             Err(e) => {
                 fail(slot, transfer, format!("data stream: {e}"));
@@ -631,31 +732,32 @@ async fn data_stream(
         let admitted = {
             let mut g = slot.lock().expect("slot lock");
             match g.as_mut() {
-                Some(a) if a.transfer.id() == transfer => {
-                    a.transfer.admit(&h).map_err(|e| e.to_string())
+                Some(a) if a.transfer.id() == transfer => match &record {
+                    DataRecord::Chunk(h) => a.transfer.admit(h),
+                    DataRecord::Group(gh) => a.transfer.admit_group(gh),
                 }
+                .map(|()| a.seeds.clone())
+                .map_err(|e| e.to_string()),
                 _ => Err(format!("no transfer {transfer} in progress")),
             }
         };
-        if let Err(why) = admitted {
-            fail(slot, transfer, why.clone());
-            let _ = recv.stop(VarInt::from_u32(close::PROTOCOL));
-            return Err(AgentError::Protocol(why));
-        }
-        let payload = read_payload(&mut recv, h.payload_len as usize).await?;
+        let seeds = match admitted {
+            Ok(s) => s,
+            Err(why) => {
+                fail(slot, transfer, why.clone());
+                let _ = recv.stop(VarInt::from_u32(close::PROTOCOL));
+                return Err(AgentError::Protocol(why));
+            }
+        };
+        let payload_len = match &record {
+            DataRecord::Chunk(h) => h.payload_len,
+            DataRecord::Group(g) => g.payload_len,
+        };
+        let payload = read_payload(&mut recv, payload_len as usize).await?;
         let db2 = db.clone();
-        let verified = tokio::task::spawn_blocking(move || {
-            let v = UnverifiedChunk(CompressedChunk {
-                id: h.id,
-                raw_len: h.raw_len,
-                encoding: h.encoding,
-                payload,
-            })
-            .verify(max_raw)
-            .map_err(|e| e.to_string())?;
-            db2.put_chunks(std::slice::from_ref(&v))
-                .map_err(|e| e.to_string())?;
-            Ok::<_, String>(())
+        let rec2 = record.clone();
+        let accepted = tokio::task::spawn_blocking(move || {
+            accept_record(&db2, &seeds, &rec2, payload, max_raw)
         })
         .await
         .map_err(|e| AgentError::Internal(e.to_string()))?;
@@ -663,15 +765,27 @@ async fn data_stream(
         let Some(a) = g.as_mut().filter(|a| a.transfer.id() == transfer) else {
             return Ok(());
         };
-        match verified {
-            Ok(()) => {
-                if a.transfer.complete_chunk(&h.id, h.payload_len) {
+        match accepted {
+            Ok(ids) => {
+                let mut done = false;
+                for (i, id) in ids.iter().enumerate() {
+                    // The payload counts once, with the record's first chunk.
+                    done = a
+                        .transfer
+                        .complete_chunk(id, if i == 0 { payload_len } else { 0 });
+                }
+                if done {
                     a.finish(Ok(()));
                 }
             }
             Err(why) => {
-                a.transfer.reject(&h.id);
-                a.finish(Err(format!("refused a chunk: {why}")));
+                match &record {
+                    DataRecord::Chunk(h) => a.transfer.reject(&h.id),
+                    DataRecord::Group(gh) => {
+                        gh.chunks.iter().for_each(|(id, _)| a.transfer.reject(id))
+                    }
+                }
+                a.finish(Err(format!("refused data: {why}")));
                 return Err(AgentError::Protocol(why));
             }
         }

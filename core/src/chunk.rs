@@ -82,7 +82,8 @@ pub enum VerifyError {
 }
 
 /// Expected and actual hash of a chunk whose bytes do not match its name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("chunk hash mismatch: expected {expected}, got {actual}")]
 pub struct HashMismatch {
     pub expected: ChunkId,
     pub actual: ChunkId,
@@ -155,6 +156,20 @@ impl VerifiedChunk {
                 payload: raw.clone(),
             },
             raw,
+        }
+    }
+
+    /// Accept raw bytes claimed to be chunk `expected` (decoded from a delta group, or read
+    /// from a published image) if they hash to it.
+    pub fn check(expected: ChunkId, raw: Bytes) -> Result<Self, HashMismatch> {
+        let v = Self::from_raw(raw);
+        if v.id() == expected {
+            Ok(v)
+        } else {
+            Err(HashMismatch {
+                expected,
+                actual: v.id(),
+            })
         }
     }
 

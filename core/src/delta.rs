@@ -67,6 +67,32 @@ pub fn decode(base: &[u8], delta: &[u8], raw_len: usize) -> Result<Vec<u8>, Delt
     Ok(out)
 }
 
+/// Compress several chunks as one frame with `base` as prefix (a delta group).
+pub fn encode_group(base: &[u8], chunks: &[&[u8]], level: i32) -> Result<Vec<u8>, DeltaError> {
+    let mut target = Vec::with_capacity(chunks.iter().map(|c| c.len()).sum());
+    for c in chunks {
+        target.extend_from_slice(c);
+    }
+    encode(base, &target, level)
+}
+
+/// Decode a delta group and split it into chunks of the given lengths.
+pub fn decode_group(
+    base: &[u8],
+    payload: &[u8],
+    lens: &[u32],
+) -> Result<Vec<bytes::Bytes>, DeltaError> {
+    let total: usize = lens.iter().map(|l| *l as usize).sum();
+    let all = bytes::Bytes::from(decode(base, payload, total)?);
+    let mut out = Vec::with_capacity(lens.len());
+    let mut at = 0;
+    for l in lens {
+        out.push(all.slice(at..at + *l as usize));
+        at += *l as usize;
+    }
+    Ok(out)
+}
+
 /// A chunk's super-features. Persisted (engine catalog), so its computation is fixed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Sketch(pub [u64; SUPER_FEATURES]);
@@ -155,6 +181,19 @@ mod tests {
         assert_ne!(decode(&other, &d, target.len()).ok(), Some(target.clone()));
         assert!(decode(&base, &d, target.len() - 1).is_err());
         assert!(decode(&base, b"garbage", 10).is_err());
+    }
+
+    #[test]
+    fn groups_round_trip() {
+        let base = noise(5, 100_000);
+        let a = base[10_000..30_000].to_vec();
+        let b = noise(6, 5000);
+        let p = encode_group(&base, &[&a, &b], 19).unwrap();
+        assert!(p.len() < 5400, "{}", p.len());
+        let back = decode_group(&base, &p, &[20_000, 5000]).unwrap();
+        assert_eq!(&back[0][..], &a[..]);
+        assert_eq!(&back[1][..], &b[..]);
+        assert!(decode_group(&base, &p, &[20_000, 4999]).is_err());
     }
 
     #[test]

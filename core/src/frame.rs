@@ -98,6 +98,7 @@ mod tests {
             let _ = parse::<crate::protocol::AgentMsg>(&bytes, 1 << 16);
             let _ = parse::<crate::protocol::EngineMsg>(&bytes, 1 << 16);
             let _ = parse::<crate::protocol::ChunkHeader>(&bytes, 1 << 16);
+            let _ = parse::<crate::protocol::DataRecord>(&bytes, 1 << 16);
         }
     }
 }

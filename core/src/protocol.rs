@@ -18,10 +18,15 @@
 //!    agent's CSR and answers `Enrolled`; the agent reconnects with the new certificate.
 //! 3. **Agent** (with its site certificate): after `Welcome`, the agent sends
 //!    [`AgentMsg::Inventory`]; from then on the engine sends [`EngineMsg`] and the agent
-//!    [`AgentMsg`] on the control stream. For each `Deploy` the agent answers `Need`, the
-//!    engine sends those chunks on unidirectional streams (each: one [`DataStreamHeader`]
-//!    frame, then any number of [`ChunkHeader`] frames each followed by `payload_len` raw
-//!    bytes), and the agent answers `Published` or `Failed`.
+//!    [`AgentMsg`] on the control stream. For each `Deploy` the agent answers `NeedFrom` (the
+//!    chunks it lacks after looking in its cache and in the images it holds, and which held
+//!    versions it can use as delta bases), the engine sends those chunks on unidirectional
+//!    streams (each: one [`DataStreamHeader`] frame, then any number of [`DataRecord`]
+//!    frames, each followed by its `payload_len` raw bytes), and the agent answers
+//!    `Published` or `Failed`. A [`DataRecord::Chunk`] is one chunk in its stored form; a
+//!    [`DataRecord::Group`] is several chunks compressed as one zstd frame whose prefix
+//!    ("dictionary", as `zstd --patch-from`) is the concatenation of base chunks the site
+//!    holds. Every chunk is verified against its id after decoding either way.
 //! 4. **Client** (admin secret): after `Welcome`, each request is one new bidirectional
 //!    stream: one [`Request`] frame (for `Upload`, followed by `count` chunk records as on a
 //!    data stream), then the engine's [`Response`] frame(s). `Watch` answers with `Progress`
@@ -30,7 +35,9 @@
 //! # Evolving it
 //! Enum variants are encoded by their index: **append new variants at the end, never
 //! reorder or remove** (the golden tests below pin today's encodings). A change that old
-//! peers cannot ignore bumps [`PROTOCOL_VERSION`] and the ALPN.
+//! peers cannot ignore bumps [`PROTOCOL_VERSION`] and the ALPN. (Version 1 is frozen at the
+//! first release; before it, adaptation blocks changed the data-stream records and the
+//! status structs, which no released peer ever spoke.)
 
 use serde::{Deserialize, Serialize};
 
@@ -51,6 +58,8 @@ pub const SERVER_NAME: &str = "seedcast-engine";
 pub const MAX_IDS_PER_REQUEST: usize = 65_536;
 /// Most chunks one `Upload` request may carry.
 pub const MAX_UPLOAD_BATCH: u32 = 4096;
+/// Largest `Write` of an adaptation block (larger changes: replace the file).
+pub const MAX_WRITE: usize = 16 * 1024 * 1024;
 
 /// QUIC application close codes.
 pub mod close {
@@ -127,6 +136,13 @@ pub struct HeldImage {
     pub local_id: String,
 }
 
+/// An image version whose chunks a site can provide as delta bases.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldVersion {
+    pub global_id: GlobalId,
+    pub version: u32,
+}
+
 /// Agent → engine, on the control stream.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AgentMsg {
@@ -148,6 +164,14 @@ pub enum AgentMsg {
         transfer: u64,
         error: String,
     },
+    /// As `Need`, and: the chunks of `bases_from` (except `unavailable`) are at the site and
+    /// may be named as delta bases.
+    NeedFrom {
+        transfer: u64,
+        chunks: Vec<ChunkId>,
+        bases_from: Vec<HeldVersion>,
+        unavailable: Vec<ChunkId>,
+    },
 }
 
 /// Engine → agent, on the control stream.
@@ -161,6 +185,36 @@ pub enum EngineMsg {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DataStreamHeader {
     pub transfer: u64,
+}
+
+/// One record of a data stream; its `payload_len` raw bytes follow the frame.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DataRecord {
+    Chunk(ChunkHeader),
+    Group(GroupHeader),
+}
+
+/// Several chunks compressed together as one zstd frame, with base chunks as its prefix.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupHeader {
+    /// The chunks the payload decodes to, in order, with their lengths.
+    pub chunks: Vec<(ChunkId, u32)>,
+    /// Chunks the site holds; their bytes concatenated in this order are the prefix.
+    pub base: Vec<ChunkId>,
+    pub payload_len: u32,
+}
+
+impl GroupHeader {
+    /// Most raw bytes one group may decode to.
+    pub const MAX_RAW: u64 = 16 * 1024 * 1024;
+    /// Most base chunks one group may name.
+    pub const MAX_BASE: usize = 256;
+    /// Largest payload of a group.
+    pub const MAX_PAYLOAD: u32 = 17 * 1024 * 1024;
+
+    pub fn raw_len(&self) -> u64 {
+        self.chunks.iter().map(|(_, l)| *l as u64).sum()
+    }
 }
 
 /// Announces one chunk; `payload_len` raw bytes follow the frame.
@@ -205,6 +259,59 @@ pub enum Request {
     Revoke {
         site: String,
     },
+    /// Make the next version of an image from an adaptation block.
+    Adapt(AdaptRequest),
+    /// Every version of an image, oldest first.
+    History {
+        global_id: GlobalId,
+    },
+    /// Make the next version of an image a copy of an earlier one.
+    Rollback {
+        global_id: GlobalId,
+        to: u32,
+    },
+}
+
+/// An adaptation block: changes to the current version of an image, applied atomically as
+/// one new version.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdaptRequest {
+    pub global_id: GlobalId,
+    pub ops: Vec<AdaptOp>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AdaptOp {
+    /// A new version of an existing file (its chunks uploaded first).
+    Replace {
+        path: String,
+        mode: u32,
+        recipe: crate::manifest::FileRecipe,
+    },
+    /// Bytes written at an offset of an existing file (at most its length; may grow it).
+    Write {
+        path: String,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// A file added to the image (its chunks uploaded first).
+    Add(FileEntry),
+    /// A file removed from the image.
+    Remove { path: String },
+}
+
+/// One version in an image's history.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionInfo {
+    pub version: u32,
+    pub parent: Option<u32>,
+    pub created_unix: u64,
+    pub total_len: u64,
+    pub data_len: u64,
+    pub files: Vec<String>,
+    /// What the block that made this version changed, for people.
+    pub change: String,
+    pub bytes_uploaded: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -226,6 +333,7 @@ pub enum Response {
     Progress(ImageStatus),
     Revoked,
     Error { kind: ErrorKind, message: String },
+    History(Vec<VersionInfo>),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -264,6 +372,9 @@ pub struct SitePlacement {
     /// Chunk payload bytes the site asked for (known once it answered `Need`).
     pub bytes_needed: u64,
     pub error: Option<String>,
+    /// Every byte the transfer put on the wire, both directions: QUIC datagrams with their
+    /// UDP and IP headers (manifest, control messages, frames, payload, acknowledgements).
+    pub wire_bytes: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -339,6 +450,32 @@ mod tests {
         );
         assert_eq!(idx(&|| codec::encode(&Response::Revoked).unwrap()), 7);
         assert_eq!(
+            idx(&|| codec::encode(&Response::History(vec![])).unwrap()),
+            9
+        );
+        assert_eq!(
+            idx(&|| codec::encode(&Request::Rollback {
+                global_id: GlobalId([0; 12]),
+                to: 1
+            })
+            .unwrap()),
+            9
+        );
+        assert_eq!(
+            idx(&|| codec::encode(&AgentMsg::NeedFrom {
+                transfer: 1,
+                chunks: vec![],
+                bases_from: vec![],
+                unavailable: vec![]
+            })
+            .unwrap()),
+            4
+        );
+        assert_eq!(
+            idx(&|| codec::encode(&AdaptOp::Remove { path: "a".into() }).unwrap()),
+            3
+        );
+        assert_eq!(
             idx(&|| codec::encode(&AgentMsg::Failed {
                 transfer: 1,
                 error: String::new()
@@ -350,6 +487,23 @@ mod tests {
         assert_eq!(
             idx(&|| codec::encode(&RefuseReason::BadRequest).unwrap()),
             4
+        );
+    }
+
+    #[test]
+    fn golden_group_record() {
+        let g = DataRecord::Group(GroupHeader {
+            chunks: vec![(ChunkId([1; 32]), 300)],
+            base: vec![ChunkId([2; 32])],
+            payload_len: 7,
+        });
+        // 01             DataRecord::Group
+        // 01 | 01×32 | fb 2c 01   one chunk: id, length 300
+        // 01 | 02×32              one base chunk
+        // 07                      payload_len
+        assert_eq!(
+            hex(&g),
+            format!("0101{}fb2c0101{}07", "01".repeat(32), "02".repeat(32))
         );
     }
 

@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 
 use crate::id::ChunkId;
 use crate::manifest::{Extent, Manifest, ManifestError};
-use crate::protocol::ChunkHeader;
+use crate::protocol::{ChunkHeader, GroupHeader};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TransferError {
@@ -31,6 +31,8 @@ pub enum TransferError {
         id: ChunkId,
         len: u32,
     },
+    #[error("transfer {transfer}: delta group empty or over its limits")]
+    BadGroup { transfer: u64 },
     #[error("invalid manifest: {0}")]
     Manifest(#[from] ManifestError),
 }
@@ -94,23 +96,7 @@ impl Transfer {
 
     /// Check a chunk header before reading its payload.
     pub fn admit(&mut self, h: &ChunkHeader) -> Result<(), TransferError> {
-        let expected = match self.missing.get(&h.id) {
-            Some(l) if !self.in_flight.contains(&h.id) => *l,
-            _ => {
-                return Err(TransferError::Unexpected {
-                    transfer: self.id,
-                    id: h.id,
-                });
-            }
-        };
-        if h.raw_len != expected {
-            return Err(TransferError::LengthMismatch {
-                transfer: self.id,
-                id: h.id,
-                declared: h.raw_len,
-                expected,
-            });
-        }
+        self.check(&h.id, h.raw_len)?;
         if h.payload_len > ChunkHeader::MAX_PAYLOAD {
             return Err(TransferError::PayloadTooLarge {
                 transfer: self.id,
@@ -119,6 +105,53 @@ impl Transfer {
             });
         }
         self.in_flight.insert(h.id);
+        Ok(())
+    }
+
+    /// Check a delta group's header before reading its payload: every chunk asked for,
+    /// with its length, none twice, within the limits.
+    pub fn admit_group(&mut self, g: &GroupHeader) -> Result<(), TransferError> {
+        let too_large = g.raw_len() > GroupHeader::MAX_RAW
+            || g.payload_len > GroupHeader::MAX_PAYLOAD
+            || g.base.len() > GroupHeader::MAX_BASE
+            || g.chunks.is_empty();
+        if too_large {
+            return Err(TransferError::BadGroup { transfer: self.id });
+        }
+        let mut seen = HashSet::new();
+        for (id, len) in &g.chunks {
+            if !seen.insert(*id) {
+                return Err(TransferError::Unexpected {
+                    transfer: self.id,
+                    id: *id,
+                });
+            }
+            self.check(id, *len)?;
+        }
+        for (id, _) in &g.chunks {
+            self.in_flight.insert(*id);
+        }
+        Ok(())
+    }
+
+    fn check(&self, id: &ChunkId, raw_len: u32) -> Result<(), TransferError> {
+        let expected = match self.missing.get(id) {
+            Some(l) if !self.in_flight.contains(id) => *l,
+            _ => {
+                return Err(TransferError::Unexpected {
+                    transfer: self.id,
+                    id: *id,
+                });
+            }
+        };
+        if raw_len != expected {
+            return Err(TransferError::LengthMismatch {
+                transfer: self.id,
+                id: *id,
+                declared: raw_len,
+                expected,
+            });
+        }
         Ok(())
     }
 

@@ -6,7 +6,8 @@
 //! | `manifests` | global id (12 B) + version (u32 BE) | [`ManifestRecord`] |
 //! | `images` | global id | [`ImageRecord`]: name, current version, target sites |
 //! | `sites` | site name | [`SiteRecord`]: adapter, certificate fingerprint, revoked |
-//! | `placements` | global id + site name | [`PlacementRecord`]: version, local id, state |
+//! | `placements` | global id + site name | [`PlacementRecord`]: version, local id, state, bytes |
+//! | `notes` | global id + version | [`VersionNote`]: what made the version |
 //! | `meta` | name | catalog format, engine id |
 //!
 //! Every value is a versioned record ([`seedcast_core::codec::encode_record`]). The catalog
@@ -37,14 +38,50 @@ const CF_IMAGES: &str = "images";
 const CF_SITES: &str = "sites";
 const CF_PLACEMENTS: &str = "placements";
 const CF_META: &str = "meta";
-const ALL_CFS: [&str; 6] = [
+const CF_NOTES: &str = "notes";
+const ALL_CFS: [&str; 7] = [
     CF_CHUNKS,
     CF_MANIFESTS,
     CF_IMAGES,
     CF_SITES,
     CF_PLACEMENTS,
+    CF_NOTES,
     CF_META,
 ];
+
+/// A persisted record: its format byte, and how older formats are read.
+pub trait Record: Serialize + DeserializeOwned {
+    const FORMAT: u8 = RECORD_FORMAT;
+    fn decode(bytes: &[u8]) -> Result<Self, RecordError> {
+        codec::decode_record(Self::FORMAT, bytes)
+    }
+    fn encode(&self) -> Result<Vec<u8>, codec::CodecError> {
+        codec::encode_record(Self::FORMAT, self)
+    }
+}
+
+impl Record for ChunkRecord {}
+impl Record for ManifestRecord {}
+impl Record for ImageRecord {}
+impl Record for SiteRecord {}
+impl Record for VersionNote {}
+
+/// Placements gained `wire_bytes` in format 2; format 1 records read with it as 0.
+impl Record for PlacementRecord {
+    const FORMAT: u8 = 2;
+    fn decode(bytes: &[u8]) -> Result<Self, RecordError> {
+        match bytes.first() {
+            Some(1) => codec::decode_record::<PlacementRecordV1>(1, bytes).map(Into::into),
+            _ => codec::decode_record(Self::FORMAT, bytes),
+        }
+    }
+}
+
+/// What made a version (for `history`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionNote {
+    pub change: String,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -112,6 +149,35 @@ pub struct PlacementRecord {
     pub bytes_sent: u64,
     pub bytes_needed: u64,
     pub error: Option<String>,
+    /// Bytes the last transfer put on the wire (both directions, with headers).
+    pub wire_bytes: u64,
+}
+
+/// Placement record format 1 (before `wire_bytes`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct PlacementRecordV1 {
+    version: u32,
+    state: PlacementState,
+    local_id: Option<String>,
+    published_version: Option<u32>,
+    bytes_sent: u64,
+    bytes_needed: u64,
+    error: Option<String>,
+}
+
+impl From<PlacementRecordV1> for PlacementRecord {
+    fn from(v: PlacementRecordV1) -> Self {
+        PlacementRecord {
+            version: v.version,
+            state: v.state,
+            local_id: v.local_id,
+            published_version: v.published_version,
+            bytes_sent: v.bytes_sent,
+            bytes_needed: v.bytes_needed,
+            error: v.error,
+            wire_bytes: 0,
+        }
+    }
 }
 
 impl PlacementRecord {
@@ -124,6 +190,7 @@ impl PlacementRecord {
             bytes_sent: 0,
             bytes_needed: 0,
             error: None,
+            wire_bytes: 0,
         }
     }
 }
@@ -137,6 +204,7 @@ pub struct ImageCommit<'a> {
     pub placements: Vec<(String, PlacementRecord)>,
     /// Chunk records with their reference counts already raised.
     pub chunk_refs: Vec<(ChunkId, ChunkRecord)>,
+    pub note: &'a VersionNote,
 }
 
 pub struct Catalog {
@@ -214,7 +282,7 @@ impl Catalog {
             .expect("column families are created at open")
     }
 
-    fn get<T: DeserializeOwned>(
+    fn get<T: Record>(
         &self,
         cf: &str,
         key: &[u8],
@@ -222,7 +290,7 @@ impl Catalog {
     ) -> Result<Option<T>, CatalogError> {
         match self.db.get_pinned_cf(self.cf(cf), key)? {
             None => Ok(None),
-            Some(v) => codec::decode_record(RECORD_FORMAT, &v)
+            Some(v) => T::decode(&v)
                 .map(Some)
                 .map_err(|source| CatalogError::Record {
                     what: what(),
@@ -231,11 +299,7 @@ impl Catalog {
         }
     }
 
-    fn scan<T: DeserializeOwned>(
-        &self,
-        cf: &str,
-        prefix: &[u8],
-    ) -> Result<Vec<(Vec<u8>, T)>, CatalogError> {
+    fn scan<T: Record>(&self, cf: &str, prefix: &[u8]) -> Result<Vec<(Vec<u8>, T)>, CatalogError> {
         let mut out = Vec::new();
         let it = self
             .db
@@ -245,30 +309,19 @@ impl Catalog {
             if !k.starts_with(prefix) {
                 break;
             }
-            let rec =
-                codec::decode_record(RECORD_FORMAT, &v).map_err(|source| CatalogError::Record {
-                    what: format!("{cf}/{}", hex::encode(&k)),
-                    source,
-                })?;
+            let rec = T::decode(&v).map_err(|source| CatalogError::Record {
+                what: format!("{cf}/{}", hex::encode(&k)),
+                source,
+            })?;
             out.push((k.to_vec(), rec));
         }
         Ok(out)
     }
 
-    fn put_synced<T: Serialize>(
-        &self,
-        cf: &str,
-        key: &[u8],
-        value: &T,
-    ) -> Result<(), CatalogError> {
+    fn put_synced<T: Record>(&self, cf: &str, key: &[u8], value: &T) -> Result<(), CatalogError> {
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
-        self.db.put_cf_opt(
-            self.cf(cf),
-            key,
-            codec::encode_record(RECORD_FORMAT, value)?,
-            &wo,
-        )?;
+        self.db.put_cf_opt(self.cf(cf), key, value.encode()?, &wo)?;
         Ok(())
     }
 
@@ -305,11 +358,7 @@ impl Catalog {
     pub fn put_chunks(&self, chunks: &[(ChunkId, ChunkRecord)]) -> Result<(), CatalogError> {
         let mut batch = WriteBatch::default();
         for (id, rec) in chunks {
-            batch.put_cf(
-                self.cf(CF_CHUNKS),
-                id.as_bytes(),
-                codec::encode_record(RECORD_FORMAT, rec)?,
-            );
+            batch.put_cf(self.cf(CF_CHUNKS), id.as_bytes(), rec.encode()?);
         }
         self.db.write(batch)?;
         Ok(())
@@ -321,29 +370,22 @@ impl Catalog {
     pub fn commit_image(&self, c: ImageCommit<'_>) -> Result<(), CatalogError> {
         let mut batch = WriteBatch::default();
         let g = &c.global_id;
-        batch.put_cf(
-            self.cf(CF_IMAGES),
-            g.as_bytes(),
-            codec::encode_record(RECORD_FORMAT, c.image)?,
-        );
+        batch.put_cf(self.cf(CF_IMAGES), g.as_bytes(), c.image.encode()?);
         batch.put_cf(
             self.cf(CF_MANIFESTS),
             manifest_key(g, c.manifest.manifest.version),
-            codec::encode_record(RECORD_FORMAT, c.manifest)?,
+            c.manifest.encode()?,
         );
         for (site, p) in &c.placements {
-            batch.put_cf(
-                self.cf(CF_PLACEMENTS),
-                placement_key(g, site),
-                codec::encode_record(RECORD_FORMAT, p)?,
-            );
+            batch.put_cf(self.cf(CF_PLACEMENTS), placement_key(g, site), p.encode()?);
         }
+        batch.put_cf(
+            self.cf(CF_NOTES),
+            manifest_key(g, c.manifest.manifest.version),
+            c.note.encode()?,
+        );
         for (id, rec) in &c.chunk_refs {
-            batch.put_cf(
-                self.cf(CF_CHUNKS),
-                id.as_bytes(),
-                codec::encode_record(RECORD_FORMAT, rec)?,
-            );
+            batch.put_cf(self.cf(CF_CHUNKS), id.as_bytes(), rec.encode()?);
         }
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
@@ -371,6 +413,21 @@ impl Catalog {
         self.get(CF_MANIFESTS, &manifest_key(g, version), || {
             format!("manifests/{g}@{version}")
         })
+    }
+
+    pub fn note(&self, g: &GlobalId, version: u32) -> Result<Option<VersionNote>, CatalogError> {
+        self.get(CF_NOTES, &manifest_key(g, version), || {
+            format!("notes/{g}@{version}")
+        })
+    }
+
+    /// Every version's manifest record of an image, oldest first.
+    pub fn manifests(&self, g: &GlobalId) -> Result<Vec<ManifestRecord>, CatalogError> {
+        Ok(self
+            .scan::<ManifestRecord>(CF_MANIFESTS, g.as_bytes())?
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect())
     }
 
     pub fn image_exists(&self, g: &GlobalId) -> Result<bool, CatalogError> {
@@ -457,6 +514,29 @@ pub(crate) fn unix_now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A placement written by format 1 (before wire_bytes) still reads.
+    #[test]
+    fn placement_format_1_fixture_reads() {
+        // 01 format | 02 version | 02 Published | 01 Some 02 "ab" | 01 Some 02 | 0a | 0b | 00 None
+        let v1 = hex::decode("0102020102616201020a0b00").unwrap();
+        let p = PlacementRecord::decode(&v1).unwrap();
+        assert_eq!(p.version, 2);
+        assert_eq!(p.state, PlacementState::Published);
+        assert_eq!(p.local_id.as_deref(), Some("ab"));
+        assert_eq!((p.bytes_sent, p.bytes_needed, p.wire_bytes), (10, 11, 0));
+        let v2 = p.encode().unwrap();
+        assert_eq!(v2[0], 2);
+        assert_eq!(PlacementRecord::decode(&v2).unwrap(), p);
+        // A damaged record is refused with its format named, not misread.
+        assert!(
+            PlacementRecord::decode(&[3, 1, 2])
+                .unwrap_err()
+                .to_string()
+                .contains("format 3")
+        );
+        assert!(PlacementRecord::decode(&v1[..5]).is_err());
+    }
 
     #[test]
     fn reopens_and_refuses_foreign_format() {

@@ -15,7 +15,7 @@ use seedcast_core::protocol::{
     ChunkHeader, CommitRequest, HelloReply, MAX_IDS_PER_REQUEST, MAX_UPLOAD_BATCH,
     PROTOCOL_VERSION, Request, Response, close,
 };
-use seedcast_core::{CompressedChunk, Extent, GlobalId, Manifest, UnverifiedChunk};
+use seedcast_core::{CompressedChunk, GlobalId, Manifest, UnverifiedChunk};
 use seedcast_net::{FramedError, read_msg_required, read_payload, write_msg};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
@@ -141,6 +141,32 @@ async fn request(
             Ok(()) => Response::Revoked,
             Err(e) => error_response(&e),
         },
+        Request::Adapt(a) => {
+            let g = a.global_id;
+            let bytes = uploaded.swap(0, Ordering::Relaxed);
+            let r = new_version(shared, g, move |sh| crate::adapt::adapt(sh, a, bytes)).await;
+            if r.is_err() {
+                uploaded.fetch_add(bytes, Ordering::Relaxed);
+            }
+            match r {
+                Ok(s) => Response::Committed(s),
+                Err(e) => error_response(&e),
+            }
+        }
+        Request::Rollback { global_id, to } => {
+            match new_version(shared, global_id, move |sh| {
+                crate::adapt::rollback(sh, global_id, to)
+            })
+            .await
+            {
+                Ok(s) => Response::Committed(s),
+                Err(e) => error_response(&e),
+            }
+        }
+        Request::History { global_id } => match crate::adapt::history(shared, &global_id) {
+            Ok(v) => Response::History(v),
+            Err(e) => error_response(&e),
+        },
     };
     write_msg(&mut send, &resp).await?;
     let _ = send.finish();
@@ -257,33 +283,7 @@ fn commit_blocking(
         )));
     }
     validate_files(&c.files, &chunking).map_err(|e| EngineError::Invalid(e.to_string()))?;
-    // Every data extent must name a chunk the store holds, with the length it holds.
-    let mut ids = BTreeSet::new();
-    let mut missing = Vec::new();
-    for f in &c.files {
-        for e in &f.recipe.extents {
-            if let Extent::Data { id, len } = e {
-                match shared.store.record(id) {
-                    None => missing.push(*id),
-                    Some(r) if r.raw_len != *len => {
-                        return Err(EngineError::Invalid(format!(
-                            "file {:?}: chunk {id} is {} bytes, the recipe says {len}",
-                            f.path, r.raw_len
-                        )));
-                    }
-                    Some(_) => {
-                        ids.insert(*id);
-                    }
-                }
-            }
-        }
-    }
-    if let Some(first) = missing.first() {
-        return Err(EngineError::MissingChunks {
-            count: missing.len(),
-            first: *first,
-        });
-    }
+    let ids = crate::adapt::check_chunks(shared, &c.files)?;
     let sites = resolve_sites(shared, c.sites)?;
     let gid = loop {
         let g = GlobalId(rand::random());
@@ -326,10 +326,34 @@ fn commit_blocking(
             .map(|s| (s.clone(), PlacementRecord::pending(1)))
             .collect(),
         chunk_refs: chunk_refs.clone(),
+        note: &crate::catalog::VersionNote {
+            change: "push".into(),
+        },
     })?;
     shared.store.apply_refs(&chunk_refs);
     info!(global_id = %gid, name = %image.name, sites = ?sites, "image committed");
     Ok((gid, sites))
+}
+
+/// Make a new version on a blocking thread (one at a time per engine, so two blocks for
+/// the same image cannot both build on the same parent), then wake its sites.
+async fn new_version(
+    shared: &Arc<Shared>,
+    g: GlobalId,
+    f: impl FnOnce(&Shared) -> Result<(u32, Vec<String>), EngineError> + Send + 'static,
+) -> Result<seedcast_core::protocol::ImageStatus, EngineError> {
+    let sh = shared.clone();
+    let (_, sites) = tokio::task::spawn_blocking(move || {
+        let _one_at_a_time = sh.versions.lock().expect("versions lock");
+        f(&sh)
+    })
+    .await
+    .map_err(|e| EngineError::Internal(e.to_string()))??;
+    for s in &sites {
+        shared.wake_site(s);
+    }
+    shared.changed();
+    status::image(shared, &g)
 }
 
 /// Send `Progress` until every target site of `version` is published or failed.

@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use quinn::{Connection, SendStream};
-use seedcast_core::protocol::{AgentMsg, ChunkHeader, DataStreamHeader, EngineMsg, PlacementState};
+use seedcast_core::protocol::{
+    AgentMsg, ChunkHeader, DataRecord, DataStreamHeader, EngineMsg, PlacementState,
+};
 use seedcast_core::{ChunkId, GlobalId};
 use seedcast_net::{FramedError, write_msg};
 use tokio::sync::{Notify, mpsc};
@@ -19,6 +21,7 @@ use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use crate::catalog::PlacementRecord;
+use crate::delta::Encoded;
 use crate::{Engine, EngineError, Shared};
 
 /// Chunks a data stream reads from the store at a time.
@@ -108,6 +111,7 @@ async fn reply_for(
         let m = rx.recv().await.ok_or(DeployError::Disconnected)?;
         let t = match &m {
             AgentMsg::Need { transfer, .. }
+            | AgentMsg::NeedFrom { transfer, .. }
             | AgentMsg::Published { transfer, .. }
             | AgentMsg::Failed { transfer, .. } => *transfer,
             AgentMsg::Inventory { .. } => continue,
@@ -121,6 +125,25 @@ async fn reply_for(
             "reply for another transfer ignored"
         );
     }
+}
+
+/// One unit of a data stream's work.
+enum Work {
+    /// Chunks sent in their stored form.
+    Stored(Vec<ChunkId>),
+    /// Chunks sent as a delta group (each with the file offset of its first use).
+    Group(Vec<(ChunkId, u64)>),
+}
+
+/// Bytes a connection has put on the wire so far, both directions, with UDP/IP headers.
+fn wire_bytes(conn: &Connection) -> u64 {
+    let s = conn.stats();
+    let header = if conn.remote_address().is_ipv6() {
+        48
+    } else {
+        28
+    };
+    s.udp_tx.bytes + s.udp_rx.bytes + header * (s.udp_tx.datagrams + s.udp_rx.datagrams)
 }
 
 async fn deploy(
@@ -148,8 +171,10 @@ async fn deploy(
         p.state = PlacementState::Transferring;
         p.bytes_sent = 0;
         p.bytes_needed = 0;
+        p.wire_bytes = 0;
         p.error = None;
     })?;
+    let wire_start = wire_bytes(conn);
     write_msg(
         send,
         &EngineMsg::Deploy {
@@ -159,8 +184,14 @@ async fn deploy(
     )
     .await?;
 
-    let need = match reply_for(rx, transfer).await? {
-        AgentMsg::Need { chunks, .. } => chunks,
+    let (need, bases_from, unavailable) = match reply_for(rx, transfer).await? {
+        AgentMsg::Need { chunks, .. } => (chunks, vec![], vec![]),
+        AgentMsg::NeedFrom {
+            chunks,
+            bases_from,
+            unavailable,
+            ..
+        } => (chunks, bases_from, unavailable),
         AgentMsg::Failed { error, .. } => return record_failure(shared, &g, site, error),
         other => {
             return Err(DeployError::Protocol(format!(
@@ -189,8 +220,43 @@ async fn deploy(
         .expect("live lock")
         .insert(key.clone(), 0);
 
+    // A site holding an earlier version gets delta groups; otherwise stored chunks.
+    let mut deltas = None;
+    if !need.is_empty() && !bases_from.is_empty() {
+        let bkey = crate::delta::bases_key(&bases_from, &unavailable);
+        let index = shared
+            .delta
+            .index(shared, bkey, bases_from.clone(), unavailable.clone())
+            .await?;
+        if !index.is_empty() {
+            deltas = Some((index, bkey));
+        }
+    }
+    let work: Vec<Work> = match &deltas {
+        Some(_) => {
+            let offsets = crate::delta::first_offsets(&mrec.manifest);
+            let lens: std::collections::HashMap<ChunkId, u32> = wanted.into_iter().collect();
+            crate::delta::plan_groups(&need, &offsets, &lens)
+                .into_iter()
+                .map(Work::Group)
+                .collect()
+        }
+        None => need
+            .chunks(READ_BATCH)
+            .map(|c| Work::Stored(c.to_vec()))
+            .collect(),
+    };
+
     let sent = Arc::new(AtomicU64::new(0));
-    let sending = send_chunks(shared, conn, transfer, need, key.clone(), sent.clone());
+    let sending = send_work(
+        shared,
+        conn,
+        transfer,
+        work,
+        deltas,
+        key.clone(),
+        sent.clone(),
+    );
     // The agent may answer before everything is sent (it failed): stop sending then.
     let reply = tokio::select! {
         r = sending => { r?; reply_for(rx, transfer).await? }
@@ -198,20 +264,25 @@ async fn deploy(
     };
     shared.live.lock().expect("live lock").remove(&key);
     let bytes_sent = sent.load(Ordering::Relaxed);
+    let wire = wire_bytes(conn).saturating_sub(wire_start);
     match reply {
         AgentMsg::Published { local_id, .. } => {
-            info!(site, global_id = %g, version, %local_id, bytes_sent, "published");
+            info!(site, global_id = %g, version, %local_id, bytes_sent, wire, "published");
             update_placement(shared, &g, site, |p| {
                 p.state = PlacementState::Published;
                 p.local_id = Some(local_id);
                 p.published_version = Some(version);
                 p.bytes_sent = bytes_sent;
+                p.wire_bytes = wire;
                 p.error = None;
             })?;
             Ok(())
         }
         AgentMsg::Failed { error, .. } => {
-            update_placement(shared, &g, site, |p| p.bytes_sent = bytes_sent)?;
+            update_placement(shared, &g, site, |p| {
+                p.bytes_sent = bytes_sent;
+                p.wire_bytes = wire;
+            })?;
             record_failure(shared, &g, site, error)
         }
         other => Err(DeployError::Protocol(format!(
@@ -234,24 +305,24 @@ fn record_failure(
     Ok(())
 }
 
-/// Send `ids` over up to `streams_per_transfer` unidirectional streams that take batches
+type Deltas = Option<(Arc<crate::delta::BaseIndex>, [u8; 32])>;
+
+/// Send the work over up to `streams_per_transfer` unidirectional streams that take items
 /// from a shared cursor, so a slow stream does not hold the others back.
-async fn send_chunks(
+async fn send_work(
     shared: &Arc<Shared>,
     conn: &Connection,
     transfer: u64,
-    ids: Vec<ChunkId>,
+    work: Vec<Work>,
+    deltas: Deltas,
     key: (GlobalId, String),
     sent: Arc<AtomicU64>,
 ) -> Result<(), DeployError> {
-    if ids.is_empty() {
+    if work.is_empty() {
         return Ok(());
     }
-    let streams = shared
-        .cfg
-        .streams_per_transfer
-        .clamp(1, ids.len().div_ceil(READ_BATCH));
-    let ids = Arc::new(ids);
+    let streams = shared.cfg.streams_per_transfer.clamp(1, work.len());
+    let work = Arc::new(work);
     let cursor = Arc::new(AtomicUsize::new(0));
     let mut set = JoinSet::new();
     for _ in 0..streams {
@@ -259,7 +330,8 @@ async fn send_chunks(
             shared.clone(),
             conn.clone(),
             transfer,
-            ids.clone(),
+            work.clone(),
+            deltas.clone(),
             cursor.clone(),
             sent.clone(),
             key.clone(),
@@ -271,26 +343,50 @@ async fn send_chunks(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn stream_task(
     shared: Arc<Shared>,
     conn: Connection,
     transfer: u64,
-    ids: Arc<Vec<ChunkId>>,
+    work: Arc<Vec<Work>>,
+    deltas: Deltas,
     cursor: Arc<AtomicUsize>,
     sent: Arc<AtomicU64>,
     key: (GlobalId, String),
 ) -> Result<(), DeployError> {
     let mut s = conn.open_uni().await?;
     write_msg(&mut s, &DataStreamHeader { transfer }).await?;
-    loop {
-        let start = cursor.fetch_add(READ_BATCH, Ordering::Relaxed);
-        if start >= ids.len() {
-            break;
+    let count = |n: u64| {
+        let total = sent.fetch_add(n, Ordering::Relaxed) + n;
+        if let Some(v) = shared.live.lock().expect("live lock").get_mut(&key) {
+            *v = total;
         }
-        let batch: Vec<ChunkId> = ids[start..(start + READ_BATCH).min(ids.len())].to_vec();
+    };
+    loop {
+        let i = cursor.fetch_add(1, Ordering::Relaxed);
+        let Some(item) = work.get(i) else { break };
+        let stored = match (item, &deltas) {
+            (Work::Stored(ids), _) => ids.clone(),
+            (Work::Group(chunks), Some((index, bkey))) => {
+                let enc = shared
+                    .delta
+                    .group(&shared, index.clone(), *bkey, chunks.clone())
+                    .await?;
+                match &*enc {
+                    Encoded::Group { header, payload } => {
+                        write_msg(&mut s, &DataRecord::Group(header.clone())).await?;
+                        s.write_chunk(payload.clone()).await?;
+                        count(payload.len() as u64);
+                        continue;
+                    }
+                    Encoded::Stored(ids) => ids.clone(),
+                }
+            }
+            (Work::Group(chunks), None) => chunks.iter().map(|(id, _)| *id).collect(),
+        };
         let sh = shared.clone();
         let chunks = tokio::task::spawn_blocking(move || {
-            batch
+            stored
                 .iter()
                 .map(|id| {
                     sh.store.read(id)?.ok_or_else(|| {
@@ -308,14 +404,11 @@ async fn stream_task(
                 encoding: c.encoding,
                 payload_len: c.payload.len() as u32,
             };
-            write_msg(&mut s, &h).await?;
+            write_msg(&mut s, &DataRecord::Chunk(h)).await?;
             let n = c.payload.len() as u64;
             // The stored bytes go out as they are: no copy, no recompression.
             s.write_chunk(c.payload).await?;
-            let total = sent.fetch_add(n, Ordering::Relaxed) + n;
-            if let Some(v) = shared.live.lock().expect("live lock").get_mut(&key) {
-                *v = total;
-            }
+            count(n);
         }
     }
     s.finish()?;

@@ -3,14 +3,17 @@
 //! It owns the catalog ([`catalog`], RocksDB) and the chunk store ([`store`], pack files);
 //! accepts clients and agents over QUIC ([`server`]); answers client requests
 //! ([`client_api`]); keeps a session with every connected agent and deploys image versions to
-//! it ([`agent_session`], [`distribute`]); and reports where every image is ([`status`]).
+//! it ([`agent_session`], [`distribute`], as deltas where the site holds an earlier version:
+//! [`delta`]); and reports where every image is ([`status`]).
 //!
 //! Start at [`Engine::open`] and [`Engine::run`]: the server takes its endpoint and a
 //! shutdown future (as mini-redis' `server::run`), so tests bind port 0 and stop it cleanly.
 
+pub mod adapt;
 pub mod agent_session;
 pub mod catalog;
 pub mod client_api;
+pub mod delta;
 pub mod distribute;
 pub mod error;
 pub mod server;
@@ -46,6 +49,10 @@ pub struct EngineConfig {
     /// Parallel unidirectional streams per transfer to one site. 4: enough to keep one
     /// connection busy; one connection is driven by one task, so more streams do not add CPU.
     pub streams_per_transfer: usize,
+    /// zstd level of delta groups sent to sites that hold an earlier version. 19: updates
+    /// are for thin links, the work is done once for every site, and 19 is what
+    /// `zstd --patch-from` users pick; 12 is about 7× faster for ~10 % more bytes.
+    pub delta_level: i32,
 }
 
 impl EngineConfig {
@@ -55,6 +62,7 @@ impl EngineConfig {
             chunking: ChunkerConfig::default(),
             transport: TransportOptions::default(),
             streams_per_transfer: 4,
+            delta_level: 19,
         }
     }
 }
@@ -82,6 +90,9 @@ pub(crate) struct Shared {
     pub live: Mutex<HashMap<(GlobalId, String), u64>>,
     pub next_transfer: AtomicU64,
     pub next_conn: AtomicU64,
+    pub delta: delta::DeltaCache,
+    /// Held while a new version is built and committed.
+    pub versions: Mutex<()>,
 }
 
 impl Shared {
@@ -126,6 +137,8 @@ impl Engine {
                 live: Mutex::new(HashMap::new()),
                 next_transfer: AtomicU64::new(1),
                 next_conn: AtomicU64::new(1),
+                delta: delta::DeltaCache::default(),
+                versions: Mutex::new(()),
             }),
         })
     }

@@ -38,6 +38,7 @@ pub(crate) fn image(shared: &Shared, g: &GlobalId) -> Result<ImageStatus, Engine
                 bytes_sent,
                 bytes_needed: p.bytes_needed,
                 error: p.error,
+                wire_bytes: p.wire_bytes,
             }
         })
         .collect();
