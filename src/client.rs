@@ -206,8 +206,8 @@ impl Client {
             .next()
             .ok_or_else(|| unreachable("no address".into()))?;
         let cc = seedcast_net::tls::client_config(token.ca_fingerprint, None, transport)?;
-        let endpoint =
-            seedcast_net::endpoint::client(addr).map_err(|e| unreachable(e.to_string()))?;
+        let endpoint = seedcast_net::endpoint::client(addr, transport)
+            .map_err(|e| unreachable(e.to_string()))?;
         let conn = endpoint
             .connect_with(cc, addr, SERVER_NAME)
             .map_err(|e| unreachable(e.to_string()))?

@@ -145,7 +145,7 @@ async fn raw_connect(cluster: &LocalCluster) -> Result<quinn::Connection> {
         None,
         &TransportOptions::default(),
     )?;
-    let ep = seedcast_net::endpoint::client(cluster.engine_addr)?;
+    let ep = seedcast_net::endpoint::client(cluster.engine_addr, &TransportOptions::default())?;
     Ok(ep
         .connect_with(cc, cluster.engine_addr, SERVER_NAME)?
         .await?)

@@ -260,7 +260,7 @@ mod raw {
             None,
             &TransportOptions::default(),
         )?;
-        let ep = seedcast_net::endpoint::client(cluster.engine_addr)?;
+        let ep = seedcast_net::endpoint::client(cluster.engine_addr, &TransportOptions::default())?;
         let conn = ep
             .connect_with(cc, cluster.engine_addr, SERVER_NAME)?
             .await?;

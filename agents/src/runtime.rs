@@ -228,9 +228,11 @@ impl Agent {
         cc: quinn::ClientConfig,
     ) -> Result<(quinn::Endpoint, Connection), AgentError> {
         let addr = self.resolve().await?;
-        let ep = seedcast_net::endpoint::client(addr).map_err(|e| AgentError::Unreachable {
-            addr: self.cfg.engine.clone(),
-            why: e.to_string(),
+        let ep = seedcast_net::endpoint::client(addr, &self.cfg.transport).map_err(|e| {
+            AgentError::Unreachable {
+                addr: self.cfg.engine.clone(),
+                why: e.to_string(),
+            }
         })?;
         let conn = ep
             .connect_with(cc, addr, SERVER_NAME)

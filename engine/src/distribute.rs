@@ -267,7 +267,13 @@ async fn deploy(
     let wire = wire_bytes(conn).saturating_sub(wire_start);
     match reply {
         AgentMsg::Published { local_id, .. } => {
-            info!(site, global_id = %g, version, %local_id, bytes_sent, wire, "published");
+            let st = conn.stats();
+            info!(
+                site, global_id = %g, version, %local_id, bytes_sent, wire,
+                lost = st.path.lost_packets, sent = st.path.sent_packets, mtu = st.path.current_mtu,
+                tx = st.udp_tx.datagrams, rx = st.udp_rx.datagrams,
+                "published"
+            );
             update_placement(shared, &g, site, |p| {
                 p.state = PlacementState::Published;
                 p.local_id = Some(local_id);

@@ -160,7 +160,11 @@ impl Engine {
     /// A QUIC endpoint on `addr` with the engine's TLS configuration.
     pub fn bind(&self, addr: SocketAddr) -> Result<quinn::Endpoint, EngineError> {
         let sc = seedcast_net::tls::server_config(&self.shared.pki, &self.shared.cfg.transport)?;
-        Ok(seedcast_net::endpoint::server(addr, sc)?)
+        Ok(seedcast_net::endpoint::server(
+            addr,
+            sc,
+            &self.shared.cfg.transport,
+        )?)
     }
 
     /// Serve on `endpoint` until `shutdown` completes; then close every connection and

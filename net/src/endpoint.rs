@@ -20,6 +20,10 @@ pub struct TransportOptions {
     pub connection_window: u32,
     /// Concurrent streams a peer may open (chunk streams are short-lived). 256.
     pub max_streams: u32,
+    /// UDP socket send and receive buffers. 4 MiB: with the kernel's default (~208 KiB) a
+    /// receiver busy with several transfers drops datagrams even on loopback, and every drop
+    /// is resent. The kernel caps it at `net.core.rmem_max` / `wmem_max`.
+    pub socket_buffer: usize,
 }
 
 impl Default for TransportOptions {
@@ -30,6 +34,7 @@ impl Default for TransportOptions {
             stream_window: 8 << 20,
             connection_window: 32 << 20,
             max_streams: 256,
+            socket_buffer: 4 << 20,
         }
     }
 }
@@ -52,17 +57,52 @@ impl TransportOptions {
     }
 }
 
+/// A UDP socket with the buffers `opts` asks for (as far as the kernel allows).
+fn socket(addr: SocketAddr, opts: &TransportOptions) -> std::io::Result<std::net::UdpSocket> {
+    let sock = std::net::UdpSocket::bind(addr)?;
+    let state = quinn::udp::UdpSocketState::new((&sock).into())?;
+    let _ = state.set_recv_buffer_size((&sock).into(), opts.socket_buffer);
+    let _ = state.set_send_buffer_size((&sock).into(), opts.socket_buffer);
+    if let Ok(got) = state.recv_buffer_size((&sock).into())
+        && got < opts.socket_buffer
+    {
+        tracing::debug!(
+            wanted = opts.socket_buffer,
+            got,
+            "UDP receive buffer capped by the kernel (raise net.core.rmem_max)"
+        );
+    }
+    Ok(sock)
+}
+
+fn endpoint(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+    opts: &TransportOptions,
+) -> std::io::Result<Endpoint> {
+    Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        socket(addr, opts)?,
+        Arc::new(quinn::TokioRuntime),
+    )
+}
+
 /// A server endpoint (the engine).
-pub fn server(addr: SocketAddr, config: quinn::ServerConfig) -> std::io::Result<Endpoint> {
-    Endpoint::server(config, addr)
+pub fn server(
+    addr: SocketAddr,
+    config: quinn::ServerConfig,
+    opts: &TransportOptions,
+) -> std::io::Result<Endpoint> {
+    endpoint(addr, Some(config), opts)
 }
 
 /// A client endpoint on an ephemeral port of the same address family as `target`.
-pub fn client(target: SocketAddr) -> std::io::Result<Endpoint> {
+pub fn client(target: SocketAddr, opts: &TransportOptions) -> std::io::Result<Endpoint> {
     let bind: SocketAddr = if target.is_ipv6() {
         "[::]:0".parse().expect("literal")
     } else {
         "0.0.0.0:0".parse().expect("literal")
     };
-    Endpoint::client(bind)
+    endpoint(bind, None, opts)
 }

@@ -1,0 +1,304 @@
+//! The update benchmark: bytes on the wire to take three sites from one real Debian image
+//! to the next, side by side with the tools people use for the same job, in one run.
+//!
+//! Seeds v1 (built by `../shared/testdata/make-images.sh`) to three agents on 127.0.0.1,
+//! adapts it to v2 with `--file`, and reports each site's bytes for the update: the chunk
+//! payload and everything on the wire (QUIC datagrams with UDP/IP headers, both directions,
+//! manifest and acknowledgements included). Then, on the same files in the same run:
+//! `zstd -19 --long=31 --patch-from=v1 v2`, `xdelta3 -e -9 -s v1 v2`, `casync make` of v2
+//! into a store that holds v1's chunks (new chunk files + the index), and
+//! `rsync --no-whole-file --stats` onto a copy of v1 (total bytes sent).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::Parser;
+use seedcast::client::{Change, PushOptions};
+use seedcast::cluster::{LocalCluster, file_hash};
+use seedcast_agents::Adapter;
+use seedcast_core::protocol::PlacementState;
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// Directory with v1.raw and v2.raw (make-images.sh OUTDIR).
+    #[arg(long, default_value_t = default_images())]
+    images: String,
+    /// Skip the baseline tools (seedcast only).
+    #[arg(long)]
+    no_baselines: bool,
+    /// Write the results as JSON here too.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn default_images() -> String {
+    format!(
+        "{}/.cache/seedcast-images",
+        std::env::var("HOME").unwrap_or_default()
+    )
+}
+
+fn size(p: &Path) -> Result<u64> {
+    Ok(std::fs::metadata(p)?.len())
+}
+
+fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    ensure!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn dir_bytes(p: &Path) -> Result<u64> {
+    let mut n = 0;
+    for e in std::fs::read_dir(p)? {
+        let e = e?;
+        let m = e.metadata()?;
+        n += if m.is_dir() {
+            dir_bytes(&e.path())?
+        } else {
+            m.len()
+        };
+    }
+    Ok(n)
+}
+
+struct Row {
+    tool: String,
+    bytes: u64,
+    secs: f64,
+    note: String,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let images = PathBuf::from(&args.images);
+    let (v1, v2) = (images.join("v1.raw"), images.join("v2.raw"));
+    if !v1.exists() || !v2.exists() {
+        bail!(
+            "{} has no v1.raw / v2.raw: build them with ../shared/testdata/make-images.sh {}",
+            images.display(),
+            images.display()
+        );
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix("seedcast-bench-")
+        .tempdir()?;
+    let work = tmp.path().join("work");
+    std::fs::create_dir_all(&work)?;
+    // The image's file is known as disk.raw in both versions.
+    let disk = work.join("disk.raw");
+    std::os::unix::fs::symlink(&v1, &disk)?;
+
+    let cluster = LocalCluster::start(
+        Some(tmp.path().join("cluster")),
+        &["site-a", "site-b", "site-c"],
+    )
+    .await?;
+    let client = cluster.client().await?;
+    let t = Instant::now();
+    let c1 = client
+        .push(&PushOptions::new("debian", vec![disk.clone()]), |_| {})
+        .await?;
+    let s1 = client.watch(&c1.global_id, 1, |_| {}).await?;
+    let seed_secs = t.elapsed().as_secs_f64();
+    ensure!(
+        s1.sites
+            .iter()
+            .all(|p| p.state == PlacementState::Published),
+        "seeding failed: {s1:?}"
+    );
+
+    let t = Instant::now();
+    let c2 = client
+        .adapt(
+            &c1.global_id,
+            &[Change::Replace {
+                path: "disk.raw".into(),
+                file: v2.clone(),
+            }],
+            3,
+        )
+        .await?;
+    let s2 = client.watch(&c1.global_id, c2.version, |_| {}).await?;
+    let update_secs = t.elapsed().as_secs_f64();
+    ensure!(
+        s2.sites
+            .iter()
+            .all(|p| p.state == PlacementState::Published),
+        "update failed: {s2:?}"
+    );
+    // Every site now holds v2 byte for byte.
+    let want = file_hash(&v2)?;
+    for p in &s2.sites {
+        let rb = cluster
+            .agent(&p.site)
+            .adapter
+            .read_back(p.local_id.as_deref().unwrap(), "disk.raw")
+            .await?;
+        ensure!(file_hash(rb.path())? == want, "{} does not hold v2", p.site);
+    }
+    client.close().await;
+    cluster.shutdown().await?;
+
+    let per_site_wire = s2.sites.iter().map(|p| p.wire_bytes).max().unwrap_or(0);
+    let per_site_payload = s2.sites.iter().map(|p| p.bytes_sent).max().unwrap_or(0);
+    let mut rows = vec![
+        Row {
+            tool: "seedcast, on the wire per site".into(),
+            bytes: per_site_wire,
+            secs: update_secs,
+            note: "QUIC datagrams + UDP/IP headers, both directions: manifest, control, delta groups, acks".into(),
+        },
+        Row {
+            tool: "seedcast, chunk payload per site".into(),
+            bytes: per_site_payload,
+            secs: update_secs,
+            note: "delta groups and stored chunks only".into(),
+        },
+    ];
+
+    if !args.no_baselines {
+        let t = Instant::now();
+        let out = work.join("v2.zst");
+        run(Command::new("zstd")
+            .args(["-q", "-f", "-19", "--long=31"])
+            .arg(format!("--patch-from={}", v1.display()))
+            .arg(&v2)
+            .arg("-o")
+            .arg(&out))?;
+        rows.push(Row {
+            tool: "zstd -19 --long=31 --patch-from".into(),
+            bytes: size(&out)?,
+            secs: t.elapsed().as_secs_f64(),
+            note: "one delta file".into(),
+        });
+
+        let t = Instant::now();
+        let out = work.join("v2.xd3");
+        run(Command::new("xdelta3")
+            .args(["-e", "-9", "-f", "-s"])
+            .arg(&v1)
+            .arg(&v2)
+            .arg(&out))?;
+        rows.push(Row {
+            tool: "xdelta3 -e -9".into(),
+            bytes: size(&out)?,
+            secs: t.elapsed().as_secs_f64(),
+            note: "one delta file".into(),
+        });
+
+        let t = Instant::now();
+        let store = work.join("casync.castr");
+        run(Command::new("casync")
+            .arg("make")
+            .arg(format!("--store={}", store.display()))
+            .arg(work.join("v1.caibx"))
+            .arg(&v1))?;
+        let before = dir_bytes(&store)?;
+        run(Command::new("casync")
+            .arg("make")
+            .arg(format!("--store={}", store.display()))
+            .arg(work.join("v2.caibx"))
+            .arg(&v2))?;
+        let new_chunks = dir_bytes(&store)? - before;
+        let index = size(&work.join("v2.caibx"))?;
+        rows.push(Row {
+            tool: "casync make (new chunks + index)".into(),
+            bytes: new_chunks + index,
+            secs: t.elapsed().as_secs_f64(),
+            note: format!("{new_chunks} B of new compressed chunks, {index} B index"),
+        });
+
+        let t = Instant::now();
+        let dest = work.join("rsync-dest");
+        std::fs::create_dir_all(&dest)?;
+        run(Command::new("cp")
+            .arg("--sparse=always")
+            .arg(&v1)
+            .arg(dest.join("disk.raw")))?;
+        let stats = run(Command::new("rsync")
+            .args(["--no-whole-file", "--stats"])
+            .arg(&v2)
+            .arg(dest.join("disk.raw")))?;
+        let grab = |key: &str| -> Option<u64> {
+            stats.lines().find(|l| l.starts_with(key)).and_then(|l| {
+                l[key.len()..]
+                    .split_whitespace()
+                    .next()
+                    .map(|n| n.replace(',', ""))
+                    .and_then(|n| n.parse().ok())
+            })
+        };
+        let sent = grab("Total bytes sent:").context("rsync stats: no total bytes sent")?;
+        let literal = grab("Literal data:").unwrap_or(0);
+        rows.push(Row {
+            tool: "rsync --no-whole-file".into(),
+            bytes: sent,
+            secs: t.elapsed().as_secs_f64(),
+            note: format!("total bytes sent ({literal} B literal data)"),
+        });
+    }
+
+    let zstd = rows
+        .iter()
+        .find(|r| r.tool.starts_with("zstd"))
+        .map(|r| r.bytes);
+    let casync = rows
+        .iter()
+        .find(|r| r.tool.starts_with("casync"))
+        .map(|r| r.bytes);
+    println!(
+        "v1 → v2: {} → {} ({} / {} bytes of data)",
+        v1.display(),
+        v2.display(),
+        s1.data_len,
+        s2.data_len
+    );
+    println!(
+        "seeding v1 to 3 sites: {:.1} s, {} B uploaded, {} B payload per site",
+        seed_secs, s1.bytes_uploaded, s1.sites[0].bytes_sent
+    );
+    println!(
+        "update upload (client → engine, whole new chunks): {} B",
+        s2.bytes_uploaded
+    );
+    println!();
+    println!("| tool | bytes | × zstd --patch-from | × casync | seconds | what |");
+    println!("| --- | ---: | ---: | ---: | ---: | --- |");
+    let ratio = |b: u64, base: Option<u64>| {
+        base.map(|x| format!("{:.2}", b as f64 / x as f64))
+            .unwrap_or_else(|| "–".into())
+    };
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {} | {:.1} | {} |",
+            r.tool,
+            r.bytes,
+            ratio(r.bytes, zstd),
+            ratio(r.bytes, casync),
+            r.secs,
+            r.note
+        );
+    }
+    if let Some(p) = args.json {
+        let v = serde_json::json!({
+            "seed": {"seconds": seed_secs, "bytes_uploaded": s1.bytes_uploaded, "payload_per_site": s1.sites[0].bytes_sent, "wire_per_site": s1.sites[0].wire_bytes},
+            "update": {"seconds": update_secs, "bytes_uploaded": s2.bytes_uploaded,
+                "sites": s2.sites.iter().map(|p| serde_json::json!({"site": p.site, "bytes_sent": p.bytes_sent, "wire_bytes": p.wire_bytes})).collect::<Vec<_>>()},
+            "rows": rows.iter().map(|r| serde_json::json!({"tool": r.tool, "bytes": r.bytes, "seconds": r.secs, "note": r.note})).collect::<Vec<_>>(),
+        });
+        std::fs::write(p, serde_json::to_string_pretty(&v)?)?;
+    }
+    Ok(())
+}
