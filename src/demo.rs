@@ -1,6 +1,7 @@
 //! `seedcast demo`: the main job on embedded defaults. An engine and three agents on
 //! loopback in a temporary directory; a generated image of a few hundred MiB pushed to all
-//! three; the mapping and the bytes moved printed; every site's copy checked byte for byte.
+//! three; an adaptation block applied to it; the mapping and the bytes moved printed; every
+//! site's copy checked byte for byte after each step.
 
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
@@ -10,7 +11,7 @@ use std::time::Instant;
 use seedcast_agents::Adapter;
 use seedcast_core::protocol::{ImageStatus, PlacementState};
 
-use crate::client::{ClientError, PushOptions};
+use crate::client::{Change, ClientError, PushOptions};
 use crate::cluster::{ClusterError, LocalCluster, file_hash};
 use crate::output::{human_bytes, image_table};
 use crate::synth;
@@ -48,6 +49,7 @@ pub enum DemoError {
 #[derive(Debug, Clone)]
 pub struct DemoReport {
     pub first: ImageStatus,
+    pub adapted: ImageStatus,
     pub second: ImageStatus,
     /// Every site holds every file byte-identical to the original.
     pub identical: bool,
@@ -177,6 +179,118 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<Demo
         )?;
     }
 
+    // An adaptation block: 64 KiB written into the disk and a new metadata.json, as one new
+    // version of the same global id; only the change travels.
+    let work = cluster.root.join("update");
+    std::fs::create_dir_all(&work)?;
+    let patch = work.join("patch.bin");
+    let mut patch_bytes = vec![0u8; 64 * 1024];
+    synth::text_like(
+        &mut synth::Stream::new("seedcast demo patch"),
+        &mut patch_bytes,
+    );
+    std::fs::write(&patch, &patch_bytes)?;
+    let meta = work.join("metadata.json");
+    std::fs::write(
+        &meta,
+        format!(
+            "{{\"os\": \"demo-linux\", \"arch\": \"x86_64\", \"disk_mib\": {}, \"patched\": true}}\n",
+            opts.disk_mib
+        ),
+    )?;
+    let offset = (opts.disk_mib << 20) / 3;
+    let t = Instant::now();
+    let changes = [
+        Change::Write {
+            path: "disk.raw".into(),
+            offset,
+            data_file: patch.clone(),
+        },
+        Change::Replace {
+            path: "metadata.json".into(),
+            file: meta.clone(),
+        },
+    ];
+    let committed = client.adapt(&first.global_id, &changes, 3).await?;
+    let adapted = client
+        .watch(&committed.global_id, committed.version, |_| {})
+        .await?;
+    writeln!(
+        out,
+        "\nadaptation block (64 KiB written into disk.raw at {offset}, metadata.json replaced) → version {} in {:.2} s",
+        adapted.version,
+        t.elapsed().as_secs_f64()
+    )?;
+    write!(out, "{}", image_table(&adapted))?;
+    writeln!(
+        out,
+        "update on the wire per site: {} (payload {}), for an image of {} ({} data)",
+        adapted
+            .sites
+            .iter()
+            .map(|p| human_bytes(p.wire_bytes))
+            .collect::<Vec<_>>()
+            .join(" / "),
+        adapted
+            .sites
+            .first()
+            .map(|p| human_bytes(p.bytes_sent))
+            .unwrap_or_default(),
+        human_bytes(adapted.total_len),
+        human_bytes(adapted.data_len)
+    )?;
+    // The same change made locally, and every site checked against it.
+    let mut expected = Vec::new();
+    for (name, _) in &originals {
+        let src = if name == "metadata.json" {
+            meta.clone()
+        } else {
+            img.join(name)
+        };
+        let dst = work.join(format!("expected-{name}"));
+        std::fs::copy(&src, &dst)?;
+        if name == "disk.raw" {
+            use std::os::unix::fs::FileExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&dst)?
+                .write_all_at(&patch_bytes, offset)?;
+        }
+        expected.push((name.clone(), file_hash(&dst)?));
+    }
+    for p in &adapted.sites {
+        let a = cluster.agent(&p.site);
+        let Some(local) = p
+            .local_id
+            .as_deref()
+            .filter(|_| p.state == PlacementState::Published)
+        else {
+            writeln!(out, "  {}: update not published ({:?})", p.site, p.error)?;
+            identical = false;
+            continue;
+        };
+        let mut ok = true;
+        for (name, h) in &expected {
+            let rb = a
+                .adapter
+                .read_back(local, name)
+                .await
+                .map_err(ClusterError::from)?;
+            ok &= file_hash(rb.path())? == *h;
+        }
+        identical &= ok;
+        writeln!(
+            out,
+            "  {}: {}",
+            p.site,
+            if ok {
+                "byte-identical to the same change made locally"
+            } else {
+                "DIFFERS from the same change made locally"
+            }
+        )?;
+    }
+
     let (second, _) = push("demo-image-again").await?;
     writeln!(
         out,
@@ -204,6 +318,7 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<Demo
     )?;
     Ok(DemoReport {
         first,
+        adapted,
         second,
         identical,
     })

@@ -197,6 +197,80 @@ fn engine_agents_push_status_sites_through_the_cli() -> Result<()> {
         "{printed:?}"
     );
 
+    // An adaptation block through the CLI: --write and --add, --json for the new version.
+    let patch = d.join("patch.bin");
+    std::fs::write(&patch, vec![0xabu8; 3000])?;
+    let notes = d.join("notes.txt");
+    std::fs::write(&notes, b"v2 notes\n")?;
+    let v = json(&run(
+        &[
+            "adapt",
+            &gid,
+            "--write",
+            &format!("disk.raw@4096={}", patch.display()),
+            "--add",
+            &format!("notes.txt={}", notes.display()),
+            "--wait",
+            "--json",
+        ],
+        &env,
+    )?)?;
+    assert_eq!(v["global_id"], gid.as_str());
+    assert_eq!(v["version"], 2);
+    for s in v["sites"].as_array().unwrap() {
+        assert_eq!(s["state"], "published");
+        assert_eq!(s["version"], 2);
+        assert!(s["wire_bytes"].as_u64().unwrap() > s["bytes_sent"].as_u64().unwrap());
+        let dir = d
+            .join(format!("pool-{}", s["site"].as_str().unwrap()))
+            .join(s["local_id"].as_str().unwrap());
+        let mut expect = std::fs::read(img.join("disk.raw"))?;
+        expect[4096..7096].fill(0xab);
+        assert_eq!(std::fs::read(dir.join("disk.raw"))?, expect);
+        assert_eq!(std::fs::read(dir.join("notes.txt"))?, b"v2 notes\n");
+    }
+    let h = json(&run(&["history", &gid, "--json"], &env)?)?;
+    let versions = h["versions"].as_array().unwrap();
+    assert_eq!(versions.len(), 2);
+    assert_eq!(versions[1]["parent"], 1);
+    assert!(
+        versions[1]["change"]
+            .as_str()
+            .unwrap()
+            .contains("add notes.txt")
+    );
+    let v = json(&run(
+        &["rollback", &gid, "--to", "1", "--wait", "--json"],
+        &env,
+    )?)?;
+    assert_eq!(v["version"], 3);
+    for s in v["sites"].as_array().unwrap() {
+        assert_eq!(s["state"], "published");
+        assert_eq!(s["bytes_sent"], 0);
+    }
+    for bad in [
+        vec![
+            "adapt",
+            "sc-000000000000000000000000",
+            "--remove",
+            "meta.json",
+        ],
+        vec!["adapt", gid.as_str(), "--remove", "nope"],
+        vec![
+            "adapt",
+            gid.as_str(),
+            "--write",
+            "disk.raw@999999999999=/dev/null",
+        ],
+        vec!["adapt", gid.as_str(), "--write", "disk.raw=x"],
+        vec!["rollback", gid.as_str(), "--to", "9"],
+    ] {
+        let out = run(&bad, &env)?;
+        assert!(!out.status.success(), "{bad:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.starts_with("error: "), "{bad:?}: {err}");
+    }
+
     // Errors: a clear message on stderr and a non-zero exit.
     let out = run(&["status", "sc-000000000000000000000000"], &env)?;
     assert!(!out.status.success());

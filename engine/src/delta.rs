@@ -157,15 +157,19 @@ pub(crate) enum Encoded {
 
 type Slot<T> = Arc<OnceCell<Arc<T>>>;
 
+/// Encoded groups by key, oldest first for eviction, and their total size.
+#[derive(Debug, Default)]
+struct GroupMemo {
+    map: HashMap<[u8; 32], Slot<Encoded>>,
+    order: VecDeque<([u8; 32], usize)>,
+    bytes: usize,
+}
+
 /// Base indexes and encoded groups, shared by concurrent deployments to many sites.
 #[derive(Debug, Default)]
 pub(crate) struct DeltaCache {
     indexes: Mutex<VecDeque<([u8; 32], Slot<BaseIndex>)>>,
-    groups: Mutex<(
-        HashMap<[u8; 32], Slot<Encoded>>,
-        VecDeque<([u8; 32], usize)>,
-        usize,
-    )>,
+    groups: Mutex<GroupMemo>,
 }
 
 pub(crate) fn bases_key(held: &[HeldVersion], unavailable: &[ChunkId]) -> [u8; 32] {
@@ -235,7 +239,8 @@ impl DeltaCache {
         let key = *k.finalize().as_bytes();
         let slot = {
             let mut g = self.groups.lock().expect("group cache lock");
-            g.0.entry(key)
+            g.map
+                .entry(key)
                 .or_insert_with(|| Arc::new(OnceCell::new()))
                 .clone()
         };
@@ -253,15 +258,15 @@ impl DeltaCache {
             Encoded::Stored(ids) => 32 * ids.len(),
         };
         let mut g = self.groups.lock().expect("group cache lock");
-        if !g.1.iter().any(|(k2, _)| *k2 == key) {
-            g.1.push_back((key, size));
-            g.2 += size;
-            while g.2 > MEMO_BYTES {
-                let Some((old, n)) = g.1.pop_front() else {
+        if !g.order.iter().any(|(k2, _)| *k2 == key) {
+            g.order.push_back((key, size));
+            g.bytes += size;
+            while g.bytes > MEMO_BYTES {
+                let Some((old, n)) = g.order.pop_front() else {
                     break;
                 };
-                g.0.remove(&old);
-                g.2 -= n;
+                g.map.remove(&old);
+                g.bytes -= n;
             }
         }
         Ok(enc)

@@ -1,9 +1,34 @@
-//! Exploration: how many bytes would v1 → v2 cost under different delta strategies?
-use std::collections::{HashMap, HashSet};
+//! How the update's delta strategy was chosen: bytes to send a site that holds v1 the
+//! chunks of v2 it lacks, under each strategy, on the same images in one run.
+//!
+//! 1. whole chunks, zstd level 3 (as stored) and level L;
+//! 2. each chunk as a delta against its most similar v1 chunk (sketch super-features);
+//! 3. each chunk as a delta against the v1 chunks holding its aligned 4 KiB blocks;
+//! 4. groups of G consecutive chunks as one frame, prefix = both kinds of bases (seedcast).
+//!
+//! `cargo run --release -p seedcast-bench --bin delta_strategies -- V1 V2 [--level 19]`
 
-use seedcast_core::ChunkId;
+use std::collections::{HashMap, HashSet};
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::Parser;
 use seedcast_core::chunker::{ChunkerConfig, Piece, StreamingChunker};
-use seedcast_core::delta;
+use seedcast_core::{ChunkId, delta};
+
+#[derive(Parser, Debug)]
+struct Args {
+    v1: String,
+    v2: String,
+    #[arg(long, default_value_t = 19)]
+    level: i32,
+    /// Average chunk size (min = avg/4, max = avg*4).
+    #[arg(long, default_value_t = 65536)]
+    avg: u32,
+    /// Chunks per group in strategy 4.
+    #[arg(long, default_value_t = 32)]
+    group: usize,
+}
 
 struct C {
     id: ChunkId,
@@ -11,12 +36,10 @@ struct C {
     data: Vec<u8>,
 }
 
-fn chunks(path: &str, cfg: ChunkerConfig) -> Vec<C> {
-    let f = std::fs::File::open(path).unwrap();
+fn chunks(path: &str, cfg: ChunkerConfig) -> Result<Vec<C>> {
     let mut out = Vec::new();
-    for r in StreamingChunker::new(f, cfg).unwrap() {
-        let (off, p) = r.unwrap();
-        if let Piece::Data(b) = p {
+    for r in StreamingChunker::new(std::fs::File::open(path)?, cfg)? {
+        if let (off, Piece::Data(b)) = r? {
             out.push(C {
                 id: ChunkId::of(&b),
                 off,
@@ -24,22 +47,30 @@ fn chunks(path: &str, cfg: ChunkerConfig) -> Vec<C> {
             });
         }
     }
-    out
+    Ok(out)
 }
 
-fn main() {
-    let a: Vec<String> = std::env::args().collect();
-    let (v1, v2) = (&a[1], &a[2]);
-    let avg: u32 = a.get(3).map(|s| s.parse().unwrap()).unwrap_or(65536);
-    let level: i32 = a.get(4).map(|s| s.parse().unwrap()).unwrap_or(19);
+fn key(b: &[u8]) -> [u8; 16] {
+    blake3::hash(b).as_bytes()[..16]
+        .try_into()
+        .expect("16 bytes")
+}
+
+/// Aligned 4 KiB blocks of a chunk at file offset `off`.
+fn blocks(off: u64, data: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let first = ((4096 - off % 4096) % 4096) as usize;
+    data.get(first..).unwrap_or(&[]).chunks_exact(4096)
+}
+
+fn main() -> Result<()> {
+    let a = Args::parse();
     let cfg = ChunkerConfig {
-        min: avg / 4,
-        avg,
-        max: avg * 4,
+        min: a.avg / 4,
+        avg: a.avg,
+        max: a.avg * 4,
         ..Default::default()
     };
-    let c1 = chunks(v1, cfg);
-    let c2 = chunks(v2, cfg);
+    let (c1, c2) = (chunks(&a.v1, cfg)?, chunks(&a.v2, cfg)?);
     let have: HashSet<ChunkId> = c1.iter().map(|c| c.id).collect();
     let mut seen = HashSet::new();
     let need: Vec<&C> = c2
@@ -47,229 +78,115 @@ fn main() {
         .filter(|c| !have.contains(&c.id) && seen.insert(c.id))
         .collect();
     let raw: usize = need.iter().map(|c| c.data.len()).sum();
-    eprintln!(
-        "v1 chunks {} v2 chunks {} need {} ({} raw)",
+    println!(
+        "v1 {} chunks, v2 {} chunks; v2 needs {} chunks ({raw} B raw)",
         c1.len(),
         c2.len(),
-        need.len(),
-        raw
+        need.len()
     );
-    let z3: usize = need
-        .iter()
-        .map(|c| {
-            zstd::bulk::compress(&c.data, 3)
-                .unwrap()
-                .len()
-                .min(c.data.len())
-        })
-        .sum();
-    let z19: usize = need
-        .iter()
-        .map(|c| {
-            zstd::bulk::compress(&c.data, level)
-                .unwrap()
-                .len()
-                .min(c.data.len())
-        })
-        .sum();
-    eprintln!("whole chunks zstd3 {z3} zstd{level} {z19}");
-    // Sketch index of v1.
-    let mut sf: HashMap<u64, usize> = HashMap::new();
+
+    let z = |d: &[u8], l: i32| zstd::bulk::compress(d, l).map(|v| v.len().min(d.len()));
+    let mut features: HashMap<u64, usize> = HashMap::new();
+    let mut block_ix: HashMap<[u8; 16], usize> = HashMap::new();
     for (i, c) in c1.iter().enumerate() {
         if let Some(s) = delta::sketch(&c.data) {
-            for x in s.0 {
-                sf.entry(x).or_insert(i);
+            for f in s.0 {
+                features.entry(f).or_insert(i);
             }
         }
+        for b in blocks(c.off, &c.data) {
+            block_ix.entry(key(b)).or_insert(i);
+        }
     }
-    let offs: Vec<u64> = c1.iter().map(|c| c.off).collect();
-    let (mut pos_total, mut sim_total, mut best_total, mut cat_total) =
-        (0usize, 0usize, 0usize, 0usize);
-    let t = std::time::Instant::now();
-    let skip = std::env::var("FAST").is_ok();
-    for c in need.iter().filter(|_| !skip) {
-        let whole = zstd::bulk::compress(&c.data, level)
-            .unwrap()
-            .len()
-            .min(c.data.len());
-        // positional: v1 chunk containing the same offset
-        let i = offs.partition_point(|&o| o <= c.off).saturating_sub(1);
-        let pos = delta::encode(&c1[i].data, &c.data, level)
-            .unwrap()
-            .len()
-            .min(whole);
-        pos_total += pos;
-        let mut cands: Vec<usize> = vec![i];
+    let similar = |c: &C| -> Vec<usize> {
+        let mut v = Vec::new();
         if let Some(s) = delta::sketch(&c.data) {
-            for x in s.0 {
-                if let Some(&j) = sf.get(&x)
-                    && !cands.contains(&j)
+            for f in s.0 {
+                if let Some(&j) = features.get(&f)
+                    && !v.contains(&j)
                 {
-                    cands.push(j);
+                    v.push(j);
                 }
             }
         }
-        let sim = cands[1..]
-            .iter()
-            .map(|&j| delta::encode(&c1[j].data, &c.data, level).unwrap().len())
-            .min()
-            .unwrap_or(whole)
-            .min(whole);
-        sim_total += sim;
-        best_total += pos.min(sim);
-        let mut cat = Vec::new();
-        for &j in cands.iter().take(4) {
-            cat.extend_from_slice(&c1[j].data);
+        v
+    };
+    let by_blocks = |c: &C| -> Vec<usize> {
+        let mut v = Vec::new();
+        for b in blocks(c.off, &c.data) {
+            if let Some(&j) = block_ix.get(&key(b))
+                && !v.contains(&j)
+            {
+                v.push(j);
+            }
         }
-        if i + 1 < c1.len() {
-            cat.extend_from_slice(&c1[i + 1].data);
-        }
-        if i > 0 {
-            cat.extend_from_slice(&c1[i - 1].data);
-        }
-        cat_total += delta::encode(&cat, &c.data, level)
-            .unwrap()
-            .len()
-            .min(whole);
-    }
-    eprintln!(
-        "delta positional {pos_total} similar {sim_total} best-of {best_total} concat {cat_total} ({:?})",
-        t.elapsed()
-    );
-    // Block index of v1: aligned 4 KiB blocks (file offsets) -> (chunk index, offset in chunk).
-    let mut blocks: HashMap<[u8; 16], (usize, usize)> = HashMap::new();
-    for (i, c) in c1.iter().enumerate() {
-        let mut o = ((4096 - (c.off % 4096)) % 4096) as usize;
-        while o + 4096 <= c.data.len() {
-            let h: [u8; 16] = blake3::hash(&c.data[o..o + 4096]).as_bytes()[..16]
-                .try_into()
-                .unwrap();
-            blocks.entry(h).or_insert((i, o));
-            o += 4096;
-        }
-    }
-    let (mut a_total, mut b_total, mut unmatched_raw) = (0usize, 0usize, 0usize);
-    let mut unmatched = Vec::new();
-    let t = std::time::Instant::now();
+        v
+    };
+    let concat = |ids: &[usize]| -> Vec<u8> {
+        ids.iter()
+            .flat_map(|&j| c1[j].data.iter().copied())
+            .collect()
+    };
+
+    let t = Instant::now();
+    let (mut w3, mut wl) = (0, 0);
     for c in &need {
-        let whole = zstd::bulk::compress(&c.data, level)
-            .unwrap()
-            .len()
-            .min(c.data.len());
-        let mut o = ((4096 - (c.off % 4096)) % 4096) as usize;
-        let mut src_chunks: Vec<usize> = Vec::new();
-        let mut exact = Vec::new();
-        let mut last = 0usize;
-        while o + 4096 <= c.data.len() {
-            let h: [u8; 16] = blake3::hash(&c.data[o..o + 4096]).as_bytes()[..16]
-                .try_into()
-                .unwrap();
-            if let Some(&(i, bo)) = blocks.get(&h) {
-                if !src_chunks.contains(&i) {
-                    src_chunks.push(i);
-                }
-                exact.extend_from_slice(&c1[i].data[bo..bo + 4096]);
-            } else {
-                unmatched_raw += 4096;
-                unmatched.extend_from_slice(&c.data[o..o + 4096]);
-            }
-            last = o + 4096;
-            o += 4096;
-        }
-        let _ = last;
-        // similar candidate
-        let mut sim = None;
-        if let Some(s) = delta::sketch(&c.data) {
-            for x in s.0 {
-                if let Some(&j) = sf.get(&x) {
-                    sim = Some(j);
-                    break;
-                }
-            }
-        }
-        let mut base_a = Vec::new();
-        for &i in src_chunks.iter().take(16) {
-            base_a.extend_from_slice(&c1[i].data);
-        }
-        if let Some(j) = sim {
-            if !src_chunks.contains(&j) {
-                base_a.extend_from_slice(&c1[j].data);
-            }
-        }
-        a_total += if base_a.is_empty() {
-            whole
-        } else {
-            delta::encode(&base_a, &c.data, level)
-                .unwrap()
-                .len()
-                .min(whole)
-        };
-        let mut base_b = exact;
-        if let Some(j) = sim {
-            base_b.extend_from_slice(&c1[j].data);
-        }
-        b_total += if base_b.is_empty() {
-            whole
-        } else {
-            delta::encode(&base_b, &c.data, level)
-                .unwrap()
-                .len()
-                .min(whole)
-        };
+        w3 += z(&c.data, 3)?;
+        wl += z(&c.data, a.level)?;
     }
-    let uz = zstd::bulk::compress(&unmatched, level).unwrap().len();
-    // C: groups of consecutive needed chunks in one frame, base = union of candidates.
-    let group: usize = std::env::var("GROUP")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(16);
-    let cap: usize = std::env::var("CAP")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(64);
-    let t2 = std::time::Instant::now();
-    let (mut c_total, mut c_nobase) = (0usize, 0usize);
-    for g in need.chunks(group) {
-        let mut cands: Vec<usize> = Vec::new();
-        let mut data = Vec::new();
-        for c in g {
-            data.extend_from_slice(&c.data);
-            let mut o = ((4096 - (c.off % 4096)) % 4096) as usize;
-            while o + 4096 <= c.data.len() {
-                let h: [u8; 16] = blake3::hash(&c.data[o..o + 4096]).as_bytes()[..16]
-                    .try_into()
-                    .unwrap();
-                if let Some(&(i, _)) = blocks.get(&h)
-                    && !cands.contains(&i)
-                {
-                    cands.push(i);
-                }
-                o += 4096;
-            }
-            if let Some(s) = delta::sketch(&c.data) {
-                for x in s.0 {
-                    if let Some(&j) = sf.get(&x) {
-                        if !cands.contains(&j) {
-                            cands.push(j);
-                        }
-                        break;
-                    }
-                }
-            }
-        }
-        let mut base = Vec::new();
-        for &i in cands.iter().take(cap) {
-            base.extend_from_slice(&c1[i].data);
-        }
-        c_total += delta::encode(&base, &data, level).unwrap().len();
-        c_nobase += zstd::bulk::compress(&data, level).unwrap().len();
-    }
-    eprintln!(
-        "groups of {group} (cap {cap}): with base {c_total}, no base {c_nobase} ({:?})",
-        t2.elapsed()
-    );
-    eprintln!(
-        "blocks: A(chunks of matched blocks) {a_total} B(exact blocks+similar) {b_total}; unmatched blocks raw {unmatched_raw} -> zstd {uz} ({:?})",
+    println!(
+        "1. whole chunks: zstd 3 {w3} B, zstd {} {wl} B ({:.1?})",
+        a.level,
         t.elapsed()
     );
+
+    let t = Instant::now();
+    let mut s2 = 0;
+    for c in &need {
+        let whole = z(&c.data, a.level)?;
+        s2 += match similar(c).first() {
+            Some(&j) => delta::encode(&c1[j].data, &c.data, a.level)?
+                .len()
+                .min(whole),
+            None => whole,
+        };
+    }
+    println!(
+        "2. delta vs most similar chunk: {s2} B ({:.1?})",
+        t.elapsed()
+    );
+
+    let t = Instant::now();
+    let mut s3 = 0;
+    for c in &need {
+        let whole = z(&c.data, a.level)?;
+        let base = concat(&by_blocks(c));
+        s3 += delta::encode(&base, &c.data, a.level)?.len().min(whole);
+    }
+    println!(
+        "3. delta vs chunks holding its blocks: {s3} B ({:.1?})",
+        t.elapsed()
+    );
+
+    let t = Instant::now();
+    let mut s4 = 0;
+    for g in need.chunks(a.group) {
+        let mut ids = Vec::new();
+        for c in g {
+            for j in by_blocks(c).into_iter().chain(similar(c)) {
+                if !ids.contains(&j) {
+                    ids.push(j);
+                }
+            }
+        }
+        ids.truncate(96);
+        let parts: Vec<&[u8]> = g.iter().map(|c| &c.data[..]).collect();
+        s4 += delta::encode_group(&concat(&ids), &parts, a.level)?.len();
+    }
+    println!(
+        "4. groups of {} with both kinds of bases (seedcast): {s4} B ({:.1?})",
+        a.group,
+        t.elapsed()
+    );
+    Ok(())
 }
