@@ -12,7 +12,9 @@ use seedcast::client::{Client, ClientError};
 use seedcast::cluster::LocalCluster;
 use seedcast_agents::adapters::dir::DirAdapter;
 use seedcast_agents::{Agent, AgentConfig, AgentError};
-use seedcast_core::protocol::{Hello, PROTOCOL_VERSION, RefuseReason, Role, SERVER_NAME, close};
+use seedcast_core::protocol::{
+    Hello, PROTOCOL_VERSION, PlacementState, RefuseReason, Role, SERVER_NAME, close,
+};
 use seedcast_net::endpoint::TransportOptions;
 use seedcast_net::pki::Token;
 use std::sync::Arc;
@@ -106,6 +108,9 @@ async fn agents_and_clients_without_valid_credentials_are_refused() -> Result<()
 async fn a_revoked_site_is_cut_off_and_no_longer_a_target() -> Result<()> {
     let mut cluster = LocalCluster::start(None, &SITES).await?;
     let client = cluster.client().await?;
+    let early = make_image(&cluster.root.join("early"), 2, "before revoke")?;
+    let before = push_wait(&client, "before-revoke", &early, None).await?;
+    assert_eq!(before.sites.len(), 3);
     client.revoke("site-b").await?;
     // The agent stops with a fatal, explained error.
     let ended = tokio::time::timeout(Duration::from_secs(20), cluster.agent_exit("site-b")).await?;
@@ -134,6 +139,32 @@ async fn a_revoked_site_is_cut_off_and_no_longer_a_target() -> Result<()> {
         s.sites.iter().map(|p| p.site.as_str()).collect::<Vec<_>>(),
         ["site-a", "site-c"]
     );
+    // An image pushed before the revocation: its next version goes to the others only, and
+    // waiting for it does not wait for the revoked site (which keeps its old mapping).
+    let patch = cluster.root.join("patch.bin");
+    std::fs::write(&patch, b"after revoke")?;
+    let c = client
+        .adapt(
+            &before.global_id,
+            &[seedcast::client::Change::Write {
+                path: "disk.raw".into(),
+                offset: 0,
+                data_file: patch,
+            }],
+            3,
+        )
+        .await?;
+    let s = tokio::time::timeout(
+        Duration::from_secs(30),
+        client.watch(&before.global_id, c.version, |_| {}),
+    )
+    .await??;
+    for p in &s.sites {
+        match p.site.as_str() {
+            "site-b" => assert_eq!((p.version, p.state), (1, PlacementState::Published)),
+            _ => assert_eq!((p.version, p.state), (2, PlacementState::Published)),
+        }
+    }
     client.close().await;
     cluster.shutdown().await?;
     Ok(())

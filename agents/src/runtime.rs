@@ -390,6 +390,21 @@ impl Agent {
                         self.deploy(conn, &mut send, &slot, transfer, manifest)
                             .await?;
                     }
+                    Some(EngineMsg::DeployDelta {
+                        transfer,
+                        base,
+                        manifest_id,
+                        delta,
+                    }) => match self.rebuild_manifest(&base, &delta, manifest_id).await {
+                        Ok(manifest) => {
+                            self.deploy(conn, &mut send, &slot, transfer, manifest)
+                                .await?;
+                        }
+                        Err(error) => {
+                            warn!(transfer, "{error}");
+                            write_msg(&mut send, &AgentMsg::Failed { transfer, error }).await?;
+                        }
+                    },
                 }
             }
         };
@@ -438,6 +453,32 @@ impl Agent {
         };
         write_msg(send, &reply).await?;
         Ok(())
+    }
+
+    /// A manifest sent as a delta against one this site holds.
+    async fn rebuild_manifest(
+        &self,
+        base: &HeldVersion,
+        delta: &[u8],
+        id: [u8; 32],
+    ) -> Result<Manifest, String> {
+        let db = self.db.clone();
+        let (base, delta) = (*base, delta.to_vec());
+        tokio::task::spawn_blocking(move || {
+            let m = db
+                .manifest(&base.global_id, base.version)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| {
+                    format!(
+                        "cannot rebuild the manifest: this site does not hold {}@{}",
+                        base.global_id, base.version
+                    )
+                })?;
+            Manifest::from_delta(&m, &delta, &id)
+                .map_err(|e| format!("cannot rebuild the manifest: {e}"))
+        })
+        .await
+        .map_err(|e| e.to_string())?
     }
 
     /// Ask for what is missing, wait for it, assemble, publish. Returns the local id and the

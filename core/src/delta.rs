@@ -49,6 +49,20 @@ pub fn encode(base: &[u8], target: &[u8], level: i32) -> Result<Vec<u8>, DeltaEr
     Ok(out)
 }
 
+/// Decode a delta made by [`encode`] whose length is not known, up to `max` bytes (the
+/// length in the zstd frame header is checked against `max` before allocating).
+pub fn decode_bounded(base: &[u8], delta: &[u8], max: usize) -> Result<Vec<u8>, DeltaError> {
+    let n = match zstd::zstd_safe::get_frame_content_size(delta) {
+        Ok(Some(n)) if n as usize <= max => n as usize,
+        _ => {
+            return Err(DeltaError::Zstd(
+                "delta frame without a usable content size".into(),
+            ));
+        }
+    };
+    decode(base, delta, n)
+}
+
 /// Decode a delta made by [`encode`] with the same `base`; `raw_len` bounds the output.
 pub fn decode(base: &[u8], delta: &[u8], raw_len: usize) -> Result<Vec<u8>, DeltaError> {
     use zstd::zstd_safe::{DCtx, DParameter};

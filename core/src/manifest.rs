@@ -201,9 +201,43 @@ impl Manifest {
         self.files.iter().map(|f| f.recipe.len).sum()
     }
 
+    /// The manifest as a zstd delta against `base` (most entries are shared between
+    /// versions, so this is a small fraction of the full encoding).
+    pub fn delta_against(&self, base: &Manifest) -> Result<Vec<u8>, ManifestDeltaError> {
+        let b = codec::encode(base)?;
+        let t = codec::encode(self)?;
+        Ok(crate::delta::encode(&b, &t, 19)?)
+    }
+
+    /// Rebuild a manifest from [`Manifest::delta_against`]'s output and check its id.
+    pub fn from_delta(
+        base: &Manifest,
+        delta: &[u8],
+        id: &[u8; 32],
+    ) -> Result<Manifest, ManifestDeltaError> {
+        let b = codec::encode(base)?;
+        let bytes = crate::delta::decode_bounded(&b, delta, crate::protocol::MAX_MESSAGE_SIZE)?;
+        let m: Manifest = codec::decode(&bytes)?;
+        if &m.id()? != id {
+            return Err(ManifestDeltaError::Id);
+        }
+        Ok(m)
+    }
+
     pub fn file(&self, path: &str) -> Option<&FileEntry> {
         self.files.iter().find(|f| f.path == path)
     }
+}
+
+/// A manifest delta could not be made or applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestDeltaError {
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    #[error(transparent)]
+    Delta(#[from] crate::delta::DeltaError),
+    #[error("the rebuilt manifest does not match its id")]
+    Id,
 }
 
 /// Zeros to hash holes with, without allocating.
@@ -304,6 +338,34 @@ mod tests {
         assert_eq!(m.id().unwrap(), manifest_of(&data).id().unwrap());
         let back: Manifest = codec::decode(&codec::encode(&m).unwrap()).unwrap();
         assert_eq!(back, m);
+    }
+
+    #[test]
+    fn manifest_deltas_round_trip_and_check_the_id() {
+        let mut data = vec![7u8; 3_000_000];
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (i * 7919 % 251) as u8;
+        }
+        let m1 = manifest_of(&data);
+        data[1_500_000] ^= 1;
+        let mut m2 = manifest_of(&data);
+        m2.version = 2;
+        m2.parent = Some(1);
+        let d = m2.delta_against(&m1).unwrap();
+        assert!(
+            d.len() * 4 < codec::encode(&m2).unwrap().len(),
+            "{}",
+            d.len()
+        );
+        let back = Manifest::from_delta(&m1, &d, &m2.id().unwrap()).unwrap();
+        assert_eq!(back, m2);
+        assert!(matches!(
+            Manifest::from_delta(&m1, &d, &[0; 32]),
+            Err(ManifestDeltaError::Id)
+        ));
+        // Another base cannot rebuild it (and if it could, the id would say so).
+        let other = manifest_of(&[9u8; 500_000]);
+        assert!(Manifest::from_delta(&other, &d, &m2.id().unwrap()).is_err());
     }
 
     #[test]

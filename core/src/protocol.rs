@@ -18,7 +18,8 @@
 //!    agent's CSR and answers `Enrolled`; the agent reconnects with the new certificate.
 //! 3. **Agent** (with its site certificate): after `Welcome`, the agent sends
 //!    [`AgentMsg::Inventory`]; from then on the engine sends [`EngineMsg`] and the agent
-//!    [`AgentMsg`] on the control stream. For each `Deploy` the agent answers `NeedFrom` (the
+//!    [`AgentMsg`] on the control stream. For each `Deploy` (or `DeployDelta`: the manifest
+//!    as a delta against one the site holds) the agent answers `NeedFrom` (the
 //!    chunks it lacks after looking in its cache and in the images it holds, and which held
 //!    versions it can use as delta bases), the engine sends those chunks on unidirectional
 //!    streams (each: one [`DataStreamHeader`] frame, then any number of [`DataRecord`]
@@ -179,6 +180,14 @@ pub enum AgentMsg {
 pub enum EngineMsg {
     /// Make this manifest's version of the image published at the site.
     Deploy { transfer: u64, manifest: Manifest },
+    /// As `Deploy`, with the manifest sent as a zstd delta against the encoding of a manifest
+    /// the site holds (`base`); the rebuilt manifest must hash to `manifest_id`.
+    DeployDelta {
+        transfer: u64,
+        base: HeldVersion,
+        manifest_id: [u8; 32],
+        delta: Vec<u8>,
+    },
 }
 
 /// First frame of a unidirectional data stream.

@@ -87,6 +87,15 @@ fn commit_next(
         bytes_uploaded,
         created_unix: unix_now(),
     };
+    // Revoked sites are no longer targets: they keep their old mapping and get nothing new.
+    let revoked: BTreeSet<String> = shared
+        .catalog
+        .sites()?
+        .into_iter()
+        .filter(|(_, r)| r.revoked)
+        .map(|(n, _)| n)
+        .collect();
+    image.sites.retain(|s| !revoked.contains(s));
     let mut placements = Vec::new();
     for site in &image.sites {
         let mut p = shared

@@ -31,8 +31,14 @@ pub(crate) async fn session(
     if write_msg(&mut send, &welcome).await.is_err() {
         return;
     }
-    match read_msg_required::<AgentMsg>(&mut recv).await {
-        Ok(AgentMsg::Inventory { images }) => reconcile_inventory(&shared, &site, &images),
+    let held = match read_msg_required::<AgentMsg>(&mut recv).await {
+        Ok(AgentMsg::Inventory { images }) => {
+            reconcile_inventory(&shared, &site, &images);
+            images
+                .iter()
+                .map(|h| (h.global_id, (h.version, h.manifest_id)))
+                .collect()
+        }
         Ok(other) => {
             warn!(site, "expected Inventory, got {other:?}");
             conn.close(
@@ -47,7 +53,7 @@ pub(crate) async fn session(
             }
             return;
         }
-    }
+    };
 
     let wake = Arc::new(Notify::new());
     let handle = AgentHandle {
@@ -92,7 +98,7 @@ pub(crate) async fn session(
             }
         }
     };
-    let worker = distribute::site_worker(&shared, &site, &conn, &mut send, rx, &wake);
+    let worker = distribute::site_worker(&shared, &site, &conn, &mut send, rx, &wake, held);
     tokio::select! {
         r = reader => {
             if let Err(e) = r

@@ -373,10 +373,13 @@ async fn watch(
                 return Ok(());
             }
         };
+        // Done when every site this version targets is published or failed (sites left
+        // out of it, e.g. revoked since, are not waited for).
         let done = s
             .sites
             .iter()
-            .all(|p| p.version > version || (p.version == version && p.state.is_final()));
+            .filter(|p| p.version == version)
+            .all(|p| p.state.is_final());
         write_msg(send, &Response::Progress(s)).await?;
         if done {
             let _ = send.finish();

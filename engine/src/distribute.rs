@@ -86,6 +86,7 @@ pub(crate) async fn site_worker(
     send: &mut SendStream,
     mut rx: mpsc::Receiver<AgentMsg>,
     wake: &Notify,
+    mut held: Held,
 ) -> Result<(), DeployError> {
     // On (re)connect, failed placements get another try; afterwards only new work.
     let mut retry_failed = true;
@@ -97,8 +98,43 @@ pub(crate) async fn site_worker(
             continue;
         }
         for (g, version) in work {
-            deploy(shared, site, conn, send, &mut rx, g, version).await?;
+            deploy(shared, site, conn, send, &mut rx, &mut held, g, version).await?;
         }
+    }
+}
+
+/// What the site holds, by image: version and manifest id (from its inventory, then kept
+/// up to date as it publishes).
+pub(crate) type Held = std::collections::HashMap<GlobalId, (u32, [u8; 32])>;
+
+/// The deploy message for `m`: as a delta against the manifest the site holds of the same
+/// image when there is one (a few KiB instead of ~40 bytes per chunk of the image).
+fn deploy_msg(
+    shared: &Shared,
+    held: &Held,
+    transfer: u64,
+    m: &crate::catalog::ManifestRecord,
+) -> EngineMsg {
+    let g = m.manifest.global_id;
+    if let Some((v, mid)) = held.get(&g)
+        && *v != m.manifest.version
+        && let Ok(Some(base)) = shared.catalog.manifest(&g, *v)
+        && base.manifest_id == *mid
+        && let Ok(delta) = m.manifest.delta_against(&base.manifest)
+    {
+        return EngineMsg::DeployDelta {
+            transfer,
+            base: seedcast_core::protocol::HeldVersion {
+                global_id: g,
+                version: *v,
+            },
+            manifest_id: m.manifest_id,
+            delta,
+        };
+    }
+    EngineMsg::Deploy {
+        transfer,
+        manifest: m.manifest.clone(),
     }
 }
 
@@ -152,6 +188,7 @@ async fn deploy(
     conn: &Connection,
     send: &mut SendStream,
     rx: &mut mpsc::Receiver<AgentMsg>,
+    held: &mut Held,
     g: GlobalId,
     version: u32,
 ) -> Result<(), DeployError> {
@@ -175,14 +212,14 @@ async fn deploy(
         p.error = None;
     })?;
     let wire_start = wire_bytes(conn);
-    write_msg(
-        send,
-        &EngineMsg::Deploy {
-            transfer,
-            manifest: mrec.manifest.clone(),
-        },
-    )
-    .await?;
+    let msg = {
+        let sh = shared.clone();
+        let (held2, mrec2) = (held.clone(), mrec.clone());
+        tokio::task::spawn_blocking(move || deploy_msg(&sh, &held2, transfer, &mrec2))
+            .await
+            .map_err(|e| EngineError::Internal(format!("manifest delta task: {e}")))?
+    };
+    write_msg(send, &msg).await?;
 
     let (need, bases_from, unavailable) = match reply_for(rx, transfer).await? {
         AgentMsg::Need { chunks, .. } => (chunks, vec![], vec![]),
@@ -268,6 +305,7 @@ async fn deploy(
     match reply {
         AgentMsg::Published { local_id, .. } => {
             let st = conn.stats();
+            held.insert(g, (version, mrec.manifest_id));
             info!(
                 site, global_id = %g, version, %local_id, bytes_sent, wire,
                 lost = st.path.lost_packets, sent = st.path.sent_packets, mtu = st.path.current_mtu,
