@@ -84,10 +84,17 @@ pub(crate) async fn site_worker(
     site: &str,
     conn: &Connection,
     send: &mut SendStream,
-    mut rx: mpsc::Receiver<AgentMsg>,
+    rx: mpsc::Receiver<AgentMsg>,
     wake: &Notify,
-    mut held: Held,
+    held: Held,
 ) -> Result<(), DeployError> {
+    let mut link = SiteLink {
+        site,
+        conn,
+        send,
+        rx,
+        held,
+    };
     // On (re)connect, failed placements get another try; afterwards only new work.
     let mut retry_failed = true;
     loop {
@@ -98,7 +105,7 @@ pub(crate) async fn site_worker(
             continue;
         }
         for (g, version) in work {
-            deploy(shared, site, conn, send, &mut rx, &mut held, g, version).await?;
+            deploy(shared, &mut link, g, version).await?;
         }
     }
 }
@@ -182,16 +189,25 @@ fn wire_bytes(conn: &Connection) -> u64 {
     s.udp_tx.bytes + s.udp_rx.bytes + header * (s.udp_tx.datagrams + s.udp_rx.datagrams)
 }
 
+/// The engine's end of one agent's session, as its worker uses it.
+struct SiteLink<'a> {
+    site: &'a str,
+    conn: &'a Connection,
+    send: &'a mut SendStream,
+    rx: mpsc::Receiver<AgentMsg>,
+    held: Held,
+}
+
 async fn deploy(
     shared: &Arc<Shared>,
-    site: &str,
-    conn: &Connection,
-    send: &mut SendStream,
-    rx: &mut mpsc::Receiver<AgentMsg>,
-    held: &mut Held,
+    link: &mut SiteLink<'_>,
     g: GlobalId,
     version: u32,
 ) -> Result<(), DeployError> {
+    let (site, conn) = (link.site, link.conn);
+    let send = &mut *link.send;
+    let rx = &mut link.rx;
+    let held = &mut link.held;
     let Some(mrec) = shared
         .catalog
         .manifest(&g, version)
