@@ -572,12 +572,7 @@ impl Client {
         .await?;
         let mut bytes = 0u64;
         for c in compressed {
-            let h = ChunkHeader {
-                id: c.id,
-                raw_len: c.raw_len,
-                encoding: c.encoding,
-                payload_len: c.payload.len() as u32,
-            };
+            let h = ChunkHeader::of(&c);
             write_msg(&mut send, &h).await?;
             bytes += c.payload.len() as u64;
             send.write_chunk(c.payload)

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use seedcast_agents::Adapter;
-use seedcast_core::protocol::{ImageStatus, PlacementState};
+use seedcast_core::protocol::{ImageStatus, PlacementState, SitePlacement};
 
 use crate::client::{Change, ClientError, PushOptions};
 use crate::cluster::{ClusterError, LocalCluster, file_hash};
@@ -53,6 +53,34 @@ pub struct DemoReport {
     pub second: ImageStatus,
     /// Every site holds every file byte-identical to the original.
     pub identical: bool,
+}
+
+/// Does the site hold every file with the expected hash? `None` when nothing is published
+/// there; else whether all match, and the bytes its files allocate on disk.
+async fn check_site(
+    cluster: &LocalCluster,
+    p: &SitePlacement,
+    expected: &[(String, blake3::Hash)],
+) -> Result<Option<(bool, u64)>, DemoError> {
+    let Some(local) = p
+        .local_id
+        .as_deref()
+        .filter(|_| p.state == PlacementState::Published)
+    else {
+        return Ok(None);
+    };
+    let a = cluster.agent(&p.site);
+    let (mut ok, mut allocated) = (true, 0u64);
+    for (name, h) in expected {
+        let rb = a
+            .adapter
+            .read_back(local, name)
+            .await
+            .map_err(ClusterError::from)?;
+        ok &= file_hash(rb.path())? == *h;
+        allocated += std::fs::metadata(rb.path())?.blocks() * 512;
+    }
+    Ok(Some((ok, allocated)))
 }
 
 /// Run the demo, narrating to `out`.
@@ -148,35 +176,22 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<Demo
         })
         .collect::<std::io::Result<_>>()?;
     for p in &first.sites {
-        let a = cluster.agent(&p.site);
-        let Some(local) = p
-            .local_id
-            .as_deref()
-            .filter(|_| p.state == PlacementState::Published)
-        else {
-            writeln!(out, "  {}: not published ({:?})", p.site, p.error)?;
-            identical = false;
-            continue;
-        };
-        let mut ok = true;
-        let mut allocated = 0u64;
-        for (name, h) in &originals {
-            let rb = a
-                .adapter
-                .read_back(local, name)
-                .await
-                .map_err(ClusterError::from)?;
-            ok &= file_hash(rb.path())? == *h;
-            allocated += std::fs::metadata(rb.path())?.blocks() * 512;
+        match check_site(&cluster, p, &originals).await? {
+            None => {
+                writeln!(out, "  {}: not published ({:?})", p.site, p.error)?;
+                identical = false;
+            }
+            Some((ok, allocated)) => {
+                identical &= ok;
+                writeln!(
+                    out,
+                    "  {}: {} — {} on disk (holes kept sparse)",
+                    p.site,
+                    if ok { "byte-identical" } else { "DIFFERS" },
+                    human_bytes(allocated)
+                )?;
+            }
         }
-        identical &= ok;
-        writeln!(
-            out,
-            "  {}: {} — {} on disk (holes kept sparse)",
-            p.site,
-            if ok { "byte-identical" } else { "DIFFERS" },
-            human_bytes(allocated)
-        )?;
     }
 
     // An adaptation block: 64 KiB written into the disk and a new metadata.json, as one new
@@ -259,36 +274,25 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<Demo
         expected.push((name.clone(), file_hash(&dst)?));
     }
     for p in &adapted.sites {
-        let a = cluster.agent(&p.site);
-        let Some(local) = p
-            .local_id
-            .as_deref()
-            .filter(|_| p.state == PlacementState::Published)
-        else {
-            writeln!(out, "  {}: update not published ({:?})", p.site, p.error)?;
-            identical = false;
-            continue;
-        };
-        let mut ok = true;
-        for (name, h) in &expected {
-            let rb = a
-                .adapter
-                .read_back(local, name)
-                .await
-                .map_err(ClusterError::from)?;
-            ok &= file_hash(rb.path())? == *h;
-        }
-        identical &= ok;
-        writeln!(
-            out,
-            "  {}: {}",
-            p.site,
-            if ok {
-                "byte-identical to the same change made locally"
-            } else {
-                "DIFFERS from the same change made locally"
+        match check_site(&cluster, p, &expected).await? {
+            None => {
+                writeln!(out, "  {}: update not published ({:?})", p.site, p.error)?;
+                identical = false;
             }
-        )?;
+            Some((ok, _)) => {
+                identical &= ok;
+                writeln!(
+                    out,
+                    "  {}: {}",
+                    p.site,
+                    if ok {
+                        "byte-identical to the same change made locally"
+                    } else {
+                        "DIFFERS from the same change made locally"
+                    }
+                )?;
+            }
+        }
     }
 
     let (second, _) = push("demo-image-again").await?;

@@ -12,10 +12,7 @@ use seedcast::client::{Client, ClientError};
 use seedcast::cluster::LocalCluster;
 use seedcast_agents::adapters::dir::DirAdapter;
 use seedcast_agents::{Agent, AgentConfig, AgentError};
-use seedcast_core::protocol::{
-    Hello, PROTOCOL_VERSION, PlacementState, RefuseReason, Role, SERVER_NAME, close,
-};
-use seedcast_net::endpoint::TransportOptions;
+use seedcast_core::protocol::{Hello, PROTOCOL_VERSION, PlacementState, RefuseReason, Role, close};
 use seedcast_net::pki::Token;
 use std::sync::Arc;
 
@@ -84,7 +81,7 @@ async fn agents_and_clients_without_valid_credentials_are_refused() -> Result<()
     );
 
     // An agent claiming an enrolled site without that site's certificate is refused too.
-    let conn = raw_connect(&cluster).await?;
+    let conn = common::raw_connect(&cluster).await?;
     let (mut send, mut recv) = conn.open_bi().await?;
     seedcast_net::write_msg(
         &mut send,
@@ -170,21 +167,9 @@ async fn a_revoked_site_is_cut_off_and_no_longer_a_target() -> Result<()> {
     Ok(())
 }
 
-async fn raw_connect(cluster: &LocalCluster) -> Result<quinn::Connection> {
-    let cc = seedcast_net::tls::client_config(
-        cluster.admin.ca_fingerprint,
-        None,
-        &TransportOptions::default(),
-    )?;
-    let ep = seedcast_net::endpoint::client(cluster.engine_addr, &TransportOptions::default())?;
-    Ok(ep
-        .connect_with(cc, cluster.engine_addr, SERVER_NAME)?
-        .await?)
-}
-
 /// Send `bytes` as the first stream of a fresh connection; return how the engine closed it.
 async fn close_after(cluster: &LocalCluster, bytes: &[u8]) -> Result<(u64, String)> {
-    let conn = raw_connect(cluster).await?;
+    let conn = common::raw_connect(cluster).await?;
     let (mut send, _recv) = conn.open_bi().await?;
     send.write_all(bytes).await?;
     send.finish()?;
@@ -240,19 +225,7 @@ async fn truncated_oversized_and_garbage_frames_get_errors_not_panics() -> Resul
 
     // An authenticated client sending an oversized request frame gets an error too.
     let client = cluster.client().await?;
-    let conn = raw_connect(&cluster).await?;
-    let (mut send, mut recv) = conn.open_bi().await?;
-    seedcast_net::write_msg(
-        &mut send,
-        &Hello {
-            protocol: PROTOCOL_VERSION,
-            role: Role::Client {
-                admin_secret: cluster.admin.secret.clone(),
-            },
-        },
-    )
-    .await?;
-    let _: seedcast_core::protocol::HelloReply = seedcast_net::read_msg_required(&mut recv).await?;
+    let conn = common::raw_admin(&cluster).await?;
     let (mut s2, _r2) = conn.open_bi().await?;
     s2.write_all(&(200u32 << 20).to_be_bytes()).await?;
     s2.finish()?;

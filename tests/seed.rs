@@ -229,7 +229,7 @@ async fn a_commit_naming_chunks_the_engine_lacks_is_refused() -> Result<()> {
 async fn raw_commit(cluster: &LocalCluster, entry: seedcast_core::FileEntry) -> Result<String> {
     use seedcast_core::protocol::{CommitRequest, Request, Response};
     // Client::push always uploads first; build the commit by hand instead.
-    let conn = raw::connect_admin(cluster).await?;
+    let conn = common::raw_admin(cluster).await?;
     let (mut send, mut recv) = conn.open_bi().await?;
     seedcast_net::write_msg(
         &mut send,
@@ -245,38 +245,5 @@ async fn raw_commit(cluster: &LocalCluster, entry: seedcast_core::FileEntry) -> 
     match r {
         Response::Error { message, .. } => Ok(message),
         other => anyhow::bail!("expected an error, got {other:?}"),
-    }
-}
-
-mod raw {
-    use anyhow::Result;
-    use seedcast::cluster::LocalCluster;
-    use seedcast_core::protocol::{Hello, HelloReply, PROTOCOL_VERSION, Role, SERVER_NAME};
-    use seedcast_net::endpoint::TransportOptions;
-
-    pub async fn connect_admin(cluster: &LocalCluster) -> Result<quinn::Connection> {
-        let cc = seedcast_net::tls::client_config(
-            cluster.admin.ca_fingerprint,
-            None,
-            &TransportOptions::default(),
-        )?;
-        let ep = seedcast_net::endpoint::client(cluster.engine_addr, &TransportOptions::default())?;
-        let conn = ep
-            .connect_with(cc, cluster.engine_addr, SERVER_NAME)?
-            .await?;
-        let (mut send, mut recv) = conn.open_bi().await?;
-        seedcast_net::write_msg(
-            &mut send,
-            &Hello {
-                protocol: PROTOCOL_VERSION,
-                role: Role::Client {
-                    admin_secret: cluster.admin.secret.clone(),
-                },
-            },
-        )
-        .await?;
-        let r: HelloReply = seedcast_net::read_msg_required(&mut recv).await?;
-        anyhow::ensure!(matches!(r, HelloReply::Welcome { .. }), "{r:?}");
-        Ok(conn)
     }
 }

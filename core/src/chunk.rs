@@ -238,26 +238,9 @@ mod tests {
 
     #[test]
     fn incompressible_chunks_stay_raw() {
-        let raw: Vec<u8> = (0..4096u32)
-            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-            .collect();
-        let raw = blake3::Hasher::new()
-            .update(&raw)
-            .finalize_xof()
-            .fill_vec(4096);
+        let raw = crate::testutil::noise(9, 4096);
         let c = CompressedChunk::compress(ChunkId::of(&raw), &raw, 3);
         assert_eq!(c.encoding, Encoding::Raw);
         assert!(UnverifiedChunk(c).verify(8192).is_ok());
-    }
-
-    trait FillVec {
-        fn fill_vec(self, n: usize) -> Vec<u8>;
-    }
-    impl FillVec for blake3::OutputReader {
-        fn fill_vec(mut self, n: usize) -> Vec<u8> {
-            let mut v = vec![0; n];
-            self.fill(&mut v);
-            v
-        }
     }
 }

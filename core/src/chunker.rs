@@ -361,15 +361,7 @@ pub fn chunk_all(data: &[u8], cfg: ChunkerConfig) -> Result<Vec<Piece>, ConfigEr
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    pub(crate) fn noise(seed: u64, n: usize) -> Vec<u8> {
-        let mut v = vec![0u8; n];
-        blake3::Hasher::new()
-            .update(&seed.to_le_bytes())
-            .finalize_xof()
-            .fill(&mut v);
-        v
-    }
+    use crate::testutil::{noise, small};
 
     fn concat(pieces: &[Piece]) -> Vec<u8> {
         let mut out = Vec::new();
@@ -380,16 +372,6 @@ mod tests {
             }
         }
         out
-    }
-
-    fn small() -> ChunkerConfig {
-        ChunkerConfig {
-            min: 1024,
-            avg: 4096,
-            max: 16384,
-            hole_block: 512,
-            hole_min: 2048,
-        }
     }
 
     /// 0, 1, min-1, min, avg, max, max+1 and friends, for both configurations.

@@ -172,15 +172,7 @@ pub fn sketch(data: &[u8]) -> Option<Sketch> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn noise(seed: u64, n: usize) -> Vec<u8> {
-        let mut v = vec![0u8; n];
-        blake3::Hasher::new()
-            .update(&seed.to_le_bytes())
-            .finalize_xof()
-            .fill(&mut v);
-        v
-    }
+    use crate::testutil::noise;
 
     #[test]
     fn delta_round_trips_and_is_small_for_similar_chunks() {

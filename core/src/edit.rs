@@ -279,26 +279,8 @@ mod tests {
     use super::*;
     use crate::chunker::chunk_all;
     use crate::manifest::RecipeBuilder;
+    use crate::testutil::{noise, small};
     use proptest::prelude::*;
-
-    fn noise(seed: u64, n: usize) -> Vec<u8> {
-        let mut v = vec![0u8; n];
-        blake3::Hasher::new()
-            .update(&seed.to_le_bytes())
-            .finalize_xof()
-            .fill(&mut v);
-        v
-    }
-
-    fn small() -> ChunkerConfig {
-        ChunkerConfig {
-            min: 1024,
-            avg: 4096,
-            max: 16384,
-            hole_block: 512,
-            hole_min: 2048,
-        }
-    }
 
     fn recipe_of(data: &[u8], cfg: ChunkerConfig) -> (FileRecipe, HashMap<ChunkId, Bytes>) {
         let mut rb = RecipeBuilder::new();

@@ -27,6 +27,9 @@ pub mod manifest;
 pub mod protocol;
 pub mod transfer;
 
+#[cfg(test)]
+mod testutil;
+
 pub use chunk::{CompressedChunk, Encoding, HashMismatch, UnverifiedChunk, VerifiedChunk};
 pub use chunker::{ChunkerConfig, Piece};
 pub use id::{ChunkId, GlobalId};

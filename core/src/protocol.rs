@@ -236,6 +236,16 @@ pub struct ChunkHeader {
 }
 
 impl ChunkHeader {
+    /// The header announcing `c` in its stored form.
+    pub fn of(c: &crate::chunk::CompressedChunk) -> Self {
+        ChunkHeader {
+            id: c.id,
+            raw_len: c.raw_len,
+            encoding: c.encoding,
+            payload_len: c.payload.len() as u32,
+        }
+    }
+
     /// Largest payload a header may announce: a chunk of the largest allowed size, stored
     /// raw, plus slack for a zstd frame that did not shrink.
     pub const MAX_PAYLOAD: u32 = ChunkerConfig::MAX_CHUNK + 64 * 1024;

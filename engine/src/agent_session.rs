@@ -4,9 +4,7 @@
 use std::sync::Arc;
 
 use quinn::{Connection, RecvStream, SendStream, VarInt};
-use seedcast_core::protocol::{
-    AgentMsg, HeldImage, HelloReply, PROTOCOL_VERSION, PlacementState, close,
-};
+use seedcast_core::protocol::{AgentMsg, HeldImage, PlacementState, close};
 use seedcast_net::{read_msg, read_msg_required, write_msg};
 use tokio::sync::{Notify, mpsc};
 use tracing::{info, warn};
@@ -23,12 +21,10 @@ pub(crate) async fn session(
     mut send: SendStream,
     mut recv: RecvStream,
 ) {
-    let welcome = HelloReply::Welcome {
-        protocol: PROTOCOL_VERSION,
-        engine_id: shared.id.clone(),
-        chunking: shared.cfg.chunking,
-    };
-    if write_msg(&mut send, &welcome).await.is_err() {
+    if write_msg(&mut send, &crate::server::welcome(&shared))
+        .await
+        .is_err()
+    {
         return;
     }
     let held = match read_msg_required::<AgentMsg>(&mut recv).await {

@@ -12,8 +12,7 @@ use std::time::Duration;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use seedcast_core::manifest::{MANIFEST_FORMAT, validate_files};
 use seedcast_core::protocol::{
-    ChunkHeader, CommitRequest, HelloReply, MAX_IDS_PER_REQUEST, MAX_UPLOAD_BATCH,
-    PROTOCOL_VERSION, Request, Response, close,
+    ChunkHeader, CommitRequest, MAX_IDS_PER_REQUEST, MAX_UPLOAD_BATCH, Request, Response, close,
 };
 use seedcast_core::{CompressedChunk, GlobalId, Manifest, UnverifiedChunk};
 use seedcast_net::{FramedError, read_msg_required, read_payload, write_msg};
@@ -30,12 +29,10 @@ pub(crate) async fn session(
     mut send: SendStream,
     _recv: RecvStream,
 ) {
-    let welcome = HelloReply::Welcome {
-        protocol: PROTOCOL_VERSION,
-        engine_id: shared.id.clone(),
-        chunking: shared.cfg.chunking,
-    };
-    if write_msg(&mut send, &welcome).await.is_err() {
+    if write_msg(&mut send, &crate::server::welcome(&shared))
+        .await
+        .is_err()
+    {
         return;
     }
     let _ = send.finish();

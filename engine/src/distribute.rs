@@ -458,12 +458,7 @@ async fn stream_task(
         .await
         .map_err(|e| EngineError::Internal(format!("read task: {e}")))??;
         for c in chunks {
-            let h = ChunkHeader {
-                id: c.id,
-                raw_len: c.raw_len,
-                encoding: c.encoding,
-                payload_len: c.payload.len() as u32,
-            };
+            let h = ChunkHeader::of(&c);
             write_msg(&mut s, &DataRecord::Chunk(h)).await?;
             let n = c.payload.len() as u64;
             // The stored bytes go out as they are: no copy, no recompression.

@@ -57,6 +57,15 @@ pub(crate) async fn run(
     Ok(())
 }
 
+/// The reply to an accepted hello.
+pub(crate) fn welcome(shared: &Shared) -> HelloReply {
+    HelloReply::Welcome {
+        protocol: PROTOCOL_VERSION,
+        engine_id: shared.id.clone(),
+        chunking: shared.cfg.chunking,
+    }
+}
+
 /// Refuse a dialer: tell it why on the control stream, give it a moment to read that, close.
 pub(crate) async fn refuse(
     conn: &Connection,

@@ -89,3 +89,39 @@ pub async fn assert_copies(
     }
     Ok(())
 }
+
+/// A bare QUIC connection to the engine (CA pinned, no credentials): for speaking the
+/// protocol by hand.
+pub async fn raw_connect(cluster: &LocalCluster) -> Result<quinn::Connection> {
+    use seedcast_net::endpoint::TransportOptions;
+    let t = TransportOptions::default();
+    let cc = seedcast_net::tls::client_config(cluster.admin.ca_fingerprint, None, &t)?;
+    let ep = seedcast_net::endpoint::client(cluster.engine_addr, &t)?;
+    Ok(ep
+        .connect_with(
+            cc,
+            cluster.engine_addr,
+            seedcast_core::protocol::SERVER_NAME,
+        )?
+        .await?)
+}
+
+/// A bare connection that has said hello as a client with the admin secret.
+pub async fn raw_admin(cluster: &LocalCluster) -> Result<quinn::Connection> {
+    use seedcast_core::protocol::{Hello, HelloReply, PROTOCOL_VERSION, Role};
+    let conn = raw_connect(cluster).await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    seedcast_net::write_msg(
+        &mut send,
+        &Hello {
+            protocol: PROTOCOL_VERSION,
+            role: Role::Client {
+                admin_secret: cluster.admin.secret.clone(),
+            },
+        },
+    )
+    .await?;
+    let r: HelloReply = seedcast_net::read_msg_required(&mut recv).await?;
+    ensure!(matches!(r, HelloReply::Welcome { .. }), "{r:?}");
+    Ok(conn)
+}
