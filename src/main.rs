@@ -47,6 +47,13 @@ enum Cmd {
         /// UDP address to listen on.
         #[arg(long, default_value = "0.0.0.0:7447")]
         listen: SocketAddr,
+        /// zstd level of the delta groups sent to sites that hold an earlier version
+        /// (1-22; higher: fewer bytes, more CPU, spent once for all sites).
+        #[arg(long, default_value_t = 19, value_parser = clap::value_parser!(i32).range(1..=22))]
+        delta_level: i32,
+        /// Parallel data streams per transfer to one site.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+        streams: u32,
     },
     /// Run a site's agent.
     Agent {
@@ -247,10 +254,17 @@ async fn finish(
 
 async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
-        Cmd::Engine { data, listen } => {
+        Cmd::Engine {
+            data,
+            listen,
+            delta_level,
+            streams,
+        } => {
             init_logs(cli.log.as_deref(), "info");
-            let engine = seedcast_engine::Engine::open(seedcast_engine::EngineConfig::new(&data))
-                .with_context(|| {
+            let mut cfg = seedcast_engine::EngineConfig::new(&data);
+            cfg.delta_level = delta_level;
+            cfg.streams_per_transfer = streams as usize;
+            let engine = seedcast_engine::Engine::open(cfg).with_context(|| {
                 format!("opening the engine's data directory {}", data.display())
             })?;
             let ep = engine
