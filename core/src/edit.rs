@@ -65,12 +65,30 @@ struct Reader<'a, E, F: FnMut(&ChunkId) -> Result<Bytes, E>> {
     extents: &'a [Extent],
     starts: Vec<u64>,
     read: &'a mut F,
-    cache: HashMap<ChunkId, Bytes>,
+    /// The last few chunks read: a chunk is read in slices as the re-cut is fed; a short
+    /// list keeps memory flat however long the re-cut runs.
+    cache: Vec<(ChunkId, Bytes)>,
 }
 
+const CACHED_CHUNKS: usize = 8;
+
 impl<E: std::error::Error + 'static, F: FnMut(&ChunkId) -> Result<Bytes, E>> Reader<'_, E, F> {
+    /// A chunk around the write, kept: the re-cut reads it in several slices.
     fn chunk(&mut self, id: &ChunkId, len: u32) -> Result<Bytes, EditError<E>> {
-        if let Some(b) = self.cache.get(id) {
+        let b = self.fetch(id, len)?;
+        if !self.cache.iter().any(|(i, _)| i == id) {
+            if self.cache.len() == CACHED_CHUNKS {
+                self.cache.remove(0);
+            }
+            self.cache.push((*id, b.clone()));
+        }
+        Ok(b)
+    }
+
+    /// A chunk read once (for the whole-file hash): not kept, so memory stays flat however
+    /// large the file.
+    fn fetch(&mut self, id: &ChunkId, len: u32) -> Result<Bytes, EditError<E>> {
+        if let Some((_, b)) = self.cache.iter().find(|(i, _)| i == id) {
             return Ok(b.clone());
         }
         let b = (self.read)(id).map_err(EditError::Read)?;
@@ -81,7 +99,6 @@ impl<E: std::error::Error + 'static, F: FnMut(&ChunkId) -> Result<Bytes, E>> Rea
                 actual: b.len(),
             });
         }
-        self.cache.insert(*id, b.clone());
         Ok(b)
     }
 
@@ -183,7 +200,7 @@ where
         extents: ext,
         starts: starts.clone(),
         read,
-        cache: HashMap::new(),
+        cache: Vec::new(),
     };
     let mut chunker = Chunker::resume(cfg, start, in_hole)?;
     let mut buf = BytesMut::new();
@@ -254,7 +271,7 @@ where
             Extent::Data { id, len } => {
                 let b = match fresh.get(id) {
                     Some(b) => b.clone(),
-                    None => rd.chunk(id, *len)?,
+                    None => rd.fetch(id, *len)?,
                 };
                 hasher.update(&b);
             }
