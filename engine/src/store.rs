@@ -190,6 +190,7 @@ impl ChunkStore {
     ) -> Result<(u32, u64), StoreError> {
         let mut w = self.writer.lock().expect("writer lock");
         let mut added: Vec<(ChunkId, ChunkRecord)> = Vec::new();
+        let mut in_batch = std::collections::HashSet::new();
         let mut bytes = 0u64;
         let mut touched = vec![w.pack];
         {
@@ -197,7 +198,7 @@ impl ChunkStore {
             let mut buf = Vec::new();
             for c in chunks {
                 let s = c.stored();
-                if idx.contains_key(&s.id) || added.iter().any(|(id, _)| *id == s.id) {
+                if idx.contains_key(&s.id) || !in_batch.insert(s.id) {
                     continue;
                 }
                 if w.len >= self.max_pack {
