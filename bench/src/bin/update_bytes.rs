@@ -25,6 +25,10 @@ struct Args {
     /// Directory with v1.raw and v2.raw (make-images.sh OUTDIR).
     #[arg(long, default_value_t = default_images())]
     images: String,
+    /// The new version's file in the images directory: `v2.raw` (a rebuilt filesystem) or
+    /// `v2-inplace.raw` (v1 patched in place, as a running VM is; `INPLACE=1 make-images.sh`).
+    #[arg(long, default_value = "v2.raw")]
+    v2: String,
     /// Skip the baseline tools (seedcast only).
     #[arg(long)]
     no_baselines: bool,
@@ -83,11 +87,12 @@ async fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let images = PathBuf::from(&args.images);
-    let (v1, v2) = (images.join("v1.raw"), images.join("v2.raw"));
+    let (v1, v2) = (images.join("v1.raw"), images.join(&args.v2));
     if !v1.exists() || !v2.exists() {
         bail!(
-            "{} has no v1.raw / v2.raw: build them with ../shared/testdata/make-images.sh {}",
+            "{} has no v1.raw / {}: build them with ../shared/testdata/make-images.sh {} (INPLACE=1 for v2-inplace.raw)",
             images.display(),
+            args.v2,
             images.display()
         );
     }
