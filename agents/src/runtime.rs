@@ -17,7 +17,7 @@ use bytes::Bytes;
 use quinn::{Connection, ConnectionError, RecvStream, SendStream, VarInt};
 use seedcast_core::delta::decode_group;
 use seedcast_core::protocol::{
-    AgentMsg, DataRecord, DataStreamHeader, EngineMsg, HeldVersion, Hello, HelloReply,
+    AgentMsg, DataRecord, DataStreamHeader, EngineMsg, GroupHeader, HeldVersion, Hello, HelloReply,
     PROTOCOL_VERSION, RefuseReason, Role, SERVER_NAME, close,
 };
 use seedcast_core::transfer::Transfer;
@@ -739,6 +739,12 @@ fn accept_record(
             let mut base = Vec::new();
             for id in &g.base {
                 base.extend_from_slice(&base_bytes(db, seeds, id)?);
+                if base.len() > GroupHeader::MAX_BASE_BYTES {
+                    return Err(format!(
+                        "delta group bases exceed {} bytes",
+                        GroupHeader::MAX_BASE_BYTES
+                    ));
+                }
             }
             let lens: Vec<u32> = g.chunks.iter().map(|(_, l)| *l).collect();
             let parts =

@@ -220,6 +220,8 @@ impl GroupHeader {
     pub const MAX_BASE: usize = 256;
     /// Largest payload of a group.
     pub const MAX_PAYLOAD: u32 = 17 * 1024 * 1024;
+    /// Most bytes the base chunks of one group may add up to.
+    pub const MAX_BASE_BYTES: usize = 64 * 1024 * 1024;
 
     pub fn raw_len(&self) -> u64 {
         self.chunks.iter().map(|(_, l)| *l as u64).sum()

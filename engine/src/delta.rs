@@ -31,7 +31,7 @@ pub const GROUP_RAW: u64 = 2 << 20;
 pub const GROUP_CHUNKS: usize = 32;
 /// Base chunks one group names at most.
 pub const MAX_BASE_CHUNKS: usize = 96;
-/// Base bytes one group uses at most.
+/// Base bytes one group uses at most (agents accept up to `GroupHeader::MAX_BASE_BYTES`).
 pub const MAX_BASE_BYTES: usize = 12 << 20;
 const BLOCK: u64 = 4096;
 /// Encoded groups kept for other sites (bytes of payload).
