@@ -502,8 +502,18 @@ mod tests {
             proptest::prop_assert_eq!(concat(&b), edited);
             let (ia, ib) = (data_ids(&a), data_ids(&b));
             let lost = ia.difference(&ib).count();
-            // The chunk holding the edit and a few neighbours change; the rest is shared.
-            proptest::prop_assert!(lost <= 6, "{} of {} chunks changed", lost, ia.len());
+            // What may change: the chunks the inserted bytes fall in (a long insertion spans
+            // several) and a few neighbours; and, when a zero region follows the insertion,
+            // the chunks around it, because the insertion shifts the 4 KiB-style block grid
+            // its hole is aligned to. Everything else is shared.
+            let near_edit = insert.len() / cfg.min as usize + 5;
+            let shifted_hole = if zeros_at >= at && zeros_len > 0 { 3 } else { 0 };
+            proptest::prop_assert!(
+                lost <= near_edit + shifted_hole,
+                "{} of {} chunks changed",
+                lost,
+                ia.len()
+            );
         }
 
         #[test]
