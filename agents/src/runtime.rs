@@ -505,9 +505,11 @@ impl Agent {
         {
             write_msg(
                 send,
-                &AgentMsg::Need {
+                &AgentMsg::NeedFrom {
                     transfer: transfer_id,
                     chunks: vec![],
+                    bases_from: vec![],
+                    unavailable: vec![],
                 },
             )
             .await?;

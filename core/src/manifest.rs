@@ -130,6 +130,14 @@ pub fn validate_file_name(name: &str) -> Result<(), ManifestError> {
     Ok(())
 }
 
+/// Check an image's name (for people): 1 to 255 bytes without control characters.
+pub fn validate_image_name(name: &str) -> Result<(), ManifestError> {
+    if name.is_empty() || name.len() > 255 || name.chars().any(char::is_control) {
+        return Err(ManifestError::BadImageName(name.to_string()));
+    }
+    Ok(())
+}
+
 /// Check the files of an image: names, uniqueness, lengths.
 pub fn validate_files(files: &[FileEntry], chunking: &ChunkerConfig) -> Result<(), ManifestError> {
     if files.is_empty() {
@@ -176,10 +184,7 @@ impl Manifest {
         if self.format != MANIFEST_FORMAT {
             return Err(ManifestError::Format(self.format));
         }
-        if self.name.is_empty() || self.name.len() > 255 || self.name.chars().any(char::is_control)
-        {
-            return Err(ManifestError::BadImageName(self.name.clone()));
-        }
+        validate_image_name(&self.name)?;
         validate_files(&self.files, &self.chunking)
     }
 

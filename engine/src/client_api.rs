@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use quinn::{Connection, RecvStream, SendStream, VarInt};
-use seedcast_core::manifest::{MANIFEST_FORMAT, validate_files};
+use seedcast_core::manifest::{MANIFEST_FORMAT, validate_files, validate_image_name};
 use seedcast_core::protocol::{
     ChunkHeader, CommitRequest, MAX_IDS_PER_REQUEST, MAX_UPLOAD_BATCH, Request, Response, close,
 };
@@ -273,12 +273,7 @@ fn commit_blocking(
     bytes_uploaded: u64,
 ) -> Result<(GlobalId, Vec<String>), EngineError> {
     let chunking = shared.cfg.chunking;
-    if c.name.is_empty() || c.name.len() > 255 || c.name.chars().any(char::is_control) {
-        return Err(EngineError::Invalid(format!(
-            "invalid image name {:?}: 1 to 255 bytes without control characters",
-            c.name
-        )));
-    }
+    validate_image_name(&c.name).map_err(|e| EngineError::Invalid(e.to_string()))?;
     validate_files(&c.files, &chunking).map_err(|e| EngineError::Invalid(e.to_string()))?;
     let ids = crate::adapt::check_chunks(shared, &c.files)?;
     let sites = resolve_sites(shared, c.sites)?;

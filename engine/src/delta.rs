@@ -157,6 +157,9 @@ pub(crate) enum Encoded {
 
 type Slot<T> = Arc<OnceCell<Arc<T>>>;
 
+/// (base manifest id, new manifest id).
+type ManifestPair = ([u8; 32], [u8; 32]);
+
 /// Encoded groups by key, oldest first for eviction, and their total size.
 #[derive(Debug, Default)]
 struct GroupMemo {
@@ -169,6 +172,9 @@ struct GroupMemo {
 #[derive(Debug, Default)]
 pub(crate) struct DeltaCache {
     indexes: Mutex<VecDeque<([u8; 32], Slot<BaseIndex>)>>,
+    /// Manifest deltas by (base manifest id, new manifest id): one per version pair, not
+    /// one per site.
+    manifests: Mutex<VecDeque<(ManifestPair, Arc<Vec<u8>>)>>,
     groups: Mutex<GroupMemo>,
 }
 
@@ -187,6 +193,31 @@ pub(crate) fn bases_key(held: &[HeldVersion], unavailable: &[ChunkId]) -> [u8; 3
 }
 
 impl DeltaCache {
+    /// The delta of `target` against `base`, computed once for every site holding `base`.
+    pub fn manifest_delta(
+        &self,
+        base: &crate::catalog::ManifestRecord,
+        target: &crate::catalog::ManifestRecord,
+    ) -> Option<Arc<Vec<u8>>> {
+        let key = (base.manifest_id, target.manifest_id);
+        if let Some((_, d)) = self
+            .manifests
+            .lock()
+            .expect("manifest cache lock")
+            .iter()
+            .find(|(k, _)| *k == key)
+        {
+            return Some(d.clone());
+        }
+        let d = Arc::new(target.manifest.delta_against(&base.manifest).ok()?);
+        let mut m = self.manifests.lock().expect("manifest cache lock");
+        m.push_back((key, d.clone()));
+        if m.len() > 8 {
+            m.pop_front();
+        }
+        Some(d)
+    }
+
     /// The base index for this set of held versions, built once.
     pub async fn index(
         &self,

@@ -127,7 +127,7 @@ fn deploy_msg(
         && *v != m.manifest.version
         && let Ok(Some(base)) = shared.catalog.manifest(&g, *v)
         && base.manifest_id == *mid
-        && let Ok(delta) = m.manifest.delta_against(&base.manifest)
+        && let Some(delta) = shared.delta.manifest_delta(&base, m)
     {
         return EngineMsg::DeployDelta {
             transfer,
@@ -136,7 +136,7 @@ fn deploy_msg(
                 version: *v,
             },
             manifest_id: m.manifest_id,
-            delta,
+            delta: delta.as_ref().clone(),
         };
     }
     EngineMsg::Deploy {
