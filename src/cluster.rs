@@ -1,17 +1,24 @@
 //! An engine and agents in one process on 127.0.0.1 — real RocksDB on disk, real QUIC
-//! sockets, real dir pools — for the demo, the integration tests and the benchmarks.
+//! sockets, real image services — for the demo, the integration tests and the benchmarks.
+//!
+//! Each site's adapter is built from an [`AdapterConfig`] (a dir pool under the cluster's
+//! root by default). Dropping a cluster asks every task to stop; [`LocalCluster::shutdown`]
+//! also waits until they have.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use seedcast_agents::adapters::dir::DirAdapter;
-use seedcast_agents::{Agent, AgentConfig, AgentError};
+use seedcast_agents::adapters::{AdapterConfig, DirOptions};
+use seedcast_agents::{Adapter, Agent, AgentConfig, AgentError};
 use seedcast_engine::{Engine, EngineConfig, EngineError};
 use seedcast_net::pki::Token;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+
+use seedcast_core::GlobalId;
+use seedcast_core::protocol::{ImageStatus, PlacementState};
 
 use crate::client::{Client, ClientError};
 
@@ -38,10 +45,16 @@ struct Running<T> {
 }
 
 impl<T> Running<T> {
-    async fn stop(mut self) -> Option<T> {
+    /// Ask the task to stop without waiting for it.
+    fn signal(&mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
+    }
+
+    /// Ask the task to stop and wait for how it ended.
+    async fn stop(mut self) -> Option<T> {
+        self.signal();
         self.task.await.ok()
     }
 }
@@ -51,8 +64,9 @@ impl<T> Running<T> {
 pub struct LocalAgent {
     pub site: String,
     pub data: PathBuf,
+    /// The directory the cluster gives this site's service (a dir adapter's pool).
     pub pool: PathBuf,
-    pub adapter: Arc<DirAdapter>,
+    pub adapter: Arc<dyn Adapter>,
     pub agent: Agent,
     run: Option<Running<Result<(), AgentError>>>,
 }
@@ -145,11 +159,36 @@ impl LocalCluster {
         self.run_engine(engine)
     }
 
+    /// The directory a site's service keeps its images in, under the cluster's root.
+    pub fn pool_dir(&self, site: &str) -> PathBuf {
+        self.root.join("pools").join(site)
+    }
+
     /// Enroll and start an agent for `site` with a dir pool.
     pub async fn add_agent(&mut self, site: &str) -> Result<(), ClusterError> {
+        let pool = self.pool_dir(site);
+        self.add_agent_with(site, &AdapterConfig::Dir(DirOptions { pool }))
+            .await
+    }
+
+    /// Enroll and start an agent for `site` whose service is built from `adapter`.
+    pub async fn add_agent_with(
+        &mut self,
+        site: &str,
+        adapter: &AdapterConfig,
+    ) -> Result<(), ClusterError> {
+        let adapter = adapter.build()?;
+        self.add_agent_using(site, adapter).await
+    }
+
+    /// Enroll and start an agent for `site` with an adapter already built.
+    pub async fn add_agent_using(
+        &mut self,
+        site: &str,
+        adapter: Arc<dyn Adapter>,
+    ) -> Result<(), ClusterError> {
         let data = self.root.join("agents").join(site);
-        let pool = self.root.join("pools").join(site);
-        let adapter = Arc::new(DirAdapter::new(pool.clone())?);
+        let pool = self.pool_dir(site);
         let cfg = AgentConfig::new(
             &data,
             self.engine_addr.to_string(),
@@ -252,6 +291,36 @@ impl LocalCluster {
         self.agent(site).pool.join(local_id)
     }
 
+    /// Poll status until every site in `sites` has published `version` of `g`; returns
+    /// that status.
+    pub async fn wait_published(
+        &self,
+        client: &Client,
+        g: &GlobalId,
+        version: u32,
+        sites: &[&str],
+        timeout: Duration,
+    ) -> Result<ImageStatus, ClusterError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = client.status(g).await?;
+            let done = sites.iter().all(|site| {
+                s.sites.iter().any(|p| {
+                    p.site == *site && p.version == version && p.state == PlacementState::Published
+                })
+            });
+            if done {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                return Err(ClusterError::Timeout(format!(
+                    "{sites:?} did not publish {g} version {version} within {timeout:?}: {s:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Stop every agent and the engine.
     pub async fn shutdown(mut self) -> Result<(), ClusterError> {
         for a in &mut self.agents {
@@ -260,6 +329,21 @@ impl LocalCluster {
             }
         }
         self.stop_engine().await
+    }
+}
+
+impl Drop for LocalCluster {
+    /// A cluster dropped without [`LocalCluster::shutdown`] (a test that failed half-way)
+    /// still tells every task to stop, so nothing keeps serving its data directory.
+    fn drop(&mut self) {
+        for a in &mut self.agents {
+            if let Some(r) = a.run.as_mut() {
+                r.signal();
+            }
+        }
+        if let Some(e) = self.engine.as_mut() {
+            e.signal();
+        }
     }
 }
 

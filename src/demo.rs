@@ -5,13 +5,12 @@
 
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
-use std::time::Instant;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use seedcast_agents::Adapter;
 use seedcast_core::protocol::{ImageStatus, PlacementState, SitePlacement};
 
-use crate::client::{Change, ClientError, PushOptions};
+use crate::client::{Change, Client, ClientError, PushOptions};
 use crate::cluster::{ClusterError, LocalCluster, file_hash};
 use crate::output::{human_bytes, image_table};
 use crate::synth;
@@ -83,119 +82,114 @@ async fn check_site(
     Ok(Some((ok, allocated)))
 }
 
-/// Run the demo, narrating to `out`.
-pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<DemoReport, DemoError> {
-    let sites: Vec<&str> = opts.sites.iter().map(String::as_str).collect();
-    let cluster = LocalCluster::start(opts.dir.clone(), &sites).await?;
-    writeln!(
-        out,
-        "seedcast demo: engine on {} with {} agents ({}), data in {}",
-        cluster.engine_addr,
-        sites.len(),
-        sites.join(", "),
-        cluster.root.display()
-    )?;
-
-    // The image: a sparse disk, a kernel, an initrd, metadata.
-    let img = cluster.root.join("image");
-    std::fs::create_dir_all(&img)?;
-    let disk = img.join("disk.raw");
-    let data = synth::write_disk(&disk, opts.disk_mib << 20, "seedcast demo disk")?;
-    synth::write_blob(&img.join("vmlinuz"), 8 << 20, "seedcast demo kernel", 0.3)?;
-    synth::write_blob(
-        &img.join("initrd.img"),
-        24 << 20,
-        "seedcast demo initrd",
-        0.6,
-    )?;
-    std::fs::write(
-        img.join("metadata.json"),
-        format!(
-            "{{\"os\": \"demo-linux\", \"arch\": \"x86_64\", \"disk_mib\": {}}}\n",
-            opts.disk_mib
-        ),
-    )?;
-    let files: Vec<PathBuf> = ["disk.raw", "vmlinuz", "initrd.img", "metadata.json"]
-        .iter()
-        .map(|f| img.join(f))
-        .collect();
-    writeln!(
-        out,
-        "image: disk.raw {} ({} data, the rest holes), vmlinuz, initrd.img, metadata.json",
-        human_bytes(opts.disk_mib << 20),
-        human_bytes(data)
-    )?;
-
-    let client = cluster.client().await?;
-    let push = |name: &'static str| {
-        let client = &client;
-        let files = files.clone();
-        async move {
-            let t = Instant::now();
-            let committed = client.push(&PushOptions::new(name, files), |_| {}).await?;
-            let done = client
-                .watch(&committed.global_id, committed.version, |_| {})
-                .await?;
-            Ok::<_, ClientError>((done, t.elapsed()))
-        }
-    };
-
-    let (first, took) = push("demo-image").await?;
-    writeln!(
-        out,
-        "\npush + distribute to {} sites: {:.2} s",
-        sites.len(),
-        took.as_secs_f64()
-    )?;
-    write!(out, "{}", image_table(&first))?;
-    writeln!(
-        out,
-        "uploaded to the engine: {} (zstd chunks of {} data); sent to each site: {}",
-        human_bytes(first.bytes_uploaded),
-        human_bytes(first.data_len),
-        first
-            .sites
-            .iter()
-            .map(|p| human_bytes(p.bytes_sent))
-            .collect::<Vec<_>>()
-            .join(" / ")
-    )?;
-
-    // Check every site's copy against the originals.
-    let mut identical = first.sites.len() == sites.len();
-    let originals: Vec<(String, blake3::Hash)> = files
-        .iter()
-        .map(|p| {
-            Ok((
-                p.file_name()
-                    .unwrap_or_default()
-                    .to_string_lossy()
-                    .into_owned(),
-                file_hash(p)?,
-            ))
-        })
-        .collect::<std::io::Result<_>>()?;
-    for p in &first.sites {
-        match check_site(&cluster, p, &originals).await? {
+/// Check every site of `status` against `expected`, narrating; true when all match.
+async fn check_sites(
+    cluster: &LocalCluster,
+    status: &ImageStatus,
+    expected: &[(String, blake3::Hash)],
+    out: &mut (dyn Write + Send),
+    what: &str,
+) -> Result<bool, DemoError> {
+    let mut identical = true;
+    for p in &status.sites {
+        match check_site(cluster, p, expected).await? {
             None => {
-                writeln!(out, "  {}: not published ({:?})", p.site, p.error)?;
+                writeln!(out, "  {}: {what} not published ({:?})", p.site, p.error)?;
                 identical = false;
             }
             Some((ok, allocated)) => {
                 identical &= ok;
-                writeln!(
-                    out,
-                    "  {}: {} — {} on disk (holes kept sparse)",
-                    p.site,
-                    if ok { "byte-identical" } else { "DIFFERS" },
-                    human_bytes(allocated)
-                )?;
+                let verdict = match (ok, what) {
+                    (true, "image") => format!(
+                        "byte-identical — {} on disk (holes kept sparse)",
+                        human_bytes(allocated)
+                    ),
+                    (false, "image") => "DIFFERS".to_string(),
+                    (true, _) => "byte-identical to the same change made locally".into(),
+                    (false, _) => "DIFFERS from the same change made locally".into(),
+                };
+                writeln!(out, "  {}: {verdict}", p.site)?;
             }
         }
     }
+    Ok(identical)
+}
 
-    // An adaptation block: 64 KiB written into the disk and a new metadata.json, as one new
-    // version of the same global id; only the change travels.
+/// Name and hash of each file.
+fn hashes(files: &[PathBuf]) -> std::io::Result<Vec<(String, blake3::Hash)>> {
+    files
+        .iter()
+        .map(|p| {
+            let name = p
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            Ok((name, file_hash(p)?))
+        })
+        .collect()
+}
+
+fn metadata(disk_mib: u64, patched: bool) -> String {
+    let extra = if patched { ", \"patched\": true" } else { "" };
+    format!("{{\"os\": \"demo-linux\", \"arch\": \"x86_64\", \"disk_mib\": {disk_mib}{extra}}}\n")
+}
+
+/// The image: a sparse disk, a kernel, an initrd, metadata. Returns the files and the
+/// disk's data bytes.
+fn make_image(dir: &Path, disk_mib: u64) -> Result<(Vec<PathBuf>, u64), DemoError> {
+    std::fs::create_dir_all(dir)?;
+    let data = synth::write_disk(&dir.join("disk.raw"), disk_mib << 20, "seedcast demo disk")?;
+    synth::write_blob(&dir.join("vmlinuz"), 8 << 20, "seedcast demo kernel", 0.3)?;
+    synth::write_blob(
+        &dir.join("initrd.img"),
+        24 << 20,
+        "seedcast demo initrd",
+        0.6,
+    )?;
+    std::fs::write(dir.join("metadata.json"), metadata(disk_mib, false))?;
+    let files = ["disk.raw", "vmlinuz", "initrd.img", "metadata.json"]
+        .iter()
+        .map(|f| dir.join(f))
+        .collect();
+    Ok((files, data))
+}
+
+/// Push `files` as `name` and wait until every site is done.
+async fn push(
+    client: &Client,
+    name: &str,
+    files: &[PathBuf],
+) -> Result<(ImageStatus, Duration), ClientError> {
+    let t = Instant::now();
+    let committed = client
+        .push(&PushOptions::new(name, files.to_vec()), |_| {})
+        .await?;
+    let done = client
+        .watch(&committed.global_id, committed.version, |_| {})
+        .await?;
+    Ok((done, t.elapsed()))
+}
+
+fn joined(sites: &[SitePlacement], f: impl Fn(&SitePlacement) -> u64) -> String {
+    sites
+        .iter()
+        .map(|p| human_bytes(f(p)))
+        .collect::<Vec<_>>()
+        .join(" / ")
+}
+
+/// The adaptation block: 64 KiB written into the disk and a new metadata.json, as one new
+/// version of the same global id (only the change travels). Returns the new version's
+/// status and the files it should hold, as the same change made locally gives them.
+async fn adapt(
+    cluster: &LocalCluster,
+    client: &Client,
+    first: &ImageStatus,
+    files: &[PathBuf],
+    disk_mib: u64,
+    out: &mut (dyn Write + Send),
+) -> Result<(ImageStatus, Vec<(String, blake3::Hash)>), DemoError> {
     let work = cluster.root.join("update");
     std::fs::create_dir_all(&work)?;
     let patch = work.join("patch.bin");
@@ -206,14 +200,8 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<Demo
     );
     std::fs::write(&patch, &patch_bytes)?;
     let meta = work.join("metadata.json");
-    std::fs::write(
-        &meta,
-        format!(
-            "{{\"os\": \"demo-linux\", \"arch\": \"x86_64\", \"disk_mib\": {}, \"patched\": true}}\n",
-            opts.disk_mib
-        ),
-    )?;
-    let offset = (opts.disk_mib << 20) / 3;
+    std::fs::write(&meta, metadata(disk_mib, true))?;
+    let offset = (disk_mib << 20) / 3;
     let t = Instant::now();
     let changes = [
         Change::Write {
@@ -240,12 +228,7 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<Demo
     writeln!(
         out,
         "update on the wire per site: {} (payload {}), for an image of {} ({} data)",
-        adapted
-            .sites
-            .iter()
-            .map(|p| human_bytes(p.wire_bytes))
-            .collect::<Vec<_>>()
-            .join(" / "),
+        joined(&adapted.sites, |p| p.wire_bytes),
         adapted
             .sites
             .first()
@@ -254,13 +237,18 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<Demo
         human_bytes(adapted.total_len),
         human_bytes(adapted.data_len)
     )?;
-    // The same change made locally, and every site checked against it.
+    // The same change made locally.
     let mut expected = Vec::new();
-    for (name, _) in &originals {
+    for src in files {
+        let name = src
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
         let src = if name == "metadata.json" {
             meta.clone()
         } else {
-            img.join(name)
+            src.clone()
         };
         let dst = work.join(format!("expected-{name}"));
         std::fs::copy(&src, &dst)?;
@@ -271,31 +259,54 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<Demo
                 .open(&dst)?
                 .write_all_at(&patch_bytes, offset)?;
         }
-        expected.push((name.clone(), file_hash(&dst)?));
+        expected.push((name, file_hash(&dst)?));
     }
-    for p in &adapted.sites {
-        match check_site(&cluster, p, &expected).await? {
-            None => {
-                writeln!(out, "  {}: update not published ({:?})", p.site, p.error)?;
-                identical = false;
-            }
-            Some((ok, _)) => {
-                identical &= ok;
-                writeln!(
-                    out,
-                    "  {}: {}",
-                    p.site,
-                    if ok {
-                        "byte-identical to the same change made locally"
-                    } else {
-                        "DIFFERS from the same change made locally"
-                    }
-                )?;
-            }
-        }
-    }
+    Ok((adapted, expected))
+}
 
-    let (second, _) = push("demo-image-again").await?;
+/// Run the demo, narrating to `out`.
+pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<DemoReport, DemoError> {
+    let sites: Vec<&str> = opts.sites.iter().map(String::as_str).collect();
+    let cluster = LocalCluster::start(opts.dir.clone(), &sites).await?;
+    writeln!(
+        out,
+        "seedcast demo: engine on {} with {} agents ({}), data in {}",
+        cluster.engine_addr,
+        sites.len(),
+        sites.join(", "),
+        cluster.root.display()
+    )?;
+    let (files, data) = make_image(&cluster.root.join("image"), opts.disk_mib)?;
+    writeln!(
+        out,
+        "image: disk.raw {} ({} data, the rest holes), vmlinuz, initrd.img, metadata.json",
+        human_bytes(opts.disk_mib << 20),
+        human_bytes(data)
+    )?;
+
+    let client = cluster.client().await?;
+    let (first, took) = push(&client, "demo-image", &files).await?;
+    writeln!(
+        out,
+        "\npush + distribute to {} sites: {:.2} s",
+        sites.len(),
+        took.as_secs_f64()
+    )?;
+    write!(out, "{}", image_table(&first))?;
+    writeln!(
+        out,
+        "uploaded to the engine: {} (zstd chunks of {} data); sent to each site: {}",
+        human_bytes(first.bytes_uploaded),
+        human_bytes(first.data_len),
+        joined(&first.sites, |p| p.bytes_sent)
+    )?;
+    let mut identical = first.sites.len() == sites.len();
+    identical &= check_sites(&cluster, &first, &hashes(&files)?, out, "image").await?;
+
+    let (adapted, expected) = adapt(&cluster, &client, &first, &files, opts.disk_mib, out).await?;
+    identical &= check_sites(&cluster, &adapted, &expected, out, "update").await?;
+
+    let (second, _) = push(&client, "demo-image-again", &files).await?;
     writeln!(
         out,
         "\nsame files pushed again as {}: uploaded {}, sent {} in total to {} sites",
@@ -311,15 +322,12 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<Demo
 
     client.close().await;
     cluster.shutdown().await?;
-    writeln!(
-        out,
-        "\n{}",
-        if identical {
-            "demo OK: one global id, a local id per site, every site byte-identical"
-        } else {
-            "demo FAILED: not every site holds a byte-identical copy"
-        }
-    )?;
+    let verdict = if identical {
+        "demo OK: one global id, a local id per site, every site byte-identical"
+    } else {
+        "demo FAILED: not every site holds a byte-identical copy"
+    };
+    writeln!(out, "\n{verdict}")?;
     Ok(DemoReport {
         first,
         adapted,

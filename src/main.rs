@@ -7,10 +7,13 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use seedcast::client::{Change, Client, PushOptions, parse_token};
+use seedcast::client::{Change, Client, PushOptions};
 use seedcast::output;
+use seedcast_agents::SiteConfig;
+use seedcast_agents::adapters::AdapterConfig;
 use seedcast_core::GlobalId;
 use seedcast_core::protocol::ImageStatus;
+use seedcast_net::pki::Token;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -37,6 +40,57 @@ struct Conn {
     token: String,
 }
 
+/// A site's agent: flags, a site config file, or both (flags win).
+#[derive(Args, Debug)]
+struct AgentArgs {
+    /// A site config file (TOML: site, engine, data, token, and an [adapter] table).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Data directory: site certificate and the agent database.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Engine address, host:port.
+    #[arg(long, env = "SEEDCAST_ENGINE")]
+    engine: Option<String>,
+    /// The engine's join token (text or path); needed only for the first start.
+    #[arg(long, env = "SEEDCAST_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// This site's name (a-z, 0-9, '-', '_').
+    #[arg(long)]
+    site: Option<String>,
+    /// The site's local image service (dir; `dir` when only --pool is given).
+    #[arg(long)]
+    adapter: Option<String>,
+    /// dir adapter: the pool directory.
+    #[arg(long)]
+    pool: Option<PathBuf>,
+}
+
+impl AgentArgs {
+    /// The file's settings (if any) with every flag given laid over them.
+    fn site_config(self) -> Result<SiteConfig> {
+        let file = match &self.config {
+            Some(p) => SiteConfig::load(p)?,
+            None => SiteConfig::default(),
+        };
+        let adapter = match (self.adapter, self.pool) {
+            (None, None) => None,
+            (kind, pool) => Some(AdapterConfig::from_flags(
+                kind.as_deref().unwrap_or("dir"),
+                pool,
+            )?),
+        };
+        let flags = SiteConfig {
+            site: self.site,
+            engine: self.engine,
+            data: self.data,
+            token: self.token,
+            adapter,
+        };
+        Ok(file.overlay(flags))
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run the engine (the management node).
@@ -55,27 +109,8 @@ enum Cmd {
         #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
         streams: u32,
     },
-    /// Run a site's agent.
-    Agent {
-        /// Data directory: site certificate and the agent database.
-        #[arg(long)]
-        data: PathBuf,
-        /// Engine address, host:port.
-        #[arg(long, env = "SEEDCAST_ENGINE")]
-        engine: String,
-        /// The engine's join token (text or path); needed only for the first start.
-        #[arg(long, env = "SEEDCAST_TOKEN", hide_env_values = true)]
-        token: Option<String>,
-        /// This site's name (a-z, 0-9, '-', '_').
-        #[arg(long)]
-        site: String,
-        /// The site's local image service.
-        #[arg(long, default_value = "dir")]
-        adapter: String,
-        /// dir adapter: the pool directory.
-        #[arg(long)]
-        pool: Option<PathBuf>,
-    },
+    /// Run a site's agent (settings from --config FILE, each overridden by its flag).
+    Agent(AgentArgs),
     /// Register an image (a set of files) and distribute it; prints its global id.
     Push {
         #[command(flatten)]
@@ -173,11 +208,15 @@ enum Cmd {
     },
 }
 
+/// Logs go to stderr, with colour only when stderr is a terminal (a file or a pipe gets
+/// plain text).
 fn init_logs(filter: Option<&str>, default: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_new(filter.unwrap_or(default))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
 }
@@ -192,12 +231,26 @@ async fn shutdown_signal() {
 }
 
 async fn connect(c: &Conn) -> Result<Client> {
-    let token = parse_token(&c.token).context("--token")?;
+    let token = Token::from_text_or_file(&c.token).context("--token")?;
     Ok(Client::connect(&c.engine, &token).await?)
 }
 
 fn print_json(v: &serde_json::Value) {
     println!("{v}");
+}
+
+/// A byte progress bar on stderr (drawn only on a terminal).
+fn progress_bar(msg: &'static str) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg:>10} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec})",
+        )
+        .expect("template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(msg);
+    bar
 }
 
 /// After a push, adapt or rollback: optionally wait for every site, print the result.
@@ -208,15 +261,7 @@ async fn finish(
     json: bool,
 ) -> Result<ExitCode> {
     let status = if wait {
-        let bar = ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr());
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{msg:>10} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec})",
-            )
-            .expect("template")
-            .progress_chars("=> "),
-        );
-        bar.set_message("sending");
+        let bar = progress_bar("sending");
         let s = client
             .watch(
                 &committed.global_id,
@@ -252,7 +297,114 @@ async fn finish(
     Ok(ExitCode::SUCCESS)
 }
 
+async fn cmd_engine(
+    data: PathBuf,
+    listen: SocketAddr,
+    delta_level: i32,
+    streams: u32,
+) -> Result<()> {
+    let mut cfg = seedcast_engine::EngineConfig::new(&data);
+    cfg.delta_level = delta_level;
+    cfg.streams_per_transfer = streams as usize;
+    let engine = seedcast_engine::Engine::open(cfg)
+        .with_context(|| format!("opening the engine's data directory {}", data.display()))?;
+    let ep = engine
+        .bind(listen)
+        .with_context(|| format!("listening on {listen}"))?;
+    eprintln!(
+        "seedcast engine {} listening on {}\n  agents enroll with: {}\n  clients use:        {}",
+        engine.id(),
+        ep.local_addr()?,
+        data.join("join.token").display(),
+        data.join("admin.token").display()
+    );
+    engine.run(ep, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn cmd_agent(args: AgentArgs) -> Result<()> {
+    let (cfg, adapter) = args.site_config()?.resolve()?;
+    let adapter = adapter.build()?;
+    let agent = seedcast_agents::Agent::open(cfg, adapter)?;
+    agent.run(shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn cmd_push(
+    conn: Conn,
+    name: String,
+    files: Vec<PathBuf>,
+    sites: Option<Vec<String>>,
+    wait: bool,
+    json: bool,
+) -> Result<ExitCode> {
+    let client = connect(&conn).await?;
+    let mut opts = PushOptions::new(name, files);
+    opts.sites = sites;
+    let bar = progress_bar("chunking");
+    let committed = client
+        .push(&opts, |p| {
+            bar.set_length(p.total);
+            bar.set_position(p.chunked);
+        })
+        .await?;
+    bar.finish_and_clear();
+    finish(client, committed, wait, json).await
+}
+
+/// The changes of `seedcast adapt`, in the order they apply.
+fn changes(
+    files: &[String],
+    writes: &[String],
+    adds: &[String],
+    removes: &[String],
+) -> Result<Vec<Change>> {
+    let mut out: Vec<Change> = removes
+        .iter()
+        .map(|r| Change::Remove { path: r.clone() })
+        .collect();
+    for f in files {
+        out.push(Change::parse_file(f)?);
+    }
+    for a in adds {
+        out.push(Change::parse_add(a)?);
+    }
+    for w in writes {
+        out.push(Change::parse_write(w)?);
+    }
+    Ok(out)
+}
+
+async fn cmd_status(conn: Conn, global_id: Option<String>, json: bool) -> Result<()> {
+    let client = connect(&conn).await?;
+    match global_id {
+        Some(g) => {
+            let s = client.status(&g.parse()?).await?;
+            if json {
+                print_json(&output::image_json(&s));
+            } else {
+                print!("{}", output::image_table(&s));
+            }
+        }
+        None => {
+            let v = client.images().await?;
+            if json {
+                print_json(&output::images_json(&v));
+            } else if v.is_empty() {
+                println!("no images");
+            } else {
+                for s in &v {
+                    print!("{}", output::image_table(s));
+                }
+            }
+        }
+    }
+    client.close().await;
+    Ok(())
+}
+
 async fn run(cli: Cli) -> Result<ExitCode> {
+    let log = cli.log.as_deref();
     match cli.cmd {
         Cmd::Engine {
             data,
@@ -260,43 +412,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             delta_level,
             streams,
         } => {
-            init_logs(cli.log.as_deref(), "info");
-            let mut cfg = seedcast_engine::EngineConfig::new(&data);
-            cfg.delta_level = delta_level;
-            cfg.streams_per_transfer = streams as usize;
-            let engine = seedcast_engine::Engine::open(cfg).with_context(|| {
-                format!("opening the engine's data directory {}", data.display())
-            })?;
-            let ep = engine
-                .bind(listen)
-                .with_context(|| format!("listening on {listen}"))?;
-            eprintln!(
-                "seedcast engine {} listening on {}\n  agents enroll with: {}\n  clients use:        {}",
-                engine.id(),
-                ep.local_addr()?,
-                data.join("join.token").display(),
-                data.join("admin.token").display()
-            );
-            engine.run(ep, shutdown_signal()).await?;
+            init_logs(log, "info");
+            cmd_engine(data, listen, delta_level, streams).await?;
         }
-        Cmd::Agent {
-            data,
-            engine,
-            token,
-            site,
-            adapter,
-            pool,
-        } => {
-            init_logs(cli.log.as_deref(), "info");
-            let token = token
-                .map(|t| parse_token(&t))
-                .transpose()
-                .context("--token")?;
-            let opts = seedcast_agents::adapters::AdapterOptions { pool };
-            let adapter = seedcast_agents::adapters::build(&adapter, &opts)?;
-            let cfg = seedcast_agents::AgentConfig::new(&data, engine, &site, token);
-            let agent = seedcast_agents::Agent::open(cfg, adapter)?;
-            agent.run(shutdown_signal()).await?;
+        Cmd::Agent(args) => {
+            init_logs(log, "info");
+            cmd_agent(args).await?;
         }
         Cmd::Push {
             conn,
@@ -306,28 +427,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             wait,
             json,
         } => {
-            init_logs(cli.log.as_deref(), "warn");
-            let client = connect(&conn).await?;
-            let mut opts = PushOptions::new(name, files);
-            opts.sites = sites;
-            let bar =
-                ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr());
-            bar.set_style(
-                ProgressStyle::with_template(
-                    "{msg:>10} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec})",
-                )
-                .expect("template")
-                .progress_chars("=> "),
-            );
-            bar.set_message("chunking");
-            let committed = client
-                .push(&opts, |p| {
-                    bar.set_length(p.total);
-                    bar.set_position(p.chunked);
-                })
-                .await?;
-            bar.finish_and_clear();
-            return finish(client, committed, wait, json).await;
+            init_logs(log, "warn");
+            return cmd_push(conn, name, files, sites, wait, json).await;
         }
         Cmd::Adapt {
             conn,
@@ -339,21 +440,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             wait,
             json,
         } => {
-            init_logs(cli.log.as_deref(), "warn");
+            init_logs(log, "warn");
             let g: GlobalId = global_id.parse()?;
-            let mut changes = Vec::new();
-            for r in &removes {
-                changes.push(Change::Remove { path: r.clone() });
-            }
-            for f in &files {
-                changes.push(Change::parse_file(f)?);
-            }
-            for a in &adds {
-                changes.push(Change::parse_add(a)?);
-            }
-            for w in &writes {
-                changes.push(Change::parse_write(w)?);
-            }
+            let changes = changes(&files, &writes, &adds, &removes)?;
             let client = connect(&conn).await?;
             let committed = client.adapt(&g, &changes, 3).await?;
             return finish(client, committed, wait, json).await;
@@ -363,7 +452,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             global_id,
             json,
         } => {
-            init_logs(cli.log.as_deref(), "warn");
+            init_logs(log, "warn");
             let g: GlobalId = global_id.parse()?;
             let client = connect(&conn).await?;
             let v = client.history(&g).await?;
@@ -381,7 +470,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             wait,
             json,
         } => {
-            init_logs(cli.log.as_deref(), "warn");
+            init_logs(log, "warn");
             let g: GlobalId = global_id.parse()?;
             let client = connect(&conn).await?;
             let committed = client.rollback(&g, to).await?;
@@ -392,35 +481,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             global_id,
             json,
         } => {
-            init_logs(cli.log.as_deref(), "warn");
-            let client = connect(&conn).await?;
-            match global_id {
-                Some(g) => {
-                    let g: GlobalId = g.parse()?;
-                    let s = client.status(&g).await?;
-                    if json {
-                        print_json(&output::image_json(&s));
-                    } else {
-                        print!("{}", output::image_table(&s));
-                    }
-                }
-                None => {
-                    let v = client.images().await?;
-                    if json {
-                        print_json(&output::images_json(&v));
-                    } else if v.is_empty() {
-                        println!("no images");
-                    } else {
-                        for s in &v {
-                            print!("{}", output::image_table(s));
-                        }
-                    }
-                }
-            }
-            client.close().await;
+            init_logs(log, "warn");
+            cmd_status(conn, global_id, json).await?;
         }
         Cmd::Sites { conn, json } => {
-            init_logs(cli.log.as_deref(), "warn");
+            init_logs(log, "warn");
             let client = connect(&conn).await?;
             let v = client.sites().await?;
             client.close().await;
@@ -431,14 +496,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Cmd::Revoke { conn, site } => {
-            init_logs(cli.log.as_deref(), "warn");
+            init_logs(log, "warn");
             let client = connect(&conn).await?;
             client.revoke(&site).await?;
             client.close().await;
             println!("revoked {site}");
         }
         Cmd::Demo { dir, disk_mib } => {
-            init_logs(cli.log.as_deref(), "warn");
+            init_logs(log, "warn");
             if disk_mib == 0 {
                 bail!("--disk-mib must be at least 1");
             }

@@ -86,21 +86,7 @@ pub fn sites_json(v: &[SiteInfo]) -> Value {
     })
 }
 
-/// Bytes in binary units, for people.
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
+pub use seedcast_core::units::human_bytes;
 
 /// A table of an image's sites, for people.
 pub fn image_table(s: &ImageStatus) -> String {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
-use common::{SITES, assert_copies, make_image, push_wait};
+use common::{SITES, assert_copies, make_image, push_wait, wait_published, with_cluster};
 use seedcast::client::{Change, Client};
 use seedcast::cluster::LocalCluster;
 use seedcast::synth;
@@ -72,376 +72,370 @@ async fn assert_exactly(cluster: &LocalCluster, s: &ImageStatus, files: &[PathBu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_kind_of_block_reaches_every_site_as_made_locally() -> Result<()> {
-    let cluster = LocalCluster::start(None, &SITES).await?;
-    let files = make_image(&cluster.root.join("v1"), 16, "kinds")?;
-    let client = cluster.client().await?;
-    let v1 = push_wait(&client, "kinds", &files, None).await?;
-    let g = v1.global_id;
-    let work = cluster.root.join("work");
-    std::fs::create_dir_all(&work)?;
+    with_cluster(&SITES, async |cluster| {
+        let files = make_image(&cluster.root.join("v1"), 16, "kinds")?;
+        let client = cluster.client().await?;
+        let v1 = push_wait(&client, "kinds", &files, None).await?;
+        let g = v1.global_id;
+        let work = cluster.root.join("work");
+        std::fs::create_dir_all(&work)?;
 
-    // --write: 4 KiB in the middle of the disk, and 100 bytes past its end (it grows).
-    let patch = work.join("patch.bin");
-    std::fs::write(&patch, noise("patch", 4096))?;
-    let tail = work.join("tail.bin");
-    std::fs::write(&tail, noise("tail", 100))?;
-    let disk_len = std::fs::metadata(&files[0])?.len();
-    let s = adapt_wait(
-        &client,
-        &g,
-        &[
-            Change::Write {
-                path: "disk.raw".into(),
-                offset: 5 << 20,
-                data_file: patch.clone(),
-            },
-            Change::Write {
-                path: "disk.raw".into(),
-                offset: disk_len - 50,
-                data_file: tail.clone(),
-            },
-        ],
-    )
-    .await?;
-    assert_eq!(s.version, 2);
-    let local = local_copy(&files, &work.join("local2"))?;
-    write_at(&local[0], 5 << 20, &std::fs::read(&patch)?)?;
-    write_at(&local[0], disk_len - 50, &std::fs::read(&tail)?)?;
-    assert_exactly(&cluster, &s, &local).await?;
-
-    // --file: a new kernel; --add: a new file; --remove: metadata — one block, one version.
-    let kernel = work.join("vmlinuz-new");
-    let mut k = std::fs::read(&files[1])?;
-    k[1000..3000].copy_from_slice(&noise("kernel patch", 2000));
-    k.extend(noise("kernel grows", 10_000));
-    std::fs::write(&kernel, &k)?;
-    let notes = work.join("notes.txt");
-    std::fs::write(&notes, b"hello from version 3\n")?;
-    let s = adapt_wait(
-        &client,
-        &g,
-        &[
-            Change::Replace {
-                path: "vmlinuz".into(),
-                file: kernel.clone(),
-            },
-            Change::Add {
-                path: "notes.txt".into(),
-                file: notes.clone(),
-            },
-            Change::Remove {
-                path: "metadata.json".into(),
-            },
-        ],
-    )
-    .await?;
-    assert_eq!(s.version, 3);
-    let dir3 = work.join("local3");
-    std::fs::create_dir_all(&dir3)?;
-    std::fs::copy(&local[0], dir3.join("disk.raw"))?;
-    std::fs::copy(&kernel, dir3.join("vmlinuz"))?;
-    std::fs::copy(&notes, dir3.join("notes.txt"))?;
-    let expect3 = vec![
-        dir3.join("disk.raw"),
-        dir3.join("vmlinuz"),
-        dir3.join("notes.txt"),
-    ];
-    assert_exactly(&cluster, &s, &expect3).await?;
-    // The kernel's change travels as a small delta, not the whole kernel.
-    for p in &s.sites {
-        assert!(p.bytes_sent < 40_000, "{p:?}");
-    }
-
-    // One global id throughout, and the history says what happened.
-    let h = client.history(&g).await?;
-    assert_eq!(h.iter().map(|v| v.version).collect::<Vec<_>>(), [1, 2, 3]);
-    assert_eq!(h[1].parent, Some(1));
-    assert_eq!(h[2].parent, Some(2));
-    assert!(
-        h[1].change.contains("write disk.raw@5242880"),
-        "{}",
-        h[1].change
-    );
-    assert!(
-        h[2].change.contains("replace vmlinuz")
-            && h[2].change.contains("add notes.txt")
-            && h[2].change.contains("remove metadata.json"),
-        "{}",
-        h[2].change
-    );
-    assert_eq!(h[2].files, ["disk.raw", "vmlinuz", "notes.txt"]);
-    // Each site's old versions are gone from its pool: it never shows a mix.
-    for p in &s.sites {
-        let pool = &cluster.agent(&p.site).pool;
-        let images = std::fs::read_dir(pool)?
-            .filter(|e| {
-                !e.as_ref()
-                    .unwrap()
-                    .file_name()
-                    .to_string_lossy()
-                    .starts_with('.')
-            })
-            .count();
-        assert_eq!(images, 1, "{} keeps {images} images", p.site);
-    }
-    client.close().await;
-    cluster.shutdown().await?;
-    Ok(())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_one_block_write_moves_far_less_than_a_chunk() -> Result<()> {
-    let cluster = LocalCluster::start(None, &SITES).await?;
-    let files = make_image(&cluster.root.join("v1"), 16, "small write")?;
-    let client = cluster.client().await?;
-    let v1 = push_wait(&client, "small", &files, None).await?;
-    let patch = cluster.root.join("patch.bin");
-    std::fs::write(&patch, noise("one block", 4096))?;
-    // A data region of the disk (the synthetic disk's first 4 MiB hold data and holes).
-    let disk = std::fs::read(&files[0])?;
-    let offset = (0..disk.len() / 4096)
-        .map(|b| b * 4096)
-        .find(|&o| o > (1 << 20) && disk[o..o + 4096].iter().any(|&x| x != 0))
-        .unwrap() as u64;
-    let s = adapt_wait(
-        &client,
-        &v1.global_id,
-        &[Change::Write {
-            path: "disk.raw".into(),
-            offset,
-            data_file: patch,
-        }],
-    )
-    .await?;
-    for p in &s.sites {
-        assert_eq!(p.state, PlacementState::Published);
-        // 4 KiB of random bytes cannot shrink: the payload is that plus a few bytes of delta.
-        assert!(p.bytes_sent < 6 * 1024, "payload {p:?}");
-        // Everything on the wire (manifest, control, frames, acks, UDP/IP headers) stays
-        // far below one 64 KiB chunk.
-        assert!(
-            p.wire_bytes > p.bytes_sent && p.wire_bytes < 40 * 1024,
-            "wire {p:?}"
-        );
-    }
-    client.close().await;
-    cluster.shutdown().await?;
-    Ok(())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_offline_site_catches_up_when_it_reconnects() -> Result<()> {
-    let mut cluster = LocalCluster::start(None, &SITES).await?;
-    let files = make_image(&cluster.root.join("v1"), 8, "offline adapt")?;
-    let client = cluster.client().await?;
-    let v1 = push_wait(&client, "offline", &files, None).await?;
-    cluster.stop_agent("site-c").await;
-    let patch = cluster.root.join("patch.bin");
-    std::fs::write(&patch, noise("offline patch", 10_000))?;
-    let change = [Change::Write {
-        path: "disk.raw".into(),
-        offset: 3 << 20,
-        data_file: patch.clone(),
-    }];
-    let committed = client.adapt(&v1.global_id, &change, 3).await?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let s = client.status(&v1.global_id).await?;
-        let p = |n: &str| s.sites.iter().find(|p| p.site == n).unwrap().clone();
-        if p("site-a").state == PlacementState::Published
-            && p("site-b").state == PlacementState::Published
-        {
-            // site-c still serves version 1 and waits for version 2.
-            let c = p("site-c");
-            assert_eq!((c.version, c.state), (2, PlacementState::Pending));
-            assert_eq!(c.local_id, v1.sites[2].local_id);
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{s:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    cluster.resume_agent("site-c");
-    let s = client
-        .watch(&v1.global_id, committed.version, |_| {})
-        .await?;
-    let local = local_copy(&files, &cluster.root.join("local"))?;
-    write_at(&local[0], 3 << 20, &std::fs::read(&patch)?)?;
-    assert_exactly(&cluster, &s, &local).await?;
-    client.close().await;
-    cluster.shutdown().await?;
-    Ok(())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rollback_moves_nothing_and_a_wiped_cache_reuses_the_published_image() -> Result<()> {
-    let mut cluster = LocalCluster::start(None, &SITES).await?;
-    let files = make_image(&cluster.root.join("v1"), 16, "rollback")?;
-    let client = cluster.client().await?;
-    let v1 = push_wait(&client, "rollback", &files, None).await?;
-    let g = v1.global_id;
-    let patch = cluster.root.join("patch.bin");
-    std::fs::write(&patch, noise("rollback patch", 64 * 1024))?;
-    let v2 = adapt_wait(
-        &client,
-        &g,
-        &[Change::Write {
-            path: "disk.raw".into(),
-            offset: 2 << 20,
-            data_file: patch,
-        }],
-    )
-    .await?;
-    assert!(v2.sites.iter().all(|p| p.bytes_sent > 0));
-
-    let committed = client.rollback(&g, 1).await?;
-    assert_eq!(committed.version, 3);
-    let v3 = client.watch(&g, 3, |_| {}).await?;
-    for p in &v3.sites {
-        assert_eq!(p.state, PlacementState::Published);
-        assert_eq!(p.bytes_sent, 0, "rollback moved chunk bytes: {p:?}");
-    }
-    assert_exactly(&cluster, &v3, &files).await?;
-    assert!(
-        client.history(&g).await?[2]
-            .change
-            .contains("rollback to version 1")
-    );
-
-    // Wipe site-c's chunk cache: it still reuses the image it has published (version 3 =
-    // version 1), so rolling forward to version 2's content moves only the change.
-    cluster.stop_agent("site-c").await;
-    let dropped = cluster.agent("site-c").agent.db().clear_chunks()?;
-    assert!(dropped > 0);
-    cluster.resume_agent("site-c");
-    cluster.wait_connected(3, Duration::from_secs(30)).await?;
-    let committed = client.rollback(&g, 2).await?;
-    let v4 = client.watch(&g, committed.version, |_| {}).await?;
-    let c = v4.sites.iter().find(|p| p.site == "site-c").unwrap();
-    let a = v4.sites.iter().find(|p| p.site == "site-a").unwrap();
-    assert_eq!(
-        a.bytes_sent, 0,
-        "site-a still holds version 2's chunks: {a:?}"
-    );
-    // site-c lost the changed chunk with its cache: only that travels, not the image.
-    assert!(c.bytes_sent > 0 && c.bytes_sent < 200 * 1024, "{c:?}");
-    assert!(
-        c.bytes_sent * 20 < v1.sites[2].bytes_sent,
-        "{c:?} vs {:?}",
-        v1.sites[2]
-    );
-    let local = local_copy(&files, &cluster.root.join("local4"))?;
-    write_at(&local[0], 2 << 20, &noise("rollback patch", 64 * 1024))?;
-    assert_exactly(&cluster, &v4, &local).await?;
-    client.close().await;
-    cluster.shutdown().await?;
-    Ok(())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_blocks_get_clear_errors_and_change_nothing() -> Result<()> {
-    let cluster = LocalCluster::start(None, &SITES[..1]).await?;
-    let files = make_image(&cluster.root.join("v1"), 4, "bad")?;
-    let client = cluster.client().await?;
-    let v1 = push_wait(&client, "bad", &files, None).await?;
-    let g = v1.global_id;
-    let data = cluster.root.join("data.bin");
-    std::fs::write(&data, b"xyz")?;
-    let empty = cluster.root.join("empty.bin");
-    std::fs::write(&empty, b"")?;
-    let len = std::fs::metadata(&files[0])?.len();
-    let w = |path: &str, offset: u64, f: &Path| Change::Write {
-        path: path.into(),
-        offset,
-        data_file: f.to_path_buf(),
-    };
-    let cases: Vec<(GlobalId, Vec<Change>, &str)> = vec![
-        (
-            "sc-000000000000000000000000".parse()?,
-            vec![w("disk.raw", 0, &data)],
-            "unknown global id",
-        ),
-        (g, vec![w("nope.raw", 0, &data)], "no file \"nope.raw\""),
-        (g, vec![w("disk.raw", len + 1, &data)], "past the end"),
-        (g, vec![w("disk.raw", 0, &empty)], "empty write"),
-        (
-            g,
-            vec![Change::Remove {
-                path: "nope".into(),
-            }],
-            "no file \"nope\"",
-        ),
-        (
-            g,
-            vec![Change::Replace {
-                path: "nope".into(),
-                file: data.clone(),
-            }],
-            "no file \"nope\"",
-        ),
-        (
-            g,
-            vec![Change::Add {
-                path: "vmlinuz".into(),
-                file: data.clone(),
-            }],
-            "already has",
-        ),
-        (
-            g,
-            vec![Change::Replace {
-                path: "disk.raw".into(),
-                file: cluster.root.join("missing"),
-            }],
-            "missing",
-        ),
-        (
-            g,
-            vec![
-                Change::Remove {
+        // --write: 4 KiB in the middle of the disk, and 100 bytes past its end (it grows).
+        let patch = work.join("patch.bin");
+        std::fs::write(&patch, noise("patch", 4096))?;
+        let tail = work.join("tail.bin");
+        std::fs::write(&tail, noise("tail", 100))?;
+        let disk_len = std::fs::metadata(&files[0])?.len();
+        let s = adapt_wait(
+            &client,
+            &g,
+            &[
+                Change::Write {
                     path: "disk.raw".into(),
+                    offset: 5 << 20,
+                    data_file: patch.clone(),
                 },
-                Change::Remove {
+                Change::Write {
+                    path: "disk.raw".into(),
+                    offset: disk_len - 50,
+                    data_file: tail.clone(),
+                },
+            ],
+        )
+        .await?;
+        assert_eq!(s.version, 2);
+        let local = local_copy(&files, &work.join("local2"))?;
+        write_at(&local[0], 5 << 20, &std::fs::read(&patch)?)?;
+        write_at(&local[0], disk_len - 50, &std::fs::read(&tail)?)?;
+        assert_exactly(cluster, &s, &local).await?;
+
+        // --file: a new kernel; --add: a new file; --remove: metadata — one block, one version.
+        let kernel = work.join("vmlinuz-new");
+        let mut k = std::fs::read(&files[1])?;
+        k[1000..3000].copy_from_slice(&noise("kernel patch", 2000));
+        k.extend(noise("kernel grows", 10_000));
+        std::fs::write(&kernel, &k)?;
+        let notes = work.join("notes.txt");
+        std::fs::write(&notes, b"hello from version 3\n")?;
+        let s = adapt_wait(
+            &client,
+            &g,
+            &[
+                Change::Replace {
                     path: "vmlinuz".into(),
+                    file: kernel.clone(),
+                },
+                Change::Add {
+                    path: "notes.txt".into(),
+                    file: notes.clone(),
                 },
                 Change::Remove {
                     path: "metadata.json".into(),
                 },
             ],
-            "at least one file",
-        ),
-        // A valid change followed by an invalid one: the whole block is refused.
-        (
-            g,
-            vec![w("disk.raw", 0, &data), w("disk.raw", len + 10, &data)],
-            "past the end",
-        ),
-        (g, vec![], "at least one change"),
-    ];
-    for (gid, changes, want) in cases {
-        let e = client
-            .adapt(&gid, &changes, 3)
-            .await
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains(want), "{changes:?}: {e}");
-    }
-    let e = client.rollback(&g, 7).await.unwrap_err().to_string();
-    assert!(e.contains("no version 7"), "{e}");
-    let e = client.rollback(&g, 1).await.unwrap_err().to_string();
-    assert!(e.contains("already the current version"), "{e}");
-    let e = client
-        .history(&"sc-000000000000000000000000".parse()?)
-        .await
-        .unwrap_err();
-    assert!(e.is_not_found(), "{e}");
+        )
+        .await?;
+        assert_eq!(s.version, 3);
+        let dir3 = work.join("local3");
+        std::fs::create_dir_all(&dir3)?;
+        std::fs::copy(&local[0], dir3.join("disk.raw"))?;
+        std::fs::copy(&kernel, dir3.join("vmlinuz"))?;
+        std::fs::copy(&notes, dir3.join("notes.txt"))?;
+        let expect3 = vec![
+            dir3.join("disk.raw"),
+            dir3.join("vmlinuz"),
+            dir3.join("notes.txt"),
+        ];
+        assert_exactly(cluster, &s, &expect3).await?;
+        // The kernel's change travels as a small delta, not the whole kernel.
+        for p in &s.sites {
+            assert!(p.bytes_sent < 40_000, "{p:?}");
+        }
 
-    // Nothing changed: still version 1, same mapping, same files at the site.
-    assert_eq!(client.history(&g).await?.len(), 1);
-    let s = client.status(&g).await?;
-    assert_eq!(s.version, 1);
-    assert_eq!(s.sites, v1.sites);
-    assert_exactly(&cluster, &s, &files).await?;
-    client.close().await;
-    cluster.shutdown().await?;
-    Ok(())
+        // One global id throughout, and the history says what happened.
+        let h = client.history(&g).await?;
+        assert_eq!(h.iter().map(|v| v.version).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(h[1].parent, Some(1));
+        assert_eq!(h[2].parent, Some(2));
+        assert!(
+            h[1].change.contains("write disk.raw@5242880"),
+            "{}",
+            h[1].change
+        );
+        assert!(
+            h[2].change.contains("replace vmlinuz")
+                && h[2].change.contains("add notes.txt")
+                && h[2].change.contains("remove metadata.json"),
+            "{}",
+            h[2].change
+        );
+        assert_eq!(h[2].files, ["disk.raw", "vmlinuz", "notes.txt"]);
+        // Each site's old versions are gone from its pool: it never shows a mix.
+        for p in &s.sites {
+            let pool = &cluster.agent(&p.site).pool;
+            let images = std::fs::read_dir(pool)?
+                .filter(|e| {
+                    !e.as_ref()
+                        .unwrap()
+                        .file_name()
+                        .to_string_lossy()
+                        .starts_with('.')
+                })
+                .count();
+            assert_eq!(images, 1, "{} keeps {images} images", p.site);
+        }
+        client.close().await;
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_block_write_moves_far_less_than_a_chunk() -> Result<()> {
+    with_cluster(&SITES, async |cluster| {
+        let files = make_image(&cluster.root.join("v1"), 16, "small write")?;
+        let client = cluster.client().await?;
+        let v1 = push_wait(&client, "small", &files, None).await?;
+        let patch = cluster.root.join("patch.bin");
+        std::fs::write(&patch, noise("one block", 4096))?;
+        // A data region of the disk (the synthetic disk's first 4 MiB hold data and holes).
+        let disk = std::fs::read(&files[0])?;
+        let offset = (0..disk.len() / 4096)
+            .map(|b| b * 4096)
+            .find(|&o| o > (1 << 20) && disk[o..o + 4096].iter().any(|&x| x != 0))
+            .unwrap() as u64;
+        let s = adapt_wait(
+            &client,
+            &v1.global_id,
+            &[Change::Write {
+                path: "disk.raw".into(),
+                offset,
+                data_file: patch,
+            }],
+        )
+        .await?;
+        for p in &s.sites {
+            assert_eq!(p.state, PlacementState::Published);
+            // 4 KiB of random bytes cannot shrink: the payload is that plus a few bytes of delta.
+            assert!(p.bytes_sent < 6 * 1024, "payload {p:?}");
+            // Everything on the wire (manifest, control, frames, acks, UDP/IP headers) stays
+            // far below one 64 KiB chunk.
+            assert!(
+                p.wire_bytes > p.bytes_sent && p.wire_bytes < 40 * 1024,
+                "wire {p:?}"
+            );
+        }
+        client.close().await;
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_site_catches_up_when_it_reconnects() -> Result<()> {
+    with_cluster(&SITES, async |cluster| {
+        let files = make_image(&cluster.root.join("v1"), 8, "offline adapt")?;
+        let client = cluster.client().await?;
+        let v1 = push_wait(&client, "offline", &files, None).await?;
+        cluster.stop_agent("site-c").await;
+        let patch = cluster.root.join("patch.bin");
+        std::fs::write(&patch, noise("offline patch", 10_000))?;
+        let change = [Change::Write {
+            path: "disk.raw".into(),
+            offset: 3 << 20,
+            data_file: patch.clone(),
+        }];
+        let committed = client.adapt(&v1.global_id, &change, 3).await?;
+        let s = wait_published(cluster, &client, &v1.global_id, 2, &["site-a", "site-b"]).await?;
+        // site-c still serves version 1 and waits for version 2.
+        let c = s.sites.iter().find(|p| p.site == "site-c").unwrap();
+        assert_eq!((c.version, c.state), (2, PlacementState::Pending));
+        assert_eq!(c.local_id, v1.sites[2].local_id);
+        cluster.resume_agent("site-c");
+        let s = client
+            .watch(&v1.global_id, committed.version, |_| {})
+            .await?;
+        let local = local_copy(&files, &cluster.root.join("local"))?;
+        write_at(&local[0], 3 << 20, &std::fs::read(&patch)?)?;
+        assert_exactly(cluster, &s, &local).await?;
+        client.close().await;
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_moves_nothing_and_a_wiped_cache_reuses_the_published_image() -> Result<()> {
+    with_cluster(&SITES, async |cluster| {
+        let files = make_image(&cluster.root.join("v1"), 16, "rollback")?;
+        let client = cluster.client().await?;
+        let v1 = push_wait(&client, "rollback", &files, None).await?;
+        let g = v1.global_id;
+        let patch = cluster.root.join("patch.bin");
+        std::fs::write(&patch, noise("rollback patch", 64 * 1024))?;
+        let v2 = adapt_wait(
+            &client,
+            &g,
+            &[Change::Write {
+                path: "disk.raw".into(),
+                offset: 2 << 20,
+                data_file: patch,
+            }],
+        )
+        .await?;
+        assert!(v2.sites.iter().all(|p| p.bytes_sent > 0));
+
+        let committed = client.rollback(&g, 1).await?;
+        assert_eq!(committed.version, 3);
+        let v3 = client.watch(&g, 3, |_| {}).await?;
+        for p in &v3.sites {
+            assert_eq!(p.state, PlacementState::Published);
+            assert_eq!(p.bytes_sent, 0, "rollback moved chunk bytes: {p:?}");
+        }
+        assert_exactly(cluster, &v3, &files).await?;
+        assert!(
+            client.history(&g).await?[2]
+                .change
+                .contains("rollback to version 1")
+        );
+
+        // Wipe site-c's chunk cache: it still reuses the image it has published (version 3 =
+        // version 1), so rolling forward to version 2's content moves only the change.
+        cluster.stop_agent("site-c").await;
+        let dropped = cluster.agent("site-c").agent.db().clear_chunks()?;
+        assert!(dropped > 0);
+        cluster.resume_agent("site-c");
+        cluster.wait_connected(3, Duration::from_secs(30)).await?;
+        let committed = client.rollback(&g, 2).await?;
+        let v4 = client.watch(&g, committed.version, |_| {}).await?;
+        let c = v4.sites.iter().find(|p| p.site == "site-c").unwrap();
+        let a = v4.sites.iter().find(|p| p.site == "site-a").unwrap();
+        assert_eq!(
+            a.bytes_sent, 0,
+            "site-a still holds version 2's chunks: {a:?}"
+        );
+        // site-c lost the changed chunk with its cache: only that travels, not the image.
+        assert!(c.bytes_sent > 0 && c.bytes_sent < 200 * 1024, "{c:?}");
+        assert!(
+            c.bytes_sent * 20 < v1.sites[2].bytes_sent,
+            "{c:?} vs {:?}",
+            v1.sites[2]
+        );
+        let local = local_copy(&files, &cluster.root.join("local4"))?;
+        write_at(&local[0], 2 << 20, &noise("rollback patch", 64 * 1024))?;
+        assert_exactly(cluster, &v4, &local).await?;
+        client.close().await;
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_blocks_get_clear_errors_and_change_nothing() -> Result<()> {
+    with_cluster(&SITES[..1], async |cluster| {
+        let files = make_image(&cluster.root.join("v1"), 4, "bad")?;
+        let client = cluster.client().await?;
+        let v1 = push_wait(&client, "bad", &files, None).await?;
+        let g = v1.global_id;
+        let data = cluster.root.join("data.bin");
+        std::fs::write(&data, b"xyz")?;
+        let empty = cluster.root.join("empty.bin");
+        std::fs::write(&empty, b"")?;
+        let len = std::fs::metadata(&files[0])?.len();
+        let w = |path: &str, offset: u64, f: &Path| Change::Write {
+            path: path.into(),
+            offset,
+            data_file: f.to_path_buf(),
+        };
+        let cases: Vec<(GlobalId, Vec<Change>, &str)> = vec![
+            (
+                "sc-000000000000000000000000".parse()?,
+                vec![w("disk.raw", 0, &data)],
+                "unknown global id",
+            ),
+            (g, vec![w("nope.raw", 0, &data)], "no file \"nope.raw\""),
+            (g, vec![w("disk.raw", len + 1, &data)], "past the end"),
+            (g, vec![w("disk.raw", 0, &empty)], "empty write"),
+            (
+                g,
+                vec![Change::Remove {
+                    path: "nope".into(),
+                }],
+                "no file \"nope\"",
+            ),
+            (
+                g,
+                vec![Change::Replace {
+                    path: "nope".into(),
+                    file: data.clone(),
+                }],
+                "no file \"nope\"",
+            ),
+            (
+                g,
+                vec![Change::Add {
+                    path: "vmlinuz".into(),
+                    file: data.clone(),
+                }],
+                "already has",
+            ),
+            (
+                g,
+                vec![Change::Replace {
+                    path: "disk.raw".into(),
+                    file: cluster.root.join("missing"),
+                }],
+                "missing",
+            ),
+            (
+                g,
+                vec![
+                    Change::Remove {
+                        path: "disk.raw".into(),
+                    },
+                    Change::Remove {
+                        path: "vmlinuz".into(),
+                    },
+                    Change::Remove {
+                        path: "metadata.json".into(),
+                    },
+                ],
+                "at least one file",
+            ),
+            // A valid change followed by an invalid one: the whole block is refused.
+            (
+                g,
+                vec![w("disk.raw", 0, &data), w("disk.raw", len + 10, &data)],
+                "past the end",
+            ),
+            (g, vec![], "at least one change"),
+        ];
+        for (gid, changes, want) in cases {
+            let e = client
+                .adapt(&gid, &changes, 3)
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{changes:?}: {e}");
+        }
+        let e = client.rollback(&g, 7).await.unwrap_err().to_string();
+        assert!(e.contains("no version 7"), "{e}");
+        let e = client.rollback(&g, 1).await.unwrap_err().to_string();
+        assert!(e.contains("already the current version"), "{e}");
+        let e = client
+            .history(&"sc-000000000000000000000000".parse()?)
+            .await
+            .unwrap_err();
+        assert!(e.is_not_found(), "{e}");
+
+        // Nothing changed: still version 1, same mapping, same files at the site.
+        assert_eq!(client.history(&g).await?.len(), 1);
+        let s = client.status(&g).await?;
+        assert_eq!(s.version, 1);
+        assert_eq!(s.sites, v1.sites);
+        assert_exactly(cluster, &s, &files).await?;
+        client.close().await;
+        Ok(())
+    })
+    .await
 }

@@ -24,6 +24,9 @@ pub enum AdapterError {
     NotFound(String),
     #[error("image {local_id:?} has no file {file:?}")]
     NoSuchFile { local_id: String, file: String },
+    /// The adapter's options are incomplete or wrong.
+    #[error("adapter configuration: {0}")]
+    Config(String),
     #[error("{0}")]
     Service(String),
 }
@@ -137,6 +140,16 @@ impl ReadBack {
 pub trait Adapter: Send + Sync + fmt::Debug {
     /// The name used on the command line (`--adapter`).
     fn kind(&self) -> &'static str;
+
+    /// Whether published images stay readable on this host (a directory pool, qcow2 files):
+    /// the agent then reads chunks of earlier versions from them as seeds. Services that
+    /// keep images elsewhere (Glance, a registry, an object store) say `false`; the agent's
+    /// chunk cache serves instead.
+    fn keeps_copies(&self) -> bool;
+
+    /// Does the image known as `local_id` still exist in the service (an operator may have
+    /// deleted it)? Cheap: reads no image bytes.
+    fn exists<'a>(&'a self, local_id: &'a str) -> BoxFuture<'a, Result<bool, AdapterError>>;
 
     /// Where the assembler stages images for this adapter. For services on the local
     /// filesystem it is on the same filesystem, so publishing is a rename.

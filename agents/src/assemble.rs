@@ -41,7 +41,7 @@ pub enum AssembleError {
         actual: String,
     },
     #[error("manifest: {0}")]
-    Manifest(String),
+    Manifest(#[from] seedcast_core::codec::CodecError),
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> AssembleError + 'a {
@@ -59,9 +59,7 @@ pub fn assemble(
     manifest: &Manifest,
     staging: PathBuf,
 ) -> Result<AssembledImage, AssembleError> {
-    let manifest_id = manifest
-        .id()
-        .map_err(|e| AssembleError::Manifest(e.to_string()))?;
+    let manifest_id = manifest.id()?;
     if staging.exists() {
         fs::remove_dir_all(&staging).map_err(io("clean", &staging))?;
     }
@@ -80,8 +78,7 @@ pub fn assemble(
         let file = File::create(&path).map_err(io("create", &path))?;
         file.set_len(f.recipe.len).map_err(io("size", &path))?;
         let mut hasher = blake3::Hasher::new();
-        let mut off = 0u64;
-        for e in &f.recipe.extents {
+        for (off, e) in f.recipe.extents_at() {
             match e {
                 Extent::Data { id, len } => {
                     let data = db.chunk(id)?.ok_or(AssembleError::MissingChunk(*id))?;
@@ -97,7 +94,6 @@ pub fn assemble(
                 }
                 Extent::Hole { len } => hash_zeros(&mut hasher, *len),
             }
-            off += e.len();
         }
         let actual = hasher.finalize();
         if actual.as_bytes() != &f.recipe.hash {
@@ -120,4 +116,104 @@ pub fn assemble(
         .and_then(|d| d.sync_all())
         .map_err(io("sync", &staging))?;
     Ok(image)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use seedcast_core::chunker::chunk_all;
+    use seedcast_core::manifest::{FileEntry, MANIFEST_FORMAT, RecipeBuilder};
+    use seedcast_core::{ChunkerConfig, GlobalId, VerifiedChunk};
+    use std::os::unix::fs::MetadataExt;
+
+    /// A manifest of one file of `data`, its chunks put in `db` (except `skip`).
+    fn manifest(db: &AgentDb, data: &[u8], skip: usize) -> Manifest {
+        let mut rb = RecipeBuilder::new();
+        let mut n = 0;
+        for p in chunk_all(data, ChunkerConfig::default()).unwrap() {
+            if let Some((_, b)) = rb.push(p) {
+                if n != skip {
+                    db.put_chunks(&[VerifiedChunk::from_raw(b)]).unwrap();
+                }
+                n += 1;
+            }
+        }
+        Manifest {
+            format: MANIFEST_FORMAT,
+            global_id: GlobalId([1; 12]),
+            version: 1,
+            parent: None,
+            name: "img".into(),
+            chunking: ChunkerConfig::default(),
+            files: vec![FileEntry {
+                path: "disk.raw".into(),
+                mode: 0o640,
+                recipe: rb.finish(),
+            }],
+        }
+    }
+
+    fn sparse_disk() -> Vec<u8> {
+        let mut data = vec![0u8; 8 << 20];
+        blake3::Hasher::new()
+            .update(b"assemble")
+            .finalize_xof()
+            .fill(&mut data[..1 << 20]);
+        data[6 << 20..(6 << 20) + 5000].fill(9);
+        data
+    }
+
+    #[test]
+    fn files_are_rebuilt_sparse_with_their_mode_and_hash() {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = AgentDb::open(&tmp.path().join("db")).unwrap();
+        let data = sparse_disk();
+        let m = manifest(&db, &data, usize::MAX);
+        let img = assemble(&db, &m, tmp.path().join("stage")).unwrap();
+        let p = img.file_path("disk.raw");
+        assert_eq!(fs::read(&p).unwrap(), data);
+        let md = fs::metadata(&p).unwrap();
+        assert_eq!(md.mode() & 0o7777, 0o640);
+        assert!(
+            md.blocks() * 512 < 2 << 20,
+            "holes stay holes: {}",
+            md.blocks() * 512
+        );
+        assert_eq!(img.manifest_id, m.id().unwrap());
+    }
+
+    #[test]
+    fn a_missing_short_or_corrupt_chunk_fails_and_leaves_no_staging() {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = AgentDb::open(&tmp.path().join("db")).unwrap();
+        let data = sparse_disk();
+        let stage = tmp.path().join("stage");
+        // A chunk the cache lacks.
+        let m = manifest(&db, &data, 3);
+        let e = assemble(&db, &m, stage.clone()).unwrap_err();
+        assert!(matches!(e, AssembleError::MissingChunk(_)), "{e}");
+        assert!(!stage.exists(), "staging removed on error");
+        // A recipe whose whole-file hash does not match what the chunks give.
+        let mut m = manifest(&db, &data, usize::MAX);
+        m.files[0].recipe.hash = [0; 32];
+        let e = assemble(&db, &m, stage.clone()).unwrap_err();
+        assert!(matches!(e, AssembleError::FileHash { .. }), "{e}");
+        assert!(!stage.exists());
+        // A cached chunk of another length than the recipe says.
+        let mut m = manifest(&db, &data, usize::MAX);
+        let Extent::Data { id, len } = m.files[0].recipe.extents[0] else {
+            panic!()
+        };
+        let short = Bytes::from(vec![1u8; len as usize - 1]);
+        m.files[0].recipe.extents[0] = Extent::Data {
+            id: VerifiedChunk::from_raw(short.clone()).id(),
+            len,
+        };
+        db.put_chunks(&[VerifiedChunk::from_raw(short)]).unwrap();
+        let e = assemble(&db, &m, stage.clone()).unwrap_err();
+        assert!(matches!(e, AssembleError::ChunkLength { .. }), "{e}");
+        assert!(!stage.exists());
+        let _ = id;
+    }
 }

@@ -1,19 +1,32 @@
 //! seedcast-agents: the agent that runs at each site.
 //!
-//! It dials the engine and stays connected ([`runtime`]); for each deployment it asks only
-//! for the chunks it lacks, verifies every chunk before its cache ([`cache`]) accepts it,
-//! reuses chunks of images the site already holds ([`seeds`]), rebuilds and checks every file ([`assemble`]), and hands the verified image to the site's
-//! image service through an [`adapter::Adapter`] ([`adapters`]), reporting the service's own
-//! local id back to the engine.
-//!
-//! Start at [`runtime::Agent::open`] and [`runtime::Agent::run`].
+//! Start at [`Agent::open`] and [`Agent::run`]. The parts:
+//! - [`config`]: [`AgentConfig`], and the site config file ([`config::SiteConfig`]).
+//! - [`agent`]: the agent itself; [`connect`]: enroll, dial, reconnect with backoff;
+//!   [`session`]: one connection's control loop.
+//! - [`deploy`]: one deployment — plan what to ask for (cache, then images held here as
+//!   seeds: [`seeds`]), ask, receive, assemble, publish.
+//! - [`receive`]: the engine's data streams into verified chunks in the [`cache`] (only a
+//!   verified chunk is ever stored).
+//! - [`assemble`]: files rebuilt from cached chunks and checked against their hashes; only
+//!   that makes the [`adapter::AssembledImage`] an [`Adapter`] publishes
+//!   ([`adapters`]: one per kind of local image service, built from its options).
+//! - [`error`]: the error policy.
 
 pub mod adapter;
 pub mod adapters;
+pub mod agent;
 pub mod assemble;
 pub mod cache;
-pub mod runtime;
+pub mod config;
+pub mod connect;
+pub mod deploy;
+pub mod error;
+pub mod receive;
 pub mod seeds;
+pub mod session;
 
 pub use adapter::{Adapter, AdapterError, AssembledImage, ReadBack};
-pub use runtime::{Agent, AgentConfig, AgentError};
+pub use agent::Agent;
+pub use config::{AgentConfig, SiteConfig};
+pub use error::{AgentError, ReceiveError};

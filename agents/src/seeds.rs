@@ -11,7 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use seedcast_core::{ChunkId, Extent, GlobalId, VerifiedChunk};
+use seedcast_core::{ChunkId, GlobalId, VerifiedChunk};
 use tracing::debug;
 
 use crate::adapter::{Adapter, ReadBack};
@@ -35,7 +35,9 @@ pub struct SeedIndex {
 }
 
 impl SeedIndex {
-    /// Index every image the site holds. Images the service no longer has are skipped.
+    /// Index every image the site holds. Images the service no longer has are skipped; a
+    /// service that keeps no readable copies ([`Adapter::keeps_copies`]) provides no seeds,
+    /// only the record of which versions are held.
     pub async fn build(db: &AgentDb, adapter: &dyn Adapter) -> Result<Self, CacheError> {
         let mut ix = SeedIndex::default();
         for held in db.inventory()? {
@@ -43,6 +45,9 @@ impl SeedIndex {
                 continue;
             };
             ix.held.insert(held.global_id, held.version);
+            if !adapter.keeps_copies() {
+                continue;
+            }
             for f in &m.files {
                 let rb = match adapter.read_back(&held.local_id, &f.path).await {
                     Ok(rb) => rb,
@@ -59,16 +64,12 @@ impl SeedIndex {
                 }
                 let fi = ix.files.len();
                 ix.files.push((Arc::new(file), rb));
-                let mut off = 0u64;
-                for e in &f.recipe.extents {
-                    if let Extent::Data { id, len } = e {
-                        ix.locs.entry(*id).or_insert(Loc {
-                            file: fi,
-                            offset: off,
-                            len: *len,
-                        });
-                    }
-                    off += e.len();
+                for (offset, id, len) in f.recipe.chunks_at() {
+                    ix.locs.entry(id).or_insert(Loc {
+                        file: fi,
+                        offset,
+                        len,
+                    });
                 }
             }
         }
@@ -94,5 +95,119 @@ impl SeedIndex {
             .read_exact_at(&mut buf, loc.offset)
             .ok()?;
         VerifiedChunk::check(*id, Bytes::from(buf)).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapters::dir::DirAdapter;
+    use crate::adapters::memory::MemoryAdapter;
+    use crate::assemble::assemble;
+    use crate::cache::HeldRecord;
+    use seedcast_core::chunker::chunk_all;
+    use seedcast_core::manifest::{FileEntry, MANIFEST_FORMAT, RecipeBuilder};
+    use seedcast_core::{ChunkerConfig, Manifest};
+    use std::os::unix::fs::FileExt;
+
+    /// Publish an image of `data` through `adapter`, record it as held, then empty the
+    /// cache (as a wiped cache would be). Returns the manifest.
+    async fn published(db: &AgentDb, adapter: &dyn Adapter, data: &[u8]) -> Manifest {
+        let mut rb = RecipeBuilder::new();
+        for p in chunk_all(data, ChunkerConfig::default()).unwrap() {
+            if let Some((_, b)) = rb.push(p) {
+                db.put_chunks(&[VerifiedChunk::from_raw(b)]).unwrap();
+            }
+        }
+        let m = Manifest {
+            format: MANIFEST_FORMAT,
+            global_id: GlobalId([2; 12]),
+            version: 3,
+            parent: None,
+            name: "img".into(),
+            chunking: ChunkerConfig::default(),
+            files: vec![FileEntry {
+                path: "disk.raw".into(),
+                mode: 0o644,
+                recipe: rb.finish(),
+            }],
+        };
+        let img = assemble(db, &m, adapter.staging_root().join("t1")).unwrap();
+        let local_id = adapter.publish(img).await.unwrap();
+        let rec = HeldRecord {
+            version: 3,
+            manifest_id: m.id().unwrap(),
+            local_id,
+            adapter: adapter.kind().into(),
+        };
+        db.put_held(&m.global_id, &rec, &m).unwrap();
+        db.clear_chunks().unwrap();
+        m
+    }
+
+    fn data() -> Vec<u8> {
+        let mut v = vec![0u8; 1 << 20];
+        blake3::Hasher::new()
+            .update(b"seeds")
+            .finalize_xof()
+            .fill(&mut v);
+        v
+    }
+
+    #[tokio::test]
+    async fn chunks_of_held_images_are_read_back_and_checked() {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = AgentDb::open(&tmp.path().join("db")).unwrap();
+        let dir = DirAdapter::new(tmp.path().join("pool")).unwrap();
+        let m = published(&db, &dir, &data()).await;
+        let ix = SeedIndex::build(&db, &dir).await.unwrap();
+        assert_eq!(ix.held_version(&m.global_id), Some(3));
+        let chunks: Vec<_> = m.files[0].recipe.chunks_at().collect();
+        for (_, id, _) in &chunks {
+            assert!(ix.has(id));
+            assert_eq!(ix.read(id).unwrap().id(), *id);
+        }
+        // A published file changed outside seedcast: that chunk is no longer provided.
+        let local = db.held(&m.global_id).unwrap().unwrap().local_id;
+        let path = dir.image_dir(&local).join("disk.raw");
+        let (off, id, _) = chunks[2];
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .write_all_at(b"tampered", off + 10)
+            .unwrap();
+        let ix = SeedIndex::build(&db, &dir).await.unwrap();
+        assert!(ix.has(&id), "indexed by location…");
+        assert!(
+            ix.read(&id).is_none(),
+            "…but refused when its bytes do not match"
+        );
+        assert!(ix.read(&chunks[3].1).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_service_without_readable_copies_provides_no_seeds_but_its_versions_count() {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = AgentDb::open(&tmp.path().join("db")).unwrap();
+        let mem = MemoryAdapter::new().unwrap();
+        let m = published(&db, &mem, &data()).await;
+        let ix = SeedIndex::build(&db, &mem).await.unwrap();
+        assert_eq!(ix.held_version(&m.global_id), Some(3));
+        let (_, id, _) = m.files[0].recipe.chunks_at().next().unwrap();
+        assert!(!ix.has(&id));
+    }
+
+    #[tokio::test]
+    async fn an_image_deleted_from_the_service_is_skipped() {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = AgentDb::open(&tmp.path().join("db")).unwrap();
+        let dir = DirAdapter::new(tmp.path().join("pool")).unwrap();
+        let m = published(&db, &dir, &data()).await;
+        let local = db.held(&m.global_id).unwrap().unwrap().local_id;
+        dir.delete(&local).await.unwrap();
+        let ix = SeedIndex::build(&db, &dir).await.unwrap();
+        let (_, id, _) = m.files[0].recipe.chunks_at().next().unwrap();
+        assert!(!ix.has(&id));
     }
 }

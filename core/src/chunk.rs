@@ -159,6 +159,16 @@ impl VerifiedChunk {
         }
     }
 
+    /// Name raw bytes and compress them for storage (zstd at `level`, kept raw when that
+    /// does not pay); verified by construction.
+    pub fn compress(raw: Bytes, level: i32) -> Self {
+        let id = ChunkId::of(&raw);
+        VerifiedChunk {
+            stored: CompressedChunk::compress(id, &raw, level),
+            raw,
+        }
+    }
+
     /// Accept raw bytes claimed to be chunk `expected` (decoded from a delta group, or read
     /// from a published image) if they hash to it.
     pub fn check(expected: ChunkId, raw: Bytes) -> Result<Self, HashMismatch> {

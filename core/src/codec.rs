@@ -8,7 +8,9 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::protocol::MAX_MESSAGE_SIZE;
+/// Largest encoded value [`decode`] accepts (64 MiB). The wire protocol's frame maximum
+/// ([`crate::protocol::MAX_MESSAGE_SIZE`]) is this bound: a manifest of a ~100 GiB image fits.
+pub const MAX_ENCODED_LEN: usize = 64 * 1024 * 1024;
 
 /// A value could not be encoded or decoded.
 #[derive(Debug, thiserror::Error)]
@@ -24,7 +26,7 @@ pub enum CodecError {
 fn config() -> impl bincode::config::Config {
     // The limit bounds every length prefix inside a message, so a hostile one cannot make
     // the decoder allocate more than a whole message may hold.
-    bincode::config::standard().with_limit::<MAX_MESSAGE_SIZE>()
+    bincode::config::standard().with_limit::<MAX_ENCODED_LEN>()
 }
 
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {

@@ -15,9 +15,6 @@ use crate::chunker::{Chunker, ChunkerConfig, ConfigError, Piece};
 use crate::id::ChunkId;
 use crate::manifest::{Extent, FileRecipe, hash_zeros};
 
-/// Bytes fed to the chunker at a time while re-cutting.
-const FEED: u64 = 1 << 20;
-
 #[derive(Debug, thiserror::Error)]
 pub enum EditError<E: std::error::Error + 'static> {
     #[error("offset {offset} is past the end of the file ({len} bytes)")]
@@ -61,8 +58,10 @@ pub fn normalize(extents: Vec<Extent>) -> Vec<Extent> {
     out
 }
 
+/// Reads old bytes of the file being edited, a chunk at a time.
 struct Reader<'a, E, F: FnMut(&ChunkId) -> Result<Bytes, E>> {
     extents: &'a [Extent],
+    /// Offset of each extent, and the file's length last.
     starts: Vec<u64>,
     read: &'a mut F,
     /// The last few chunks read: a chunk is read in slices as the re-cut is fed; a short
@@ -75,29 +74,12 @@ const CACHED_CHUNKS: usize = 8;
 impl<E: std::error::Error + 'static, F: FnMut(&ChunkId) -> Result<Bytes, E>> Reader<'_, E, F> {
     /// A chunk around the write, kept: the re-cut reads it in several slices.
     fn chunk(&mut self, id: &ChunkId, len: u32) -> Result<Bytes, EditError<E>> {
-        let b = self.fetch(id, len)?;
+        let b = fetch(self.read, &self.cache, id, len)?;
         if !self.cache.iter().any(|(i, _)| i == id) {
             if self.cache.len() == CACHED_CHUNKS {
                 self.cache.remove(0);
             }
             self.cache.push((*id, b.clone()));
-        }
-        Ok(b)
-    }
-
-    /// A chunk read once (for the whole-file hash): not kept, so memory stays flat however
-    /// large the file.
-    fn fetch(&mut self, id: &ChunkId, len: u32) -> Result<Bytes, EditError<E>> {
-        if let Some((_, b)) = self.cache.iter().find(|(i, _)| i == id) {
-            return Ok(b.clone());
-        }
-        let b = (self.read)(id).map_err(EditError::Read)?;
-        if b.len() != len as usize {
-            return Err(EditError::ChunkLength {
-                id: *id,
-                expected: len,
-                actual: b.len(),
-            });
         }
         Ok(b)
     }
@@ -121,10 +103,35 @@ impl<E: std::error::Error + 'static, F: FnMut(&ChunkId) -> Result<Bytes, E>> Rea
     }
 }
 
+/// A chunk's bytes: from `cache` if there, else read (and checked for length).
+fn fetch<E, F>(
+    read: &mut F,
+    cache: &[(ChunkId, Bytes)],
+    id: &ChunkId,
+    len: u32,
+) -> Result<Bytes, EditError<E>>
+where
+    E: std::error::Error + 'static,
+    F: FnMut(&ChunkId) -> Result<Bytes, E>,
+{
+    if let Some((_, b)) = cache.iter().find(|(i, _)| i == id) {
+        return Ok(b.clone());
+    }
+    let b = read(id).map_err(EditError::Read)?;
+    if b.len() != len as usize {
+        return Err(EditError::ChunkLength {
+            id: *id,
+            expected: len,
+            actual: b.len(),
+        });
+    }
+    Ok(b)
+}
+
 /// Write `data` at `offset` into the file `recipe` describes (the file grows if the write
 /// runs past its end; `offset` may be at most the file's length). `read` returns an old
-/// chunk's bytes; only chunks around the write and, for the new whole-file hash, the rest of
-/// the file are read.
+/// chunk's bytes: [`recut_write`] reads only chunks around the write; the new whole-file
+/// hash ([`Recut::finish`]) then reads each other chunk of the file once.
 pub fn apply_write<E, F>(
     recipe: &FileRecipe,
     cfg: ChunkerConfig,
@@ -136,33 +143,79 @@ where
     E: std::error::Error + 'static,
     F: FnMut(&ChunkId) -> Result<Bytes, E>,
 {
-    let len = recipe.len;
-    if offset > len {
-        return Err(EditError::OffsetPastEnd { offset, len });
-    }
-    if data.is_empty() {
-        return Err(EditError::EmptyWrite);
-    }
-    let wend = offset + data.len() as u64;
-    let new_len = len.max(wend);
-    let ext = &recipe.extents;
-    let n = ext.len();
-    let mut starts = Vec::with_capacity(n + 1);
-    let mut p = 0u64;
-    for e in ext {
-        starts.push(p);
-        p += e.len();
-    }
-    starts.push(p);
+    recut_write(recipe, cfg, offset, data, read)?.finish(read)
+}
 
-    // Where re-cutting starts: a boundary before `offset` that the write cannot move.
-    // - The boundary at the end of the file was forced by the end of the file: an append
-    //   starts at the last extent.
-    // - A data chunk that ends where a hole starts was cut there because of the hole: if the
-    //   write lands in that hole (and not deep inside a long one), the hole may be gone, so
-    //   start at that data chunk.
-    // - A hole ending where data starts is continued by a resumed chunker (`in_hole`), so a
-    //   write that zeroes the data's first blocks simply lengthens the hole.
+/// An edited file's extents, before its whole-file hash is known.
+#[derive(Debug)]
+pub struct Recut {
+    pub extents: Vec<Extent>,
+    /// Data chunks cut from the re-cut region (distinct), with their bytes.
+    pub new_chunks: Vec<(ChunkId, Bytes)>,
+    /// The re-cut region of the new file.
+    pub recut: (u64, u64),
+    /// The new file's length.
+    pub len: u64,
+    /// Chunks the re-cut read last (the hash needs them too).
+    cache: Vec<(ChunkId, Bytes)>,
+}
+
+impl Recut {
+    /// Hash the edited file: new chunks from memory, every other chunk read once.
+    pub fn finish<E, F>(self, read: &mut F) -> Result<WriteOutcome, EditError<E>>
+    where
+        E: std::error::Error + 'static,
+        F: FnMut(&ChunkId) -> Result<Bytes, E>,
+    {
+        let mut hasher = blake3::Hasher::new();
+        let fresh: HashMap<ChunkId, Bytes> = self.new_chunks.iter().cloned().collect();
+        let mut total = 0u64;
+        for e in &self.extents {
+            match e {
+                Extent::Data { id, len } => {
+                    let b = match fresh.get(id) {
+                        Some(b) => b.clone(),
+                        None => fetch(read, &self.cache, id, *len)?,
+                    };
+                    hasher.update(&b);
+                }
+                Extent::Hole { len } => hash_zeros(&mut hasher, *len),
+            }
+            total += e.len();
+        }
+        debug_assert_eq!(total, self.len);
+        Ok(WriteOutcome {
+            recipe: FileRecipe {
+                len: self.len,
+                hash: *hasher.finalize().as_bytes(),
+                extents: self.extents,
+            },
+            new_chunks: self.new_chunks,
+            recut: self.recut,
+        })
+    }
+}
+
+/// Where re-cutting starts: the index of the first extent to re-cut, its offset, whether a
+/// hole runs into it, and a hole kept before it.
+struct Start {
+    index: usize,
+    at: u64,
+    in_hole: bool,
+    kept_hole: Option<u64>,
+}
+
+/// A boundary before `offset` that the write cannot move.
+/// - The boundary at the end of the file was forced by the end of the file: an append
+///   starts at the last extent.
+/// - A data chunk that ends where a hole starts was cut there because of the hole: if the
+///   write lands in that hole (and not deep inside a long one), the hole may be gone, so
+///   start at that data chunk.
+/// - A hole ending where data starts is continued by a resumed chunker (`in_hole`), so a
+///   write that zeroes the data's first blocks simply lengthens the hole.
+fn recut_start(ext: &[Extent], starts: &[u64], cfg: &ChunkerConfig, offset: u64) -> Start {
+    let n = ext.len();
+    let len = starts[n];
     let mut s = if offset == len {
         n
     } else {
@@ -184,25 +237,67 @@ where
     if s < n && matches!(ext[s], Extent::Hole { .. }) && !long_hole(s) && s > 0 {
         s -= 1;
     }
-    let mut out: Vec<Extent> = ext[..s].to_vec();
-    let mut start = starts[s];
-    let mut in_hole = s > 0 && matches!(ext[s - 1], Extent::Hole { .. });
     // A write deep inside a long hole keeps the hole up to the block before the write.
     if long_hole(s) {
-        out.push(Extent::Hole {
-            len: aligned - start,
-        });
-        start = aligned;
-        in_hole = true;
+        return Start {
+            index: s,
+            at: aligned,
+            in_hole: true,
+            kept_hole: Some(aligned - starts[s]),
+        };
     }
+    Start {
+        index: s,
+        at: starts[s],
+        in_hole: s > 0 && matches!(ext[s - 1], Extent::Hole { .. }),
+        kept_hole: None,
+    }
+}
 
+/// Re-cut the region `data` written at `offset` touches. The chunker is fed old and new
+/// bytes one maximum chunk at a time and stops at the first cut that lands on an old
+/// boundary after the write (same kind of piece on both sides), so only chunks around the
+/// write are read.
+pub fn recut_write<E, F>(
+    recipe: &FileRecipe,
+    cfg: ChunkerConfig,
+    offset: u64,
+    data: &[u8],
+    read: &mut F,
+) -> Result<Recut, EditError<E>>
+where
+    E: std::error::Error + 'static,
+    F: FnMut(&ChunkId) -> Result<Bytes, E>,
+{
+    let len = recipe.len;
+    if offset > len {
+        return Err(EditError::OffsetPastEnd { offset, len });
+    }
+    if data.is_empty() {
+        return Err(EditError::EmptyWrite);
+    }
+    let wend = offset + data.len() as u64;
+    let new_len = len.max(wend);
+    let ext = &recipe.extents;
+    let n = ext.len();
+    let mut starts: Vec<u64> = recipe.extents_at().map(|(at, _)| at).collect();
+    starts.push(len);
+
+    let st = recut_start(ext, &starts, &cfg, offset);
+    let s = st.index;
+    let mut out: Vec<Extent> = ext[..s].to_vec();
+    if let Some(h) = st.kept_hole {
+        out.push(Extent::Hole { len: h });
+    }
+    let start = st.at;
     let mut rd = Reader {
         extents: ext,
         starts: starts.clone(),
         read,
         cache: Vec::new(),
     };
-    let mut chunker = Chunker::resume(cfg, start, in_hole)?;
+    let mut chunker = Chunker::resume(cfg, start, st.in_hole)?;
+    let feed = cfg.max as u64;
     let mut buf = BytesMut::new();
     let mut pos = start;
     let mut fed = start;
@@ -242,52 +337,37 @@ where
         if eof {
             break;
         }
-        let k = FEED.min(new_len - fed) as usize;
+        // A maximum chunk at a time: the old bytes around the write (never those it
+        // overwrites), then the written ones.
+        let k = feed.min(new_len - fed) as usize;
+        let seg_end = fed + k as u64;
         let at = buf.len();
         buf.resize(at + k, 0);
-        let old_end = len.min(fed + k as u64);
-        if fed < old_end {
-            rd.old_bytes(fed, &mut buf[at..at + (old_end - fed) as usize])?;
+        for (a, b) in [
+            (fed, offset.min(seg_end)),
+            (wend.max(fed), seg_end.min(len)),
+        ] {
+            if a < b {
+                let (i, j) = (at + (a - fed) as usize, at + (b - fed) as usize);
+                rd.old_bytes(a, &mut buf[i..j])?;
+            }
         }
-        let (ws, we) = (offset.max(fed), wend.min(fed + k as u64));
+        let (ws, we) = (offset.max(fed), wend.min(seg_end));
         if ws < we {
             buf[at + (ws - fed) as usize..at + (we - fed) as usize]
                 .copy_from_slice(&data[(ws - offset) as usize..(we - offset) as usize]);
         }
         fed += k as u64;
     }
-    let recut = (start, pos);
     if let Some(i) = suffix_from {
         out.extend_from_slice(&ext[i..]);
     }
-    let extents = normalize(out);
-
-    // The whole-file hash of the edited file.
-    let mut hasher = blake3::Hasher::new();
-    let fresh: HashMap<ChunkId, Bytes> = new_chunks.iter().cloned().collect();
-    let mut total = 0u64;
-    for e in &extents {
-        match e {
-            Extent::Data { id, len } => {
-                let b = match fresh.get(id) {
-                    Some(b) => b.clone(),
-                    None => rd.fetch(id, *len)?,
-                };
-                hasher.update(&b);
-            }
-            Extent::Hole { len } => hash_zeros(&mut hasher, *len),
-        }
-        total += e.len();
-    }
-    debug_assert_eq!(total, new_len);
-    Ok(WriteOutcome {
-        recipe: FileRecipe {
-            len: new_len,
-            hash: *hasher.finalize().as_bytes(),
-            extents,
-        },
+    Ok(Recut {
+        extents: normalize(out),
         new_chunks,
-        recut,
+        recut: (start, pos),
+        len: new_len,
+        cache: rd.cache,
     })
 }
 
@@ -310,22 +390,52 @@ mod tests {
         (rb.finish(), store)
     }
 
-    fn edit(
-        base: &[u8],
-        offset: usize,
-        data: &[u8],
-        cfg: ChunkerConfig,
-    ) -> (WriteOutcome, FileRecipe, usize) {
+    /// What one edit did: its outcome, the recipe a fresh cut of the edited bytes gives, and
+    /// which old chunks each phase read.
+    struct Edited {
+        out: WriteOutcome,
+        fresh: FileRecipe,
+        /// Chunks read by the re-cut.
+        recut_reads: Vec<ChunkId>,
+        /// Chunks read for the whole-file hash.
+        hash_reads: Vec<ChunkId>,
+    }
+
+    impl Edited {
+        /// Every chunk the re-cut read lies (in the old file) within the re-cut region or the
+        /// one maximum chunk the chunker may look past it; the hash read none twice.
+        fn assert_reads_stay_near_the_write(&self, old: &FileRecipe, cfg: ChunkerConfig) {
+            let (from, to) = (self.out.recut.0, self.out.recut.1 + cfg.max as u64);
+            for id in &self.recut_reads {
+                let near = old
+                    .chunks_at()
+                    .any(|(at, c, len)| c == *id && at < to && at + len as u64 > from);
+                assert!(near, "re-cut read {id:?}, outside {from}..{to}");
+            }
+            let mut seen = std::collections::HashSet::new();
+            for id in &self.hash_reads {
+                assert!(seen.insert(*id), "hash read {id:?} twice");
+            }
+        }
+    }
+
+    fn edit(base: &[u8], offset: usize, data: &[u8], cfg: ChunkerConfig) -> Edited {
         let (r, store) = recipe_of(base, cfg);
-        let mut reads = 0usize;
-        let mut read = |id: &ChunkId| {
-            reads += 1;
+        let reader = |log: &mut Vec<ChunkId>, id: &ChunkId| {
+            log.push(*id);
             store
                 .get(id)
                 .cloned()
                 .ok_or_else(|| std::io::Error::other("missing"))
         };
-        let out = apply_write(&r, cfg, offset as u64, data, &mut read).unwrap();
+        let (mut recut_reads, mut hash_reads) = (Vec::new(), Vec::new());
+        let recut = recut_write(&r, cfg, offset as u64, data, &mut |id: &ChunkId| {
+            reader(&mut recut_reads, id)
+        })
+        .unwrap();
+        let out = recut
+            .finish(&mut |id: &ChunkId| reader(&mut hash_reads, id))
+            .unwrap();
         let mut edited = base.to_vec();
         let end = offset + data.len();
         if end > edited.len() {
@@ -333,17 +443,53 @@ mod tests {
         }
         edited[offset..end].copy_from_slice(data);
         let (fresh, _) = recipe_of(&edited, cfg);
-        (out, fresh, reads)
+        let e = Edited {
+            out,
+            fresh,
+            recut_reads,
+            hash_reads,
+        };
+        e.assert_reads_stay_near_the_write(&r, cfg);
+        e
     }
 
     #[test]
     fn a_small_write_recuts_a_few_chunks_and_matches_a_fresh_cut() {
         let cfg = ChunkerConfig::default();
         let base = noise(1, 4 << 20);
-        let (out, fresh, _) = edit(&base, 2_000_000, b"patched!", cfg);
-        assert_eq!(out.recipe, fresh);
-        assert!(out.new_chunks.len() <= 2, "{}", out.new_chunks.len());
-        assert!(out.recut.1 - out.recut.0 <= 2 * 256 * 1024);
+        let e = edit(&base, 2_000_000, b"patched!", cfg);
+        assert_eq!(e.out.recipe, e.fresh);
+        assert!(e.out.new_chunks.len() <= 2, "{}", e.out.new_chunks.len());
+        assert!(e.out.recut.1 - e.out.recut.0 <= 2 * 256 * 1024);
+        // Of the ~64 chunks of the file, the re-cut reads only the few around the write
+        // (once each, however many slices it takes of them).
+        let distinct: std::collections::HashSet<_> = e.recut_reads.iter().collect();
+        assert!(
+            !e.recut_reads.is_empty() && e.recut_reads.len() <= 8,
+            "{:?}",
+            e.recut_reads
+        );
+        assert_eq!(distinct.len(), e.recut_reads.len(), "no chunk read twice");
+        // The hash reads every other chunk once; what the re-cut kept is not read again.
+        let old_chunks = e.out.recipe.chunks_at().count();
+        assert!(e.hash_reads.len() < old_chunks, "{}", e.hash_reads.len());
+    }
+
+    #[test]
+    fn a_write_covering_whole_chunks_does_not_read_them() {
+        let cfg = small();
+        let base = noise(4, 300_000);
+        let (r, _) = recipe_of(&base, cfg);
+        let e = edit(&base, 100_000, &noise(5, 60_000), cfg);
+        assert_eq!(e.out.recipe, e.fresh);
+        for (at, id, len) in r.chunks_at() {
+            if at >= 100_000 && at + len as u64 <= 160_000 {
+                assert!(
+                    !e.recut_reads.contains(&id),
+                    "read a chunk the write replaces"
+                );
+            }
+        }
     }
 
     #[test]
@@ -358,8 +504,8 @@ mod tests {
             (199_990, vec![4u8; 3000]),
             (0, vec![0u8; 20_000]),
         ] {
-            let (out, fresh, _) = edit(&base, off, &data, cfg);
-            assert_eq!(out.recipe, fresh, "write at {off}");
+            let e = edit(&base, off, &data, cfg);
+            assert_eq!(e.out.recipe, e.fresh, "write at {off}");
         }
     }
 
@@ -397,12 +543,12 @@ mod tests {
                 base[at..e].fill(0);
             }
             let offset = (offset_frac * base.len() as f64) as usize;
-            let (out, fresh, _) = edit(&base, offset, &data, cfg);
-            if out.recipe != fresh {
+            let e = edit(&base, offset, &data, cfg);
+            if e.out.recipe != e.fresh {
                 let l = |r: &FileRecipe| r.extents.iter().map(|e| match e { Extent::Data{len,..} => format!("D{len}"), Extent::Hole{len} => format!("H{len}") }).collect::<Vec<_>>().join(" ");
-                eprintln!("offset {offset} len {} recut {:?}\nours  {}\nfresh {}", data.len(), out.recut, l(&out.recipe), l(&fresh));
+                eprintln!("offset {offset} len {} recut {:?}\nours  {}\nfresh {}", data.len(), e.out.recut, l(&e.out.recipe), l(&e.fresh));
             }
-            prop_assert_eq!(out.recipe, fresh);
+            prop_assert_eq!(e.out.recipe, e.fresh);
         }
     }
 }

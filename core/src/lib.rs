@@ -14,7 +14,11 @@
 //! - [`protocol`]: the wire protocol as a spec module (ALPN, limits, every message).
 //! - [`delta`]: zstd deltas against a base chunk, and sketches that find a similar base.
 //! - [`frame`] and [`codec`]: length-prefixed frames and the one place bincode is named.
-//! - [`transfer`]: the agent-side transfer state machine (what to ask for, what is done).
+//! - [`transfer`]: the agent's side of a transfer as a state machine (what to ask for, what
+//!   is done); [`sender`]: the engine's side (what a site gets, in which order, how it ends).
+//! - [`source`]: where chunks are kept, as a trait (the engine's pack store today; an object
+//!   store or a relay's cache next), with an in-memory one for tests.
+//! - [`units`]: byte counts for people.
 
 pub mod chunk;
 pub mod chunker;
@@ -25,12 +29,17 @@ pub mod frame;
 pub mod id;
 pub mod manifest;
 pub mod protocol;
+pub mod sender;
+pub mod source;
 pub mod transfer;
+pub mod units;
 
 #[cfg(test)]
 mod testutil;
 
-pub use chunk::{CompressedChunk, Encoding, HashMismatch, UnverifiedChunk, VerifiedChunk};
+pub use chunk::{
+    CompressedChunk, Encoding, HashMismatch, UnverifiedChunk, VerifiedChunk, VerifyError,
+};
 pub use chunker::{ChunkerConfig, Piece};
 pub use id::{ChunkId, GlobalId};
 pub use manifest::{Extent, FileEntry, FileRecipe, Manifest};

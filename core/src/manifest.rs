@@ -53,6 +53,24 @@ pub struct FileRecipe {
 }
 
 impl FileRecipe {
+    /// Each extent with the file offset it starts at, in file order: the one walk over a
+    /// file's layout (assembly, seeds, delta bases and edits all need the offsets).
+    pub fn extents_at(&self) -> impl Iterator<Item = (u64, &Extent)> + '_ {
+        self.extents.iter().scan(0u64, |offset, e| {
+            let at = *offset;
+            *offset += e.len();
+            Some((at, e))
+        })
+    }
+
+    /// Each data chunk with the file offset it starts at, in file order.
+    pub fn chunks_at(&self) -> impl Iterator<Item = (u64, ChunkId, u32)> + '_ {
+        self.extents_at().filter_map(|(at, e)| match e {
+            Extent::Data { id, len } => Some((at, *id, *len)),
+            Extent::Hole { .. } => None,
+        })
+    }
+
     /// Bytes that are data (not holes).
     pub fn data_len(&self) -> u64 {
         self.extents
@@ -192,10 +210,8 @@ impl Manifest {
     pub fn chunks(&self) -> BTreeMap<ChunkId, u32> {
         let mut out = BTreeMap::new();
         for f in &self.files {
-            for e in &f.recipe.extents {
-                if let Extent::Data { id, len } = e {
-                    out.insert(*id, *len);
-                }
+            for (_, id, len) in f.recipe.chunks_at() {
+                out.insert(id, len);
             }
         }
         out
@@ -204,6 +220,23 @@ impl Manifest {
     /// Sum of file lengths (holes included).
     pub fn total_len(&self) -> u64 {
         self.files.iter().map(|f| f.recipe.len).sum()
+    }
+
+    /// Sum of the files' data bytes (holes excluded).
+    pub fn data_len(&self) -> u64 {
+        self.files.iter().map(|f| f.recipe.data_len()).sum()
+    }
+
+    /// Each distinct data chunk with its length and the file offset of its first use (files
+    /// in order): where a delta base for it is most likely to sit in an earlier version.
+    pub fn first_uses(&self) -> std::collections::HashMap<ChunkId, (u32, u64)> {
+        let mut out = std::collections::HashMap::new();
+        for f in &self.files {
+            for (at, id, len) in f.recipe.chunks_at() {
+                out.entry(id).or_insert((len, at));
+            }
+        }
+        out
     }
 
     /// The manifest as a zstd delta against `base` (most entries are shared between
@@ -221,7 +254,7 @@ impl Manifest {
         id: &[u8; 32],
     ) -> Result<Manifest, ManifestDeltaError> {
         let b = codec::encode(base)?;
-        let bytes = crate::delta::decode_bounded(&b, delta, crate::protocol::MAX_MESSAGE_SIZE)?;
+        let bytes = crate::delta::decode_bounded(&b, delta, codec::MAX_ENCODED_LEN)?;
         let m: Manifest = codec::decode(&bytes)?;
         if &m.id()? != id {
             return Err(ManifestDeltaError::Id);

@@ -51,8 +51,9 @@ use crate::manifest::{FileEntry, Manifest};
 pub const ALPN: &[u8] = b"seedcast/1";
 /// Carried in [`Hello`] and checked by the engine.
 pub const PROTOCOL_VERSION: u32 = 1;
-/// Hard maximum of one frame's body. A manifest of a ~100 GiB image fits.
-pub const MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
+/// Hard maximum of one frame's body: the codec's decode bound. A manifest of a ~100 GiB
+/// image fits.
+pub const MAX_MESSAGE_SIZE: usize = crate::codec::MAX_ENCODED_LEN;
 /// The DNS name in the engine's certificate; dialers verify it whatever address they use.
 pub const SERVER_NAME: &str = "seedcast-engine";
 /// Most chunk ids one `Missing` request may carry.
@@ -509,6 +510,377 @@ mod tests {
             idx(&|| codec::encode(&RefuseReason::BadRequest).unwrap()),
             4
         );
+    }
+
+    /// Encode every value; each encoding must start with the index `index` gives its
+    /// variant. The `index` functions below are exhaustive `match`es: a new variant cannot
+    /// compile without being given its index here, and reordering variants fails.
+    fn check<T: Serialize + std::fmt::Debug>(values: &[T], index: impl Fn(&T) -> u8) {
+        for v in values {
+            assert_eq!(codec::encode(v).unwrap()[0], index(v), "{v:?}");
+        }
+    }
+
+    fn sample_status() -> ImageStatus {
+        ImageStatus {
+            global_id: GlobalId([1; 12]),
+            name: "n".into(),
+            version: 1,
+            bytes_uploaded: 0,
+            total_len: 0,
+            data_len: 0,
+            sites: vec![],
+        }
+    }
+
+    fn sample_manifest() -> Manifest {
+        Manifest {
+            format: crate::manifest::MANIFEST_FORMAT,
+            global_id: GlobalId([1; 12]),
+            version: 1,
+            parent: None,
+            name: "n".into(),
+            chunking: ChunkerConfig::default(),
+            files: vec![],
+        }
+    }
+
+    #[test]
+    fn golden_every_variant_of_every_wire_enum() {
+        check(
+            &[
+                Role::Client {
+                    admin_secret: "s".into(),
+                },
+                Role::Agent {
+                    site: "a".into(),
+                    adapter: "dir".into(),
+                },
+                Role::Enroll {
+                    join_secret: "s".into(),
+                    site: "a".into(),
+                    adapter: "dir".into(),
+                    csr_der: vec![],
+                },
+            ],
+            |v| match v {
+                Role::Client { .. } => 0,
+                Role::Agent { .. } => 1,
+                Role::Enroll { .. } => 2,
+            },
+        );
+        check(
+            &[
+                HelloReply::Welcome {
+                    protocol: 1,
+                    engine_id: "e".into(),
+                    chunking: ChunkerConfig::default(),
+                },
+                HelloReply::Enrolled {
+                    cert_der: vec![],
+                    ca_der: vec![],
+                },
+                HelloReply::Refused {
+                    reason: RefuseReason::BadToken,
+                    message: String::new(),
+                },
+            ],
+            |v| match v {
+                HelloReply::Welcome { .. } => 0,
+                HelloReply::Enrolled { .. } => 1,
+                HelloReply::Refused { .. } => 2,
+            },
+        );
+        check(
+            &[
+                RefuseReason::ProtocolVersion,
+                RefuseReason::BadToken,
+                RefuseReason::UnknownSite,
+                RefuseReason::Revoked,
+                RefuseReason::BadRequest,
+            ],
+            |v| match v {
+                RefuseReason::ProtocolVersion => 0,
+                RefuseReason::BadToken => 1,
+                RefuseReason::UnknownSite => 2,
+                RefuseReason::Revoked => 3,
+                RefuseReason::BadRequest => 4,
+            },
+        );
+        check(
+            &[
+                AgentMsg::Inventory { images: vec![] },
+                AgentMsg::Need {
+                    transfer: 1,
+                    chunks: vec![],
+                },
+                AgentMsg::Published {
+                    transfer: 1,
+                    local_id: String::new(),
+                    bytes_received: 0,
+                },
+                AgentMsg::Failed {
+                    transfer: 1,
+                    error: String::new(),
+                },
+                AgentMsg::NeedFrom {
+                    transfer: 1,
+                    chunks: vec![],
+                    bases_from: vec![],
+                    unavailable: vec![],
+                },
+            ],
+            |v| match v {
+                AgentMsg::Inventory { .. } => 0,
+                AgentMsg::Need { .. } => 1,
+                AgentMsg::Published { .. } => 2,
+                AgentMsg::Failed { .. } => 3,
+                AgentMsg::NeedFrom { .. } => 4,
+            },
+        );
+        let held = HeldVersion {
+            global_id: GlobalId([1; 12]),
+            version: 1,
+        };
+        check(
+            &[
+                EngineMsg::Deploy {
+                    transfer: 1,
+                    manifest: sample_manifest(),
+                },
+                EngineMsg::DeployDelta {
+                    transfer: 1,
+                    base: held,
+                    manifest_id: [0; 32],
+                    delta: vec![],
+                },
+            ],
+            |v| match v {
+                EngineMsg::Deploy { .. } => 0,
+                EngineMsg::DeployDelta { .. } => 1,
+            },
+        );
+        let ch = ChunkHeader {
+            id: ChunkId([0; 32]),
+            raw_len: 1,
+            encoding: Encoding::Raw,
+            payload_len: 1,
+        };
+        check(
+            &[
+                DataRecord::Chunk(ch),
+                DataRecord::Group(GroupHeader {
+                    chunks: vec![],
+                    base: vec![],
+                    payload_len: 0,
+                }),
+            ],
+            |v| match v {
+                DataRecord::Chunk(_) => 0,
+                DataRecord::Group(_) => 1,
+            },
+        );
+        check(&[Encoding::Raw, Encoding::Zstd], |v| match v {
+            Encoding::Raw => 0,
+            Encoding::Zstd => 1,
+        });
+        check(
+            &[
+                crate::manifest::Extent::Data {
+                    id: ChunkId([0; 32]),
+                    len: 1,
+                },
+                crate::manifest::Extent::Hole { len: 1 },
+            ],
+            |v| match v {
+                crate::manifest::Extent::Data { .. } => 0,
+                crate::manifest::Extent::Hole { .. } => 1,
+            },
+        );
+        let g = GlobalId([1; 12]);
+        check(
+            &[
+                Request::Missing { chunks: vec![] },
+                Request::Upload { count: 0 },
+                Request::Commit(CommitRequest {
+                    name: "n".into(),
+                    files: vec![],
+                    sites: None,
+                }),
+                Request::Status { global_id: None },
+                Request::Sites,
+                Request::Watch {
+                    global_id: g,
+                    version: 1,
+                },
+                Request::Revoke { site: "a".into() },
+                Request::Adapt(AdaptRequest {
+                    global_id: g,
+                    ops: vec![],
+                }),
+                Request::History { global_id: g },
+                Request::Rollback {
+                    global_id: g,
+                    to: 1,
+                },
+            ],
+            |v| match v {
+                Request::Missing { .. } => 0,
+                Request::Upload { .. } => 1,
+                Request::Commit(_) => 2,
+                Request::Status { .. } => 3,
+                Request::Sites => 4,
+                Request::Watch { .. } => 5,
+                Request::Revoke { .. } => 6,
+                Request::Adapt(_) => 7,
+                Request::History { .. } => 8,
+                Request::Rollback { .. } => 9,
+            },
+        );
+        check(
+            &[
+                AdaptOp::Replace {
+                    path: "a".into(),
+                    mode: 0,
+                    recipe: crate::manifest::FileRecipe {
+                        len: 0,
+                        hash: [0; 32],
+                        extents: vec![],
+                    },
+                },
+                AdaptOp::Write {
+                    path: "a".into(),
+                    offset: 0,
+                    data: vec![],
+                },
+                AdaptOp::Add(FileEntry {
+                    path: "a".into(),
+                    mode: 0,
+                    recipe: crate::manifest::FileRecipe {
+                        len: 0,
+                        hash: [0; 32],
+                        extents: vec![],
+                    },
+                }),
+                AdaptOp::Remove { path: "a".into() },
+            ],
+            |v| match v {
+                AdaptOp::Replace { .. } => 0,
+                AdaptOp::Write { .. } => 1,
+                AdaptOp::Add(_) => 2,
+                AdaptOp::Remove { .. } => 3,
+            },
+        );
+        check(
+            &[
+                Response::Missing { chunks: vec![] },
+                Response::Uploaded {
+                    stored: 0,
+                    bytes: 0,
+                },
+                Response::Committed(sample_status()),
+                Response::Image(sample_status()),
+                Response::Images(vec![]),
+                Response::Sites(vec![]),
+                Response::Progress(sample_status()),
+                Response::Revoked,
+                Response::Error {
+                    kind: ErrorKind::Invalid,
+                    message: String::new(),
+                },
+                Response::History(vec![]),
+            ],
+            |v| match v {
+                Response::Missing { .. } => 0,
+                Response::Uploaded { .. } => 1,
+                Response::Committed(_) => 2,
+                Response::Image(_) => 3,
+                Response::Images(_) => 4,
+                Response::Sites(_) => 5,
+                Response::Progress(_) => 6,
+                Response::Revoked => 7,
+                Response::Error { .. } => 8,
+                Response::History(_) => 9,
+            },
+        );
+        check(
+            &[
+                ErrorKind::NotFound,
+                ErrorKind::Invalid,
+                ErrorKind::MissingChunks,
+                ErrorKind::Internal,
+            ],
+            |v| match v {
+                ErrorKind::NotFound => 0,
+                ErrorKind::Invalid => 1,
+                ErrorKind::MissingChunks => 2,
+                ErrorKind::Internal => 3,
+            },
+        );
+        check(
+            &[
+                PlacementState::Pending,
+                PlacementState::Transferring,
+                PlacementState::Published,
+                PlacementState::Failed,
+            ],
+            |v| match v {
+                PlacementState::Pending => 0,
+                PlacementState::Transferring => 1,
+                PlacementState::Published => 2,
+                PlacementState::Failed => 3,
+            },
+        );
+    }
+
+    #[test]
+    fn golden_engine_msg_hello_reply_error_kind_and_role() {
+        let d = EngineMsg::DeployDelta {
+            transfer: 300,
+            base: HeldVersion {
+                global_id: GlobalId([0xaa; 12]),
+                version: 2,
+            },
+            manifest_id: [0xbb; 32],
+            delta: vec![1, 2],
+        };
+        // 01            EngineMsg::DeployDelta
+        // fb 2c 01      transfer 300
+        // aa×12 02      base: global id, version 2
+        // bb×32         manifest id
+        // 02 01 02      delta: length 2, bytes
+        assert_eq!(
+            hex(&d),
+            format!("01fb2c01{}02{}020102", "aa".repeat(12), "bb".repeat(32))
+        );
+        let r = HelloReply::Refused {
+            reason: RefuseReason::Revoked,
+            message: "no".into(),
+        };
+        // 02 Refused | 03 Revoked | 02 6e6f "no"
+        assert_eq!(hex(&r), "0203026e6f");
+        let w = HelloReply::Welcome {
+            protocol: 1,
+            engine_id: "e".into(),
+            chunking: ChunkerConfig::default(),
+        };
+        // 00 Welcome | 01 protocol | 01 65 "e" | chunking: min 16384 (fb 0040), avg 65536
+        // (fc 00000100), max 262144 (fc 00000400), hole_block 4096 (fb 0010), hole_min 32768 (fb 0080)
+        assert_eq!(hex(&w), "00010165fb0040fc00000100fc00000400fb0010fb0080");
+        let e = Response::Error {
+            kind: ErrorKind::MissingChunks,
+            message: "m".into(),
+        };
+        // 08 Error | 02 MissingChunks | 01 6d "m"
+        assert_eq!(hex(&e), "0802016d");
+        let enroll = Role::Enroll {
+            join_secret: "s".into(),
+            site: "a".into(),
+            adapter: "d".into(),
+            csr_der: vec![0xcc],
+        };
+        // 02 Enroll | 01 73 | 01 61 | 01 64 | 01 cc
+        assert_eq!(hex(&enroll), "0201730161016401cc");
     }
 
     #[test]

@@ -9,7 +9,7 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::id::ChunkId;
-use crate::manifest::{Extent, Manifest, ManifestError};
+use crate::manifest::{Manifest, ManifestError};
 use crate::protocol::{ChunkHeader, GroupHeader};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -31,6 +31,8 @@ pub enum TransferError {
         id: ChunkId,
         len: u32,
     },
+    #[error("no transfer {0} in progress")]
+    NoTransfer(u64),
     #[error("transfer {transfer}: delta group empty or over its limits")]
     BadGroup { transfer: u64 },
     #[error("invalid manifest: {0}")]
@@ -61,13 +63,10 @@ impl Transfer {
         let mut missing = HashMap::new();
         let mut seen = HashSet::new();
         for f in &manifest.files {
-            for e in &f.recipe.extents {
-                if let Extent::Data { id, len } = e
-                    && seen.insert(*id)
-                    && !have(id)
-                {
-                    need.push(*id);
-                    missing.insert(*id, *len);
+            for (_, id, len) in f.recipe.chunks_at() {
+                if seen.insert(id) && !have(&id) {
+                    need.push(id);
+                    missing.insert(id, len);
                 }
             }
         }

@@ -1,281 +1,74 @@
-//! Adaptation blocks, history and rollback: every change to an image makes its next
-//! version, with its parent recorded, committed atomically with the placements that move
-//! every target site to it.
+//! Adaptation blocks, history and rollback: what each changes. The versions they make are
+//! made by [`crate::versions`].
+//!
+//! A block's operations apply in order to the current version's files ([`apply_ops`]);
+//! any one that does not apply refuses the whole block. A write re-cuts only the chunks it
+//! touches and stores the new ones ([`write`]).
 
-use std::collections::BTreeSet;
-
-use bytes::Bytes;
 use seedcast_core::edit::{EditError, apply_write};
-use seedcast_core::manifest::{MANIFEST_FORMAT, validate_file_name, validate_files};
-use seedcast_core::protocol::{AdaptOp, AdaptRequest, MAX_WRITE, PlacementState, VersionInfo};
-use seedcast_core::{
-    ChunkId, CompressedChunk, Extent, FileEntry, FileRecipe, GlobalId, Manifest, UnverifiedChunk,
-};
-use tracing::info;
+use seedcast_core::manifest::validate_file_name;
+use seedcast_core::protocol::{AdaptOp, AdaptRequest, MAX_WRITE, VersionInfo};
+use seedcast_core::source::ChunkStore;
+use seedcast_core::units::human_bytes;
+use seedcast_core::{ChunkId, ChunkerConfig, FileEntry, FileRecipe, GlobalId, VerifiedChunk};
 
-use crate::catalog::{ImageCommit, ManifestRecord, PlacementRecord, VersionNote, unix_now};
-use crate::delta::read_raw;
-use crate::{EngineError, Shared};
+use crate::EngineError;
+use crate::error::AdaptError;
+use crate::state::Shared;
+use crate::versions::{self, Draft, Made};
 
-/// Every data extent must name a chunk the store holds, with the length it holds.
-/// Returns the distinct chunk ids.
-pub(crate) fn check_chunks(
-    shared: &Shared,
-    files: &[FileEntry],
-) -> Result<BTreeSet<ChunkId>, EngineError> {
-    let mut ids = BTreeSet::new();
-    let mut missing = Vec::new();
-    for f in files {
-        for e in &f.recipe.extents {
-            if let Extent::Data { id, len } = e {
-                match shared.store.record(id) {
-                    None => missing.push(*id),
-                    Some(r) if r.raw_len != *len => {
-                        return Err(EngineError::Invalid(format!(
-                            "file {:?}: chunk {id} is {} bytes, the recipe says {len}",
-                            f.path, r.raw_len
-                        )));
-                    }
-                    Some(_) => {
-                        ids.insert(*id);
-                    }
-                }
-            }
-        }
-    }
-    if let Some(first) = missing.first() {
-        return Err(EngineError::MissingChunks {
-            count: missing.len(),
-            first: *first,
-        });
-    }
-    Ok(ids)
-}
+/// zstd level of chunks a write creates (as a push's client uses).
+const WRITE_LEVEL: i32 = 3;
 
-/// Commit `files` as the next version of `g`, moving every target site to it.
-fn commit_next(
-    shared: &Shared,
-    g: GlobalId,
-    files: Vec<FileEntry>,
-    change: String,
-    bytes_uploaded: u64,
-) -> Result<(u32, Vec<String>), EngineError> {
-    let mut image = shared
-        .catalog
-        .image(&g)?
-        .ok_or(EngineError::UnknownImage(g))?;
-    validate_files(&files, &shared.cfg.chunking)
-        .map_err(|e| EngineError::Invalid(e.to_string()))?;
-    let ids = check_chunks(shared, &files)?;
-    let parent = image.current_version;
-    let version = parent + 1;
-    let manifest = Manifest {
-        format: MANIFEST_FORMAT,
-        global_id: g,
-        version,
-        parent: Some(parent),
-        name: image.name.clone(),
-        chunking: shared.cfg.chunking,
-        files,
-    };
-    let manifest_id = manifest
-        .id()
-        .map_err(|e| EngineError::Internal(e.to_string()))?;
-    let mrec = ManifestRecord {
-        manifest,
-        manifest_id,
-        bytes_uploaded,
-        created_unix: unix_now(),
-    };
-    // Revoked sites are no longer targets: they keep their old mapping and get nothing new.
-    let revoked: BTreeSet<String> = shared
-        .catalog
-        .sites()?
-        .into_iter()
-        .filter(|(_, r)| r.revoked)
-        .map(|(n, _)| n)
-        .collect();
-    image.sites.retain(|s| !revoked.contains(s));
-    let mut placements = Vec::new();
-    for site in &image.sites {
-        let mut p = shared
-            .catalog
-            .placement(&g, site)?
-            .unwrap_or_else(|| PlacementRecord::pending(version));
-        // The site keeps serving what it has (local id, published version) until the new
-        // version is published there.
-        p.version = version;
-        p.state = PlacementState::Pending;
-        p.bytes_sent = 0;
-        p.bytes_needed = 0;
-        p.wire_bytes = 0;
-        p.error = None;
-        placements.push((site.clone(), p));
-    }
-    image.current_version = version;
-    let chunk_refs = shared.store.with_ref(ids);
-    let note = VersionNote { change };
-    shared.catalog.commit_image(ImageCommit {
-        global_id: g,
-        image: &image,
-        manifest: &mrec,
-        placements,
-        chunk_refs: chunk_refs.clone(),
-        note: &note,
-    })?;
-    shared.store.apply_refs(&chunk_refs);
-    info!(global_id = %g, version, change = %note.change, "new version");
-    Ok((version, image.sites))
-}
-
-fn unknown_path(g: &GlobalId, version: u32, path: &str, files: &[FileEntry]) -> EngineError {
-    let names: Vec<&str> = files.iter().map(|f| f.path.as_str()).collect();
-    EngineError::Invalid(format!(
-        "{g} version {version} has no file {path:?} (its files: {})",
-        names.join(", ")
-    ))
-}
-
-fn human(n: u64) -> String {
-    if n >= 1 << 20 {
-        format!("{:.1} MiB", n as f64 / (1 << 20) as f64)
-    } else if n >= 1024 {
-        format!("{:.1} KiB", n as f64 / 1024.0)
-    } else {
-        format!("{n} B")
-    }
-}
-
-/// Apply an adaptation block (ops in order) to the current version. Blocking.
+/// Apply an adaptation block as the next version. Blocking.
 pub(crate) fn adapt(
     shared: &Shared,
     req: AdaptRequest,
     bytes_uploaded: u64,
-) -> Result<(u32, Vec<String>), EngineError> {
+) -> Result<Made, EngineError> {
     let g = req.global_id;
-    let image = shared
-        .catalog
-        .image(&g)?
-        .ok_or(EngineError::UnknownImage(g))?;
-    let cur = shared
-        .catalog
-        .manifest(&g, image.current_version)?
-        .ok_or_else(|| {
-            EngineError::Internal(format!("manifest {g}@{} missing", image.current_version))
-        })?;
-    if req.ops.is_empty() {
-        return Err(EngineError::Invalid(
-            "an adaptation block needs at least one change".into(),
-        ));
-    }
-    let v = cur.manifest.version;
-    let mut files = cur.manifest.files;
-    let mut changes = Vec::new();
-    let find = |files: &[FileEntry], path: &str| files.iter().position(|f| f.path == path);
-    for op in req.ops {
-        match op {
-            AdaptOp::Replace { path, mode, recipe } => {
-                let i = find(&files, &path).ok_or_else(|| unknown_path(&g, v, &path, &files))?;
-                changes.push(format!("replace {path} ({})", human(recipe.len)));
-                files[i].recipe = recipe;
-                files[i].mode = mode & 0o7777;
-            }
-            AdaptOp::Add(entry) => {
-                validate_file_name(&entry.path).map_err(|e| EngineError::Invalid(e.to_string()))?;
-                if find(&files, &entry.path).is_some() {
-                    return Err(EngineError::Invalid(format!(
-                        "{g} version {v} already has a file {:?} (replace it instead)",
-                        entry.path
-                    )));
-                }
-                changes.push(format!("add {} ({})", entry.path, human(entry.recipe.len)));
-                files.push(entry);
-            }
-            AdaptOp::Remove { path } => {
-                let i = find(&files, &path).ok_or_else(|| unknown_path(&g, v, &path, &files))?;
-                files.remove(i);
-                changes.push(format!("remove {path}"));
-            }
-            AdaptOp::Write { path, offset, data } => {
-                let i = find(&files, &path).ok_or_else(|| unknown_path(&g, v, &path, &files))?;
-                if data.len() > MAX_WRITE {
-                    return Err(EngineError::Invalid(format!(
-                        "a write of {} bytes exceeds the limit of {MAX_WRITE} (replace the file instead)",
-                        data.len()
-                    )));
-                }
-                let recipe = write(shared, &files[i].recipe, &path, offset, &data)?;
-                files[i].recipe = recipe;
-                changes.push(format!(
-                    "write {path}@{offset} ({})",
-                    human(data.len() as u64)
-                ));
-            }
-        }
-    }
-    commit_next(shared, g, files, changes.join("; "), bytes_uploaded)
-}
-
-/// Apply one write: re-cut the touched region, store the new chunks, return the recipe.
-fn write(
-    shared: &Shared,
-    recipe: &FileRecipe,
-    path: &str,
-    offset: u64,
-    data: &[u8],
-) -> Result<FileRecipe, EngineError> {
-    let mut read =
-        |id: &ChunkId| read_raw(shared, id).map_err(|e| std::io::Error::other(e.to_string()));
-    let out =
-        apply_write(recipe, shared.cfg.chunking, offset, data, &mut read).map_err(|e| match e {
-            EditError::OffsetPastEnd { offset, len } => EngineError::Invalid(format!(
-                "offset {offset} is past the end of {path:?} ({len} bytes)"
-            )),
-            EditError::EmptyWrite => EngineError::Invalid(format!("empty write to {path:?}")),
-            e => EngineError::Internal(format!("write to {path:?}: {e}")),
-        })?;
-    let verified: Vec<_> = out
-        .new_chunks
-        .iter()
-        .filter(|(id, _)| !shared.store.contains(id))
-        .map(|(id, raw): &(ChunkId, Bytes)| {
-            UnverifiedChunk(CompressedChunk::compress(*id, raw, 3))
-                .verify(shared.cfg.chunking.max)
-                .map_err(|e| EngineError::Internal(e.to_string()))
+    versions::next(shared, g, |cur| {
+        let (files, change) = apply_ops(
+            g,
+            cur.manifest.version,
+            cur.manifest.files.clone(),
+            req.ops,
+            shared.cfg.chunking,
+            &*shared.store,
+        )?;
+        Ok(Draft {
+            files,
+            change,
+            bytes_uploaded,
         })
-        .collect::<Result<_, _>>()?;
-    shared.store.insert(&verified, &shared.catalog)?;
-    Ok(out.recipe)
+    })
 }
 
 /// Make the next version a copy of version `to`. Blocking.
-pub(crate) fn rollback(
-    shared: &Shared,
-    g: GlobalId,
-    to: u32,
-) -> Result<(u32, Vec<String>), EngineError> {
-    let image = shared
-        .catalog
-        .image(&g)?
-        .ok_or(EngineError::UnknownImage(g))?;
-    if to == image.current_version {
-        return Err(EngineError::Invalid(format!(
-            "version {to} is already the current version of {g}"
-        )));
-    }
-    let target = shared.catalog.manifest(&g, to)?.ok_or_else(|| {
-        EngineError::Invalid(format!(
-            "{g} has no version {to} (versions 1 to {})",
-            image.current_version
-        ))
-    })?;
-    commit_next(
-        shared,
-        g,
-        target.manifest.files,
-        format!("rollback to version {to}"),
-        0,
-    )
+pub(crate) fn rollback(shared: &Shared, g: GlobalId, to: u32) -> Result<Made, EngineError> {
+    versions::next(shared, g, |cur| {
+        let current = cur.manifest.version;
+        if to == current {
+            return Err(AdaptError::AlreadyCurrent {
+                global_id: g,
+                version: to,
+            }
+            .into());
+        }
+        let target = shared
+            .catalog
+            .manifest(&g, to)?
+            .ok_or(AdaptError::NoSuchVersion {
+                global_id: g,
+                version: to,
+                current,
+            })?;
+        Ok(Draft {
+            files: target.manifest.files,
+            change: format!("rollback to version {to}"),
+            bytes_uploaded: 0,
+        })
+    })
 }
 
 /// Every version of `g`, oldest first.
@@ -297,11 +90,262 @@ pub(crate) fn history(shared: &Shared, g: &GlobalId) -> Result<Vec<VersionInfo>,
                 parent: m.manifest.parent,
                 created_unix: m.created_unix,
                 total_len: m.manifest.total_len(),
-                data_len: m.manifest.files.iter().map(|f| f.recipe.data_len()).sum(),
+                data_len: m.manifest.data_len(),
                 files: m.manifest.files.iter().map(|f| f.path.clone()).collect(),
                 change,
                 bytes_uploaded: m.bytes_uploaded,
             })
         })
         .collect()
+}
+
+/// Apply `ops` in order to `files` (version `version` of `g`); new chunks of writes go to
+/// `store`. Returns the new files and what changed, for people.
+pub(crate) fn apply_ops(
+    g: GlobalId,
+    version: u32,
+    mut files: Vec<FileEntry>,
+    ops: Vec<AdaptOp>,
+    chunking: ChunkerConfig,
+    store: &dyn ChunkStore,
+) -> Result<(Vec<FileEntry>, String), EngineError> {
+    if ops.is_empty() {
+        return Err(AdaptError::Empty.into());
+    }
+    let mut changes = Vec::new();
+    for op in ops {
+        let find = |files: &[FileEntry], path: &str| {
+            files
+                .iter()
+                .position(|f| f.path == path)
+                .ok_or_else(|| AdaptError::NoSuchFile {
+                    global_id: g,
+                    version,
+                    path: path.to_string(),
+                    files: files
+                        .iter()
+                        .map(|f| f.path.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })
+        };
+        match op {
+            AdaptOp::Replace { path, mode, recipe } => {
+                let i = find(&files, &path)?;
+                changes.push(format!("replace {path} ({})", human_bytes(recipe.len)));
+                files[i].recipe = recipe;
+                files[i].mode = mode & 0o7777;
+            }
+            AdaptOp::Add(entry) => {
+                validate_file_name(&entry.path)?;
+                if find(&files, &entry.path).is_ok() {
+                    return Err(AdaptError::FileExists {
+                        global_id: g,
+                        version,
+                        path: entry.path,
+                    }
+                    .into());
+                }
+                let size = human_bytes(entry.recipe.len);
+                changes.push(format!("add {} ({size})", entry.path));
+                files.push(entry);
+            }
+            AdaptOp::Remove { path } => {
+                let i = find(&files, &path)?;
+                files.remove(i);
+                changes.push(format!("remove {path}"));
+            }
+            AdaptOp::Write { path, offset, data } => {
+                let i = find(&files, &path)?;
+                if data.len() > MAX_WRITE {
+                    return Err(AdaptError::WriteTooLarge {
+                        len: data.len(),
+                        max: MAX_WRITE,
+                    }
+                    .into());
+                }
+                files[i].recipe = write(store, chunking, &files[i].recipe, &path, offset, &data)?;
+                let size = human_bytes(data.len() as u64);
+                changes.push(format!("write {path}@{offset} ({size})"));
+            }
+        }
+    }
+    Ok((files, changes.join("; ")))
+}
+
+/// Apply one write: re-cut the touched region, store the new chunks, return the recipe.
+fn write(
+    store: &dyn ChunkStore,
+    chunking: ChunkerConfig,
+    recipe: &FileRecipe,
+    path: &str,
+    offset: u64,
+    data: &[u8],
+) -> Result<FileRecipe, EngineError> {
+    let mut read = |id: &ChunkId| store.read_verified(id).map(|v| v.raw().clone());
+    let out = apply_write(recipe, chunking, offset, data, &mut read).map_err(|e| match e {
+        EditError::OffsetPastEnd { offset, len } => AdaptError::OffsetPastEnd {
+            path: path.to_string(),
+            offset,
+            len,
+        },
+        EditError::EmptyWrite => AdaptError::EmptyWrite {
+            path: path.to_string(),
+        },
+        e => AdaptError::Edit {
+            path: path.to_string(),
+            source: Box::new(e) as Box<dyn std::error::Error + Send + Sync>,
+        },
+    })?;
+    let fresh: Vec<VerifiedChunk> = out
+        .new_chunks
+        .into_iter()
+        .filter(|(id, _)| !store.contains(id))
+        .map(|(_, raw)| VerifiedChunk::compress(raw, WRITE_LEVEL))
+        .collect();
+    store.insert(&fresh)?;
+    Ok(out.recipe)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use seedcast_core::chunker::chunk_all;
+    use seedcast_core::manifest::RecipeBuilder;
+    use seedcast_core::source::MemChunks;
+
+    const G: GlobalId = GlobalId([6; 12]);
+
+    fn noise(seed: u64, n: usize) -> Vec<u8> {
+        let mut v = vec![0u8; n];
+        blake3::Hasher::new()
+            .update(&seed.to_le_bytes())
+            .finalize_xof()
+            .fill(&mut v);
+        v
+    }
+
+    fn entry(store: &MemChunks, path: &str, data: &[u8]) -> FileEntry {
+        let mut rb = RecipeBuilder::new();
+        for p in chunk_all(data, ChunkerConfig::default()).unwrap() {
+            if let Some((_, b)) = rb.push(p) {
+                store.insert(&[VerifiedChunk::compress(b, 3)]).unwrap();
+            }
+        }
+        FileEntry {
+            path: path.into(),
+            mode: 0o644,
+            recipe: rb.finish(),
+        }
+    }
+
+    fn apply(
+        store: &MemChunks,
+        files: &[FileEntry],
+        ops: Vec<AdaptOp>,
+    ) -> Result<(Vec<FileEntry>, String), EngineError> {
+        apply_ops(G, 3, files.to_vec(), ops, ChunkerConfig::default(), store)
+    }
+
+    #[test]
+    fn ops_apply_in_order_and_writes_match_the_edited_file() {
+        let store = MemChunks::new();
+        let disk = noise(1, 1 << 20);
+        let files = vec![
+            entry(&store, "disk.raw", &disk),
+            entry(&store, "meta", b"m"),
+        ];
+        let added = entry(&store, "notes", b"hello");
+        let ops = vec![
+            AdaptOp::Write {
+                path: "disk.raw".into(),
+                offset: 500_000,
+                data: b"patched".to_vec(),
+            },
+            AdaptOp::Remove {
+                path: "meta".into(),
+            },
+            AdaptOp::Add(added.clone()),
+        ];
+        let (out, change) = apply(&store, &files, ops).unwrap();
+        assert_eq!(
+            change,
+            "write disk.raw@500000 (7 B); remove meta; add notes (5 B)"
+        );
+        assert_eq!(
+            out.iter().map(|f| f.path.as_str()).collect::<Vec<_>>(),
+            ["disk.raw", "notes"]
+        );
+        let mut edited = disk.clone();
+        edited[500_000..500_007].copy_from_slice(b"patched");
+        assert_eq!(out[0].recipe.hash, *blake3::hash(&edited).as_bytes());
+        // Every chunk of the new recipe is in the store.
+        assert!(versions::check_chunks(&store, &out).is_ok());
+    }
+
+    #[test]
+    fn each_kind_of_bad_op_refuses_the_whole_block_with_its_reason() {
+        let store = MemChunks::new();
+        let files = vec![entry(&store, "disk.raw", &noise(2, 100_000))];
+        let w = |path: &str, offset: u64, data: &[u8]| AdaptOp::Write {
+            path: path.into(),
+            offset,
+            data: data.to_vec(),
+        };
+        let cases: Vec<(Vec<AdaptOp>, &str)> = vec![
+            (vec![], "at least one change"),
+            (
+                vec![w("nope", 0, b"x")],
+                "no file \"nope\" (its files: disk.raw)",
+            ),
+            (vec![w("disk.raw", 100_001, b"x")], "past the end"),
+            (vec![w("disk.raw", 0, b"")], "empty write"),
+            (
+                vec![w("disk.raw", 0, &vec![0; MAX_WRITE + 1])],
+                "exceeds the limit",
+            ),
+            (vec![AdaptOp::Add(files[0].clone())], "already has a file"),
+            (vec![AdaptOp::Remove { path: "x".into() }], "no file \"x\""),
+            (
+                vec![AdaptOp::Add(FileEntry {
+                    path: "a/b".into(),
+                    ..files[0].clone()
+                })],
+                "invalid file name",
+            ),
+            // A valid op followed by a bad one: nothing applies.
+            (
+                vec![w("disk.raw", 0, b"ok"), w("disk.raw", 200_000, b"x")],
+                "past the end",
+            ),
+        ];
+        for (ops, want) in cases {
+            let e = apply(&store, &files, ops.clone()).unwrap_err();
+            assert!(e.to_string().contains(want), "{ops:?}: {e}");
+            assert_eq!(e.kind(), seedcast_core::protocol::ErrorKind::Invalid, "{e}");
+        }
+    }
+
+    #[test]
+    fn an_unreadable_chunk_is_an_engine_fault_not_the_clients() {
+        let store = MemChunks::new();
+        let files = vec![entry(&store, "disk.raw", &noise(3, 300_000))];
+        let first = files[0].recipe.chunks_at().next().unwrap().1;
+        store.remove(&first);
+        let e = apply(
+            &store,
+            &files,
+            vec![AdaptOp::Write {
+                path: "disk.raw".into(),
+                offset: 10,
+                data: b"x".to_vec(),
+            }],
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, EngineError::Adapt(AdaptError::Edit { .. })),
+            "{e}"
+        );
+        assert_eq!(e.kind(), seedcast_core::protocol::ErrorKind::Internal);
+    }
 }

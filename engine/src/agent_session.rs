@@ -5,119 +5,40 @@ use std::sync::Arc;
 
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use seedcast_core::protocol::{AgentMsg, HeldImage, PlacementState, close};
-use seedcast_net::{read_msg, read_msg_required, write_msg};
+use seedcast_core::sender::Held;
+use seedcast_net::{FramedError, read_msg, read_msg_required, write_msg};
 use tokio::sync::{Notify, mpsc};
 use tracing::{info, warn};
 
-use crate::server::close_for_violation;
-use crate::{AgentHandle, Shared, distribute};
+use crate::distribute::{self, DeployError};
+use crate::handshake::{close_for_violation, close_protocol, welcome};
+use crate::state::{AgentHandle, Shared};
 
-pub(crate) async fn session(
-    shared: Arc<Shared>,
-    conn: Connection,
-    conn_id: u64,
-    site: String,
-    adapter: String,
-    mut send: SendStream,
-    mut recv: RecvStream,
-) {
-    if write_msg(&mut send, &crate::server::welcome(&shared))
-        .await
-        .is_err()
-    {
-        return;
-    }
-    let held = match read_msg_required::<AgentMsg>(&mut recv).await {
-        Ok(AgentMsg::Inventory { images }) => {
-            reconcile_inventory(&shared, &site, &images);
-            images
-                .iter()
-                .map(|h| (h.global_id, (h.version, h.manifest_id)))
-                .collect()
-        }
-        Ok(other) => {
-            warn!(site, "expected Inventory, got {other:?}");
-            conn.close(
-                VarInt::from_u32(close::PROTOCOL),
-                b"expected Inventory first",
-            );
-            return;
-        }
-        Err(e) => {
-            if e.is_protocol_violation() {
-                close_for_violation(&conn, &e);
-            }
-            return;
-        }
-    };
+/// An agent whose certificate was checked: its connection and control stream.
+#[derive(Debug)]
+pub(crate) struct Connected {
+    pub conn: Connection,
+    pub conn_id: u64,
+    pub site: String,
+    pub adapter: String,
+    pub send: SendStream,
+    pub recv: RecvStream,
+}
 
-    let wake = Arc::new(Notify::new());
-    let handle = AgentHandle {
+pub(crate) async fn session(shared: Arc<Shared>, a: Connected) {
+    let Connected {
+        conn,
         conn_id,
-        conn: conn.clone(),
-        wake: wake.clone(),
+        site,
+        adapter,
+        mut send,
+        mut recv,
+    } = a;
+    let Some(held) = greet(&shared, &conn, &site, &mut send, &mut recv).await else {
+        return;
     };
-    // The site may have moved to another kind of local service since it enrolled.
-    if let Ok(Some(mut rec)) = shared.catalog.site(&site)
-        && rec.adapter != adapter
-    {
-        rec.adapter = adapter.clone();
-        if let Err(e) = shared.catalog.put_site(&site, &rec) {
-            warn!(site, "recording adapter change: {e}");
-        }
-    }
-    if let Some(old) = shared
-        .agents
-        .lock()
-        .expect("agents lock")
-        .insert(site.clone(), handle)
-    {
-        old.conn.close(
-            VarInt::from_u32(close::REPLACED),
-            b"a newer connection took over this site",
-        );
-    }
-    info!(site, adapter, remote = %conn.remote_address(), "agent connected");
-    shared.changed();
-
-    let (tx, rx) = mpsc::channel(64);
-    let reader = async {
-        loop {
-            match read_msg::<AgentMsg>(&mut recv).await {
-                Ok(Some(m)) => {
-                    if tx.send(m).await.is_err() {
-                        return Ok(());
-                    }
-                }
-                Ok(None) => return Ok(()),
-                Err(e) => return Err(e),
-            }
-        }
-    };
-    let worker = distribute::site_worker(&shared, &site, &conn, &mut send, rx, &wake, held);
-    tokio::select! {
-        r = reader => {
-            if let Err(e) = r
-                && e.is_protocol_violation()
-            {
-                close_for_violation(&conn, &e);
-            }
-        }
-        r = worker => {
-            if let Err(e) = r {
-                match &e {
-                    distribute::DeployError::Protocol(msg) => {
-                        conn.close(VarInt::from_u32(close::PROTOCOL), msg.as_bytes());
-                    }
-                    distribute::DeployError::Framed(fe) if fe.is_protocol_violation() => {
-                        close_for_violation(&conn, fe);
-                    }
-                    _ => {}
-                }
-                warn!(site, "site session ended: {e}");
-            }
-        }
-    }
+    let wake = register(&shared, &conn, conn_id, &site, &adapter);
+    serve(&shared, &conn, &site, send, recv, &wake, held).await;
     {
         let mut agents = shared.agents.lock().expect("agents lock");
         if agents.get(&site).is_some_and(|h| h.conn_id == conn_id) {
@@ -126,6 +47,134 @@ pub(crate) async fn session(
     }
     info!(site, "agent disconnected");
     shared.changed();
+}
+
+/// Welcome the agent and read its inventory (which must come first).
+async fn greet(
+    shared: &Shared,
+    conn: &Connection,
+    site: &str,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+) -> Option<Held> {
+    write_msg(send, &welcome(shared)).await.ok()?;
+    match read_msg_required::<AgentMsg>(recv).await {
+        Ok(AgentMsg::Inventory { images }) => {
+            reconcile_inventory(shared, site, &images);
+            Some(
+                images
+                    .iter()
+                    .map(|h| (h.global_id, (h.version, h.manifest_id)))
+                    .collect(),
+            )
+        }
+        Ok(other) => {
+            warn!(site, "expected Inventory, got {other:?}");
+            conn.close(
+                VarInt::from_u32(close::PROTOCOL),
+                b"expected Inventory first",
+            );
+            None
+        }
+        Err(e) => {
+            if e.is_protocol_violation() {
+                close_for_violation(conn, &e);
+            }
+            None
+        }
+    }
+}
+
+/// Make this connection the site's agent (closing an older one); returns its wake-up.
+fn register(
+    shared: &Shared,
+    conn: &Connection,
+    conn_id: u64,
+    site: &str,
+    adapter: &str,
+) -> Arc<Notify> {
+    let wake = Arc::new(Notify::new());
+    let handle = AgentHandle {
+        conn_id,
+        conn: conn.clone(),
+        wake: wake.clone(),
+    };
+    // The site may have moved to another kind of local service since it enrolled.
+    if let Ok(Some(mut rec)) = shared.catalog.site(site)
+        && rec.adapter != adapter
+    {
+        rec.adapter = adapter.to_string();
+        if let Err(e) = shared.catalog.put_site(site, &rec) {
+            warn!(site, "recording adapter change: {e}");
+        }
+    }
+    if let Some(old) = shared
+        .agents
+        .lock()
+        .expect("agents lock")
+        .insert(site.to_string(), handle)
+    {
+        old.conn.close(
+            VarInt::from_u32(close::REPLACED),
+            b"a newer connection took over this site",
+        );
+    }
+    info!(site, adapter, remote = %conn.remote_address(), "agent connected");
+    shared.changed();
+    wake
+}
+
+/// Forward the agent's messages to its worker until either ends; close the connection with
+/// the reason when the agent broke the protocol.
+async fn serve(
+    shared: &Arc<Shared>,
+    conn: &Connection,
+    site: &str,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    wake: &Notify,
+    held: Held,
+) {
+    let (tx, rx) = mpsc::channel(64);
+    let reader = async {
+        loop {
+            let Some(m) = read_msg::<AgentMsg>(&mut recv).await? else {
+                return Ok::<(), FramedError>(());
+            };
+            if tx.send(m).await.is_err() {
+                return Ok(());
+            }
+        }
+    };
+    let link = distribute::SiteLink {
+        site,
+        conn,
+        send: &mut send,
+        rx,
+        held,
+    };
+    let worker = distribute::site_worker(shared, link, wake);
+    tokio::select! {
+        r = reader => {
+            if let Err(e) = r
+                && e.is_protocol_violation()
+            {
+                close_for_violation(conn, &e);
+            }
+        }
+        r = worker => {
+            if let Err(e) = r {
+                match &e {
+                    DeployError::Protocol(v) => close_protocol(conn, &v.to_string()),
+                    DeployError::Framed(fe) if fe.is_protocol_violation() => {
+                        close_for_violation(conn, fe);
+                    }
+                    _ => {}
+                }
+                warn!(site, "site session ended: {e}");
+            }
+        }
+    }
 }
 
 /// An agent that reports holding the version that belongs at its site (for example after

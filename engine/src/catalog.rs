@@ -17,20 +17,14 @@
 
 use std::path::Path;
 
-use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options,
-    WriteBatch, WriteOptions,
-};
-use seedcast_core::codec::{self, RecordError};
+use seedcast_core::codec::RecordError;
 use seedcast_core::protocol::PlacementState;
 use seedcast_core::{ChunkId, GlobalId, Manifest};
-use serde::de::DeserializeOwned;
+use seedcast_db::{Batch, Db, DbError, Durability, Layout, Record, Spec, version_key};
 use serde::{Deserialize, Serialize};
 
 /// Format of this catalog's layout; stored under `meta/catalog_format`.
 pub const CATALOG_FORMAT: u8 = 1;
-/// Format byte of every record value.
-pub const RECORD_FORMAT: u8 = 1;
 
 const CF_CHUNKS: &str = "chunks";
 const CF_MANIFESTS: &str = "manifests";
@@ -39,26 +33,26 @@ const CF_SITES: &str = "sites";
 const CF_PLACEMENTS: &str = "placements";
 const CF_META: &str = "meta";
 const CF_NOTES: &str = "notes";
-const ALL_CFS: [&str; 7] = [
-    CF_CHUNKS,
-    CF_MANIFESTS,
-    CF_IMAGES,
-    CF_SITES,
-    CF_PLACEMENTS,
-    CF_NOTES,
-    CF_META,
-];
 
-/// A persisted record: its format byte, and how older formats are read.
-pub trait Record: Serialize + DeserializeOwned {
-    const FORMAT: u8 = RECORD_FORMAT;
-    fn decode(bytes: &[u8]) -> Result<Self, RecordError> {
-        codec::decode_record(Self::FORMAT, bytes)
-    }
-    fn encode(&self) -> Result<Vec<u8>, codec::CodecError> {
-        codec::encode_record(Self::FORMAT, self)
-    }
-}
+const SPEC: Spec = Spec {
+    families: &[
+        (CF_CHUNKS, Layout::Records),
+        (CF_MANIFESTS, Layout::Records),
+        (CF_IMAGES, Layout::Records),
+        (CF_SITES, Layout::Records),
+        (CF_PLACEMENTS, Layout::Records),
+        (CF_NOTES, Layout::Records),
+        (CF_META, Layout::Records),
+    ],
+    meta_family: CF_META,
+    format_key: b"catalog_format",
+    format: CATALOG_FORMAT,
+    // The chunk index is read once at start; this serves manifests, sites and placements.
+    cache_bytes: 64 << 20,
+};
+
+/// The catalog's errors are the database layer's.
+pub type CatalogError = DbError;
 
 impl Record for ChunkRecord {}
 impl Record for ManifestRecord {}
@@ -71,8 +65,10 @@ impl Record for PlacementRecord {
     const FORMAT: u8 = 2;
     fn decode(bytes: &[u8]) -> Result<Self, RecordError> {
         match bytes.first() {
-            Some(1) => codec::decode_record::<PlacementRecordV1>(1, bytes).map(Into::into),
-            _ => codec::decode_record(Self::FORMAT, bytes),
+            Some(1) => {
+                seedcast_core::codec::decode_record::<PlacementRecordV1>(1, bytes).map(Into::into)
+            }
+            _ => seedcast_core::codec::decode_record(Self::FORMAT, bytes),
         }
     }
 }
@@ -81,22 +77,6 @@ impl Record for PlacementRecord {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VersionNote {
     pub change: String,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum CatalogError {
-    #[error("catalog database: {0}")]
-    Db(#[from] rocksdb::Error),
-    #[error("catalog record {what}: {source}")]
-    Record {
-        what: String,
-        #[source]
-        source: RecordError,
-    },
-    #[error("catalog encode: {0}")]
-    Encode(#[from] codec::CodecError),
-    #[error("catalog at {path} has format {found}; this build reads format {CATALOG_FORMAT}")]
-    Format { path: String, found: u8 },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -208,7 +188,7 @@ pub struct ImageCommit<'a> {
 }
 
 pub struct Catalog {
-    db: DB,
+    db: Db,
 }
 
 impl std::fmt::Debug for Catalog {
@@ -217,20 +197,14 @@ impl std::fmt::Debug for Catalog {
     }
 }
 
-fn manifest_key(g: &GlobalId, version: u32) -> [u8; 16] {
-    let mut k = [0u8; 16];
-    k[..12].copy_from_slice(g.as_bytes());
-    k[12..].copy_from_slice(&version.to_be_bytes());
-    k
-}
-
 fn placement_key(g: &GlobalId, site: &str) -> Vec<u8> {
     let mut k = g.as_bytes().to_vec();
     k.extend_from_slice(site.as_bytes());
     k
 }
 
-fn now_unix() -> u64 {
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -240,101 +214,19 @@ fn now_unix() -> u64 {
 impl Catalog {
     /// Open (or create) the catalog at `path`.
     pub fn open(path: &Path) -> Result<Self, CatalogError> {
-        let mut opts = Options::default();
-        opts.create_if_missing(true);
-        opts.create_missing_column_families(true);
-        // Tables with a bloom filter and a shared block cache: "do I hold this chunk?" misses
-        // are the common question and must not touch disk. Each descriptor carries the
-        // options (open_cf would silently use defaults).
-        let cache = Cache::new_lru_cache(64 << 20);
-        let cfs = ALL_CFS.iter().map(|name| {
-            let mut bbo = BlockBasedOptions::default();
-            bbo.set_bloom_filter(10.0, false);
-            bbo.set_block_cache(&cache);
-            bbo.set_cache_index_and_filter_blocks(true);
-            let mut o = Options::default();
-            o.set_block_based_table_factory(&bbo);
-            ColumnFamilyDescriptor::new(*name, o)
-        });
-        let db = DB::open_cf_descriptors(&opts, path, cfs)?;
-        let cat = Catalog { db };
-        match cat.db.get_cf(cat.cf(CF_META), b"catalog_format")? {
-            None => {
-                let mut wo = WriteOptions::default();
-                wo.set_sync(true);
-                cat.db
-                    .put_cf_opt(cat.cf(CF_META), b"catalog_format", [CATALOG_FORMAT], &wo)?;
-            }
-            Some(v) if v.as_slice() == [CATALOG_FORMAT] => {}
-            Some(v) => {
-                return Err(CatalogError::Format {
-                    path: path.display().to_string(),
-                    found: v.first().copied().unwrap_or(0),
-                });
-            }
-        }
-        Ok(cat)
-    }
-
-    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
-        self.db
-            .cf_handle(name)
-            .expect("column families are created at open")
-    }
-
-    fn get<T: Record>(
-        &self,
-        cf: &str,
-        key: &[u8],
-        what: impl FnOnce() -> String,
-    ) -> Result<Option<T>, CatalogError> {
-        match self.db.get_pinned_cf(self.cf(cf), key)? {
-            None => Ok(None),
-            Some(v) => T::decode(&v)
-                .map(Some)
-                .map_err(|source| CatalogError::Record {
-                    what: what(),
-                    source,
-                }),
-        }
-    }
-
-    fn scan<T: Record>(&self, cf: &str, prefix: &[u8]) -> Result<Vec<(Vec<u8>, T)>, CatalogError> {
-        let mut out = Vec::new();
-        let it = self
-            .db
-            .iterator_cf(self.cf(cf), IteratorMode::From(prefix, Direction::Forward));
-        for item in it {
-            let (k, v) = item?;
-            if !k.starts_with(prefix) {
-                break;
-            }
-            let rec = T::decode(&v).map_err(|source| CatalogError::Record {
-                what: format!("{cf}/{}", hex::encode(&k)),
-                source,
-            })?;
-            out.push((k.to_vec(), rec));
-        }
-        Ok(out)
-    }
-
-    fn put_synced<T: Record>(&self, cf: &str, key: &[u8], value: &T) -> Result<(), CatalogError> {
-        let mut wo = WriteOptions::default();
-        wo.set_sync(true);
-        self.db.put_cf_opt(self.cf(cf), key, value.encode()?, &wo)?;
-        Ok(())
+        Ok(Catalog {
+            db: Db::open(path, &SPEC)?,
+        })
     }
 
     /// A stable random id for this engine, made on first open.
     pub fn engine_id(&self) -> Result<String, CatalogError> {
-        if let Some(v) = self.db.get_cf(self.cf(CF_META), b"engine_id")? {
+        if let Some(v) = self.db.get_raw(CF_META, b"engine_id")? {
             return Ok(String::from_utf8_lossy(&v).into_owned());
         }
         let id = format!("engine-{}", hex::encode(rand::random::<[u8; 6]>()));
-        let mut wo = WriteOptions::default();
-        wo.set_sync(true);
         self.db
-            .put_cf_opt(self.cf(CF_META), b"engine_id", id.as_bytes(), &wo)?;
+            .put_raw_synced(CF_META, b"engine_id", id.as_bytes())?;
         Ok(id)
     }
 
@@ -343,7 +235,7 @@ impl Catalog {
     /// Every chunk record, for building the in-memory index at start.
     pub fn all_chunks(&self) -> Result<Vec<(ChunkId, ChunkRecord)>, CatalogError> {
         let mut out = Vec::new();
-        for (k, rec) in self.scan::<ChunkRecord>(CF_CHUNKS, &[])? {
+        for (k, rec) in self.db.scan::<ChunkRecord>(CF_CHUNKS, &[])? {
             let id: [u8; 32] = k.as_slice().try_into().map_err(|_| CatalogError::Record {
                 what: format!("chunks/{}", hex::encode(&k)),
                 source: RecordError::Empty,
@@ -356,49 +248,41 @@ impl Catalog {
     /// Record chunks whose pack bytes are already durable. Not synced: if the write is lost
     /// in a crash the chunks are simply uploaded again; a later synced commit orders it.
     pub fn put_chunks(&self, chunks: &[(ChunkId, ChunkRecord)]) -> Result<(), CatalogError> {
-        let mut batch = WriteBatch::default();
+        let mut batch = Batch::default();
         for (id, rec) in chunks {
-            batch.put_cf(self.cf(CF_CHUNKS), id.as_bytes(), rec.encode()?);
+            batch.put_cf(self.db.cf(CF_CHUNKS), id.as_bytes(), rec.encode()?);
         }
-        self.db.write(batch)?;
-        Ok(())
+        self.db.write(batch, Durability::Unsynced)
     }
 
     // ---- images and manifests ----
 
     /// Write an image's version, its placements and chunk references as one synced batch.
     pub fn commit_image(&self, c: ImageCommit<'_>) -> Result<(), CatalogError> {
-        let mut batch = WriteBatch::default();
+        let mut batch = Batch::default();
         let g = &c.global_id;
-        batch.put_cf(self.cf(CF_IMAGES), g.as_bytes(), c.image.encode()?);
-        batch.put_cf(
-            self.cf(CF_MANIFESTS),
-            manifest_key(g, c.manifest.manifest.version),
-            c.manifest.encode()?,
-        );
+        let cf = |name| self.db.cf(name);
+        let vkey = version_key(g, c.manifest.manifest.version);
+        batch.put_cf(cf(CF_IMAGES), g.as_bytes(), c.image.encode()?);
+        batch.put_cf(cf(CF_MANIFESTS), vkey, c.manifest.encode()?);
         for (site, p) in &c.placements {
-            batch.put_cf(self.cf(CF_PLACEMENTS), placement_key(g, site), p.encode()?);
+            batch.put_cf(cf(CF_PLACEMENTS), placement_key(g, site), p.encode()?);
         }
-        batch.put_cf(
-            self.cf(CF_NOTES),
-            manifest_key(g, c.manifest.manifest.version),
-            c.note.encode()?,
-        );
+        batch.put_cf(cf(CF_NOTES), vkey, c.note.encode()?);
         for (id, rec) in &c.chunk_refs {
-            batch.put_cf(self.cf(CF_CHUNKS), id.as_bytes(), rec.encode()?);
+            batch.put_cf(cf(CF_CHUNKS), id.as_bytes(), rec.encode()?);
         }
-        let mut wo = WriteOptions::default();
-        wo.set_sync(true);
-        self.db.write_opt(batch, &wo)?;
-        Ok(())
+        self.db.write(batch, Durability::Synced)
     }
 
     pub fn image(&self, g: &GlobalId) -> Result<Option<ImageRecord>, CatalogError> {
-        self.get(CF_IMAGES, g.as_bytes(), || format!("images/{g}"))
+        self.db
+            .get(CF_IMAGES, g.as_bytes(), || format!("images/{g}"))
     }
 
     pub fn images(&self) -> Result<Vec<(GlobalId, ImageRecord)>, CatalogError> {
         Ok(self
+            .db
             .scan::<ImageRecord>(CF_IMAGES, &[])?
             .into_iter()
             .filter_map(|(k, r)| Some((GlobalId(k.as_slice().try_into().ok()?), r)))
@@ -410,13 +294,13 @@ impl Catalog {
         g: &GlobalId,
         version: u32,
     ) -> Result<Option<ManifestRecord>, CatalogError> {
-        self.get(CF_MANIFESTS, &manifest_key(g, version), || {
+        self.db.get(CF_MANIFESTS, &version_key(g, version), || {
             format!("manifests/{g}@{version}")
         })
     }
 
     pub fn note(&self, g: &GlobalId, version: u32) -> Result<Option<VersionNote>, CatalogError> {
-        self.get(CF_NOTES, &manifest_key(g, version), || {
+        self.db.get(CF_NOTES, &version_key(g, version), || {
             format!("notes/{g}@{version}")
         })
     }
@@ -424,6 +308,7 @@ impl Catalog {
     /// Every version's manifest record of an image, oldest first.
     pub fn manifests(&self, g: &GlobalId) -> Result<Vec<ManifestRecord>, CatalogError> {
         Ok(self
+            .db
             .scan::<ManifestRecord>(CF_MANIFESTS, g.as_bytes())?
             .into_iter()
             .map(|(_, r)| r)
@@ -431,24 +316,23 @@ impl Catalog {
     }
 
     pub fn image_exists(&self, g: &GlobalId) -> Result<bool, CatalogError> {
-        Ok(self
-            .db
-            .get_pinned_cf(self.cf(CF_IMAGES), g.as_bytes())?
-            .is_some())
+        Ok(self.db.get_raw(CF_IMAGES, g.as_bytes())?.is_some())
     }
 
     // ---- sites ----
 
     pub fn site(&self, name: &str) -> Result<Option<SiteRecord>, CatalogError> {
-        self.get(CF_SITES, name.as_bytes(), || format!("sites/{name}"))
+        self.db
+            .get(CF_SITES, name.as_bytes(), || format!("sites/{name}"))
     }
 
     pub fn put_site(&self, name: &str, rec: &SiteRecord) -> Result<(), CatalogError> {
-        self.put_synced(CF_SITES, name.as_bytes(), rec)
+        self.db.put_synced(CF_SITES, name.as_bytes(), rec)
     }
 
     pub fn sites(&self) -> Result<Vec<(String, SiteRecord)>, CatalogError> {
         Ok(self
+            .db
             .scan::<SiteRecord>(CF_SITES, &[])?
             .into_iter()
             .map(|(k, r)| (String::from_utf8_lossy(&k).into_owned(), r))
@@ -459,7 +343,7 @@ impl Catalog {
         SiteRecord {
             adapter: adapter.to_string(),
             cert_fingerprint,
-            enrolled_unix: now_unix(),
+            enrolled_unix: unix_now(),
             revoked: false,
         }
     }
@@ -468,6 +352,7 @@ impl Catalog {
 
     pub fn placements(&self, g: &GlobalId) -> Result<Vec<(String, PlacementRecord)>, CatalogError> {
         Ok(self
+            .db
             .scan::<PlacementRecord>(CF_PLACEMENTS, g.as_bytes())?
             .into_iter()
             .map(|(k, r)| (String::from_utf8_lossy(&k[12..]).into_owned(), r))
@@ -479,7 +364,7 @@ impl Catalog {
         g: &GlobalId,
         site: &str,
     ) -> Result<Option<PlacementRecord>, CatalogError> {
-        self.get(CF_PLACEMENTS, &placement_key(g, site), || {
+        self.db.get(CF_PLACEMENTS, &placement_key(g, site), || {
             format!("placements/{g}/{site}")
         })
     }
@@ -490,6 +375,7 @@ impl Catalog {
         site: &str,
     ) -> Result<Vec<(GlobalId, PlacementRecord)>, CatalogError> {
         Ok(self
+            .db
             .scan::<PlacementRecord>(CF_PLACEMENTS, &[])?
             .into_iter()
             .filter(|(k, _)| k.len() > 12 && &k[12..] == site.as_bytes())
@@ -503,12 +389,9 @@ impl Catalog {
         site: &str,
         p: &PlacementRecord,
     ) -> Result<(), CatalogError> {
-        self.put_synced(CF_PLACEMENTS, &placement_key(g, site), p)
+        self.db
+            .put_synced(CF_PLACEMENTS, &placement_key(g, site), p)
     }
-}
-
-pub(crate) fn unix_now() -> u64 {
-    now_unix()
 }
 
 #[cfg(test)]
@@ -552,10 +435,10 @@ mod tests {
             assert_eq!(c.site("a").unwrap().unwrap().adapter, "dir");
             assert_eq!(c.sites().unwrap().len(), 1);
             // A record of a format this build does not know is refused, not misread.
-            c.db.put_cf(c.cf(CF_SITES), b"b", [9u8, 1, 2]).unwrap();
+            c.db.put_raw_synced(CF_SITES, b"b", &[9u8, 1, 2]).unwrap();
             let e = c.site("b").unwrap_err().to_string();
             assert!(e.contains("format 9"), "{e}");
-            c.db.put_cf(c.cf(CF_META), b"catalog_format", [7u8])
+            c.db.put_raw_synced(CF_META, b"catalog_format", &[7u8])
                 .unwrap();
         }
         let e = Catalog::open(&p).unwrap_err().to_string();

@@ -2,7 +2,8 @@
 //! and the encoded delta groups, computed once and shared by every site that needs them.
 //!
 //! For a site that already holds a version of the image, the chunks it lacks are sent in
-//! *groups* (consecutive needed chunks, up to [`GROUP_RAW`] bytes) compressed as one zstd
+//! *groups* (consecutive needed chunks, as the sender plans them:
+//! [`seedcast_core::sender::plan_groups`]) compressed as one zstd
 //! frame at [`crate::EngineConfig::delta_level`], with a prefix made of base chunks the site
 //! holds. Bases are found two ways, both pointing at chunks of the site's held version:
 //! - **blocks**: disk images are filesystems, and files stay block-aligned when a
@@ -20,15 +21,13 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use seedcast_core::delta::{encode_group, sketch};
 use seedcast_core::protocol::{GroupHeader, HeldVersion};
-use seedcast_core::{ChunkId, Extent, Manifest, UnverifiedChunk};
+use seedcast_core::source::{ChunkSource, SourceError};
+use seedcast_core::{ChunkId, Manifest};
 use tokio::sync::OnceCell;
 
-use crate::{EngineError, Shared};
+use crate::EngineError;
+use crate::catalog::ManifestRecord;
 
-/// Raw bytes one group covers at most (about 32 chunks of 64 KiB).
-pub const GROUP_RAW: u64 = 2 << 20;
-/// Chunks one group covers at most.
-pub const GROUP_CHUNKS: usize = 32;
 /// Base chunks one group names at most.
 pub const MAX_BASE_CHUNKS: usize = 96;
 /// Base bytes one group uses at most (agents accept up to `GroupHeader::MAX_BASE_BYTES`).
@@ -37,35 +36,13 @@ const BLOCK: u64 = 4096;
 /// Encoded groups kept for other sites (bytes of payload).
 const MEMO_BYTES: usize = 512 << 20;
 
-/// Read a stored chunk and decode it to its raw bytes (verified against its id).
-pub(crate) fn read_raw(shared: &Shared, id: &ChunkId) -> Result<Bytes, EngineError> {
-    let c = shared
-        .store
-        .read(id)?
-        .ok_or_else(|| EngineError::Internal(format!("chunk {id} is not in the store")))?;
-    let v = UnverifiedChunk(c)
-        .verify(seedcast_core::ChunkerConfig::MAX_CHUNK)
-        .map_err(|e| EngineError::Internal(format!("stored chunk {id} is damaged: {e}")))?;
-    Ok(v.raw().clone())
+/// A stored chunk's raw bytes, checked against its id.
+pub(crate) fn read_raw(source: &dyn ChunkSource, id: &ChunkId) -> Result<Bytes, SourceError> {
+    Ok(source.read_verified(id)?.raw().clone())
 }
 
 fn block_key(b: &[u8]) -> u64 {
     u64::from_le_bytes(blake3::hash(b).as_bytes()[..8].try_into().expect("8 bytes"))
-}
-
-/// Each distinct data chunk of a manifest with the file offset of its first use.
-pub(crate) fn first_offsets(m: &Manifest) -> HashMap<ChunkId, u64> {
-    let mut out = HashMap::new();
-    for f in &m.files {
-        let mut off = 0u64;
-        for e in &f.recipe.extents {
-            if let Extent::Data { id, .. } = e {
-                out.entry(*id).or_insert(off);
-            }
-            off += e.len();
-        }
-    }
-    out
 }
 
 /// The site's base chunks, indexed by aligned block and by super-feature.
@@ -77,40 +54,34 @@ pub(crate) struct BaseIndex {
 }
 
 impl BaseIndex {
-    /// Index every available chunk of `held` (the versions the site can serve bases from).
-    fn build(
-        shared: &Shared,
-        held: &[HeldVersion],
+    /// Index every available chunk of `held` (the manifests of the versions the site can
+    /// serve bases from), except `unavailable`.
+    pub fn build(
+        source: &dyn ChunkSource,
+        held: &[Manifest],
         unavailable: &HashSet<ChunkId>,
-    ) -> Result<Self, EngineError> {
+    ) -> Result<Self, SourceError> {
         let mut ix = BaseIndex::default();
-        for h in held {
-            let Some(m) = shared.catalog.manifest(&h.global_id, h.version)? else {
-                continue;
-            };
-            for f in &m.manifest.files {
-                let mut off = 0u64;
-                for e in &f.recipe.extents {
-                    if let Extent::Data { id, len } = e
-                        && !unavailable.contains(id)
-                        && !ix.lens.contains_key(id)
-                    {
-                        let raw = read_raw(shared, id)?;
-                        ix.lens.insert(*id, *len);
-                        if let Some(s) = sketch(&raw) {
-                            for sf in s.0 {
-                                ix.features.entry(sf).or_insert(*id);
-                            }
-                        }
-                        let mut b = ((BLOCK - off % BLOCK) % BLOCK) as usize;
-                        while b + BLOCK as usize <= raw.len() {
-                            ix.blocks
-                                .entry(block_key(&raw[b..b + BLOCK as usize]))
-                                .or_insert(*id);
-                            b += BLOCK as usize;
+        for m in held {
+            for f in &m.files {
+                for (off, id, len) in f.recipe.chunks_at() {
+                    if unavailable.contains(&id) || ix.lens.contains_key(&id) {
+                        continue;
+                    }
+                    let raw = read_raw(source, &id)?;
+                    ix.lens.insert(id, len);
+                    if let Some(s) = sketch(&raw) {
+                        for sf in s.0 {
+                            ix.features.entry(sf).or_insert(id);
                         }
                     }
-                    off += e.len();
+                    let mut b = ((BLOCK - off % BLOCK) % BLOCK) as usize;
+                    while b + BLOCK as usize <= raw.len() {
+                        ix.blocks
+                            .entry(block_key(&raw[b..b + BLOCK as usize]))
+                            .or_insert(id);
+                        b += BLOCK as usize;
+                    }
                 }
             }
         }
@@ -196,8 +167,8 @@ impl DeltaCache {
     /// The delta of `target` against `base`, computed once for every site holding `base`.
     pub fn manifest_delta(
         &self,
-        base: &crate::catalog::ManifestRecord,
-        target: &crate::catalog::ManifestRecord,
+        base: &ManifestRecord,
+        target: &ManifestRecord,
     ) -> Option<Arc<Vec<u8>>> {
         let key = (base.manifest_id, target.manifest_id);
         if let Some((_, d)) = self
@@ -218,12 +189,13 @@ impl DeltaCache {
         Some(d)
     }
 
-    /// The base index for this set of held versions, built once.
+    /// The base index for this set of held versions, built once: `load` gives their
+    /// manifests (called only by the first site that needs the index).
     pub async fn index(
         &self,
-        shared: &Arc<Shared>,
+        source: Arc<dyn ChunkSource>,
         key: [u8; 32],
-        held: Vec<HeldVersion>,
+        load: impl FnOnce() -> Result<Vec<Manifest>, EngineError> + Send + 'static,
         unavailable: Vec<ChunkId>,
     ) -> Result<Arc<BaseIndex>, EngineError> {
         let slot = {
@@ -240,30 +212,31 @@ impl DeltaCache {
                 }
             }
         };
-        let shared = shared.clone();
         slot.get_or_try_init(|| async move {
             tokio::task::spawn_blocking(move || {
+                let held = load()?;
                 let unavailable: HashSet<ChunkId> = unavailable.into_iter().collect();
-                BaseIndex::build(&shared, &held, &unavailable).map(Arc::new)
+                Ok(Arc::new(BaseIndex::build(&*source, &held, &unavailable)?))
             })
-            .await
-            .map_err(|e| EngineError::Internal(format!("base index task: {e}")))?
+            .await?
         })
         .await
         .cloned()
     }
 
-    /// The encoding of one group, computed once for every site with the same bases.
+    /// The encoding of one group at zstd `level`, computed once for every site with the
+    /// same bases.
     pub async fn group(
         &self,
-        shared: &Arc<Shared>,
+        source: Arc<dyn ChunkSource>,
         index: Arc<BaseIndex>,
         bases: [u8; 32],
         chunks: Vec<(ChunkId, u64)>,
+        level: i32,
     ) -> Result<Arc<Encoded>, EngineError> {
         let mut k = blake3::Hasher::new();
         k.update(&bases);
-        k.update(&shared.cfg.delta_level.to_le_bytes());
+        k.update(&level.to_le_bytes());
         for (id, _) in &chunks {
             k.update(id.as_bytes());
         }
@@ -275,16 +248,22 @@ impl DeltaCache {
                 .or_insert_with(|| Arc::new(OnceCell::new()))
                 .clone()
         };
-        let sh = shared.clone();
         let enc = slot
             .get_or_try_init(|| async move {
-                tokio::task::spawn_blocking(move || encode(&sh, &index, &chunks).map(Arc::new))
-                    .await
-                    .map_err(|e| EngineError::Internal(format!("delta task: {e}")))?
+                tokio::task::spawn_blocking(move || {
+                    encode(&*source, &index, &chunks, level).map(Arc::new)
+                })
+                .await?
             })
             .await?
             .clone();
-        let size = match &*enc {
+        self.remember(key, &enc);
+        Ok(enc)
+    }
+
+    /// Count an encoded group against the memo's budget, dropping the oldest past it.
+    fn remember(&self, key: [u8; 32], enc: &Encoded) {
+        let size = match enc {
             Encoded::Group { payload, .. } => payload.len(),
             Encoded::Stored(ids) => 32 * ids.len(),
         };
@@ -300,27 +279,23 @@ impl DeltaCache {
                 g.bytes -= n;
             }
         }
-        Ok(enc)
     }
 }
 
 /// Encode one group: its chunks' raw bytes, with every resembling base chunk as prefix.
 fn encode(
-    shared: &Shared,
+    source: &dyn ChunkSource,
     index: &BaseIndex,
     chunks: &[(ChunkId, u64)],
+    level: i32,
 ) -> Result<Encoded, EngineError> {
     let mut raws = Vec::with_capacity(chunks.len());
     let mut cands = Vec::new();
     let mut stored = 0u64;
     for (id, off) in chunks {
-        let raw = read_raw(shared, id)?;
+        let raw = read_raw(source, id)?;
         index.candidates(&raw, *off, &mut cands);
-        stored += shared
-            .store
-            .record(id)
-            .map(|r| r.stored_len as u64)
-            .unwrap_or(0);
+        stored += source.info(id).map(|i| i.stored_len as u64).unwrap_or(0);
         raws.push(raw);
     }
     let mut base = Vec::new();
@@ -330,12 +305,11 @@ fn encode(
         if base_ids.len() >= MAX_BASE_CHUNKS || base.len() + len > MAX_BASE_BYTES {
             break;
         }
-        base.extend_from_slice(&read_raw(shared, &id)?);
+        base.extend_from_slice(&read_raw(source, &id)?);
         base_ids.push(id);
     }
     let parts: Vec<&[u8]> = raws.iter().map(|r| &r[..]).collect();
-    let payload = encode_group(&base, &parts, shared.cfg.delta_level)
-        .map_err(|e| EngineError::Internal(format!("delta encoding: {e}")))?;
+    let payload = encode_group(&base, &parts, level)?;
     // A group header costs ~36 bytes a chunk and ~33 a base chunk; a stored chunk ~40.
     let group_cost = payload.len() as u64 + 36 * chunks.len() as u64 + 33 * base_ids.len() as u64;
     let stored_cost = stored + 40 * chunks.len() as u64;
@@ -356,26 +330,158 @@ fn encode(
     })
 }
 
-/// Split the needed chunks (in the order asked) into groups.
-pub(crate) fn plan_groups(
-    need: &[ChunkId],
-    offsets: &HashMap<ChunkId, u64>,
-    lens: &HashMap<ChunkId, u32>,
-) -> Vec<Vec<(ChunkId, u64)>> {
-    let mut out = Vec::new();
-    let mut cur = Vec::new();
-    let mut raw = 0u64;
-    for id in need {
-        let len = lens.get(id).copied().unwrap_or(0) as u64;
-        if !cur.is_empty() && (raw + len > GROUP_RAW || cur.len() >= GROUP_CHUNKS) {
-            out.push(std::mem::take(&mut cur));
-            raw = 0;
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use seedcast_core::chunker::chunk_all;
+    use seedcast_core::manifest::{FileEntry, MANIFEST_FORMAT, RecipeBuilder};
+    use seedcast_core::source::{ChunkStore, MemChunks};
+    use seedcast_core::{ChunkerConfig, CompressedChunk, GlobalId, UnverifiedChunk};
+
+    fn noise(seed: u64, n: usize) -> Vec<u8> {
+        let mut v = vec![0u8; n];
+        blake3::Hasher::new()
+            .update(&seed.to_le_bytes())
+            .finalize_xof()
+            .fill(&mut v);
+        v
+    }
+
+    /// Store `data` as one file's chunks and return its manifest.
+    fn stored_manifest(store: &MemChunks, data: &[u8]) -> Manifest {
+        let mut rb = RecipeBuilder::new();
+        for p in chunk_all(data, ChunkerConfig::default()).unwrap() {
+            if let Some((id, b)) = rb.push(p) {
+                let c = CompressedChunk::compress(id, &b, 3);
+                store
+                    .insert(&[UnverifiedChunk(c).verify(1 << 20).unwrap()])
+                    .unwrap();
+            }
         }
-        cur.push((*id, offsets.get(id).copied().unwrap_or(0)));
-        raw += len;
+        Manifest {
+            format: MANIFEST_FORMAT,
+            global_id: GlobalId([3; 12]),
+            version: 1,
+            parent: None,
+            name: "t".into(),
+            chunking: ChunkerConfig::default(),
+            files: vec![FileEntry {
+                path: "disk.raw".into(),
+                mode: 0o644,
+                recipe: rb.finish(),
+            }],
+        }
     }
-    if !cur.is_empty() {
-        out.push(cur);
+
+    fn chunks(m: &Manifest) -> Vec<(u64, ChunkId, u32)> {
+        m.files[0].recipe.chunks_at().collect()
     }
-    out
+
+    #[test]
+    fn aligned_blocks_and_sketches_find_the_chunk_a_change_was_made_to() {
+        let store = MemChunks::new();
+        let old = noise(1, 1 << 20);
+        let base = stored_manifest(&store, &old);
+        let ix = BaseIndex::build(&store, std::slice::from_ref(&base), &HashSet::new()).unwrap();
+        assert!(!ix.is_empty());
+        let (off, id, len) = chunks(&base)[5];
+        let raw = read_raw(&store, &id).unwrap();
+        // One block rewritten in place: the other aligned blocks still match this chunk.
+        let mut edited = raw.to_vec();
+        let b = ((BLOCK - off % BLOCK) % BLOCK) as usize;
+        edited[b..b + 100].fill(0xaa);
+        let mut cands = Vec::new();
+        ix.candidates(&edited, off, &mut cands);
+        assert_eq!(cands.first(), Some(&id), "block match first");
+        // Bytes inserted at the front: nothing aligns any more, the sketch still finds it.
+        let mut shifted = vec![7u8; 333];
+        shifted.extend_from_slice(&raw[..len as usize - 333]);
+        shifted[40_000..40_010].fill(1);
+        let mut cands = Vec::new();
+        ix.candidates(&shifted, off, &mut cands);
+        assert!(cands.contains(&id), "sketch match");
+        // Unrelated bytes find nothing.
+        let mut cands = Vec::new();
+        ix.candidates(&noise(9, 65536), 0, &mut cands);
+        assert!(cands.is_empty(), "{cands:?}");
+    }
+
+    #[test]
+    fn chunks_the_site_lacks_are_never_bases() {
+        let store = MemChunks::new();
+        let base = stored_manifest(&store, &noise(2, 512 << 10));
+        let (off, id, _) = chunks(&base)[2];
+        let gone: HashSet<ChunkId> = [id].into();
+        let ix = BaseIndex::build(&store, std::slice::from_ref(&base), &gone).unwrap();
+        let raw = read_raw(&store, &id).unwrap();
+        let mut cands = Vec::new();
+        ix.candidates(&raw, off, &mut cands);
+        assert!(!cands.contains(&id));
+    }
+
+    #[test]
+    fn a_group_is_a_small_delta_when_bases_resemble_it_and_stored_chunks_when_not() {
+        let store = MemChunks::new();
+        let old = noise(3, 1 << 20);
+        let base = stored_manifest(&store, &old);
+        let mut new = old.clone();
+        for at in [100_000usize, 400_000, 700_000] {
+            new[at..at + 64].fill(0x55);
+        }
+        let next = stored_manifest(&store, &new);
+        let ix = BaseIndex::build(&store, std::slice::from_ref(&base), &HashSet::new()).unwrap();
+        let have: HashSet<ChunkId> = chunks(&base).iter().map(|c| c.1).collect();
+        let group: Vec<(ChunkId, u64)> = chunks(&next)
+            .into_iter()
+            .filter(|(_, id, _)| !have.contains(id))
+            .map(|(off, id, _)| (id, off))
+            .collect();
+        assert!(!group.is_empty());
+        let Encoded::Group { header, payload } = encode(&store, &ix, &group, 19).unwrap() else {
+            panic!("similar chunks should make a delta group");
+        };
+        let raw: usize = group
+            .iter()
+            .map(|(id, _)| store.info(id).unwrap().raw_len as usize)
+            .sum();
+        assert!(payload.len() * 20 < raw, "{} of {raw}", payload.len());
+        // The site rebuilds exactly the chunks from the named bases.
+        let mut prefix = Vec::new();
+        for b in &header.base {
+            prefix.extend_from_slice(&read_raw(&store, b).unwrap());
+        }
+        let lens: Vec<u32> = header.chunks.iter().map(|(_, l)| *l).collect();
+        let parts = seedcast_core::delta::decode_group(&prefix, &payload, &lens).unwrap();
+        for ((id, _), p) in header.chunks.iter().zip(parts) {
+            assert_eq!(ChunkId::of(&p), *id);
+        }
+        // Unrelated new content: no base helps, the stored forms go instead.
+        let fresh = stored_manifest(&store, &noise(4, 300_000));
+        let group: Vec<(ChunkId, u64)> = chunks(&fresh)
+            .into_iter()
+            .map(|(o, id, _)| (id, o))
+            .collect();
+        assert!(matches!(
+            encode(&store, &ix, &group, 19).unwrap(),
+            Encoded::Stored(ids) if ids.len() == group.len()
+        ));
+    }
+
+    #[test]
+    fn a_damaged_base_chunk_is_reported_not_used() {
+        let store = MemChunks::new();
+        let base = stored_manifest(&store, &noise(5, 300_000));
+        let (_, id, len) = chunks(&base)[0];
+        store.put_raw(CompressedChunk {
+            id,
+            raw_len: len,
+            encoding: seedcast_core::Encoding::Raw,
+            payload: Bytes::from(vec![0u8; len as usize]),
+        });
+        let e = BaseIndex::build(&store, std::slice::from_ref(&base), &HashSet::new()).unwrap_err();
+        assert!(
+            matches!(e, SourceError::Damaged { id: d, .. } if d == id),
+            "{e}"
+        );
+    }
 }

@@ -1,48 +1,99 @@
-//! Deploying image versions to one site: the engine's half of the transfer.
+//! Deploying image versions to one site: the async driver of the engine's sender.
 //!
-//! Per site, one worker deploys one version at a time: `Deploy` (the manifest) → the agent's
-//! `Need` (what it lacks) → those chunks, in their stored compressed form, on several
-//! unidirectional streams → the agent's `Published` (with its local id) or `Failed`.
-//! Desired state lives in the catalog's placements, so a worker that starts (an agent that
-//! connects or reconnects) simply deploys every placement not yet published; anything a
-//! crash interrupted is redone, and chunks the agent verified before are not asked for again.
+//! Per site, one worker deploys one version at a time. What the site gets is decided by a
+//! [`Sender`] (sans-IO, in `seedcast-core`); this module only does what it asks: the
+//! manifest on the control stream, the chunks on data streams ([`crate::data_streams`]),
+//! the placement records and live counters as it goes. Desired state lives in the
+//! catalog's placements, so a worker that starts (an agent that connects or reconnects)
+//! simply deploys every placement not yet published; anything a crash interrupted is
+//! redone, and chunks the agent verified before are not asked for again.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
+use futures::future::BoxFuture;
 use quinn::{Connection, SendStream};
-use seedcast_core::protocol::{
-    AgentMsg, ChunkHeader, DataRecord, DataStreamHeader, EngineMsg, PlacementState,
-};
-use seedcast_core::{ChunkId, GlobalId};
+use seedcast_core::GlobalId;
+use seedcast_core::protocol::{AgentMsg, EngineMsg, HeldVersion, PlacementState};
+use seedcast_core::sender::{Action, Handled, Held, Outcome, SendError, Sender, Violation};
+use seedcast_core::source::{ChunkSource, SourceError};
 use seedcast_net::{FramedError, write_msg};
 use tokio::sync::{Notify, mpsc};
-use tokio::task::JoinSet;
 use tracing::{info, warn};
 
-use crate::catalog::PlacementRecord;
-use crate::delta::Encoded;
-use crate::{Engine, EngineError, Shared};
-
-/// Chunks a data stream reads from the store at a time.
-const READ_BATCH: usize = 16;
+use crate::EngineError;
+use crate::catalog::{ManifestRecord, PlacementRecord};
+use crate::data_streams::{self, Deltas, Outbound, StreamError};
+use crate::delta::bases_key;
+use crate::state::Shared;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeployError {
     #[error(transparent)]
     Framed(#[from] FramedError),
-    #[error("connection: {0}")]
-    Connection(#[from] quinn::ConnectionError),
-    #[error("stream: {0}")]
-    Write(#[from] quinn::WriteError),
-    #[error("stream: {0}")]
-    Closed(#[from] quinn::ClosedStream),
+    #[error(transparent)]
+    Streams(#[from] StreamError),
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error("agent disconnected")]
     Disconnected,
     #[error("agent broke the protocol: {0}")]
-    Protocol(String),
+    Protocol(#[from] Violation),
+}
+
+impl From<crate::catalog::CatalogError> for DeployError {
+    fn from(e: crate::catalog::CatalogError) -> Self {
+        DeployError::Engine(e.into())
+    }
+}
+
+/// The engine's end of one agent's session, as its worker uses it.
+pub(crate) struct SiteLink<'a> {
+    pub site: &'a str,
+    pub conn: &'a Connection,
+    pub send: &'a mut SendStream,
+    /// The agent's messages, in order.
+    pub rx: mpsc::Receiver<AgentMsg>,
+    /// What the site holds (from its inventory, then kept up to date as it publishes).
+    pub held: Held,
+}
+
+/// Deploy whatever belongs at the site, then wait for more (`wake`), until the session
+/// ends.
+pub(crate) async fn site_worker(
+    shared: &Arc<Shared>,
+    mut link: SiteLink<'_>,
+    wake: &Notify,
+) -> Result<(), DeployError> {
+    // On (re)connect, failed placements get another try; afterwards only new work.
+    let mut retry_failed = true;
+    loop {
+        let work = pending_work(shared.catalog.placements_at(link.site)?, retry_failed);
+        retry_failed = false;
+        if work.is_empty() {
+            wake.notified().await;
+            continue;
+        }
+        for (g, version) in work {
+            deploy(shared, &mut link, g, version).await?;
+        }
+    }
+}
+
+/// Placements that are not yet what they should be.
+fn pending_work(
+    placements: Vec<(GlobalId, PlacementRecord)>,
+    retry_failed: bool,
+) -> Vec<(GlobalId, u32)> {
+    placements
+        .into_iter()
+        .filter(|(_, p)| match p.state {
+            PlacementState::Published => p.published_version != Some(p.version),
+            PlacementState::Failed => retry_failed,
+            PlacementState::Pending | PlacementState::Transferring => true,
+        })
+        .map(|(g, p)| (g, p.version))
+        .collect()
 }
 
 fn update_placement(
@@ -60,124 +111,6 @@ fn update_placement(
     Ok(())
 }
 
-/// Placements at `site` that are not yet what they should be.
-fn pending_work(
-    shared: &Shared,
-    site: &str,
-    retry_failed: bool,
-) -> Result<Vec<(GlobalId, u32)>, EngineError> {
-    Ok(shared
-        .catalog
-        .placements_at(site)?
-        .into_iter()
-        .filter(|(_, p)| match p.state {
-            PlacementState::Published => p.published_version != Some(p.version),
-            PlacementState::Failed => retry_failed,
-            PlacementState::Pending | PlacementState::Transferring => true,
-        })
-        .map(|(g, p)| (g, p.version))
-        .collect())
-}
-
-pub(crate) async fn site_worker(
-    shared: &Arc<Shared>,
-    site: &str,
-    conn: &Connection,
-    send: &mut SendStream,
-    rx: mpsc::Receiver<AgentMsg>,
-    wake: &Notify,
-    held: Held,
-) -> Result<(), DeployError> {
-    let mut link = SiteLink {
-        site,
-        conn,
-        send,
-        rx,
-        held,
-    };
-    // On (re)connect, failed placements get another try; afterwards only new work.
-    let mut retry_failed = true;
-    loop {
-        let work = pending_work(shared, site, retry_failed)?;
-        retry_failed = false;
-        if work.is_empty() {
-            wake.notified().await;
-            continue;
-        }
-        for (g, version) in work {
-            deploy(shared, &mut link, g, version).await?;
-        }
-    }
-}
-
-/// What the site holds, by image: version and manifest id (from its inventory, then kept
-/// up to date as it publishes).
-pub(crate) type Held = std::collections::HashMap<GlobalId, (u32, [u8; 32])>;
-
-/// The deploy message for `m`: as a delta against the manifest the site holds of the same
-/// image when there is one (a few KiB instead of ~40 bytes per chunk of the image).
-fn deploy_msg(
-    shared: &Shared,
-    held: &Held,
-    transfer: u64,
-    m: &crate::catalog::ManifestRecord,
-) -> EngineMsg {
-    let g = m.manifest.global_id;
-    if let Some((v, mid)) = held.get(&g)
-        && *v != m.manifest.version
-        && let Ok(Some(base)) = shared.catalog.manifest(&g, *v)
-        && base.manifest_id == *mid
-        && let Some(delta) = shared.delta.manifest_delta(&base, m)
-    {
-        return EngineMsg::DeployDelta {
-            transfer,
-            base: seedcast_core::protocol::HeldVersion {
-                global_id: g,
-                version: *v,
-            },
-            manifest_id: m.manifest_id,
-            delta: delta.as_ref().clone(),
-        };
-    }
-    EngineMsg::Deploy {
-        transfer,
-        manifest: m.manifest.clone(),
-    }
-}
-
-/// The next message about `transfer` from the agent.
-async fn reply_for(
-    rx: &mut mpsc::Receiver<AgentMsg>,
-    transfer: u64,
-) -> Result<AgentMsg, DeployError> {
-    loop {
-        let m = rx.recv().await.ok_or(DeployError::Disconnected)?;
-        let t = match &m {
-            AgentMsg::Need { transfer, .. }
-            | AgentMsg::NeedFrom { transfer, .. }
-            | AgentMsg::Published { transfer, .. }
-            | AgentMsg::Failed { transfer, .. } => *transfer,
-            AgentMsg::Inventory { .. } => continue,
-        };
-        if t == transfer {
-            return Ok(m);
-        }
-        warn!(
-            got = t,
-            want = transfer,
-            "reply for another transfer ignored"
-        );
-    }
-}
-
-/// One unit of a data stream's work.
-enum Work {
-    /// Chunks sent in their stored form.
-    Stored(Vec<ChunkId>),
-    /// Chunks sent as a delta group (each with the file offset of its first use).
-    Group(Vec<(ChunkId, u64)>),
-}
-
 /// Bytes a connection has put on the wire so far, both directions, with UDP/IP headers.
 fn wire_bytes(conn: &Connection) -> u64 {
     let s = conn.stats();
@@ -189,37 +122,21 @@ fn wire_bytes(conn: &Connection) -> u64 {
     s.udp_tx.bytes + s.udp_rx.bytes + header * (s.udp_tx.datagrams + s.udp_rx.datagrams)
 }
 
-/// The engine's end of one agent's session, as its worker uses it.
-struct SiteLink<'a> {
-    site: &'a str,
-    conn: &'a Connection,
-    send: &'a mut SendStream,
-    rx: mpsc::Receiver<AgentMsg>,
-    held: Held,
-}
-
+/// One deployment of version `version` of `g`, recorded in its placement.
 async fn deploy(
     shared: &Arc<Shared>,
     link: &mut SiteLink<'_>,
     g: GlobalId,
     version: u32,
 ) -> Result<(), DeployError> {
-    let (site, conn) = (link.site, link.conn);
-    let send = &mut *link.send;
-    let rx = &mut link.rx;
-    let held = &mut link.held;
-    let Some(mrec) = shared
-        .catalog
-        .manifest(&g, version)
-        .map_err(EngineError::from)?
-    else {
+    let site = link.site;
+    let Some(mrec) = shared.catalog.manifest(&g, version)? else {
         update_placement(shared, &g, site, |p| {
             p.state = PlacementState::Failed;
             p.error = Some(format!("manifest of version {version} is missing"));
         })?;
         return Ok(());
     };
-    let transfer = Engine::next_transfer(shared);
     update_placement(shared, &g, site, |p| {
         p.state = PlacementState::Transferring;
         p.bytes_sent = 0;
@@ -227,108 +144,56 @@ async fn deploy(
         p.wire_bytes = 0;
         p.error = None;
     })?;
-    let wire_start = wire_bytes(conn);
-    let msg = {
-        let sh = shared.clone();
-        let (held2, mrec2) = (held.clone(), mrec.clone());
-        tokio::task::spawn_blocking(move || deploy_msg(&sh, &held2, transfer, &mrec2))
-            .await
-            .map_err(|e| EngineError::Internal(format!("manifest delta task: {e}")))?
-    };
-    write_msg(send, &msg).await?;
-
-    let (need, bases_from, unavailable) = match reply_for(rx, transfer).await? {
-        AgentMsg::Need { chunks, .. } => (chunks, vec![], vec![]),
-        AgentMsg::NeedFrom {
-            chunks,
-            bases_from,
-            unavailable,
-            ..
-        } => (chunks, bases_from, unavailable),
-        AgentMsg::Failed { error, .. } => return record_failure(shared, &g, site, error),
-        other => {
-            return Err(DeployError::Protocol(format!(
-                "expected Need, got {other:?}"
-            )));
-        }
-    };
-    let wanted = mrec.manifest.chunks();
-    let mut bytes_needed = 0u64;
-    for id in &need {
-        if !wanted.contains_key(id) {
-            return Err(DeployError::Protocol(format!(
-                "asked for chunk {id}, which the manifest does not name"
-            )));
-        }
-        let rec = shared.store.record(id).ok_or_else(|| {
-            EngineError::Internal(format!("chunk {id} of {g} is not in the store"))
-        })?;
-        bytes_needed += rec.stored_len as u64;
-    }
-    update_placement(shared, &g, site, |p| p.bytes_needed = bytes_needed)?;
-    let key = (g, site.to_string());
-    shared
-        .live
-        .lock()
-        .expect("live lock")
-        .insert(key.clone(), 0);
-
-    // A site holding an earlier version gets delta groups; otherwise stored chunks.
-    let mut deltas = None;
-    if !need.is_empty() && !bases_from.is_empty() {
-        let bkey = crate::delta::bases_key(&bases_from, &unavailable);
-        let index = shared
-            .delta
-            .index(shared, bkey, bases_from.clone(), unavailable.clone())
-            .await?;
-        if !index.is_empty() {
-            deltas = Some((index, bkey));
-        }
-    }
-    let work: Vec<Work> = match &deltas {
-        Some(_) => {
-            let offsets = crate::delta::first_offsets(&mrec.manifest);
-            let lens: std::collections::HashMap<ChunkId, u32> = wanted.into_iter().collect();
-            crate::delta::plan_groups(&need, &offsets, &lens)
-                .into_iter()
-                .map(Work::Group)
-                .collect()
-        }
-        None => need
-            .chunks(READ_BATCH)
-            .map(|c| Work::Stored(c.to_vec()))
-            .collect(),
-    };
-
-    let sent = Arc::new(AtomicU64::new(0));
-    let sending = send_work(
-        shared,
-        conn,
+    let wire_start = wire_bytes(link.conn);
+    let live = shared.live.start(g, site);
+    let transfer = shared.next_transfer();
+    let mut sender = Sender::new(
         transfer,
-        work,
-        deltas,
-        key.clone(),
-        sent.clone(),
+        &mrec.manifest,
+        mrec.manifest_id,
+        &link.held,
+        shared.cfg.send,
     );
-    // The agent may answer before everything is sent (it failed): stop sending then.
-    let reply = tokio::select! {
-        r = sending => { r?; reply_for(rx, transfer).await? }
-        m = reply_for(rx, transfer) => m?,
+    let outbound = Outbound {
+        conn: link.conn.clone(),
+        transfer,
+        source: shared.store.clone() as Arc<dyn ChunkSource>,
+        deltas: None,
+        sent: live.counter.clone(),
+        streams: shared.cfg.streams_per_transfer,
     };
-    shared.live.lock().expect("live lock").remove(&key);
-    let bytes_sent = sent.load(Ordering::Relaxed);
-    let wire = wire_bytes(conn).saturating_sub(wire_start);
-    match reply {
-        AgentMsg::Published { local_id, .. } => {
-            let st = conn.stats();
-            held.insert(g, (version, mrec.manifest_id));
+    let outcome = drive(shared, link, &mrec, &mut sender, outbound).await?;
+    let bytes_sent = live.counter.load(Ordering::Relaxed);
+    drop(live);
+    let wire = wire_bytes(link.conn).saturating_sub(wire_start);
+    record(shared, link, &g, outcome, bytes_sent, wire)
+}
+
+/// Record how a deployment ended.
+fn record(
+    shared: &Shared,
+    link: &mut SiteLink<'_>,
+    g: &GlobalId,
+    outcome: Outcome,
+    bytes_sent: u64,
+    wire: u64,
+) -> Result<(), DeployError> {
+    let site = link.site;
+    match outcome {
+        Outcome::Published {
+            local_id,
+            version,
+            manifest_id,
+        } => {
+            let st = link.conn.stats();
+            link.held.insert(*g, (version, manifest_id));
             info!(
                 site, global_id = %g, version, %local_id, bytes_sent, wire,
                 lost = st.path.lost_packets, sent = st.path.sent_packets, mtu = st.path.current_mtu,
                 tx = st.udp_tx.datagrams, rx = st.udp_rx.datagrams,
                 "published"
             );
-            update_placement(shared, &g, site, |p| {
+            update_placement(shared, g, site, |p| {
                 p.state = PlacementState::Published;
                 p.local_id = Some(local_id);
                 p.published_version = Some(version);
@@ -336,136 +201,180 @@ async fn deploy(
                 p.wire_bytes = wire;
                 p.error = None;
             })?;
-            Ok(())
         }
-        AgentMsg::Failed { error, .. } => {
-            update_placement(shared, &g, site, |p| {
+        Outcome::Failed { error } => {
+            warn!(site, global_id = %g, "deployment failed: {error}");
+            update_placement(shared, g, site, |p| {
+                p.state = PlacementState::Failed;
+                p.error = Some(error);
                 p.bytes_sent = bytes_sent;
                 p.wire_bytes = wire;
             })?;
-            record_failure(shared, &g, site, error)
         }
-        other => Err(DeployError::Protocol(format!(
-            "expected Published or Failed, got {other:?}"
-        ))),
     }
-}
-
-fn record_failure(
-    shared: &Shared,
-    g: &GlobalId,
-    site: &str,
-    error: String,
-) -> Result<(), DeployError> {
-    warn!(site, global_id = %g, "deployment failed: {error}");
-    update_placement(shared, g, site, |p| {
-        p.state = PlacementState::Failed;
-        p.error = Some(error);
-    })?;
     Ok(())
 }
 
-type Deltas = Option<(Arc<crate::delta::BaseIndex>, [u8; 32])>;
+/// What woke the driver.
+enum Event {
+    Sent(Result<(), StreamError>),
+    Reply(Option<AgentMsg>),
+}
 
-/// Send the work over up to `streams_per_transfer` unidirectional streams that take items
-/// from a shared cursor, so a slow stream does not hold the others back.
-async fn send_work(
+/// Do what the sender asks until it is done.
+async fn drive(
     shared: &Arc<Shared>,
-    conn: &Connection,
-    transfer: u64,
-    work: Vec<Work>,
-    deltas: Deltas,
-    key: (GlobalId, String),
-    sent: Arc<AtomicU64>,
-) -> Result<(), DeployError> {
-    if work.is_empty() {
-        return Ok(());
-    }
-    let streams = shared.cfg.streams_per_transfer.clamp(1, work.len());
-    let work = Arc::new(work);
-    let cursor = Arc::new(AtomicUsize::new(0));
-    let mut set = JoinSet::new();
-    for _ in 0..streams {
-        set.spawn(stream_task(
-            shared.clone(),
-            conn.clone(),
-            transfer,
-            work.clone(),
-            deltas.clone(),
-            cursor.clone(),
-            sent.clone(),
-            key.clone(),
-        ));
-    }
-    while let Some(r) = set.join_next().await {
-        r.map_err(|e| EngineError::Internal(format!("send task: {e}")))??;
-    }
-    Ok(())
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn stream_task(
-    shared: Arc<Shared>,
-    conn: Connection,
-    transfer: u64,
-    work: Arc<Vec<Work>>,
-    deltas: Deltas,
-    cursor: Arc<AtomicUsize>,
-    sent: Arc<AtomicU64>,
-    key: (GlobalId, String),
-) -> Result<(), DeployError> {
-    let mut s = conn.open_uni().await?;
-    write_msg(&mut s, &DataStreamHeader { transfer }).await?;
-    let count = |n: u64| {
-        let total = sent.fetch_add(n, Ordering::Relaxed) + n;
-        if let Some(v) = shared.live.lock().expect("live lock").get_mut(&key) {
-            *v = total;
-        }
-    };
+    link: &mut SiteLink<'_>,
+    mrec: &ManifestRecord,
+    sender: &mut Sender,
+    mut outbound: Outbound,
+) -> Result<Outcome, DeployError> {
+    let mut streams: Option<BoxFuture<'static, Result<(), StreamError>>> = None;
     loop {
-        let i = cursor.fetch_add(1, Ordering::Relaxed);
-        let Some(item) = work.get(i) else { break };
-        let stored = match (item, &deltas) {
-            (Work::Stored(ids), _) => ids.clone(),
-            (Work::Group(chunks), Some((index, bkey))) => {
-                let enc = shared
-                    .delta
-                    .group(&shared, index.clone(), *bkey, chunks.clone())
-                    .await?;
-                match &*enc {
-                    Encoded::Group { header, payload } => {
-                        write_msg(&mut s, &DataRecord::Group(header.clone())).await?;
-                        s.write_chunk(payload.clone()).await?;
-                        count(payload.len() as u64);
-                        continue;
+        while let Some(action) = sender.poll() {
+            match action {
+                Action::Deploy { base } => {
+                    let msg = deploy_msg(shared, sender.transfer(), mrec, base).await?;
+                    write_msg(link.send, &msg).await?;
+                }
+                Action::Needed { bytes, .. } => {
+                    update_placement(shared, &mrec.manifest.global_id, link.site, |p| {
+                        p.bytes_needed = bytes
+                    })?;
+                }
+                Action::IndexBases {
+                    bases_from,
+                    unavailable,
+                } => {
+                    let deltas = index_bases(shared, bases_from, unavailable).await?;
+                    sender.handle_bases(deltas.is_some());
+                    outbound.deltas = deltas;
+                }
+                Action::Send { work, .. } => {
+                    streams = Some(Box::pin(data_streams::send(outbound.clone(), work)));
+                }
+                // Dropping the streams' future stops whatever is still being sent.
+                Action::Done(outcome) => return Ok(outcome),
+            }
+        }
+        let event = tokio::select! {
+            r = async { streams.as_mut().expect("checked").await }, if streams.is_some() => {
+                Event::Sent(r)
+            }
+            m = link.rx.recv() => Event::Reply(m),
+        };
+        match event {
+            Event::Sent(r) => {
+                r?;
+                streams = None;
+                sender.handle_sent();
+            }
+            Event::Reply(m) => {
+                let m = m.ok_or(DeployError::Disconnected)?;
+                let stored_len = |id: &_| shared.store.info(id).map(|i| i.stored_len);
+                match sender.handle_reply(m, stored_len) {
+                    Ok(Handled::OtherTransfer(t)) => {
+                        warn!(
+                            got = t,
+                            want = sender.transfer(),
+                            "reply for another transfer ignored"
+                        )
                     }
-                    Encoded::Stored(ids) => ids.clone(),
+                    Ok(_) => {}
+                    Err(SendError::Protocol(v)) => return Err(v.into()),
+                    Err(SendError::NotStored(id)) => {
+                        return Err(EngineError::from(SourceError::Missing(id)).into());
+                    }
                 }
             }
-            (Work::Group(chunks), None) => chunks.iter().map(|(id, _)| *id).collect(),
-        };
-        let sh = shared.clone();
-        let chunks = tokio::task::spawn_blocking(move || {
-            stored
-                .iter()
-                .map(|id| {
-                    sh.store.read(id)?.ok_or_else(|| {
-                        EngineError::Internal(format!("chunk {id} vanished from the store"))
-                    })
-                })
-                .collect::<Result<Vec<_>, EngineError>>()
-        })
-        .await
-        .map_err(|e| EngineError::Internal(format!("read task: {e}")))??;
-        for c in chunks {
-            let h = ChunkHeader::of(&c);
-            write_msg(&mut s, &DataRecord::Chunk(h)).await?;
-            let n = c.payload.len() as u64;
-            // The stored bytes go out as they are: no copy, no recompression.
-            s.write_chunk(c.payload).await?;
-            count(n);
         }
     }
-    s.finish()?;
-    Ok(())
+}
+
+/// The deploy message: as a delta against the manifest the site holds of the same image
+/// when the sender chose one and the catalog has it (a few KiB instead of ~40 bytes per
+/// chunk of the image); whole otherwise.
+async fn deploy_msg(
+    shared: &Arc<Shared>,
+    transfer: u64,
+    mrec: &ManifestRecord,
+    base: Option<(HeldVersion, [u8; 32])>,
+) -> Result<EngineMsg, EngineError> {
+    let whole = || EngineMsg::Deploy {
+        transfer,
+        manifest: mrec.manifest.clone(),
+    };
+    let Some((hv, mid)) = base else {
+        return Ok(whole());
+    };
+    let (sh, target) = (shared.clone(), mrec.clone());
+    let delta = tokio::task::spawn_blocking(move || {
+        let base = sh.catalog.manifest(&hv.global_id, hv.version).ok()??;
+        (base.manifest_id == mid)
+            .then(|| sh.delta.manifest_delta(&base, &target))
+            .flatten()
+    })
+    .await?;
+    Ok(match delta {
+        Some(delta) => EngineMsg::DeployDelta {
+            transfer,
+            base: hv,
+            manifest_id: mrec.manifest_id,
+            delta: delta.as_ref().clone(),
+        },
+        None => whole(),
+    })
+}
+
+/// The index of the site's base chunks (built once for every site holding the same
+/// versions), or `None` when it holds none.
+async fn index_bases(
+    shared: &Arc<Shared>,
+    bases_from: Vec<HeldVersion>,
+    unavailable: Vec<seedcast_core::ChunkId>,
+) -> Result<Option<Deltas>, EngineError> {
+    let key = bases_key(&bases_from, &unavailable);
+    let catalog = shared.catalog.clone();
+    let load = move || {
+        let mut manifests = Vec::new();
+        for h in &bases_from {
+            if let Some(m) = catalog.manifest(&h.global_id, h.version)? {
+                manifests.push(m.manifest);
+            }
+        }
+        Ok(manifests)
+    };
+    let source = shared.store.clone() as Arc<dyn ChunkSource>;
+    let index = shared.delta.index(source, key, load, unavailable).await?;
+    Ok((!index.is_empty()).then(|| Deltas {
+        cache: shared.delta.clone(),
+        index,
+        key,
+        level: shared.cfg.delta_level,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_work_is_what_is_not_yet_published_and_failures_only_on_reconnect() {
+        let at = |state, version, published| {
+            let mut p = PlacementRecord::pending(version);
+            p.state = state;
+            p.published_version = published;
+            (GlobalId([version as u8; 12]), p)
+        };
+        let placements = vec![
+            at(PlacementState::Published, 1, Some(1)),
+            at(PlacementState::Published, 2, Some(1)),
+            at(PlacementState::Pending, 3, None),
+            at(PlacementState::Transferring, 4, None),
+            at(PlacementState::Failed, 5, None),
+        ];
+        let versions = |v: Vec<(GlobalId, u32)>| v.into_iter().map(|(_, v)| v).collect::<Vec<_>>();
+        assert_eq!(versions(pending_work(placements.clone(), false)), [2, 3, 4]);
+        assert_eq!(versions(pending_work(placements, true)), [2, 3, 4, 5]);
+    }
 }

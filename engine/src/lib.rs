@@ -1,111 +1,56 @@
 //! seedcast-engine: the management node.
 //!
-//! It owns the catalog ([`catalog`], RocksDB) and the chunk store ([`store`], pack files);
-//! accepts clients and agents over QUIC ([`server`]); answers client requests
-//! ([`client_api`]); keeps a session with every connected agent and deploys image versions to
-//! it ([`agent_session`], [`distribute`], as deltas where the site holds an earlier version:
-//! [`delta`]); and reports where every image is ([`status`]).
-//!
 //! Start at [`Engine::open`] and [`Engine::run`]: the server takes its endpoint and a
 //! shutdown future (as mini-redis' `server::run`), so tests bind port 0 and stop it cleanly.
+//!
+//! The parts, from the socket inwards:
+//! - [`server`]: accepts connections and hands each to its role; [`handshake`]: the hello
+//!   exchange, refusals and close codes; [`sites`]: the site registry (enrollment, an
+//!   agent's certificate check, revocation, push targets).
+//! - [`client_api`]: one client session, dispatching requests to [`upload`] (chunks in,
+//!   verified), [`versions`] (the one place a version is made: push and every block),
+//!   [`adapt`] (what a block or rollback changes), and [`status`] (where images are).
+//! - [`agent_session`]: one agent's session; [`distribute`]: its site worker, driving the
+//!   sans-IO sender of `seedcast-core` for each deployment; [`data_streams`]: the data
+//!   streams that carry the chunks; [`delta`]: delta groups against chunks a site holds.
+//! - [`catalog`]: RocksDB records; [`store`]: the pack files, the first
+//!   [`seedcast_core::source::ChunkStore`].
+//! - [`config`], [`error`]: options and the error policy.
 
 pub mod adapt;
 pub mod agent_session;
 pub mod catalog;
 pub mod client_api;
+pub mod config;
+pub mod data_streams;
 pub mod delta;
 pub mod distribute;
 pub mod error;
+pub mod handshake;
 pub mod server;
+pub mod sites;
+mod state;
 pub mod status;
 pub mod store;
+pub mod upload;
+pub mod versions;
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
-use seedcast_core::{ChunkerConfig, GlobalId};
-use seedcast_net::endpoint::TransportOptions;
+use seedcast_core::source::ChunkStore;
 use seedcast_net::pki::{EnginePki, Token};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
+pub use config::EngineConfig;
 pub use error::EngineError;
 
 use catalog::Catalog;
-use store::ChunkStore;
-
-/// How an engine runs. Defaults suit a management node seeding a handful of sites.
-#[derive(Debug, Clone)]
-pub struct EngineConfig {
-    /// Data directory: catalog, packs, CA and tokens.
-    pub data: PathBuf,
-    /// Chunking pushes must use (sent to clients in the handshake). Default: FastCDC
-    /// 16/64/256 KiB, holes of 32 KiB and more.
-    pub chunking: ChunkerConfig,
-    pub transport: TransportOptions,
-    /// Parallel unidirectional streams per transfer to one site. 4: enough to keep one
-    /// connection busy; one connection is driven by one task, so more streams do not add CPU.
-    pub streams_per_transfer: usize,
-    /// zstd level of delta groups sent to sites that hold an earlier version. 19: updates
-    /// are for thin links, the work is done once for every site, and 19 is what
-    /// `zstd --patch-from` users pick; 12 is about 7× faster for ~10 % more bytes.
-    pub delta_level: i32,
-}
-
-impl EngineConfig {
-    pub fn new(data: impl Into<PathBuf>) -> Self {
-        EngineConfig {
-            data: data.into(),
-            chunking: ChunkerConfig::default(),
-            transport: TransportOptions::default(),
-            streams_per_transfer: 4,
-            delta_level: 19,
-        }
-    }
-}
-
-/// A connected agent, as the rest of the engine sees it.
-#[derive(Debug, Clone)]
-pub(crate) struct AgentHandle {
-    pub conn_id: u64,
-    pub conn: quinn::Connection,
-    /// Wakes the site's worker when new work for it is committed.
-    pub wake: Arc<Notify>,
-}
-
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub id: String,
-    pub cfg: EngineConfig,
-    pub catalog: Catalog,
-    pub store: ChunkStore,
-    pub pki: EnginePki,
-    pub agents: Mutex<HashMap<String, AgentHandle>>,
-    /// Bumped on every placement change; watchers wait on it.
-    pub changes: watch::Sender<u64>,
-    /// Bytes sent so far by transfers in flight, by (image, site).
-    pub live: Mutex<HashMap<(GlobalId, String), u64>>,
-    pub next_transfer: AtomicU64,
-    pub next_conn: AtomicU64,
-    pub delta: delta::DeltaCache,
-    /// Held while a new version is built and committed.
-    pub versions: Mutex<()>,
-}
-
-impl Shared {
-    pub fn changed(&self) {
-        self.changes.send_modify(|v| *v = v.wrapping_add(1));
-    }
-
-    pub fn wake_site(&self, site: &str) {
-        if let Some(h) = self.agents.lock().expect("agents lock").get(site) {
-            h.wake.notify_one();
-        }
-    }
-}
+use state::Shared;
+use store::PackStore;
 
 /// The engine: open it on a data directory, bind an endpoint, run it.
 #[derive(Debug, Clone)]
@@ -116,13 +61,11 @@ pub struct Engine {
 impl Engine {
     /// Open (or initialise) the engine's data directory: catalog, packs, CA, tokens.
     pub fn open(cfg: EngineConfig) -> Result<Engine, EngineError> {
-        cfg.chunking
-            .validate()
-            .map_err(|e| EngineError::Invalid(e.to_string()))?;
+        cfg.chunking.validate()?;
         std::fs::create_dir_all(&cfg.data)?;
         let pki = EnginePki::load_or_create(&cfg.data)?;
-        let catalog = Catalog::open(&cfg.data.join("catalog"))?;
-        let store = ChunkStore::open(&cfg.data.join("packs"), &catalog)?;
+        let catalog = Arc::new(Catalog::open(&cfg.data.join("catalog"))?);
+        let store = Arc::new(PackStore::open(&cfg.data.join("packs"), catalog.clone())?);
         let id = catalog.engine_id()?;
         let (changes, _) = watch::channel(0);
         Ok(Engine {
@@ -134,10 +77,10 @@ impl Engine {
                 pki,
                 agents: Mutex::new(HashMap::new()),
                 changes,
-                live: Mutex::new(HashMap::new()),
+                live: Default::default(),
                 next_transfer: AtomicU64::new(1),
                 next_conn: AtomicU64::new(1),
-                delta: delta::DeltaCache::default(),
+                delta: Default::default(),
                 versions: Mutex::new(()),
             }),
         })
@@ -180,9 +123,5 @@ impl Engine {
     /// Chunks held in the store (for tests and status).
     pub fn chunk_count(&self) -> usize {
         self.shared.store.len()
-    }
-
-    pub(crate) fn next_transfer(shared: &Shared) -> u64 {
-        shared.next_transfer.fetch_add(1, Ordering::Relaxed)
     }
 }

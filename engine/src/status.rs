@@ -1,34 +1,52 @@
 //! Where every image is: the catalog's placements, with live byte counts of transfers in
-//! flight, in the shape clients print.
+//! flight, in the shape clients print; and `watch`, which streams that until a version has
+//! settled everywhere.
 
+use std::time::Duration;
+
+use quinn::SendStream;
 use seedcast_core::GlobalId;
-use seedcast_core::protocol::{ImageStatus, PlacementState, SiteInfo, SitePlacement};
+use seedcast_core::protocol::{ImageStatus, PlacementState, Response, SiteInfo, SitePlacement};
+use seedcast_net::{FramedError, write_msg};
 
-use crate::{EngineError, Shared};
+use crate::EngineError;
+use crate::catalog::{ImageRecord, ManifestRecord, PlacementRecord};
+use crate::state::Shared;
 
 pub(crate) fn image(shared: &Shared, g: &GlobalId) -> Result<ImageStatus, EngineError> {
     let img = shared
         .catalog
         .image(g)?
         .ok_or(EngineError::UnknownImage(*g))?;
-    let m = shared
-        .catalog
-        .manifest(g, img.current_version)?
-        .ok_or_else(|| {
-            EngineError::Internal(format!("manifest {g}@{} missing", img.current_version))
-        })?;
-    let live = shared.live.lock().expect("live lock").clone();
-    let mut sites: Vec<SitePlacement> = shared
-        .catalog
-        .placements(g)?
+    let m =
+        shared
+            .catalog
+            .manifest(g, img.current_version)?
+            .ok_or(EngineError::ManifestMissing {
+                global_id: *g,
+                version: img.current_version,
+            })?;
+    let placements = shared.catalog.placements(g)?;
+    Ok(build(g, &img, &m, placements, |site| {
+        shared.live.get(g, site)
+    }))
+}
+
+/// An image's status from its records: `live` gives the bytes sent so far by a transfer in
+/// flight to a site (the record holds the last finished transfer's count).
+pub(crate) fn build(
+    g: &GlobalId,
+    img: &ImageRecord,
+    current: &ManifestRecord,
+    placements: Vec<(String, PlacementRecord)>,
+    live: impl Fn(&str) -> Option<u64>,
+) -> ImageStatus {
+    let mut sites: Vec<SitePlacement> = placements
         .into_iter()
         .map(|(site, p)| {
-            let bytes_sent = if p.state == PlacementState::Transferring {
-                live.get(&(*g, site.clone()))
-                    .copied()
-                    .unwrap_or(p.bytes_sent)
-            } else {
-                p.bytes_sent
+            let bytes_sent = match p.state {
+                PlacementState::Transferring => live(&site).unwrap_or(p.bytes_sent),
+                _ => p.bytes_sent,
             };
             SitePlacement {
                 site,
@@ -43,15 +61,15 @@ pub(crate) fn image(shared: &Shared, g: &GlobalId) -> Result<ImageStatus, Engine
         })
         .collect();
     sites.sort_by(|a, b| a.site.cmp(&b.site));
-    Ok(ImageStatus {
+    ImageStatus {
         global_id: *g,
-        name: img.name,
+        name: img.name.clone(),
         version: img.current_version,
-        bytes_uploaded: m.bytes_uploaded,
-        total_len: m.manifest.total_len(),
-        data_len: m.manifest.files.iter().map(|f| f.recipe.data_len()).sum(),
+        bytes_uploaded: current.bytes_uploaded,
+        total_len: current.manifest.total_len(),
+        data_len: current.manifest.data_len(),
         sites,
-    })
+    }
 }
 
 pub(crate) fn images(shared: &Shared) -> Result<Vec<ImageStatus>, EngineError> {
@@ -76,4 +94,159 @@ pub(crate) fn sites(shared: &Shared) -> Result<Vec<SiteInfo>, EngineError> {
             revoked: r.revoked,
         })
         .collect())
+}
+
+/// Has every site `version` targets published or failed? (Sites left out of it, e.g.
+/// revoked since, are not waited for.)
+pub(crate) fn settled(s: &ImageStatus, version: u32) -> bool {
+    s.sites
+        .iter()
+        .filter(|p| p.version == version)
+        .all(|p| p.state.is_final())
+}
+
+/// Send `Progress` until every target site of `version` is published or failed.
+pub(crate) async fn watch(
+    shared: &Shared,
+    send: &mut SendStream,
+    g: GlobalId,
+    version: u32,
+) -> Result<(), FramedError> {
+    let mut rx = shared.changes.subscribe();
+    loop {
+        let s = match image(shared, &g) {
+            Ok(s) => s,
+            Err(e) => {
+                write_msg(send, &e.response()).await?;
+                let _ = send.finish();
+                return Ok(());
+            }
+        };
+        let done = settled(&s, version);
+        write_msg(send, &Response::Progress(s)).await?;
+        if done {
+            let _ = send.finish();
+            return Ok(());
+        }
+        // Wake on a state change, or every 200 ms to report bytes sent.
+        let _ = tokio::time::timeout(Duration::from_millis(200), rx.changed()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use seedcast_core::manifest::{FileEntry, FileRecipe, MANIFEST_FORMAT};
+    use seedcast_core::{ChunkId, ChunkerConfig, Extent, Manifest};
+
+    fn records() -> (ImageRecord, ManifestRecord) {
+        let recipe = FileRecipe {
+            len: 5000,
+            hash: [0; 32],
+            extents: vec![
+                Extent::Data {
+                    id: ChunkId([1; 32]),
+                    len: 1000,
+                },
+                Extent::Hole { len: 4000 },
+            ],
+        };
+        let manifest = Manifest {
+            format: MANIFEST_FORMAT,
+            global_id: GlobalId([1; 12]),
+            version: 2,
+            parent: Some(1),
+            name: "img".into(),
+            chunking: ChunkerConfig::default(),
+            files: vec![FileEntry {
+                path: "d".into(),
+                mode: 0o644,
+                recipe,
+            }],
+        };
+        (
+            ImageRecord {
+                name: "img".into(),
+                current_version: 2,
+                sites: vec!["a".into(), "b".into()],
+                created_unix: 0,
+            },
+            ManifestRecord {
+                manifest,
+                manifest_id: [0; 32],
+                bytes_uploaded: 77,
+                created_unix: 0,
+            },
+        )
+    }
+
+    #[test]
+    fn status_sorts_sites_and_shows_live_bytes_only_while_transferring() {
+        let (img, m) = records();
+        let mut moving = PlacementRecord::pending(2);
+        moving.state = PlacementState::Transferring;
+        moving.bytes_sent = 5;
+        let mut done = PlacementRecord::pending(2);
+        done.state = PlacementState::Published;
+        done.bytes_sent = 900;
+        let s = build(
+            &GlobalId([1; 12]),
+            &img,
+            &m,
+            vec![("b".into(), moving), ("a".into(), done)],
+            |_| Some(500),
+        );
+        assert_eq!(
+            s.sites.iter().map(|p| p.site.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        assert_eq!(s.sites[0].bytes_sent, 900, "finished: the record's count");
+        assert_eq!(s.sites[1].bytes_sent, 500, "in flight: the live count");
+        assert_eq!(
+            (s.total_len, s.data_len, s.bytes_uploaded),
+            (5000, 1000, 77)
+        );
+        assert_eq!((s.version, s.name.as_str()), (2, "img"));
+    }
+
+    #[test]
+    fn a_version_settles_when_its_own_targets_are_final() {
+        let (img, m) = records();
+        let at = |state, version| {
+            let mut p = PlacementRecord::pending(version);
+            p.state = state;
+            p
+        };
+        let s = |a, b| {
+            build(
+                &GlobalId([1; 12]),
+                &img,
+                &m,
+                vec![("a".into(), a), ("b".into(), b)],
+                |_| None,
+            )
+        };
+        assert!(!settled(
+            &s(
+                at(PlacementState::Published, 2),
+                at(PlacementState::Pending, 2)
+            ),
+            2
+        ));
+        assert!(settled(
+            &s(
+                at(PlacementState::Published, 2),
+                at(PlacementState::Failed, 2)
+            ),
+            2
+        ));
+        // b was left at version 1 (revoked): not waited for.
+        assert!(settled(
+            &s(
+                at(PlacementState::Published, 2),
+                at(PlacementState::Pending, 1)
+            ),
+            2
+        ));
+    }
 }

@@ -1,5 +1,6 @@
 //! The engine's chunk store: every distinct chunk once, in its stored (zstd) form, appended
-//! to pack files; located through an in-memory index built from the catalog at start.
+//! to pack files; located through an in-memory index built from the catalog at start. It is
+//! the first implementation of [`ChunkStore`] (the seam an object-store backend plugs into).
 //!
 //! Pack format 1: the file starts with [`PACK_MAGIC`]; then entries, each a 45-byte header
 //! (`SCCK`, chunk id, encoding, raw length, stored length; integers little-endian) and the
@@ -18,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
+use seedcast_core::source::{ChunkInfo, ChunkSource, ChunkStore, Inserted, SourceError};
 use seedcast_core::{ChunkId, CompressedChunk, Encoding, VerifiedChunk};
 
 use crate::catalog::{Catalog, CatalogError, ChunkRecord};
@@ -56,9 +58,11 @@ struct Writer {
     len: u64,
 }
 
+/// Pack files and their in-memory index.
 #[derive(Debug)]
-pub struct ChunkStore {
+pub struct PackStore {
     dir: PathBuf,
+    catalog: Arc<Catalog>,
     index: RwLock<HashMap<ChunkId, ChunkRecord>>,
     packs: RwLock<Vec<Arc<File>>>,
     writer: Mutex<Writer>,
@@ -107,11 +111,11 @@ fn open_pack(path: &Path, create: bool) -> Result<(Arc<File>, u64), StoreError> 
     Ok((Arc::new(file), len))
 }
 
-impl ChunkStore {
+impl PackStore {
     /// Open the packs in `dir` and index the chunks the catalog records. Records that point
     /// past the end of their pack (a pack cut short outside seedcast) are dropped, with a
     /// warning, so those chunks are uploaded again rather than served broken.
-    pub fn open(dir: &Path, catalog: &Catalog) -> Result<Self, StoreError> {
+    pub fn open(dir: &Path, catalog: Arc<Catalog>) -> Result<Self, StoreError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         let mut packs = Vec::new();
         let mut lens = Vec::new();
@@ -147,8 +151,9 @@ impl ChunkStore {
             file: packs[last].clone(),
             len: lens[last],
         };
-        Ok(ChunkStore {
+        Ok(PackStore {
             dir: dir.to_path_buf(),
+            catalog,
             index: RwLock::new(index),
             packs: RwLock::new(packs),
             writer: Mutex::new(writer),
@@ -156,38 +161,13 @@ impl ChunkStore {
         })
     }
 
-    pub fn contains(&self, id: &ChunkId) -> bool {
-        self.index.read().expect("index lock").contains_key(id)
-    }
-
     pub fn record(&self, id: &ChunkId) -> Option<ChunkRecord> {
         self.index.read().expect("index lock").get(id).copied()
     }
 
-    pub fn len(&self) -> usize {
-        self.index.read().expect("index lock").len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Which of `ids` are not stored, in the order given.
-    pub fn missing(&self, ids: &[ChunkId]) -> Vec<ChunkId> {
-        let idx = self.index.read().expect("index lock");
-        ids.iter()
-            .filter(|id| !idx.contains_key(id))
-            .copied()
-            .collect()
-    }
-
     /// Store verified chunks not yet held. Blocking (file writes and a sync): call from a
     /// blocking thread. Returns how many were new and their stored bytes.
-    pub fn insert(
-        &self,
-        chunks: &[VerifiedChunk],
-        catalog: &Catalog,
-    ) -> Result<(u32, u64), StoreError> {
+    fn insert_packed(&self, chunks: &[VerifiedChunk]) -> Result<Inserted, StoreError> {
         let mut w = self.writer.lock().expect("writer lock");
         let mut added: Vec<(ChunkId, ChunkRecord)> = Vec::new();
         let mut in_batch = std::collections::HashSet::new();
@@ -237,7 +217,7 @@ impl ChunkStore {
             }
         }
         if added.is_empty() {
-            return Ok((0, 0));
+            return Ok(Inserted::default());
         }
         let packs = self.packs.read().expect("packs lock");
         for n in touched {
@@ -246,14 +226,14 @@ impl ChunkStore {
                 .map_err(io_err(&pack_path(&self.dir, n)))?;
         }
         drop(packs);
-        catalog.put_chunks(&added)?;
+        self.catalog.put_chunks(&added)?;
         let n = added.len() as u32;
         self.index.write().expect("index lock").extend(added);
-        Ok((n, bytes))
+        Ok(Inserted { chunks: n, bytes })
     }
 
     /// Read a chunk's stored form. Blocking (a positioned read, usually from page cache).
-    pub fn read(&self, id: &ChunkId) -> Result<Option<CompressedChunk>, StoreError> {
+    fn read_packed(&self, id: &ChunkId) -> Result<Option<CompressedChunk>, StoreError> {
         let Some(rec) = self.record(id) else {
             return Ok(None);
         };
@@ -288,7 +268,7 @@ impl ChunkStore {
     }
 
     /// The chunk records of `ids` with one more reference each, for a commit batch.
-    /// Apply them with [`ChunkStore::apply_refs`] once the commit is durable.
+    /// Apply them with [`PackStore::apply_refs`] once the commit is durable.
     pub fn with_ref(&self, ids: impl IntoIterator<Item = ChunkId>) -> Vec<(ChunkId, ChunkRecord)> {
         let idx = self.index.read().expect("index lock");
         ids.into_iter()
@@ -312,6 +292,39 @@ impl ChunkStore {
     }
 }
 
+impl ChunkSource for PackStore {
+    fn info(&self, id: &ChunkId) -> Option<ChunkInfo> {
+        self.record(id).map(|r| ChunkInfo {
+            raw_len: r.raw_len,
+            stored_len: r.stored_len,
+        })
+    }
+
+    fn read(&self, id: &ChunkId) -> Result<CompressedChunk, SourceError> {
+        self.read_packed(id)
+            .map_err(SourceError::backend)?
+            .ok_or(SourceError::Missing(*id))
+    }
+}
+
+impl ChunkStore for PackStore {
+    fn insert(&self, chunks: &[VerifiedChunk]) -> Result<Inserted, SourceError> {
+        self.insert_packed(chunks).map_err(SourceError::backend)
+    }
+
+    fn missing(&self, ids: &[ChunkId]) -> Vec<ChunkId> {
+        let idx = self.index.read().expect("index lock");
+        ids.iter()
+            .filter(|id| !idx.contains_key(id))
+            .copied()
+            .collect()
+    }
+
+    fn len(&self) -> usize {
+        self.index.read().expect("index lock").len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -327,25 +340,23 @@ mod tests {
     #[test]
     fn stores_once_reads_back_and_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let cat = Catalog::open(&dir.path().join("cat")).unwrap();
-        let store = ChunkStore::open(&dir.path().join("packs"), &cat).unwrap();
+        let cat = Arc::new(Catalog::open(&dir.path().join("cat")).unwrap());
+        let store = PackStore::open(&dir.path().join("packs"), cat.clone()).unwrap();
         let a = chunk(3, 70_000);
         let b = chunk(5, 10_000);
-        let (n, bytes) = store
-            .insert(&[a.clone(), b.clone(), a.clone()], &cat)
-            .unwrap();
-        assert_eq!(n, 2);
-        assert!(bytes > 0);
+        let added = store.insert(&[a.clone(), b.clone(), a.clone()]).unwrap();
+        assert_eq!(added.chunks, 2);
+        assert!(added.bytes > 0);
         assert_eq!(
-            store.insert(std::slice::from_ref(&a), &cat).unwrap(),
-            (0, 0)
+            store.insert(std::slice::from_ref(&a)).unwrap(),
+            Inserted::default()
         );
-        let back = store.read(&a.id()).unwrap().unwrap();
+        let back = store.read(&a.id()).unwrap();
         assert_eq!(&back, a.stored());
         drop(store);
-        let store = ChunkStore::open(&dir.path().join("packs"), &cat).unwrap();
+        let store = PackStore::open(&dir.path().join("packs"), cat.clone()).unwrap();
         assert_eq!(store.len(), 2);
-        assert_eq!(&store.read(&b.id()).unwrap().unwrap(), b.stored());
+        assert_eq!(&store.read(&b.id()).unwrap(), b.stored());
         assert_eq!(
             store.missing(&[a.id(), ChunkId([0; 32])]),
             vec![ChunkId([0; 32])]
@@ -355,23 +366,27 @@ mod tests {
     #[test]
     fn truncated_pack_drops_records_and_foreign_files_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let cat = Catalog::open(&dir.path().join("cat")).unwrap();
+        let cat = Arc::new(Catalog::open(&dir.path().join("cat")).unwrap());
         let packs = dir.path().join("packs");
-        let store = ChunkStore::open(&packs, &cat).unwrap();
+        let store = PackStore::open(&packs, cat.clone()).unwrap();
         let a = chunk(7, 50_000);
-        store.insert(std::slice::from_ref(&a), &cat).unwrap();
+        store.insert(std::slice::from_ref(&a)).unwrap();
         drop(store);
         let p = pack_path(&packs, 0);
         let f = OpenOptions::new().write(true).open(&p).unwrap();
         f.set_len(20).unwrap();
-        let store = ChunkStore::open(&packs, &cat).unwrap();
+        let store = PackStore::open(&packs, cat.clone()).unwrap();
         assert!(!store.contains(&a.id()));
         drop(store);
         fs::write(&p, b"not a pack at all").unwrap();
-        let e = ChunkStore::open(&packs, &cat).unwrap_err().to_string();
+        let e = PackStore::open(&packs, cat.clone())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("bad magic"), "{e}");
         fs::write(&p, b"SCPACK\x00\x09").unwrap();
-        let e = ChunkStore::open(&packs, &cat).unwrap_err().to_string();
+        let e = PackStore::open(&packs, cat.clone())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("pack format 9"), "{e}");
     }
 }

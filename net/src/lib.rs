@@ -5,8 +5,10 @@
 //!   admin tokens that carry the CA fingerprint (kubeadm / k3s style).
 //! - [`tls`]: rustls configurations (TLS 1.3 only, ALPN `seedcast/1`, CA pinning).
 //! - [`endpoint`]: quinn endpoints and the transport tuning they share.
+//! - [`dial`]: dialling the engine and the hello exchange (clients and agents alike).
 //! - [`framed`]: read and write [`seedcast_core::frame`]s on quinn streams.
 
+pub mod dial;
 pub mod endpoint;
 pub mod framed;
 pub mod pki;

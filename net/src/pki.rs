@@ -152,6 +152,27 @@ impl FromStr for Token {
     }
 }
 
+impl Token {
+    /// A token given as its text, or as the path of a file holding it (as the command line
+    /// and config files take it: the text never has to appear in a process list).
+    pub fn from_text_or_file(s: &str) -> Result<Token, PkiError> {
+        match s.parse::<Token>() {
+            Ok(t) => Ok(t),
+            Err(e) => {
+                let p = Path::new(s.trim());
+                if !p.is_file() {
+                    return Err(e);
+                }
+                let text = fs::read_to_string(p).map_err(io_err(p))?;
+                text.parse::<Token>().map_err(|e| match e {
+                    PkiError::Token(why) => PkiError::Token(format!("{}: {why}", p.display())),
+                    e => e,
+                })
+            }
+        }
+    }
+}
+
 /// Compare secrets in time independent of where they differ.
 pub fn secrets_match(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
@@ -483,6 +504,25 @@ mod tests {
             assert!(bad.parse::<Token>().is_err(), "{bad}");
         }
         assert!(!format!("{t:?}").contains("0123456789"));
+    }
+
+    #[test]
+    fn tokens_are_read_as_text_or_from_a_file() {
+        let t = Token {
+            kind: TokenKind::Admin,
+            ca_fingerprint: [5; 32],
+            secret: "0123456789abcdef0123".into(),
+        };
+        assert_eq!(Token::from_text_or_file(&t.to_string()).unwrap(), t);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("admin.token");
+        std::fs::write(&p, format!("{t}\n")).unwrap();
+        assert_eq!(Token::from_text_or_file(p.to_str().unwrap()).unwrap(), t);
+        std::fs::write(&p, "garbage").unwrap();
+        let e = Token::from_text_or_file(p.to_str().unwrap()).unwrap_err();
+        assert!(e.to_string().contains("admin.token"), "{e}");
+        let e = Token::from_text_or_file("/nonexistent/token").unwrap_err();
+        assert!(e.to_string().contains("invalid token"), "{e}");
     }
 
     #[test]

@@ -2,16 +2,49 @@
 #![allow(dead_code)]
 
 use std::os::unix::fs::MetadataExt;
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use futures::FutureExt;
 use seedcast::client::{Client, PushOptions};
 use seedcast::cluster::{LocalCluster, file_hash};
 use seedcast::synth;
-use seedcast_agents::Adapter;
 use seedcast_core::protocol::{ImageStatus, PlacementState};
 
 pub const SITES: [&str; 3] = ["site-a", "site-b", "site-c"];
+
+/// Run `body` against a fresh cluster of `sites`, and shut the cluster down whatever the body
+/// does — returns, fails, or panics on an assertion — before reporting how it ended.
+pub async fn with_cluster(
+    sites: &[&str],
+    body: impl AsyncFnOnce(&mut LocalCluster) -> Result<()>,
+) -> Result<()> {
+    let mut cluster = LocalCluster::start(None, sites).await?;
+    let outcome = AssertUnwindSafe(body(&mut cluster)).catch_unwind().await;
+    let down = cluster.shutdown().await;
+    match outcome {
+        Err(panic) => std::panic::resume_unwind(panic),
+        Ok(r) => {
+            r?;
+            Ok(down?)
+        }
+    }
+}
+
+/// Wait until every site in `sites` has published `version` of `g` (30 s at most).
+pub async fn wait_published(
+    cluster: &LocalCluster,
+    client: &Client,
+    g: &seedcast_core::GlobalId,
+    version: u32,
+    sites: &[&str],
+) -> Result<ImageStatus> {
+    Ok(cluster
+        .wait_published(client, g, version, sites, Duration::from_secs(30))
+        .await?)
+}
 
 /// A small image: a sparse disk of `disk_mib`, a kernel, metadata.
 pub fn make_image(dir: &Path, disk_mib: u64, seed: &str) -> Result<Vec<PathBuf>> {

@@ -57,6 +57,16 @@ impl Adapter for DirAdapter {
         "dir"
     }
 
+    fn keeps_copies(&self) -> bool {
+        true
+    }
+
+    fn exists<'a>(&'a self, local_id: &'a str) -> BoxFuture<'a, Result<bool, AdapterError>> {
+        Box::pin(async move {
+            Ok(check_local_id(local_id).is_ok() && self.image_dir(local_id).is_dir())
+        })
+    }
+
     fn staging_root(&self) -> &Path {
         &self.staging
     }
@@ -122,5 +132,111 @@ impl Adapter for DirAdapter {
             fs::remove_dir_all(&trash).map_err(AdapterError::io("delete", &trash))?;
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapter::AssembledFile;
+    use seedcast_core::GlobalId;
+
+    fn staged(a: &DirAdapter, name: &str, body: &[u8]) -> AssembledImage {
+        let dir = a.staging_root().join(format!("t-{name}"));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join(name), body).unwrap();
+        AssembledImage::new(
+            dir,
+            GlobalId([1; 12]),
+            1,
+            [0; 32],
+            "img".into(),
+            vec![AssembledFile {
+                name: name.into(),
+                len: body.len() as u64,
+                mode: 0o644,
+            }],
+        )
+    }
+
+    #[tokio::test]
+    async fn publish_read_back_update_and_delete() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = DirAdapter::new(tmp.path().join("pool")).unwrap();
+        assert!(a.keeps_copies());
+        let id = a.publish(staged(&a, "disk.raw", b"one")).await.unwrap();
+        assert!(uuid::Uuid::parse_str(&id).is_ok(), "{id}");
+        assert!(a.exists(&id).await.unwrap());
+        let rb = a.read_back(&id, "disk.raw").await.unwrap();
+        assert_eq!(fs::read(rb.path()).unwrap(), b"one");
+        let meta: serde_json::Value =
+            serde_json::from_slice(&fs::read(a.image_dir(&id).join(".seedcast.json")).unwrap())
+                .unwrap();
+        assert_eq!(meta["global_id"], GlobalId([1; 12]).to_string());
+        // An update publishes the new image, then removes the old one.
+        let id2 = a.update(&id, staged(&a, "disk.raw", b"two")).await.unwrap();
+        assert_ne!(id, id2);
+        assert!(!a.exists(&id).await.unwrap());
+        assert!(matches!(
+            a.read_back(&id, "disk.raw").await,
+            Err(AdapterError::NotFound(_))
+        ));
+        a.delete(&id2).await.unwrap();
+        assert!(matches!(
+            a.delete(&id2).await,
+            Err(AdapterError::NotFound(_))
+        ));
+        // Nothing left behind in staging.
+        assert_eq!(fs::read_dir(a.staging_root()).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn local_ids_and_file_names_cannot_name_paths_outside_the_pool() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = DirAdapter::new(tmp.path().join("pool")).unwrap();
+        fs::write(tmp.path().join("secret"), b"s").unwrap();
+        let id = a.publish(staged(&a, "disk.raw", b"x")).await.unwrap();
+        for bad in ["..", "../secret", ".staging", "/etc", ""] {
+            assert!(!a.exists(bad).await.unwrap(), "{bad}");
+            assert!(
+                matches!(
+                    a.read_back(bad, "disk.raw").await,
+                    Err(AdapterError::NotFound(_))
+                ),
+                "{bad}"
+            );
+            assert!(
+                matches!(a.delete(bad).await, Err(AdapterError::NotFound(_))),
+                "{bad}"
+            );
+        }
+        for bad in ["../../secret", ".seedcast.json", "a/b", ""] {
+            assert!(
+                matches!(
+                    a.read_back(&id, bad).await,
+                    Err(AdapterError::NoSuchFile { .. })
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn interrupted_stagings_are_swept_at_start() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pool = tmp.path().join("pool");
+        let a = DirAdapter::new(pool.clone()).unwrap();
+        let id = a.publish(staged(&a, "disk.raw", b"kept")).await.unwrap();
+        // A crash mid-assembly leaves a half-written image in staging.
+        let half = a.staging_root().join("t9-half");
+        fs::create_dir_all(&half).unwrap();
+        fs::write(half.join("disk.raw"), b"partial").unwrap();
+        drop(a);
+        let a = DirAdapter::new(pool).unwrap();
+        assert_eq!(fs::read_dir(a.staging_root()).unwrap().count(), 0);
+        assert!(
+            a.exists(&id).await.unwrap(),
+            "published images are untouched"
+        );
     }
 }

@@ -62,6 +62,118 @@ fn blocks(off: u64, data: &[u8]) -> impl Iterator<Item = &[u8]> {
     data.get(first..).unwrap_or(&[]).chunks_exact(4096)
 }
 
+/// v1's chunks, indexed by super-feature and by aligned block.
+struct Index<'a> {
+    c1: &'a [C],
+    features: HashMap<u64, usize>,
+    blocks: HashMap<[u8; 16], usize>,
+}
+
+impl<'a> Index<'a> {
+    fn new(c1: &'a [C]) -> Self {
+        let mut ix = Index {
+            c1,
+            features: HashMap::new(),
+            blocks: HashMap::new(),
+        };
+        for (i, c) in c1.iter().enumerate() {
+            if let Some(s) = delta::sketch(&c.data) {
+                for f in s.0 {
+                    ix.features.entry(f).or_insert(i);
+                }
+            }
+            for b in blocks(c.off, &c.data) {
+                ix.blocks.entry(key(b)).or_insert(i);
+            }
+        }
+        ix
+    }
+
+    /// v1 chunks sharing a super-feature with `c`.
+    fn similar(&self, c: &C) -> Vec<usize> {
+        let mut v = Vec::new();
+        if let Some(s) = delta::sketch(&c.data) {
+            for f in s.0 {
+                if let Some(&j) = self.features.get(&f)
+                    && !v.contains(&j)
+                {
+                    v.push(j);
+                }
+            }
+        }
+        v
+    }
+
+    /// v1 chunks holding one of `c`'s aligned blocks.
+    fn by_blocks(&self, c: &C) -> Vec<usize> {
+        let mut v = Vec::new();
+        for b in blocks(c.off, &c.data) {
+            if let Some(&j) = self.blocks.get(&key(b))
+                && !v.contains(&j)
+            {
+                v.push(j);
+            }
+        }
+        v
+    }
+
+    fn concat(&self, ids: &[usize]) -> Vec<u8> {
+        ids.iter()
+            .flat_map(|&j| self.c1[j].data.iter().copied())
+            .collect()
+    }
+}
+
+/// zstd at `level`, or the chunk's own size when that is smaller.
+fn z(d: &[u8], level: i32) -> Result<usize> {
+    Ok(zstd::bulk::compress(d, level)?.len().min(d.len()))
+}
+
+/// 2. Each chunk as a delta against its most similar v1 chunk.
+fn most_similar(ix: &Index, need: &[&C], level: i32) -> Result<usize> {
+    let mut n = 0;
+    for c in need {
+        let whole = z(&c.data, level)?;
+        n += match ix.similar(c).first() {
+            Some(&j) => delta::encode(&ix.c1[j].data, &c.data, level)?
+                .len()
+                .min(whole),
+            None => whole,
+        };
+    }
+    Ok(n)
+}
+
+/// 3. Each chunk as a delta against the v1 chunks holding its blocks.
+fn block_bases(ix: &Index, need: &[&C], level: i32) -> Result<usize> {
+    let mut n = 0;
+    for c in need {
+        let whole = z(&c.data, level)?;
+        let base = ix.concat(&ix.by_blocks(c));
+        n += delta::encode(&base, &c.data, level)?.len().min(whole);
+    }
+    Ok(n)
+}
+
+/// 4. Groups of chunks against both kinds of bases (what seedcast sends).
+fn groups(ix: &Index, need: &[&C], group: usize, level: i32) -> Result<usize> {
+    let mut n = 0;
+    for g in need.chunks(group) {
+        let mut ids = Vec::new();
+        for c in g {
+            for j in ix.by_blocks(c).into_iter().chain(ix.similar(c)) {
+                if !ids.contains(&j) {
+                    ids.push(j);
+                }
+            }
+        }
+        ids.truncate(96);
+        let parts: Vec<&[u8]> = g.iter().map(|c| &c.data[..]).collect();
+        n += delta::encode_group(&ix.concat(&ids), &parts, level)?.len();
+    }
+    Ok(n)
+}
+
 fn main() -> Result<()> {
     let a = Args::parse();
     let cfg = ChunkerConfig {
@@ -84,49 +196,7 @@ fn main() -> Result<()> {
         c2.len(),
         need.len()
     );
-
-    let z = |d: &[u8], l: i32| zstd::bulk::compress(d, l).map(|v| v.len().min(d.len()));
-    let mut features: HashMap<u64, usize> = HashMap::new();
-    let mut block_ix: HashMap<[u8; 16], usize> = HashMap::new();
-    for (i, c) in c1.iter().enumerate() {
-        if let Some(s) = delta::sketch(&c.data) {
-            for f in s.0 {
-                features.entry(f).or_insert(i);
-            }
-        }
-        for b in blocks(c.off, &c.data) {
-            block_ix.entry(key(b)).or_insert(i);
-        }
-    }
-    let similar = |c: &C| -> Vec<usize> {
-        let mut v = Vec::new();
-        if let Some(s) = delta::sketch(&c.data) {
-            for f in s.0 {
-                if let Some(&j) = features.get(&f)
-                    && !v.contains(&j)
-                {
-                    v.push(j);
-                }
-            }
-        }
-        v
-    };
-    let by_blocks = |c: &C| -> Vec<usize> {
-        let mut v = Vec::new();
-        for b in blocks(c.off, &c.data) {
-            if let Some(&j) = block_ix.get(&key(b))
-                && !v.contains(&j)
-            {
-                v.push(j);
-            }
-        }
-        v
-    };
-    let concat = |ids: &[usize]| -> Vec<u8> {
-        ids.iter()
-            .flat_map(|&j| c1[j].data.iter().copied())
-            .collect()
-    };
+    let ix = Index::new(&c1);
 
     let t = Instant::now();
     let (mut w3, mut wl) = (0, 0);
@@ -139,52 +209,22 @@ fn main() -> Result<()> {
         a.level,
         t.elapsed()
     );
-
     let t = Instant::now();
-    let mut s2 = 0;
-    for c in &need {
-        let whole = z(&c.data, a.level)?;
-        s2 += match similar(c).first() {
-            Some(&j) => delta::encode(&c1[j].data, &c.data, a.level)?
-                .len()
-                .min(whole),
-            None => whole,
-        };
-    }
+    let n = most_similar(&ix, &need, a.level)?;
     println!(
-        "2. delta vs most similar chunk: {s2} B ({:.1?})",
+        "2. delta vs most similar chunk: {n} B ({:.1?})",
         t.elapsed()
     );
-
     let t = Instant::now();
-    let mut s3 = 0;
-    for c in &need {
-        let whole = z(&c.data, a.level)?;
-        let base = concat(&by_blocks(c));
-        s3 += delta::encode(&base, &c.data, a.level)?.len().min(whole);
-    }
+    let n = block_bases(&ix, &need, a.level)?;
     println!(
-        "3. delta vs chunks holding its blocks: {s3} B ({:.1?})",
+        "3. delta vs chunks holding its blocks: {n} B ({:.1?})",
         t.elapsed()
     );
-
     let t = Instant::now();
-    let mut s4 = 0;
-    for g in need.chunks(a.group) {
-        let mut ids = Vec::new();
-        for c in g {
-            for j in by_blocks(c).into_iter().chain(similar(c)) {
-                if !ids.contains(&j) {
-                    ids.push(j);
-                }
-            }
-        }
-        ids.truncate(96);
-        let parts: Vec<&[u8]> = g.iter().map(|c| &c.data[..]).collect();
-        s4 += delta::encode_group(&concat(&ids), &parts, a.level)?.len();
-    }
+    let n = groups(&ix, &need, a.group, a.level)?;
     println!(
-        "4. groups of {} with both kinds of bases (seedcast): {s4} B ({:.1?})",
+        "4. groups of {} with both kinds of bases (seedcast): {n} B ({:.1?})",
         a.group,
         t.elapsed()
     );

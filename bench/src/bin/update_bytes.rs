@@ -17,8 +17,7 @@ use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
 use seedcast::client::{Change, PushOptions};
 use seedcast::cluster::{LocalCluster, file_hash};
-use seedcast_agents::Adapter;
-use seedcast_core::protocol::PlacementState;
+use seedcast_core::protocol::{ImageStatus, PlacementState};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -79,11 +78,233 @@ struct Row {
     note: String,
 }
 
+/// What seedcast did: seeding v1, then the update to v2, at three sites.
+struct SeedcastRun {
+    seed: ImageStatus,
+    seed_secs: f64,
+    update: ImageStatus,
+    update_secs: f64,
+}
+
+/// Seed v1 (as `disk.raw`) to three agents, adapt it to v2, check every site holds v2.
+async fn run_seedcast(root: &Path, disk: &Path, v2: &Path) -> Result<SeedcastRun> {
+    let cluster =
+        LocalCluster::start(Some(root.to_path_buf()), &["site-a", "site-b", "site-c"]).await?;
+    let client = cluster.client().await?;
+    let all_published =
+        |s: &ImageStatus| s.sites.iter().all(|p| p.state == PlacementState::Published);
+    let t = Instant::now();
+    let c1 = client
+        .push(
+            &PushOptions::new("debian", vec![disk.to_path_buf()]),
+            |_| {},
+        )
+        .await?;
+    let seed = client.watch(&c1.global_id, 1, |_| {}).await?;
+    let seed_secs = t.elapsed().as_secs_f64();
+    ensure!(all_published(&seed), "seeding failed: {seed:?}");
+
+    let t = Instant::now();
+    let change = Change::Replace {
+        path: "disk.raw".into(),
+        file: v2.to_path_buf(),
+    };
+    let c2 = client.adapt(&c1.global_id, &[change], 3).await?;
+    let update = client.watch(&c1.global_id, c2.version, |_| {}).await?;
+    let update_secs = t.elapsed().as_secs_f64();
+    ensure!(all_published(&update), "update failed: {update:?}");
+    // Every site now holds v2 byte for byte.
+    let want = file_hash(v2)?;
+    for p in &update.sites {
+        let local = p
+            .local_id
+            .as_deref()
+            .context("published without a local id")?;
+        let rb = cluster
+            .agent(&p.site)
+            .adapter
+            .read_back(local, "disk.raw")
+            .await?;
+        ensure!(file_hash(rb.path())? == want, "{} does not hold v2", p.site);
+    }
+    client.close().await;
+    cluster.shutdown().await?;
+    Ok(SeedcastRun {
+        seed,
+        seed_secs,
+        update,
+        update_secs,
+    })
+}
+
+/// seedcast's rows: the update's bytes on the wire and its payload, per site.
+fn seedcast_rows(r: &SeedcastRun) -> Vec<Row> {
+    let per_site_wire = r
+        .update
+        .sites
+        .iter()
+        .map(|p| p.wire_bytes)
+        .max()
+        .unwrap_or(0);
+    let per_site_payload = r
+        .update
+        .sites
+        .iter()
+        .map(|p| p.bytes_sent)
+        .max()
+        .unwrap_or(0);
+    vec![
+        Row {
+            tool: "seedcast, on the wire per site".into(),
+            bytes: per_site_wire,
+            secs: r.update_secs,
+            note: "QUIC datagrams + UDP/IP headers, both directions: manifest, control, delta groups, acks".into(),
+        },
+        Row {
+            tool: "seedcast, chunk payload per site".into(),
+            bytes: per_site_payload,
+            secs: r.update_secs,
+            note: "delta groups and stored chunks only".into(),
+        },
+    ]
+}
+
+/// `zstd -19 --long=31 --patch-from=v1 v2`: one delta file.
+fn zstd_row(v1: &Path, v2: &Path, work: &Path) -> Result<Row> {
+    let t = Instant::now();
+    let out = work.join("v2.zst");
+    run(Command::new("zstd")
+        .args(["-q", "-f", "-19", "--long=31"])
+        .arg(format!("--patch-from={}", v1.display()))
+        .arg(v2)
+        .arg("-o")
+        .arg(&out))?;
+    Ok(Row {
+        tool: "zstd -19 --long=31 --patch-from".into(),
+        bytes: size(&out)?,
+        secs: t.elapsed().as_secs_f64(),
+        note: "one delta file".into(),
+    })
+}
+
+/// `xdelta3 -e -9 -s v1 v2`: one delta file.
+fn xdelta_row(v1: &Path, v2: &Path, work: &Path) -> Result<Row> {
+    let t = Instant::now();
+    let out = work.join("v2.xd3");
+    run(Command::new("xdelta3")
+        .args(["-e", "-9", "-f", "-s"])
+        .arg(v1)
+        .arg(v2)
+        .arg(&out))?;
+    Ok(Row {
+        tool: "xdelta3 -e -9".into(),
+        bytes: size(&out)?,
+        secs: t.elapsed().as_secs_f64(),
+        note: "one delta file".into(),
+    })
+}
+
+/// `casync make` of v2 into a store holding v1's chunks: new chunk files + the index.
+fn casync_row(v1: &Path, v2: &Path, work: &Path) -> Result<Row> {
+    let t = Instant::now();
+    let store = work.join("casync.castr");
+    let make = |index: &str, image: &Path| {
+        run(Command::new("casync")
+            .arg("make")
+            .arg(format!("--store={}", store.display()))
+            .arg(work.join(index))
+            .arg(image))
+    };
+    make("v1.caibx", v1)?;
+    let before = dir_bytes(&store)?;
+    make("v2.caibx", v2)?;
+    let new_chunks = dir_bytes(&store)? - before;
+    let index = size(&work.join("v2.caibx"))?;
+    Ok(Row {
+        tool: "casync make (new chunks + index)".into(),
+        bytes: new_chunks + index,
+        secs: t.elapsed().as_secs_f64(),
+        note: format!("{new_chunks} B of new compressed chunks, {index} B index"),
+    })
+}
+
+/// `rsync --no-whole-file --stats` of v2 onto a copy of v1: total bytes sent.
+fn rsync_row(v1: &Path, v2: &Path, work: &Path) -> Result<Row> {
+    let t = Instant::now();
+    let dest = work.join("rsync-dest");
+    std::fs::create_dir_all(&dest)?;
+    run(Command::new("cp")
+        .arg("--sparse=always")
+        .arg(v1)
+        .arg(dest.join("disk.raw")))?;
+    let stats = run(Command::new("rsync")
+        .args(["--no-whole-file", "--stats"])
+        .arg(v2)
+        .arg(dest.join("disk.raw")))?;
+    let grab = |key: &str| -> Option<u64> {
+        stats.lines().find(|l| l.starts_with(key)).and_then(|l| {
+            l[key.len()..]
+                .split_whitespace()
+                .next()
+                .map(|n| n.replace(',', ""))
+                .and_then(|n| n.parse().ok())
+        })
+    };
+    let sent = grab("Total bytes sent:").context("rsync stats: no total bytes sent")?;
+    let literal = grab("Literal data:").unwrap_or(0);
+    Ok(Row {
+        tool: "rsync --no-whole-file".into(),
+        bytes: sent,
+        secs: t.elapsed().as_secs_f64(),
+        note: format!("total bytes sent ({literal} B literal data)"),
+    })
+}
+
+/// The table, every row as a ratio to zstd's and casync's bytes.
+fn print_table(rows: &[Row]) {
+    let base = |prefix: &str| {
+        rows.iter()
+            .find(|r| r.tool.starts_with(prefix))
+            .map(|r| r.bytes)
+    };
+    let (zstd, casync) = (base("zstd"), base("casync"));
+    println!("| tool | bytes | × zstd --patch-from | × casync | seconds | what |");
+    println!("| --- | ---: | ---: | ---: | ---: | --- |");
+    let ratio = |b: u64, base: Option<u64>| {
+        base.map(|x| format!("{:.2}", b as f64 / x as f64))
+            .unwrap_or_else(|| "–".into())
+    };
+    for r in rows {
+        println!(
+            "| {} | {} | {} | {} | {:.1} | {} |",
+            r.tool,
+            r.bytes,
+            ratio(r.bytes, zstd),
+            ratio(r.bytes, casync),
+            r.secs,
+            r.note
+        );
+    }
+}
+
+fn write_json(path: &Path, r: &SeedcastRun, rows: &[Row]) -> Result<()> {
+    let (s1, s2) = (&r.seed, &r.update);
+    let v = serde_json::json!({
+        "seed": {"seconds": r.seed_secs, "bytes_uploaded": s1.bytes_uploaded, "payload_per_site": s1.sites[0].bytes_sent, "wire_per_site": s1.sites[0].wire_bytes},
+        "update": {"seconds": r.update_secs, "bytes_uploaded": s2.bytes_uploaded,
+            "sites": s2.sites.iter().map(|p| serde_json::json!({"site": p.site, "bytes_sent": p.bytes_sent, "wire_bytes": p.wire_bytes})).collect::<Vec<_>>()},
+        "rows": rows.iter().map(|r| serde_json::json!({"tool": r.tool, "bytes": r.bytes, "seconds": r.secs, "note": r.note})).collect::<Vec<_>>(),
+    });
+    std::fs::write(path, serde_json::to_string_pretty(&v)?)?;
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     let images = PathBuf::from(&args.images);
@@ -105,205 +326,33 @@ async fn main() -> Result<()> {
     let disk = work.join("disk.raw");
     std::os::unix::fs::symlink(&v1, &disk)?;
 
-    let cluster = LocalCluster::start(
-        Some(tmp.path().join("cluster")),
-        &["site-a", "site-b", "site-c"],
-    )
-    .await?;
-    let client = cluster.client().await?;
-    let t = Instant::now();
-    let c1 = client
-        .push(&PushOptions::new("debian", vec![disk.clone()]), |_| {})
-        .await?;
-    let s1 = client.watch(&c1.global_id, 1, |_| {}).await?;
-    let seed_secs = t.elapsed().as_secs_f64();
-    ensure!(
-        s1.sites
-            .iter()
-            .all(|p| p.state == PlacementState::Published),
-        "seeding failed: {s1:?}"
-    );
-
-    let t = Instant::now();
-    let c2 = client
-        .adapt(
-            &c1.global_id,
-            &[Change::Replace {
-                path: "disk.raw".into(),
-                file: v2.clone(),
-            }],
-            3,
-        )
-        .await?;
-    let s2 = client.watch(&c1.global_id, c2.version, |_| {}).await?;
-    let update_secs = t.elapsed().as_secs_f64();
-    ensure!(
-        s2.sites
-            .iter()
-            .all(|p| p.state == PlacementState::Published),
-        "update failed: {s2:?}"
-    );
-    // Every site now holds v2 byte for byte.
-    let want = file_hash(&v2)?;
-    for p in &s2.sites {
-        let rb = cluster
-            .agent(&p.site)
-            .adapter
-            .read_back(p.local_id.as_deref().unwrap(), "disk.raw")
-            .await?;
-        ensure!(file_hash(rb.path())? == want, "{} does not hold v2", p.site);
-    }
-    client.close().await;
-    cluster.shutdown().await?;
-
-    let per_site_wire = s2.sites.iter().map(|p| p.wire_bytes).max().unwrap_or(0);
-    let per_site_payload = s2.sites.iter().map(|p| p.bytes_sent).max().unwrap_or(0);
-    let mut rows = vec![
-        Row {
-            tool: "seedcast, on the wire per site".into(),
-            bytes: per_site_wire,
-            secs: update_secs,
-            note: "QUIC datagrams + UDP/IP headers, both directions: manifest, control, delta groups, acks".into(),
-        },
-        Row {
-            tool: "seedcast, chunk payload per site".into(),
-            bytes: per_site_payload,
-            secs: update_secs,
-            note: "delta groups and stored chunks only".into(),
-        },
-    ];
-
+    let r = run_seedcast(&tmp.path().join("cluster"), &disk, &v2).await?;
+    let mut rows = seedcast_rows(&r);
     if !args.no_baselines {
-        let t = Instant::now();
-        let out = work.join("v2.zst");
-        run(Command::new("zstd")
-            .args(["-q", "-f", "-19", "--long=31"])
-            .arg(format!("--patch-from={}", v1.display()))
-            .arg(&v2)
-            .arg("-o")
-            .arg(&out))?;
-        rows.push(Row {
-            tool: "zstd -19 --long=31 --patch-from".into(),
-            bytes: size(&out)?,
-            secs: t.elapsed().as_secs_f64(),
-            note: "one delta file".into(),
-        });
-
-        let t = Instant::now();
-        let out = work.join("v2.xd3");
-        run(Command::new("xdelta3")
-            .args(["-e", "-9", "-f", "-s"])
-            .arg(&v1)
-            .arg(&v2)
-            .arg(&out))?;
-        rows.push(Row {
-            tool: "xdelta3 -e -9".into(),
-            bytes: size(&out)?,
-            secs: t.elapsed().as_secs_f64(),
-            note: "one delta file".into(),
-        });
-
-        let t = Instant::now();
-        let store = work.join("casync.castr");
-        run(Command::new("casync")
-            .arg("make")
-            .arg(format!("--store={}", store.display()))
-            .arg(work.join("v1.caibx"))
-            .arg(&v1))?;
-        let before = dir_bytes(&store)?;
-        run(Command::new("casync")
-            .arg("make")
-            .arg(format!("--store={}", store.display()))
-            .arg(work.join("v2.caibx"))
-            .arg(&v2))?;
-        let new_chunks = dir_bytes(&store)? - before;
-        let index = size(&work.join("v2.caibx"))?;
-        rows.push(Row {
-            tool: "casync make (new chunks + index)".into(),
-            bytes: new_chunks + index,
-            secs: t.elapsed().as_secs_f64(),
-            note: format!("{new_chunks} B of new compressed chunks, {index} B index"),
-        });
-
-        let t = Instant::now();
-        let dest = work.join("rsync-dest");
-        std::fs::create_dir_all(&dest)?;
-        run(Command::new("cp")
-            .arg("--sparse=always")
-            .arg(&v1)
-            .arg(dest.join("disk.raw")))?;
-        let stats = run(Command::new("rsync")
-            .args(["--no-whole-file", "--stats"])
-            .arg(&v2)
-            .arg(dest.join("disk.raw")))?;
-        let grab = |key: &str| -> Option<u64> {
-            stats.lines().find(|l| l.starts_with(key)).and_then(|l| {
-                l[key.len()..]
-                    .split_whitespace()
-                    .next()
-                    .map(|n| n.replace(',', ""))
-                    .and_then(|n| n.parse().ok())
-            })
-        };
-        let sent = grab("Total bytes sent:").context("rsync stats: no total bytes sent")?;
-        let literal = grab("Literal data:").unwrap_or(0);
-        rows.push(Row {
-            tool: "rsync --no-whole-file".into(),
-            bytes: sent,
-            secs: t.elapsed().as_secs_f64(),
-            note: format!("total bytes sent ({literal} B literal data)"),
-        });
+        rows.push(zstd_row(&v1, &v2, &work)?);
+        rows.push(xdelta_row(&v1, &v2, &work)?);
+        rows.push(casync_row(&v1, &v2, &work)?);
+        rows.push(rsync_row(&v1, &v2, &work)?);
     }
-
-    let zstd = rows
-        .iter()
-        .find(|r| r.tool.starts_with("zstd"))
-        .map(|r| r.bytes);
-    let casync = rows
-        .iter()
-        .find(|r| r.tool.starts_with("casync"))
-        .map(|r| r.bytes);
     println!(
         "v1 → v2: {} → {} ({} / {} bytes of data)",
         v1.display(),
         v2.display(),
-        s1.data_len,
-        s2.data_len
+        r.seed.data_len,
+        r.update.data_len
     );
     println!(
         "seeding v1 to 3 sites: {:.1} s, {} B uploaded, {} B payload per site",
-        seed_secs, s1.bytes_uploaded, s1.sites[0].bytes_sent
+        r.seed_secs, r.seed.bytes_uploaded, r.seed.sites[0].bytes_sent
     );
     println!(
         "update upload (client → engine, whole new chunks): {} B",
-        s2.bytes_uploaded
+        r.update.bytes_uploaded
     );
     println!();
-    println!("| tool | bytes | × zstd --patch-from | × casync | seconds | what |");
-    println!("| --- | ---: | ---: | ---: | ---: | --- |");
-    let ratio = |b: u64, base: Option<u64>| {
-        base.map(|x| format!("{:.2}", b as f64 / x as f64))
-            .unwrap_or_else(|| "–".into())
-    };
-    for r in &rows {
-        println!(
-            "| {} | {} | {} | {} | {:.1} | {} |",
-            r.tool,
-            r.bytes,
-            ratio(r.bytes, zstd),
-            ratio(r.bytes, casync),
-            r.secs,
-            r.note
-        );
-    }
+    print_table(&rows);
     if let Some(p) = args.json {
-        let v = serde_json::json!({
-            "seed": {"seconds": seed_secs, "bytes_uploaded": s1.bytes_uploaded, "payload_per_site": s1.sites[0].bytes_sent, "wire_per_site": s1.sites[0].wire_bytes},
-            "update": {"seconds": update_secs, "bytes_uploaded": s2.bytes_uploaded,
-                "sites": s2.sites.iter().map(|p| serde_json::json!({"site": p.site, "bytes_sent": p.bytes_sent, "wire_bytes": p.wire_bytes})).collect::<Vec<_>>()},
-            "rows": rows.iter().map(|r| serde_json::json!({"tool": r.tool, "bytes": r.bytes, "seconds": r.secs, "note": r.note})).collect::<Vec<_>>(),
-        });
-        std::fs::write(p, serde_json::to_string_pretty(&v)?)?;
+        write_json(&p, &r, &rows)?;
     }
     Ok(())
 }

@@ -1,0 +1,140 @@
+//! Reaching the engine: enroll once (a CSR signed with the join token), then dial with the
+//! site certificate and stay connected, reconnecting with exponential backoff; stop only on
+//! errors retrying cannot fix (refused, revoked, misconfigured) or on shutdown.
+
+use std::future::Future;
+use std::time::Duration;
+
+use quinn::VarInt;
+use seedcast_core::protocol::{HelloReply, Role, close};
+use seedcast_net::dial::{dial, hello};
+use seedcast_net::pki::{PendingEnrollment, SiteCredentials, Token, fingerprint};
+use tracing::{info, warn};
+
+use crate::agent::Agent;
+use crate::error::AgentError;
+
+/// The first wait before reconnecting; it doubles up to `AgentConfig::reconnect_max`.
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+
+impl Agent {
+    /// Credentials from the data dir, or enroll with the join token and keep them.
+    pub async fn credentials(&self) -> Result<SiteCredentials, AgentError> {
+        let Some(c) = SiteCredentials::load(&self.cfg.data)? else {
+            let token = self.cfg.token.clone().ok_or_else(|| {
+                AgentError::Config(
+                    "this site is not enrolled yet: pass --token (the engine's join.token)".into(),
+                )
+            })?;
+            return self.enroll(&token).await;
+        };
+        if c.site != self.cfg.site {
+            return Err(AgentError::Config(format!(
+                "{} belongs to site {:?}, not {:?}",
+                self.cfg.data.display(),
+                c.site,
+                self.cfg.site
+            )));
+        }
+        if let Some(t) = &self.cfg.token
+            && t.ca_fingerprint != c.ca_fingerprint()
+        {
+            return Err(AgentError::Config(
+                "the token is for another engine than the one this site enrolled with".into(),
+            ));
+        }
+        Ok(c)
+    }
+
+    async fn enroll(&self, token: &Token) -> Result<SiteCredentials, AgentError> {
+        info!(site = %self.cfg.site, engine = %self.cfg.engine, "enrolling");
+        let pending = PendingEnrollment::new(&self.cfg.site)?;
+        let cc = seedcast_net::tls::client_config(token.ca_fingerprint, None, &self.cfg.transport)?;
+        let (ep, conn) = dial(&self.cfg.engine, cc, &self.cfg.transport).await?;
+        let role = Role::Enroll {
+            join_secret: token.secret.clone(),
+            site: self.cfg.site.clone(),
+            adapter: self.adapter.kind().to_string(),
+            csr_der: pending.csr_der.clone(),
+        };
+        let (_, _, reply) = hello(&conn, role).await?;
+        conn.close(VarInt::from_u32(close::DONE), b"enrolled");
+        ep.wait_idle().await;
+        match reply {
+            HelloReply::Enrolled { cert_der, ca_der } => {
+                if fingerprint(&ca_der) != token.ca_fingerprint {
+                    return Err(AgentError::Protocol(
+                        "enrolled with a CA other than the token's",
+                    ));
+                }
+                let creds = pending.complete(&self.cfg.site, cert_der, ca_der);
+                creds.save(&self.cfg.data)?;
+                info!(site = %self.cfg.site, "enrolled; credentials saved");
+                Ok(creds)
+            }
+            HelloReply::Refused { reason, message } => Err(AgentError::Refused { reason, message }),
+            HelloReply::Welcome { .. } => {
+                Err(AgentError::Protocol("expected Enrolled, got Welcome"))
+            }
+        }
+    }
+
+    /// Run until `shutdown` completes or a fatal error (refused, revoked, misconfigured).
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+        tokio::pin!(shutdown);
+        let creds = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            c = self.credentials() => c?,
+        };
+        let mut backoff = MIN_BACKOFF;
+        loop {
+            let mut welcomed = false;
+            let r = tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                r = self.connection(&creds, &mut welcomed) => r,
+            };
+            match r {
+                Ok(()) => info!("engine ended the session"),
+                Err(e) if e.is_fatal() => {
+                    warn!("stopping: {e}");
+                    return Err(e);
+                }
+                Err(e) => warn!("session lost: {e}; reconnecting"),
+            }
+            if welcomed {
+                backoff = MIN_BACKOFF;
+            }
+            tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(self.cfg.reconnect_max);
+        }
+    }
+
+    /// One connection with the site certificate, served until it ends.
+    async fn connection(
+        &self,
+        creds: &SiteCredentials,
+        welcomed: &mut bool,
+    ) -> Result<(), AgentError> {
+        let identity = Some((vec![creds.cert.clone()], creds.key()));
+        let cc = seedcast_net::tls::client_config(
+            creds.ca_fingerprint(),
+            identity,
+            &self.cfg.transport,
+        )?;
+        let (_ep, conn) = dial(&self.cfg.engine, cc, &self.cfg.transport).await?;
+        let r = self.serve(&conn, welcomed).await;
+        if let Err(AgentError::Framed(e)) = &r
+            && e.is_protocol_violation()
+        {
+            conn.close(VarInt::from_u32(close::PROTOCOL), e.to_string().as_bytes());
+        }
+        // Prefer the engine's stated reason (e.g. revoked) to a bare stream error.
+        match (r, conn.close_reason()) {
+            (Err(AgentError::Framed(_)), Some(reason)) => Err(reason.into()),
+            (r, _) => r,
+        }
+    }
+}

@@ -1,0 +1,374 @@
+//! One deployment: plan → `NeedFrom` → receive → assemble → publish → `Published` (or
+//! `Failed` with the reason).
+//!
+//! The plan ([`plan`]) decides what to ask for: chunks neither in the cache nor readable
+//! from an image the site holds (those found in one are read, checked and cached now), and
+//! which held version may serve as delta bases. The chunks then arrive on data streams
+//! ([`crate::receive`]); when all are here the files are rebuilt and checked
+//! ([`crate::assemble`]) and handed to the site's service through its adapter.
+
+use std::sync::Arc;
+
+use seedcast_core::protocol::{AgentMsg, HeldVersion};
+use seedcast_core::transfer::{Transfer, TransferError};
+use seedcast_core::{ChunkId, Manifest};
+use seedcast_net::write_msg;
+use tracing::{debug, info, warn};
+
+use crate::agent::Agent;
+use crate::assemble::assemble;
+use crate::cache::{AgentDb, HeldRecord};
+use crate::error::{AgentError, ReceiveError};
+use crate::receive::Active;
+use crate::seeds::SeedIndex;
+use crate::session::Control;
+
+/// What to ask the engine for.
+#[derive(Debug)]
+pub(crate) struct Plan {
+    pub transfer: Transfer,
+    /// Versions whose chunks (except `unavailable`) may serve as delta bases.
+    pub bases_from: Vec<HeldVersion>,
+    pub unavailable: Vec<ChunkId>,
+}
+
+impl Plan {
+    fn need_from(&self) -> AgentMsg {
+        AgentMsg::NeedFrom {
+            transfer: self.transfer.id(),
+            chunks: self.transfer.need().to_vec(),
+            bases_from: self.bases_from.clone(),
+            unavailable: self.unavailable.clone(),
+        }
+    }
+}
+
+/// The answer that asks for nothing (the image is here, or the deployment already failed):
+/// sent so the engine's side of the exchange stays in step.
+fn need_nothing(transfer: u64) -> AgentMsg {
+    AgentMsg::NeedFrom {
+        transfer,
+        chunks: vec![],
+        bases_from: vec![],
+        unavailable: vec![],
+    }
+}
+
+impl Agent {
+    /// Serve one `Deploy` and answer it.
+    pub(crate) async fn deploy(
+        &self,
+        ctl: &mut Control<'_>,
+        transfer: u64,
+        manifest: Manifest,
+    ) -> Result<(), AgentError> {
+        let (g, version) = (manifest.global_id, manifest.version);
+        info!(site = %self.cfg.site, global_id = %g, version, transfer, "deploy");
+        let result = self.receive_and_publish(ctl, transfer, manifest).await;
+        ctl.slot.take();
+        let reply = match result {
+            Ok((local_id, bytes_received)) => AgentMsg::Published {
+                transfer,
+                local_id,
+                bytes_received,
+            },
+            Err(e) if e.ends_session() => return Err(e),
+            Err(e) => {
+                warn!(global_id = %g, version, "deployment failed: {e}");
+                AgentMsg::Failed {
+                    transfer,
+                    error: e.to_string(),
+                }
+            }
+        };
+        write_msg(ctl.send, &reply).await?;
+        Ok(())
+    }
+
+    /// A manifest sent as a delta against one this site holds.
+    pub(crate) async fn rebuild_manifest(
+        &self,
+        base: HeldVersion,
+        delta: Vec<u8>,
+        id: [u8; 32],
+    ) -> Result<Manifest, AgentError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let m = db
+                .manifest(&base.global_id, base.version)?
+                .ok_or(AgentError::BaseNotHeld(base.global_id, base.version))?;
+            Ok(Manifest::from_delta(&m, &delta, &id)?)
+        })
+        .await?
+    }
+
+    /// Ask for what is missing, wait for it, assemble, publish. Returns the local id and the
+    /// payload bytes received.
+    async fn receive_and_publish(
+        &self,
+        ctl: &mut Control<'_>,
+        transfer_id: u64,
+        manifest: Manifest,
+    ) -> Result<(String, u64), AgentError> {
+        let manifest_id = manifest.id()?;
+        let held = self.db.held(&manifest.global_id)?;
+        // Already published here (a repeated deployment): nothing to move.
+        if let Some(h) = &held
+            && h.version == manifest.version
+            && h.manifest_id == manifest_id
+            && self.adapter.exists(&h.local_id).await.unwrap_or(false)
+        {
+            write_msg(ctl.send, &need_nothing(transfer_id)).await?;
+            return Ok((h.local_id.clone(), 0));
+        }
+        let transfer = self.receive(ctl, transfer_id, manifest).await?;
+        let bytes_received = transfer.bytes_received();
+        let manifest = transfer.into_manifest();
+        let local_id = self
+            .publish(transfer_id, manifest, manifest_id, held)
+            .await?;
+        Ok((local_id, bytes_received))
+    }
+
+    /// Plan, ask, and wait until every needed chunk is verified and cached.
+    async fn receive(
+        &self,
+        ctl: &mut Control<'_>,
+        transfer_id: u64,
+        manifest: Manifest,
+    ) -> Result<Transfer, AgentError> {
+        let seeds = Arc::new(SeedIndex::build(&self.db, self.adapter.as_ref()).await?);
+        let (db, sd) = (self.db.clone(), seeds.clone());
+        let planned =
+            tokio::task::spawn_blocking(move || plan(&db, &sd, transfer_id, manifest)).await?;
+        let plan = match planned {
+            Ok(p) => p,
+            Err(e) => {
+                write_msg(ctl.send, &need_nothing(transfer_id)).await?;
+                return Err(e);
+            }
+        };
+        debug!(
+            need = plan.transfer.need().len(),
+            "asking for missing chunks"
+        );
+        let ask = plan.need_from();
+        let complete = plan.transfer.is_complete();
+        let (active, done) = Active::new(plan.transfer, seeds);
+        ctl.slot.begin(active);
+        write_msg(ctl.send, &ask).await?;
+        if !complete {
+            tokio::select! {
+                r = done => r.unwrap_or(Err(ReceiveError::Abandoned))?,
+                e = ctl.conn.closed() => return Err(e.into()),
+            }
+        }
+        let active = ctl.slot.take().ok_or(ReceiveError::Abandoned)?;
+        Ok(active.transfer)
+    }
+
+    /// Assemble and verify every file, hand the image to the service, record it as held.
+    async fn publish(
+        &self,
+        transfer_id: u64,
+        manifest: Manifest,
+        manifest_id: [u8; 32],
+        held: Option<HeldRecord>,
+    ) -> Result<String, AgentError> {
+        let g = manifest.global_id;
+        let db = self.db.clone();
+        let staging = self
+            .adapter
+            .staging_root()
+            .join(format!("t{transfer_id}-{}", uuid::Uuid::new_v4().simple()));
+        let m2 = manifest.clone();
+        let image = tokio::task::spawn_blocking(move || {
+            db.flush_chunks()?;
+            Ok::<_, AgentError>(assemble(&db, &m2, staging)?)
+        })
+        .await??;
+        let local_id = match &held {
+            Some(h) => self.adapter.update(&h.local_id, image).await?,
+            None => self.adapter.publish(image).await?,
+        };
+        let rec = HeldRecord {
+            version: manifest.version,
+            manifest_id,
+            local_id: local_id.clone(),
+            adapter: self.adapter.kind().to_string(),
+        };
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.put_held(&g, &rec, &manifest)).await??;
+        info!(global_id = %g, %local_id, "published");
+        Ok(local_id)
+    }
+}
+
+/// Decide what to ask for: chunks neither cached nor readable from a held image (those found
+/// in one are read, checked and cached now), and which held version can serve as delta
+/// bases. Blocking.
+pub(crate) fn plan(
+    db: &AgentDb,
+    seeds: &SeedIndex,
+    transfer_id: u64,
+    manifest: Manifest,
+) -> Result<Plan, AgentError> {
+    let g = manifest.global_id;
+    let mut err = None;
+    let mut seeded = Vec::new();
+    let t = Transfer::new(transfer_id, manifest, |id| match db.has_chunk(id) {
+        Ok(true) => true,
+        Ok(false) => match seeds.read(id) {
+            Some(v) => {
+                seeded.push(v);
+                true
+            }
+            None => false,
+        },
+        Err(e) => {
+            err.get_or_insert(e);
+            false
+        }
+    });
+    if let Some(e) = err {
+        return Err(e.into());
+    }
+    let transfer = t.map_err(|e| match e {
+        TransferError::Manifest(m) => AgentError::Manifest(m),
+        e => ReceiveError::from(e).into(),
+    })?;
+    if !seeded.is_empty() {
+        debug!(chunks = seeded.len(), "reused from images held here");
+        db.put_chunks(&seeded)?;
+    }
+    let mut bases_from = Vec::new();
+    let mut unavailable = Vec::new();
+    if let Some(version) = seeds.held_version(&g)
+        && let Some(m) = db.manifest(&g, version)?
+    {
+        bases_from.push(HeldVersion {
+            global_id: g,
+            version,
+        });
+        // A base must be readable when the engine names it: cache what the seeds hold
+        // (checked), and report the rest (lost, or changed outside seedcast) unavailable.
+        let mut from_seeds = Vec::new();
+        for id in m.chunks().keys() {
+            if db.has_chunk(id)? {
+                continue;
+            }
+            match seeds.read(id) {
+                Some(v) => from_seeds.push(v),
+                None => unavailable.push(*id),
+            }
+        }
+        db.put_chunks(&from_seeds)?;
+    }
+    Ok(Plan {
+        transfer,
+        bases_from,
+        unavailable,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapter::Adapter;
+    use crate::adapters::dir::DirAdapter;
+    use crate::cache::HeldRecord;
+    use seedcast_core::chunker::chunk_all;
+    use seedcast_core::manifest::{FileEntry, MANIFEST_FORMAT, RecipeBuilder};
+    use seedcast_core::{ChunkerConfig, GlobalId, VerifiedChunk};
+
+    fn manifest(version: u32, data: &[u8]) -> (Manifest, Vec<VerifiedChunk>) {
+        let mut rb = RecipeBuilder::new();
+        let mut chunks = Vec::new();
+        for p in chunk_all(data, ChunkerConfig::default()).unwrap() {
+            if let Some((_, b)) = rb.push(p) {
+                chunks.push(VerifiedChunk::from_raw(b));
+            }
+        }
+        let m = Manifest {
+            format: MANIFEST_FORMAT,
+            global_id: GlobalId([5; 12]),
+            version,
+            parent: None,
+            name: "img".into(),
+            chunking: ChunkerConfig::default(),
+            files: vec![FileEntry {
+                path: "disk.raw".into(),
+                mode: 0o644,
+                recipe: rb.finish(),
+            }],
+        };
+        (m, chunks)
+    }
+
+    #[tokio::test]
+    async fn the_plan_asks_only_for_what_neither_cache_nor_seeds_hold() {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = AgentDb::open(&tmp.path().join("db")).unwrap();
+        let dir = DirAdapter::new(tmp.path().join("pool")).unwrap();
+        let mut v1 = vec![0u8; 2 << 20];
+        blake3::Hasher::new()
+            .update(b"plan")
+            .finalize_xof()
+            .fill(&mut v1);
+        let (m1, c1) = manifest(1, &v1);
+        // Version 1 is published here; then the cache loses all but its first two chunks.
+        db.put_chunks(&c1).unwrap();
+        let img = crate::assemble::assemble(&db, &m1, dir.staging_root().join("t")).unwrap();
+        let local_id = dir.publish(img).await.unwrap();
+        let rec = HeldRecord {
+            version: 1,
+            manifest_id: m1.id().unwrap(),
+            local_id: local_id.clone(),
+            adapter: "dir".into(),
+        };
+        db.put_held(&m1.global_id, &rec, &m1).unwrap();
+        db.clear_chunks().unwrap();
+        db.put_chunks(&c1[..2]).unwrap();
+        // The published copy of the third chunk was changed outside seedcast.
+        let (at, third, _) = m1.files[0].recipe.chunks_at().nth(2).unwrap();
+        use std::os::unix::fs::FileExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.image_dir(&local_id).join("disk.raw"))
+            .unwrap()
+            .write_all_at(b"tampered", at + 5)
+            .unwrap();
+
+        let mut v2 = v1.clone();
+        v2[1_000_000..1_000_100].fill(7);
+        let (m2, c2) = manifest(2, &v2);
+        let seeds = SeedIndex::build(&db, &dir).await.unwrap();
+        let plan = plan(&db, &seeds, 9, m2).unwrap();
+        let v1_ids: std::collections::HashSet<ChunkId> = c1.iter().map(|c| c.id()).collect();
+        // Asked for: v2's new chunks and the damaged one; the rest came from the seed.
+        let mut seen = std::collections::HashSet::new();
+        let want: Vec<ChunkId> = c2
+            .iter()
+            .map(|c| c.id())
+            .filter(|id| (!v1_ids.contains(id) || *id == third) && seen.insert(*id))
+            .collect();
+        assert_eq!(plan.transfer.need(), &want[..]);
+        assert!(
+            want.contains(&third) && want.len() < c2.len() / 4,
+            "{}",
+            want.len()
+        );
+        // Bases may come from version 1, all of it now cached except the damaged chunk.
+        assert_eq!(
+            plan.bases_from,
+            [HeldVersion {
+                global_id: GlobalId([5; 12]),
+                version: 1
+            }]
+        );
+        assert_eq!(plan.unavailable, [third]);
+        for id in v1_ids.iter().filter(|id| **id != third) {
+            assert!(db.has_chunk(id).unwrap(), "{id:?} cached from the seed");
+        }
+    }
+}

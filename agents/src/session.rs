@@ -1,0 +1,98 @@
+//! One connection to the engine: say hello as the site, report what it holds, then serve
+//! the engine's deployments one at a time while the data streams are accepted alongside.
+
+use quinn::{Connection, RecvStream, SendStream};
+use seedcast_core::ChunkerConfig;
+use seedcast_core::protocol::{AgentMsg, EngineMsg, HelloReply, Role};
+use seedcast_net::dial::hello;
+use seedcast_net::{read_msg, write_msg};
+use tracing::{info, warn};
+
+use crate::agent::Agent;
+use crate::error::AgentError;
+use crate::receive::{Slot, accept_data_streams};
+
+/// The control stream and the transfer slot, as a deployment uses them.
+pub(crate) struct Control<'a> {
+    pub conn: &'a Connection,
+    pub send: &'a mut SendStream,
+    pub slot: &'a Slot,
+}
+
+impl Agent {
+    /// Serve one connection until it ends. `welcomed` is set once the engine accepted it.
+    pub(crate) async fn serve(
+        &self,
+        conn: &Connection,
+        welcomed: &mut bool,
+    ) -> Result<(), AgentError> {
+        let role = Role::Agent {
+            site: self.cfg.site.clone(),
+            adapter: self.adapter.kind().to_string(),
+        };
+        let (mut send, mut recv, reply) = hello(conn, role).await?;
+        let chunking = self.welcomed(reply)?;
+        *welcomed = true;
+        let db = self.db.clone();
+        let inventory = tokio::task::spawn_blocking(move || db.inventory()).await??;
+        write_msg(&mut send, &AgentMsg::Inventory { images: inventory }).await?;
+
+        let slot = Slot::default();
+        let streams =
+            accept_data_streams(conn.clone(), slot.clone(), self.db.clone(), chunking.max);
+        let mut ctl = Control {
+            conn,
+            send: &mut send,
+            slot: &slot,
+        };
+        tokio::select! {
+            r = self.control(&mut ctl, &mut recv) => r,
+            r = streams => r,
+        }
+    }
+
+    /// The chunking the engine expects, from its welcome; or why it did not welcome us.
+    fn welcomed(&self, reply: HelloReply) -> Result<ChunkerConfig, AgentError> {
+        match reply {
+            HelloReply::Welcome {
+                engine_id,
+                chunking,
+                ..
+            } => {
+                info!(site = %self.cfg.site, engine = %engine_id, "connected");
+                Ok(chunking)
+            }
+            HelloReply::Refused { reason, message } => Err(AgentError::Refused { reason, message }),
+            HelloReply::Enrolled { .. } => Err(AgentError::Protocol("unexpected Enrolled")),
+        }
+    }
+
+    /// The engine's messages, one deployment at a time, until it finishes the stream.
+    async fn control(
+        &self,
+        ctl: &mut Control<'_>,
+        recv: &mut RecvStream,
+    ) -> Result<(), AgentError> {
+        loop {
+            match read_msg::<EngineMsg>(recv).await? {
+                None => return Ok(()),
+                Some(EngineMsg::Deploy { transfer, manifest }) => {
+                    self.deploy(ctl, transfer, manifest).await?;
+                }
+                Some(EngineMsg::DeployDelta {
+                    transfer,
+                    base,
+                    manifest_id,
+                    delta,
+                }) => match self.rebuild_manifest(base, delta, manifest_id).await {
+                    Ok(manifest) => self.deploy(ctl, transfer, manifest).await?,
+                    Err(e) => {
+                        warn!(transfer, "{e}");
+                        let error = e.to_string();
+                        write_msg(ctl.send, &AgentMsg::Failed { transfer, error }).await?;
+                    }
+                },
+            }
+        }
+    }
+}
