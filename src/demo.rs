@@ -237,7 +237,19 @@ async fn adapt(
         human_bytes(adapted.total_len),
         human_bytes(adapted.data_len)
     )?;
-    // The same change made locally.
+    let expected = made_locally(files, &work, &meta, &patch_bytes, offset)?;
+    Ok((adapted, expected))
+}
+
+/// The files with the same change made locally: `patch` written into disk.raw at `offset`,
+/// metadata.json replaced by `meta`; their names and hashes.
+fn made_locally(
+    files: &[PathBuf],
+    work: &Path,
+    meta: &Path,
+    patch: &[u8],
+    offset: u64,
+) -> Result<Vec<(String, blake3::Hash)>, DemoError> {
     let mut expected = Vec::new();
     for src in files {
         let name = src
@@ -246,22 +258,22 @@ async fn adapt(
             .to_string_lossy()
             .into_owned();
         let src = if name == "metadata.json" {
-            meta.clone()
+            meta
         } else {
-            src.clone()
+            src.as_path()
         };
         let dst = work.join(format!("expected-{name}"));
-        std::fs::copy(&src, &dst)?;
+        std::fs::copy(src, &dst)?;
         if name == "disk.raw" {
             use std::os::unix::fs::FileExt;
             std::fs::OpenOptions::new()
                 .write(true)
                 .open(&dst)?
-                .write_all_at(&patch_bytes, offset)?;
+                .write_all_at(patch, offset)?;
         }
         expected.push((name, file_hash(&dst)?));
     }
-    Ok((adapted, expected))
+    Ok(expected)
 }
 
 /// Run the demo, narrating to `out`.

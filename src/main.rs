@@ -40,6 +40,34 @@ struct Conn {
     token: String,
 }
 
+/// What to print after a command that makes a version.
+#[derive(Args, Debug)]
+struct Finish {
+    /// Return only once every target site has published (or failed).
+    #[arg(long)]
+    wait: bool,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct EngineArgs {
+    /// Data directory: catalog, chunk packs, CA, join.token and admin.token.
+    #[arg(long)]
+    data: PathBuf,
+    /// UDP address to listen on.
+    #[arg(long, default_value = "0.0.0.0:7447")]
+    listen: SocketAddr,
+    /// zstd level of the delta groups sent to sites that hold an earlier version
+    /// (1-22; higher: fewer bytes, more CPU, spent once for all sites).
+    #[arg(long, default_value_t = 19, value_parser = clap::value_parser!(i32).range(1..=22))]
+    delta_level: i32,
+    /// Parallel data streams per transfer to one site.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    streams: u32,
+}
+
 /// A site's agent: flags, a site config file, or both (flags win).
 #[derive(Args, Debug)]
 struct AgentArgs {
@@ -91,121 +119,146 @@ impl AgentArgs {
     }
 }
 
+#[derive(Args, Debug)]
+struct PushArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// A name for people (the global id is what identifies the image).
+    #[arg(long)]
+    name: String,
+    /// The image's files (disk images, kernel, initrd, metadata …), known by base name.
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+    /// Target sites, comma-separated (default: every site the engine knows).
+    #[arg(long, value_delimiter = ',')]
+    sites: Option<Vec<String>>,
+    #[command(flatten)]
+    finish: Finish,
+}
+
+#[derive(Args, Debug)]
+struct AdaptArgs {
+    #[command(flatten)]
+    conn: Conn,
+    global_id: String,
+    /// A new version of a file of the image: PATH=NEWFILE.
+    #[arg(long = "file", value_name = "PATH=NEWFILE")]
+    files: Vec<String>,
+    /// Bytes of DATAFILE written at OFFSET of file PATH: PATH@OFFSET=DATAFILE.
+    #[arg(long = "write", value_name = "PATH@OFFSET=DATAFILE")]
+    writes: Vec<String>,
+    /// A file added to the image: PATH=FILE.
+    #[arg(long = "add", value_name = "PATH=FILE")]
+    adds: Vec<String>,
+    /// A file removed from the image.
+    #[arg(long = "remove", value_name = "PATH")]
+    removes: Vec<String>,
+    #[command(flatten)]
+    finish: Finish,
+}
+
+impl AdaptArgs {
+    /// The changes, in the order they apply: removes, files, adds, writes.
+    fn changes(&self) -> Result<Vec<Change>> {
+        let mut out: Vec<Change> = self
+            .removes
+            .iter()
+            .map(|r| Change::Remove { path: r.clone() })
+            .collect();
+        for f in &self.files {
+            out.push(Change::parse_file(f)?);
+        }
+        for a in &self.adds {
+            out.push(Change::parse_add(a)?);
+        }
+        for w in &self.writes {
+            out.push(Change::parse_write(w)?);
+        }
+        Ok(out)
+    }
+}
+
+#[derive(Args, Debug)]
+struct ImageArgs {
+    #[command(flatten)]
+    conn: Conn,
+    global_id: String,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct RollbackArgs {
+    #[command(flatten)]
+    conn: Conn,
+    global_id: String,
+    /// The version to go back to.
+    #[arg(long)]
+    to: u32,
+    #[command(flatten)]
+    finish: Finish,
+}
+
+#[derive(Args, Debug)]
+struct StatusArgs {
+    #[command(flatten)]
+    conn: Conn,
+    global_id: Option<String>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct SitesArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct RevokeArgs {
+    #[command(flatten)]
+    conn: Conn,
+    site: String,
+}
+
+#[derive(Args, Debug)]
+struct DemoArgs {
+    /// Keep the demo's files here instead of a temporary directory.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Size of the generated disk image in MiB.
+    #[arg(long, default_value_t = 256)]
+    disk_mib: u64,
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run the engine (the management node).
-    Engine {
-        /// Data directory: catalog, chunk packs, CA, join.token and admin.token.
-        #[arg(long)]
-        data: PathBuf,
-        /// UDP address to listen on.
-        #[arg(long, default_value = "0.0.0.0:7447")]
-        listen: SocketAddr,
-        /// zstd level of the delta groups sent to sites that hold an earlier version
-        /// (1-22; higher: fewer bytes, more CPU, spent once for all sites).
-        #[arg(long, default_value_t = 19, value_parser = clap::value_parser!(i32).range(1..=22))]
-        delta_level: i32,
-        /// Parallel data streams per transfer to one site.
-        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
-        streams: u32,
-    },
+    Engine(EngineArgs),
     /// Run a site's agent (settings from --config FILE, each overridden by its flag).
     Agent(AgentArgs),
     /// Register an image (a set of files) and distribute it; prints its global id.
-    Push {
-        #[command(flatten)]
-        conn: Conn,
-        /// A name for people (the global id is what identifies the image).
-        #[arg(long)]
-        name: String,
-        /// The image's files (disk images, kernel, initrd, metadata …), known by base name.
-        #[arg(required = true)]
-        files: Vec<PathBuf>,
-        /// Target sites, comma-separated (default: every site the engine knows).
-        #[arg(long, value_delimiter = ',')]
-        sites: Option<Vec<String>>,
-        /// Return only once every target site has published (or failed).
-        #[arg(long)]
-        wait: bool,
-        /// Print one JSON object.
-        #[arg(long)]
-        json: bool,
-    },
+    Push(PushArgs),
     /// Send an adaptation block: the next version of an image, made by these changes (applied
     /// as --remove, --file, --add, then --write in the order given), delivered to every site.
-    Adapt {
-        #[command(flatten)]
-        conn: Conn,
-        global_id: String,
-        /// A new version of a file of the image: PATH=NEWFILE.
-        #[arg(long = "file", value_name = "PATH=NEWFILE")]
-        files: Vec<String>,
-        /// Bytes of DATAFILE written at OFFSET of file PATH: PATH@OFFSET=DATAFILE.
-        #[arg(long = "write", value_name = "PATH@OFFSET=DATAFILE")]
-        writes: Vec<String>,
-        /// A file added to the image: PATH=FILE.
-        #[arg(long = "add", value_name = "PATH=FILE")]
-        adds: Vec<String>,
-        /// A file removed from the image.
-        #[arg(long = "remove", value_name = "PATH")]
-        removes: Vec<String>,
-        /// Return only once every target site has the new version (or failed).
-        #[arg(long)]
-        wait: bool,
-        #[arg(long)]
-        json: bool,
-    },
+    Adapt(AdaptArgs),
     /// List an image's versions with their sizes and what each block changed.
-    History {
-        #[command(flatten)]
-        conn: Conn,
-        global_id: String,
-        #[arg(long)]
-        json: bool,
-    },
+    History(ImageArgs),
     /// Make every site serve an earlier version again (as a new version).
-    Rollback {
-        #[command(flatten)]
-        conn: Conn,
-        global_id: String,
-        /// The version to go back to.
-        #[arg(long)]
-        to: u32,
-        #[arg(long)]
-        wait: bool,
-        #[arg(long)]
-        json: bool,
-    },
+    Rollback(RollbackArgs),
     /// Show an image across its sites, or every image.
-    Status {
-        #[command(flatten)]
-        conn: Conn,
-        global_id: Option<String>,
-        #[arg(long)]
-        json: bool,
-    },
+    Status(StatusArgs),
     /// List the sites the engine knows.
-    Sites {
-        #[command(flatten)]
-        conn: Conn,
-        #[arg(long)]
-        json: bool,
-    },
+    Sites(SitesArgs),
     /// Revoke a site's certificate: its agent is disconnected and refused from then on.
-    Revoke {
-        #[command(flatten)]
-        conn: Conn,
-        site: String,
-    },
+    Revoke(RevokeArgs),
     /// Run an engine and three agents on loopback, push a generated image, check every copy.
-    Demo {
-        /// Keep the demo's files here instead of a temporary directory.
-        #[arg(long)]
-        dir: Option<PathBuf>,
-        /// Size of the generated disk image in MiB.
-        #[arg(long, default_value_t = 256)]
-        disk_mib: u64,
-    },
+    Demo(DemoArgs),
 }
 
 /// Logs go to stderr, with colour only when stderr is a terminal (a file or a pipe gets
@@ -254,12 +307,8 @@ fn progress_bar(msg: &'static str) -> ProgressBar {
 }
 
 /// After a push, adapt or rollback: optionally wait for every site, print the result.
-async fn finish(
-    client: Client,
-    committed: ImageStatus,
-    wait: bool,
-    json: bool,
-) -> Result<ExitCode> {
+async fn finish(client: Client, committed: ImageStatus, f: &Finish) -> Result<ExitCode> {
+    let (wait, json) = (f.wait, f.json);
     let status = if wait {
         let bar = progress_bar("sending");
         let s = client
@@ -297,50 +346,38 @@ async fn finish(
     Ok(ExitCode::SUCCESS)
 }
 
-async fn cmd_engine(
-    data: PathBuf,
-    listen: SocketAddr,
-    delta_level: i32,
-    streams: u32,
-) -> Result<()> {
-    let mut cfg = seedcast_engine::EngineConfig::new(&data);
-    cfg.delta_level = delta_level;
-    cfg.streams_per_transfer = streams as usize;
+async fn cmd_engine(a: EngineArgs) -> Result<ExitCode> {
+    let mut cfg = seedcast_engine::EngineConfig::new(&a.data);
+    cfg.delta_level = a.delta_level;
+    cfg.streams_per_transfer = a.streams as usize;
     let engine = seedcast_engine::Engine::open(cfg)
-        .with_context(|| format!("opening the engine's data directory {}", data.display()))?;
+        .with_context(|| format!("opening the engine's data directory {}", a.data.display()))?;
     let ep = engine
-        .bind(listen)
-        .with_context(|| format!("listening on {listen}"))?;
+        .bind(a.listen)
+        .with_context(|| format!("listening on {}", a.listen))?;
     eprintln!(
         "seedcast engine {} listening on {}\n  agents enroll with: {}\n  clients use:        {}",
         engine.id(),
         ep.local_addr()?,
-        data.join("join.token").display(),
-        data.join("admin.token").display()
+        a.data.join("join.token").display(),
+        a.data.join("admin.token").display()
     );
     engine.run(ep, shutdown_signal()).await?;
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
-async fn cmd_agent(args: AgentArgs) -> Result<()> {
+async fn cmd_agent(args: AgentArgs) -> Result<ExitCode> {
     let (cfg, adapter) = args.site_config()?.resolve()?;
     let adapter = adapter.build()?;
     let agent = seedcast_agents::Agent::open(cfg, adapter)?;
     agent.run(shutdown_signal()).await?;
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
-async fn cmd_push(
-    conn: Conn,
-    name: String,
-    files: Vec<PathBuf>,
-    sites: Option<Vec<String>>,
-    wait: bool,
-    json: bool,
-) -> Result<ExitCode> {
-    let client = connect(&conn).await?;
-    let mut opts = PushOptions::new(name, files);
-    opts.sites = sites;
+async fn cmd_push(a: PushArgs) -> Result<ExitCode> {
+    let client = connect(&a.conn).await?;
+    let mut opts = PushOptions::new(a.name, a.files);
+    opts.sites = a.sites;
     let bar = progress_bar("chunking");
     let committed = client
         .push(&opts, |p| {
@@ -349,38 +386,43 @@ async fn cmd_push(
         })
         .await?;
     bar.finish_and_clear();
-    finish(client, committed, wait, json).await
+    finish(client, committed, &a.finish).await
 }
 
-/// The changes of `seedcast adapt`, in the order they apply.
-fn changes(
-    files: &[String],
-    writes: &[String],
-    adds: &[String],
-    removes: &[String],
-) -> Result<Vec<Change>> {
-    let mut out: Vec<Change> = removes
-        .iter()
-        .map(|r| Change::Remove { path: r.clone() })
-        .collect();
-    for f in files {
-        out.push(Change::parse_file(f)?);
-    }
-    for a in adds {
-        out.push(Change::parse_add(a)?);
-    }
-    for w in writes {
-        out.push(Change::parse_write(w)?);
-    }
-    Ok(out)
+async fn cmd_adapt(a: AdaptArgs) -> Result<ExitCode> {
+    let g: GlobalId = a.global_id.parse()?;
+    let changes = a.changes()?;
+    let client = connect(&a.conn).await?;
+    let committed = client.adapt(&g, &changes, 3).await?;
+    finish(client, committed, &a.finish).await
 }
 
-async fn cmd_status(conn: Conn, global_id: Option<String>, json: bool) -> Result<()> {
-    let client = connect(&conn).await?;
-    match global_id {
+async fn cmd_history(a: ImageArgs) -> Result<ExitCode> {
+    let g: GlobalId = a.global_id.parse()?;
+    let client = connect(&a.conn).await?;
+    let v = client.history(&g).await?;
+    client.close().await;
+    if a.json {
+        print_json(&output::history_json(&g, &v));
+    } else {
+        print!("{}", output::history_table(&v));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn cmd_rollback(a: RollbackArgs) -> Result<ExitCode> {
+    let g: GlobalId = a.global_id.parse()?;
+    let client = connect(&a.conn).await?;
+    let committed = client.rollback(&g, a.to).await?;
+    finish(client, committed, &a.finish).await
+}
+
+async fn cmd_status(a: StatusArgs) -> Result<ExitCode> {
+    let client = connect(&a.conn).await?;
+    match a.global_id {
         Some(g) => {
             let s = client.status(&g.parse()?).await?;
-            if json {
+            if a.json {
                 print_json(&output::image_json(&s));
             } else {
                 print!("{}", output::image_table(&s));
@@ -388,7 +430,7 @@ async fn cmd_status(conn: Conn, global_id: Option<String>, json: bool) -> Result
         }
         None => {
             let v = client.images().await?;
-            if json {
+            if a.json {
                 print_json(&output::images_json(&v));
             } else if v.is_empty() {
                 println!("no images");
@@ -400,125 +442,65 @@ async fn cmd_status(conn: Conn, global_id: Option<String>, json: bool) -> Result
         }
     }
     client.close().await;
-    Ok(())
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn cmd_sites(a: SitesArgs) -> Result<ExitCode> {
+    let client = connect(&a.conn).await?;
+    let v = client.sites().await?;
+    client.close().await;
+    if a.json {
+        print_json(&output::sites_json(&v));
+    } else {
+        print!("{}", output::sites_table(&v));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn cmd_revoke(a: RevokeArgs) -> Result<ExitCode> {
+    let client = connect(&a.conn).await?;
+    client.revoke(&a.site).await?;
+    client.close().await;
+    println!("revoked {}", a.site);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn cmd_demo(a: DemoArgs) -> Result<ExitCode> {
+    if a.disk_mib == 0 {
+        bail!("--disk-mib must be at least 1");
+    }
+    let opts = seedcast::demo::DemoOptions {
+        dir: a.dir,
+        disk_mib: a.disk_mib,
+        ..Default::default()
+    };
+    let report = seedcast::demo::run(opts, &mut std::io::stdout()).await?;
+    Ok(if report.identical {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
-    let log = cli.log.as_deref();
+    // Servers log what they do; commands only what went wrong.
+    let default_log = match cli.cmd {
+        Cmd::Engine(_) | Cmd::Agent(_) => "info",
+        _ => "warn",
+    };
+    init_logs(cli.log.as_deref(), default_log);
     match cli.cmd {
-        Cmd::Engine {
-            data,
-            listen,
-            delta_level,
-            streams,
-        } => {
-            init_logs(log, "info");
-            cmd_engine(data, listen, delta_level, streams).await?;
-        }
-        Cmd::Agent(args) => {
-            init_logs(log, "info");
-            cmd_agent(args).await?;
-        }
-        Cmd::Push {
-            conn,
-            name,
-            files,
-            sites,
-            wait,
-            json,
-        } => {
-            init_logs(log, "warn");
-            return cmd_push(conn, name, files, sites, wait, json).await;
-        }
-        Cmd::Adapt {
-            conn,
-            global_id,
-            files,
-            writes,
-            adds,
-            removes,
-            wait,
-            json,
-        } => {
-            init_logs(log, "warn");
-            let g: GlobalId = global_id.parse()?;
-            let changes = changes(&files, &writes, &adds, &removes)?;
-            let client = connect(&conn).await?;
-            let committed = client.adapt(&g, &changes, 3).await?;
-            return finish(client, committed, wait, json).await;
-        }
-        Cmd::History {
-            conn,
-            global_id,
-            json,
-        } => {
-            init_logs(log, "warn");
-            let g: GlobalId = global_id.parse()?;
-            let client = connect(&conn).await?;
-            let v = client.history(&g).await?;
-            client.close().await;
-            if json {
-                print_json(&output::history_json(&g, &v));
-            } else {
-                print!("{}", output::history_table(&v));
-            }
-        }
-        Cmd::Rollback {
-            conn,
-            global_id,
-            to,
-            wait,
-            json,
-        } => {
-            init_logs(log, "warn");
-            let g: GlobalId = global_id.parse()?;
-            let client = connect(&conn).await?;
-            let committed = client.rollback(&g, to).await?;
-            return finish(client, committed, wait, json).await;
-        }
-        Cmd::Status {
-            conn,
-            global_id,
-            json,
-        } => {
-            init_logs(log, "warn");
-            cmd_status(conn, global_id, json).await?;
-        }
-        Cmd::Sites { conn, json } => {
-            init_logs(log, "warn");
-            let client = connect(&conn).await?;
-            let v = client.sites().await?;
-            client.close().await;
-            if json {
-                print_json(&output::sites_json(&v));
-            } else {
-                print!("{}", output::sites_table(&v));
-            }
-        }
-        Cmd::Revoke { conn, site } => {
-            init_logs(log, "warn");
-            let client = connect(&conn).await?;
-            client.revoke(&site).await?;
-            client.close().await;
-            println!("revoked {site}");
-        }
-        Cmd::Demo { dir, disk_mib } => {
-            init_logs(log, "warn");
-            if disk_mib == 0 {
-                bail!("--disk-mib must be at least 1");
-            }
-            let opts = seedcast::demo::DemoOptions {
-                dir,
-                disk_mib,
-                ..Default::default()
-            };
-            let report = seedcast::demo::run(opts, &mut std::io::stdout()).await?;
-            if !report.identical {
-                return Ok(ExitCode::FAILURE);
-            }
-        }
+        Cmd::Engine(a) => cmd_engine(a).await,
+        Cmd::Agent(a) => cmd_agent(a).await,
+        Cmd::Push(a) => cmd_push(a).await,
+        Cmd::Adapt(a) => cmd_adapt(a).await,
+        Cmd::History(a) => cmd_history(a).await,
+        Cmd::Rollback(a) => cmd_rollback(a).await,
+        Cmd::Status(a) => cmd_status(a).await,
+        Cmd::Sites(a) => cmd_sites(a).await,
+        Cmd::Revoke(a) => cmd_revoke(a).await,
+        Cmd::Demo(a) => cmd_demo(a).await,
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 #[tokio::main]

@@ -84,6 +84,38 @@ impl<E: std::error::Error + 'static, F: FnMut(&ChunkId) -> Result<Bytes, E>> Rea
         Ok(b)
     }
 
+    /// Append the new file's bytes `[fed, fed + k)` to `buf`: the old bytes around the
+    /// write (never those it overwrites), then the written ones.
+    fn feed(
+        &mut self,
+        buf: &mut BytesMut,
+        fed: u64,
+        k: usize,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), EditError<E>> {
+        let len = *self.starts.last().expect("the file's length");
+        let wend = offset + data.len() as u64;
+        let seg_end = fed + k as u64;
+        let at = buf.len();
+        buf.resize(at + k, 0);
+        for (a, b) in [
+            (fed, offset.min(seg_end)),
+            (wend.max(fed), seg_end.min(len)),
+        ] {
+            if a < b {
+                let (i, j) = (at + (a - fed) as usize, at + (b - fed) as usize);
+                self.old_bytes(a, &mut buf[i..j])?;
+            }
+        }
+        let (ws, we) = (offset.max(fed), wend.min(seg_end));
+        if ws < we {
+            buf[at + (ws - fed) as usize..at + (we - fed) as usize]
+                .copy_from_slice(&data[(ws - offset) as usize..(we - offset) as usize]);
+        }
+        Ok(())
+    }
+
     /// Old bytes `[p, p + out.len())` (within the old file) into `out`.
     fn old_bytes(&mut self, p: u64, out: &mut [u8]) -> Result<(), EditError<E>> {
         let end = p + out.len() as u64;
@@ -100,6 +132,28 @@ impl<E: std::error::Error + 'static, F: FnMut(&ChunkId) -> Result<Bytes, E>> Rea
             q = take;
         }
         Ok(())
+    }
+}
+
+/// Add a piece the re-cut made to the new extents (a data chunk to the new chunks, once);
+/// whether it was a hole.
+fn push_piece(piece: Piece, out: &mut Vec<Extent>, new_chunks: &mut Vec<(ChunkId, Bytes)>) -> bool {
+    match piece {
+        Piece::Hole(l) => {
+            out.push(Extent::Hole { len: l });
+            true
+        }
+        Piece::Data(b) => {
+            let id = ChunkId::of(&b);
+            out.push(Extent::Data {
+                id,
+                len: b.len() as u32,
+            });
+            if !new_chunks.iter().any(|(i, _)| *i == id) {
+                new_chunks.push((id, b));
+            }
+            false
+        }
     }
 }
 
@@ -297,66 +351,37 @@ where
         cache: Vec::new(),
     };
     let mut chunker = Chunker::resume(cfg, start, st.in_hole)?;
-    let feed = cfg.max as u64;
     let mut buf = BytesMut::new();
     let mut pos = start;
     let mut fed = start;
     let mut new_chunks: Vec<(ChunkId, Bytes)> = Vec::new();
+    // Back in step with the old cut: a cut after the write on an old boundary, with the
+    // same kind of piece before it as before.
+    let resync = |pos: u64, is_hole: bool| {
+        let i = starts.partition_point(|&st| st < pos);
+        let same = i > s
+            && i < n
+            && starts[i] == pos
+            && matches!(ext[i - 1], Extent::Hole { .. }) == is_hole;
+        (pos >= wend && pos < len && same).then_some(i)
+    };
     let mut suffix_from: Option<usize> = None;
     'cut: loop {
         let eof = fed >= new_len;
         while let Some(piece) = chunker.next(&mut buf, eof) {
             pos += piece.len();
-            let is_hole = matches!(piece, Piece::Hole(_));
-            match piece {
-                Piece::Hole(l) => out.push(Extent::Hole { len: l }),
-                Piece::Data(b) => {
-                    let id = ChunkId::of(&b);
-                    out.push(Extent::Data {
-                        id,
-                        len: b.len() as u32,
-                    });
-                    if !new_chunks.iter().any(|(i, _)| *i == id) {
-                        new_chunks.push((id, b));
-                    }
-                }
-            }
-            // Back in step with the old cut?
-            if pos >= wend && pos < len {
-                let i = starts.partition_point(|&st| st < pos);
-                if i > s
-                    && i < n
-                    && starts[i] == pos
-                    && matches!(ext[i - 1], Extent::Hole { .. }) == is_hole
-                {
-                    suffix_from = Some(i);
-                    break 'cut;
-                }
+            let is_hole = push_piece(piece, &mut out, &mut new_chunks);
+            suffix_from = resync(pos, is_hole);
+            if suffix_from.is_some() {
+                break 'cut;
             }
         }
         if eof {
             break;
         }
-        // A maximum chunk at a time: the old bytes around the write (never those it
-        // overwrites), then the written ones.
-        let k = feed.min(new_len - fed) as usize;
-        let seg_end = fed + k as u64;
-        let at = buf.len();
-        buf.resize(at + k, 0);
-        for (a, b) in [
-            (fed, offset.min(seg_end)),
-            (wend.max(fed), seg_end.min(len)),
-        ] {
-            if a < b {
-                let (i, j) = (at + (a - fed) as usize, at + (b - fed) as usize);
-                rd.old_bytes(a, &mut buf[i..j])?;
-            }
-        }
-        let (ws, we) = (offset.max(fed), wend.min(seg_end));
-        if ws < we {
-            buf[at + (ws - fed) as usize..at + (we - fed) as usize]
-                .copy_from_slice(&data[(ws - offset) as usize..(we - offset) as usize]);
-        }
+        // A maximum chunk at a time.
+        let k = (cfg.max as u64).min(new_len - fed) as usize;
+        rd.feed(&mut buf, fed, k, offset, data)?;
         fed += k as u64;
     }
     if let Some(i) = suffix_from {
