@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use common::{SITES, assert_copies, make_image, push_wait, wait_published, with_cluster};
-use seedcast::client::{Change, Client};
+use seedcast::client::{Change, Client, ErrorClass};
 use seedcast::cluster::LocalCluster;
 use seedcast::synth;
 use seedcast_core::GlobalId;
@@ -410,18 +410,25 @@ async fn bad_blocks_get_clear_errors_and_change_nothing() -> Result<()> {
             ),
             (g, vec![], "at least one change"),
         ];
+        // What kind of failure each is: the client's own refusal, a local file, or the
+        // engine's verdict on the block.
+        let class = |want: &str| match want {
+            "unknown global id" => ErrorClass::NotFound,
+            "empty write" | "at least one change" => ErrorClass::Usage,
+            "missing" => ErrorClass::File,
+            _ => ErrorClass::Invalid,
+        };
         for (gid, changes, want) in cases {
-            let e = client
-                .adapt(&gid, &changes, 3)
-                .await
-                .unwrap_err()
-                .to_string();
-            assert!(e.contains(want), "{changes:?}: {e}");
+            let e = client.adapt(&gid, &changes, 3).await.unwrap_err();
+            assert_eq!(e.kind(), class(want), "{changes:?}: {e}");
+            assert!(e.to_string().contains(want), "{changes:?}: {e}");
         }
-        let e = client.rollback(&g, 7).await.unwrap_err().to_string();
-        assert!(e.contains("no version 7"), "{e}");
-        let e = client.rollback(&g, 1).await.unwrap_err().to_string();
-        assert!(e.contains("already the current version"), "{e}");
+        let e = client.rollback(&g, 7).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorClass::Invalid, "{e}");
+        assert!(e.to_string().contains("no version 7"), "{e}");
+        let e = client.rollback(&g, 1).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorClass::Invalid, "{e}");
+        assert!(e.to_string().contains("already the current version"), "{e}");
         let e = client
             .history(&"sc-000000000000000000000000".parse()?)
             .await
@@ -434,6 +441,68 @@ async fn bad_blocks_get_clear_errors_and_change_nothing() -> Result<()> {
         assert_eq!(s.version, 1);
         assert_eq!(s.sites, v1.sites);
         assert_exactly(cluster, &s, &files).await?;
+        client.close().await;
+        Ok(())
+    })
+    .await
+}
+
+/// A site whose service keeps no readable copies (as Glance, a registry or an object store):
+/// the agent's chunk cache is its only source of delta bases, and it still gets the update
+/// as a small delta.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_without_readable_copies_updates_from_its_cache() -> Result<()> {
+    use seedcast_agents::adapters::memory::MemoryAdapter;
+    with_cluster(&SITES[..1], async |cluster| {
+        cluster
+            .add_agent_using("remote", std::sync::Arc::new(MemoryAdapter::new()?))
+            .await?;
+        cluster.wait_connected(2, Duration::from_secs(30)).await?;
+        let files = make_image(&cluster.root.join("v1"), 8, "no copies")?;
+        let client = cluster.client().await?;
+        let v1 = push_wait(&client, "remote", &files, None).await?;
+        let patch = cluster.root.join("patch.bin");
+        std::fs::write(&patch, noise("no copies patch", 8192))?;
+        let change = [Change::Write {
+            path: "disk.raw".into(),
+            offset: 1 << 20,
+            data_file: patch.clone(),
+        }];
+        let v2 = adapt_wait(&client, &v1.global_id, &change).await?;
+        let local = local_copy(&files, &cluster.root.join("local"))?;
+        write_at(&local[0], 1 << 20, &std::fs::read(&patch)?)?;
+        for p in &v2.sites {
+            ensure!(p.state == PlacementState::Published, "{p:?}");
+            let agent = cluster.agent(&p.site);
+            for f in &local {
+                let name = f.file_name().unwrap().to_str().unwrap();
+                let rb = agent
+                    .adapter
+                    .read_back(p.local_id.as_deref().unwrap(), name)
+                    .await?;
+                ensure!(
+                    seedcast::cluster::file_hash(rb.path())? == seedcast::cluster::file_hash(f)?,
+                    "{name} at {} differs",
+                    p.site
+                );
+            }
+        }
+        let by = |site: &str| v2.sites.iter().find(|p| p.site == site).unwrap().bytes_sent;
+        let first = v1
+            .sites
+            .iter()
+            .find(|p| p.site == "remote")
+            .unwrap()
+            .bytes_sent;
+        // The same delta group (against the same bases) reached both kinds of site: the
+        // 8 KiB written and little more, not the changed chunk whole.
+        ensure!(
+            by("remote") == by("site-a"),
+            "{} vs {}",
+            by("remote"),
+            by("site-a")
+        );
+        ensure!(by("remote") < 12 << 10, "{} of {first}", by("remote"));
         client.close().await;
         Ok(())
     })

@@ -84,7 +84,7 @@ fn engine_agents_push_status_sites_through_the_cli() -> Result<()> {
     let admin = wait_for_file(&admin_path)?;
 
     let mut agents = Vec::new();
-    for site in ["alpha", "beta", "gamma"] {
+    for site in ["alpha", "beta"] {
         let data = d.join(format!("agent-{site}"));
         let pool = d.join(format!("pool-{site}"));
         agents.push(spawn(&[
@@ -103,6 +103,18 @@ fn engine_agents_push_status_sites_through_the_cli() -> Result<()> {
             pool.to_str().unwrap(),
         ])?);
     }
+    // The third site from a site config file (the token as its file's path).
+    let config = d.join("gamma.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "site = \"gamma\"\nengine = \"{addr}\"\ndata = \"{}\"\ntoken = \"{}\"\n\n[adapter]\nkind = \"dir\"\npool = \"{}\"\n",
+            d.join("agent-gamma").display(),
+            engine_data.join("join.token").display(),
+            d.join("pool-gamma").display()
+        ),
+    )?;
+    agents.push(spawn(&["agent", "--config", config.to_str().unwrap()])?);
     // The environment may stand in for --engine and --token; the token may be a path.
     let env = [
         ("SEEDCAST_ENGINE", addr.as_str()),
@@ -340,5 +352,46 @@ fn demo_runs_and_checks_every_copy() -> Result<()> {
     assert!(text.contains("demo OK"), "{text}");
     assert_eq!(text.matches("byte-identical —").count(), 3, "{text}");
     assert!(text.contains("uploaded 0 B, sent 0 B"), "{text}");
+    Ok(())
+}
+
+#[test]
+fn agent_settings_that_are_wrong_or_missing_are_named() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let bad = dir.path().join("site.toml");
+    std::fs::write(&bad, "site = \"a\"\nengin = \"127.0.0.1:1\"\n")?;
+    let out = run(&["agent", "--config", bad.to_str().unwrap()], &[])?;
+    ensure!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        err.contains("unknown field `engin`") && err.contains("site.toml"),
+        "{err}"
+    );
+
+    let out = run(&["agent", "--site", "a", "--pool", "/tmp/p"], &[])?;
+    ensure!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        err.contains("no engine address") || err.contains("no data directory"),
+        "{err}"
+    );
+
+    let out = run(
+        &[
+            "agent",
+            "--site",
+            "a",
+            "--engine",
+            "127.0.0.1:1",
+            "--data",
+            "/tmp/x",
+            "--adapter",
+            "floppy",
+        ],
+        &[],
+    )?;
+    ensure!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(err.contains("unknown adapter \"floppy\""), "{err}");
     Ok(())
 }

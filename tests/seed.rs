@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use anyhow::Result;
 use common::{SITES, assert_copies, make_image, push_wait, wait_published, with_cluster};
-use seedcast::client::PushOptions;
+use seedcast::client::{ErrorClass, PushOptions};
 use seedcast::cluster::LocalCluster;
-use seedcast_core::protocol::PlacementState;
+use seedcast_core::protocol::{ErrorKind, PlacementState};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_global_id_three_local_ids_byte_identical() -> Result<()> {
@@ -172,6 +172,7 @@ async fn push_to_named_sites_and_bad_requests_get_clear_errors() -> Result<()> {
             .push(&PushOptions::new("x", vec![cluster.root.clone()]), |_| {})
             .await
             .unwrap_err();
+        assert_eq!(e.kind(), ErrorClass::Usage);
         assert!(e.to_string().contains("not a regular file"), "{e}");
         let e = client
             .push(
@@ -180,6 +181,7 @@ async fn push_to_named_sites_and_bad_requests_get_clear_errors() -> Result<()> {
             )
             .await
             .unwrap_err();
+        assert_eq!(e.kind(), ErrorClass::File);
         assert!(e.to_string().contains("absent"), "{e}");
         let e = client
             .push(
@@ -188,6 +190,7 @@ async fn push_to_named_sites_and_bad_requests_get_clear_errors() -> Result<()> {
             )
             .await
             .unwrap_err();
+        assert_eq!(e.kind(), ErrorClass::Usage);
         assert!(e.to_string().contains("two files are named"), "{e}");
 
         let unknown = "sc-000000000000000000000000".parse()?;
@@ -218,7 +221,8 @@ async fn a_commit_naming_chunks_the_engine_lacks_is_refused() -> Result<()> {
             mode: 0o644,
             recipe: rb.finish(),
         };
-        let e = raw_commit(cluster, entry).await?;
+        let (kind, e) = raw_commit(cluster, entry).await?;
+        assert_eq!(kind, ErrorKind::MissingChunks);
         assert!(e.contains("lacks") && e.contains("chunk"), "{e}");
         let client = cluster.client().await?;
         assert!(client.images().await?.is_empty());
@@ -228,7 +232,10 @@ async fn a_commit_naming_chunks_the_engine_lacks_is_refused() -> Result<()> {
     .await
 }
 
-async fn raw_commit(cluster: &LocalCluster, entry: seedcast_core::FileEntry) -> Result<String> {
+async fn raw_commit(
+    cluster: &LocalCluster,
+    entry: seedcast_core::FileEntry,
+) -> Result<(ErrorKind, String)> {
     use seedcast_core::protocol::{CommitRequest, Request, Response};
     // Client::push always uploads first; build the commit by hand instead.
     let conn = common::raw_admin(cluster).await?;
@@ -245,7 +252,7 @@ async fn raw_commit(cluster: &LocalCluster, entry: seedcast_core::FileEntry) -> 
     send.finish()?;
     let r: Response = seedcast_net::read_msg_required(&mut recv).await?;
     match r {
-        Response::Error { message, .. } => Ok(message),
+        Response::Error { kind, message } => Ok((kind, message)),
         other => anyhow::bail!("expected an error, got {other:?}"),
     }
 }
