@@ -121,45 +121,27 @@ pub fn assemble(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::{image, noise};
     use bytes::Bytes;
-    use seedcast_core::chunker::chunk_all;
-    use seedcast_core::manifest::{FileEntry, MANIFEST_FORMAT, RecipeBuilder};
-    use seedcast_core::{ChunkerConfig, GlobalId, VerifiedChunk};
+    use seedcast_core::{GlobalId, VerifiedChunk};
     use std::os::unix::fs::MetadataExt;
 
-    /// A manifest of one file of `data`, its chunks put in `db` (except `skip`).
+    /// A manifest of one file of `data` (mode 0640), its chunks put in `db` (except the
+    /// `skip`th).
     fn manifest(db: &AgentDb, data: &[u8], skip: usize) -> Manifest {
-        let mut rb = RecipeBuilder::new();
-        let mut n = 0;
-        for p in chunk_all(data, ChunkerConfig::default()).unwrap() {
-            if let Some((_, b)) = rb.push(p) {
-                if n != skip {
-                    db.put_chunks(&[VerifiedChunk::from_raw(b)]).unwrap();
-                }
-                n += 1;
+        let (mut m, chunks) = image(GlobalId([1; 12]), 1, data);
+        m.files[0].mode = 0o640;
+        for (i, c) in chunks.into_iter().enumerate() {
+            if i != skip {
+                db.put_chunks(&[c]).unwrap();
             }
         }
-        Manifest {
-            format: MANIFEST_FORMAT,
-            global_id: GlobalId([1; 12]),
-            version: 1,
-            parent: None,
-            name: "img".into(),
-            chunking: ChunkerConfig::default(),
-            files: vec![FileEntry {
-                path: "disk.raw".into(),
-                mode: 0o640,
-                recipe: rb.finish(),
-            }],
-        }
+        m
     }
 
     fn sparse_disk() -> Vec<u8> {
         let mut data = vec![0u8; 8 << 20];
-        blake3::Hasher::new()
-            .update(b"assemble")
-            .finalize_xof()
-            .fill(&mut data[..1 << 20]);
+        data[..1 << 20].copy_from_slice(&noise("assemble", 1 << 20));
         data[6 << 20..(6 << 20) + 5000].fill(9);
         data
     }

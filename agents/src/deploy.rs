@@ -277,32 +277,11 @@ mod tests {
     use crate::adapter::Adapter;
     use crate::adapters::dir::DirAdapter;
     use crate::cache::HeldRecord;
-    use seedcast_core::chunker::chunk_all;
-    use seedcast_core::manifest::{FileEntry, MANIFEST_FORMAT, RecipeBuilder};
-    use seedcast_core::{ChunkerConfig, GlobalId, VerifiedChunk};
+    use crate::testutil::{image, noise};
+    use seedcast_core::{GlobalId, VerifiedChunk};
 
     fn manifest(version: u32, data: &[u8]) -> (Manifest, Vec<VerifiedChunk>) {
-        let mut rb = RecipeBuilder::new();
-        let mut chunks = Vec::new();
-        for p in chunk_all(data, ChunkerConfig::default()).unwrap() {
-            if let Some((_, b)) = rb.push(p) {
-                chunks.push(VerifiedChunk::from_raw(b));
-            }
-        }
-        let m = Manifest {
-            format: MANIFEST_FORMAT,
-            global_id: GlobalId([5; 12]),
-            version,
-            parent: None,
-            name: "img".into(),
-            chunking: ChunkerConfig::default(),
-            files: vec![FileEntry {
-                path: "disk.raw".into(),
-                mode: 0o644,
-                recipe: rb.finish(),
-            }],
-        };
-        (m, chunks)
+        image(GlobalId([5; 12]), version, data)
     }
 
     #[tokio::test]
@@ -310,11 +289,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let db = AgentDb::open(&tmp.path().join("db")).unwrap();
         let dir = DirAdapter::new(tmp.path().join("pool")).unwrap();
-        let mut v1 = vec![0u8; 2 << 20];
-        blake3::Hasher::new()
-            .update(b"plan")
-            .finalize_xof()
-            .fill(&mut v1);
+        let v1 = noise("plan", 2 << 20);
         let (m1, c1) = manifest(1, &v1);
         // Version 1 is published here; then the cache loses all but its first two chunks.
         db.put_chunks(&c1).unwrap();

@@ -25,6 +25,8 @@ pub mod error;
 pub mod receive;
 pub mod seeds;
 pub mod session;
+#[cfg(test)]
+mod testutil;
 
 pub use adapter::{Adapter, AdapterError, AssembledImage, ReadBack};
 pub use agent::Agent;

@@ -105,33 +105,15 @@ mod tests {
     use crate::adapters::memory::MemoryAdapter;
     use crate::assemble::assemble;
     use crate::cache::HeldRecord;
-    use seedcast_core::chunker::chunk_all;
-    use seedcast_core::manifest::{FileEntry, MANIFEST_FORMAT, RecipeBuilder};
-    use seedcast_core::{ChunkerConfig, Manifest};
+    use crate::testutil::{image, noise};
+    use seedcast_core::Manifest;
     use std::os::unix::fs::FileExt;
 
     /// Publish an image of `data` through `adapter`, record it as held, then empty the
     /// cache (as a wiped cache would be). Returns the manifest.
     async fn published(db: &AgentDb, adapter: &dyn Adapter, data: &[u8]) -> Manifest {
-        let mut rb = RecipeBuilder::new();
-        for p in chunk_all(data, ChunkerConfig::default()).unwrap() {
-            if let Some((_, b)) = rb.push(p) {
-                db.put_chunks(&[VerifiedChunk::from_raw(b)]).unwrap();
-            }
-        }
-        let m = Manifest {
-            format: MANIFEST_FORMAT,
-            global_id: GlobalId([2; 12]),
-            version: 3,
-            parent: None,
-            name: "img".into(),
-            chunking: ChunkerConfig::default(),
-            files: vec![FileEntry {
-                path: "disk.raw".into(),
-                mode: 0o644,
-                recipe: rb.finish(),
-            }],
-        };
+        let (m, chunks) = image(GlobalId([2; 12]), 3, data);
+        db.put_chunks(&chunks).unwrap();
         let img = assemble(db, &m, adapter.staging_root().join("t1")).unwrap();
         let local_id = adapter.publish(img).await.unwrap();
         let rec = HeldRecord {
@@ -146,12 +128,7 @@ mod tests {
     }
 
     fn data() -> Vec<u8> {
-        let mut v = vec![0u8; 1 << 20];
-        blake3::Hasher::new()
-            .update(b"seeds")
-            .finalize_xof()
-            .fill(&mut v);
-        v
+        noise("seeds", 1 << 20)
     }
 
     #[tokio::test]

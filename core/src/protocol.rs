@@ -391,7 +391,7 @@ pub struct SitePlacement {
     pub state: PlacementState,
     /// Chunk payload bytes sent to the site for this version.
     pub bytes_sent: u64,
-    /// Chunk payload bytes the site asked for (known once it answered `Need`).
+    /// Chunk payload bytes the site asked for (known once it answered `NeedFrom`).
     pub bytes_needed: u64,
     pub error: Option<String>,
     /// Every byte the transfer put on the wire, both directions: QUIC datagrams with their

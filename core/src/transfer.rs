@@ -1,10 +1,11 @@
 //! The agent's side of one transfer, as a state machine without I/O.
 //!
 //! `Transfer::new` takes a manifest and a "do I hold this chunk?" predicate and yields the
-//! `Need` list; each chunk header that arrives is checked against what was asked for
-//! ([`Transfer::admit`]) before any byte of its payload is read, and each verified chunk is
-//! ticked off ([`Transfer::complete_chunk`]). When nothing is missing the transfer is ready to
-//! assemble. The async agent drives it; tests drive it directly.
+//! chunks to ask for (the `chunks` of the agent's `NeedFrom`); each chunk header that arrives
+//! is checked against what was asked for ([`Transfer::admit`]) before any byte of its
+//! payload is read, and each verified chunk is ticked off ([`Transfer::complete_chunk`]).
+//! When nothing is missing the transfer is ready to assemble. The async agent drives it;
+//! tests drive it directly. The engine's side is [`crate::sender`].
 
 use std::collections::{HashMap, HashSet};
 

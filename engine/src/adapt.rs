@@ -210,34 +210,10 @@ fn write(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use seedcast_core::chunker::chunk_all;
-    use seedcast_core::manifest::RecipeBuilder;
+    use crate::testutil::{noise, stored_file as entry};
     use seedcast_core::source::MemChunks;
 
     const G: GlobalId = GlobalId([6; 12]);
-
-    fn noise(seed: u64, n: usize) -> Vec<u8> {
-        let mut v = vec![0u8; n];
-        blake3::Hasher::new()
-            .update(&seed.to_le_bytes())
-            .finalize_xof()
-            .fill(&mut v);
-        v
-    }
-
-    fn entry(store: &MemChunks, path: &str, data: &[u8]) -> FileEntry {
-        let mut rb = RecipeBuilder::new();
-        for p in chunk_all(data, ChunkerConfig::default()).unwrap() {
-            if let Some((_, b)) = rb.push(p) {
-                store.insert(&[VerifiedChunk::compress(b, 3)]).unwrap();
-            }
-        }
-        FileEntry {
-            path: path.into(),
-            mode: 0o644,
-            recipe: rb.finish(),
-        }
-    }
 
     fn apply(
         store: &MemChunks,

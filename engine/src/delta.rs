@@ -333,45 +333,9 @@ fn encode(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use seedcast_core::chunker::chunk_all;
-    use seedcast_core::manifest::{FileEntry, MANIFEST_FORMAT, RecipeBuilder};
-    use seedcast_core::source::{ChunkStore, MemChunks};
-    use seedcast_core::{ChunkerConfig, CompressedChunk, GlobalId, UnverifiedChunk};
-
-    fn noise(seed: u64, n: usize) -> Vec<u8> {
-        let mut v = vec![0u8; n];
-        blake3::Hasher::new()
-            .update(&seed.to_le_bytes())
-            .finalize_xof()
-            .fill(&mut v);
-        v
-    }
-
-    /// Store `data` as one file's chunks and return its manifest.
-    fn stored_manifest(store: &MemChunks, data: &[u8]) -> Manifest {
-        let mut rb = RecipeBuilder::new();
-        for p in chunk_all(data, ChunkerConfig::default()).unwrap() {
-            if let Some((id, b)) = rb.push(p) {
-                let c = CompressedChunk::compress(id, &b, 3);
-                store
-                    .insert(&[UnverifiedChunk(c).verify(1 << 20).unwrap()])
-                    .unwrap();
-            }
-        }
-        Manifest {
-            format: MANIFEST_FORMAT,
-            global_id: GlobalId([3; 12]),
-            version: 1,
-            parent: None,
-            name: "t".into(),
-            chunking: ChunkerConfig::default(),
-            files: vec![FileEntry {
-                path: "disk.raw".into(),
-                mode: 0o644,
-                recipe: rb.finish(),
-            }],
-        }
-    }
+    use crate::testutil::{noise, stored_manifest};
+    use seedcast_core::CompressedChunk;
+    use seedcast_core::source::MemChunks;
 
     fn chunks(m: &Manifest) -> Vec<(u64, ChunkId, u32)> {
         m.files[0].recipe.chunks_at().collect()

@@ -32,6 +32,8 @@ pub mod sites;
 mod state;
 pub mod status;
 pub mod store;
+#[cfg(test)]
+mod testutil;
 pub mod upload;
 pub mod versions;
 
