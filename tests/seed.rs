@@ -220,6 +220,7 @@ async fn a_commit_naming_chunks_the_engine_lacks_is_refused() -> Result<()> {
             path: "disk.raw".into(),
             mode: 0o644,
             recipe: rb.finish(),
+            format: seedcast_core::manifest::FileFormat::Raw,
         };
         let (kind, e) = raw_commit(cluster, entry).await?;
         assert_eq!(kind, ErrorKind::MissingChunks);

@@ -45,11 +45,23 @@ pub type CacheError = DbError;
 
 impl Record for HeldRecord {}
 
-/// Manifests are stored as records of their own format byte (1).
+/// Manifests are stored as records of their own: format 2 since files have a format;
+/// format 1 records read as format-1 manifests with every file raw.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(transparent)]
 struct ManifestRec(Manifest);
-impl Record for ManifestRec {}
+
+impl Record for ManifestRec {
+    const FORMAT: u8 = 2;
+    fn decode(bytes: &[u8]) -> Result<Self, seedcast_core::codec::RecordError> {
+        use seedcast_core::codec::decode_record;
+        use seedcast_core::manifest::v1::ManifestV1;
+        match bytes.first() {
+            Some(1) => decode_record::<ManifestV1>(1, bytes).map(|m| ManifestRec(m.into())),
+            _ => decode_record(Self::FORMAT, bytes),
+        }
+    }
+}
 
 /// What the site holds of one image.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

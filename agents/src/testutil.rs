@@ -35,6 +35,7 @@ pub(crate) fn image(g: GlobalId, version: u32, data: &[u8]) -> (Manifest, Vec<Ve
             path: "disk.raw".into(),
             mode: 0o644,
             recipe: rb.finish(),
+            format: seedcast_core::manifest::FileFormat::Raw,
         }],
     };
     (m, chunks)

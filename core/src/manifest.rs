@@ -15,7 +15,8 @@ use crate::codec::{self, CodecError};
 use crate::id::{ChunkId, GlobalId};
 
 /// Persisted and sent format of [`Manifest`]; bump on any change to its fields.
-pub const MANIFEST_FORMAT: u16 = 1;
+/// 2: every file records the format it was pushed in ([`FileFormat`]).
+pub const MANIFEST_FORMAT: u16 = 2;
 
 /// Longest file name in an image (bytes), as on common filesystems.
 pub const MAX_NAME_LEN: usize = 255;
@@ -83,6 +84,29 @@ impl FileRecipe {
     }
 }
 
+/// The form a file was pushed in. Its recipe always describes what a reader of the file
+/// sees: for a disk image, the guest-visible content, whatever container held it.
+///
+/// Encoded by variant index: append new formats at the end.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum FileFormat {
+    /// The bytes as they are: a raw disk, a kernel, an initrd, metadata.
+    #[default]
+    Raw,
+    /// A qcow2 disk image. Sites rebuild it from the guest content as their service keeps
+    /// disks (a qcow2 file, a Glance image of either format, a layer of raw bytes).
+    Qcow2,
+}
+
+impl FileFormat {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FileFormat::Raw => "raw",
+            FileFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
 /// One file of an image, known by its base name.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileEntry {
@@ -91,6 +115,15 @@ pub struct FileEntry {
     /// Unix permission bits (`0o644` and the like).
     pub mode: u32,
     pub recipe: FileRecipe,
+    pub format: FileFormat,
+}
+
+impl FileEntry {
+    /// Is this file a VM disk? Pushed as qcow2, or a raw file named `*.raw` (kernels,
+    /// initrds and metadata are not).
+    pub fn is_disk(&self) -> bool {
+        self.format == FileFormat::Qcow2 || self.path.ends_with(".raw")
+    }
 }
 
 /// One version of an image.
@@ -193,13 +226,20 @@ pub fn validate_files(files: &[FileEntry], chunking: &ChunkerConfig) -> Result<(
 }
 
 impl Manifest {
-    /// BLAKE3 of the canonical encoding.
+    /// BLAKE3 of the canonical encoding. A format-1 manifest (written before files had a
+    /// format) keeps the id it was given: it is hashed in its format-1 encoding.
     pub fn id(&self) -> Result<[u8; 32], CodecError> {
-        Ok(*blake3::hash(&codec::encode(self)?).as_bytes())
+        let bytes = match self.format {
+            1 => codec::encode(&v1::ManifestV1::from(self))?,
+            _ => codec::encode(self)?,
+        };
+        Ok(*blake3::hash(&bytes).as_bytes())
     }
 
     pub fn validate(&self) -> Result<(), ManifestError> {
-        if self.format != MANIFEST_FORMAT {
+        let old_and_raw =
+            self.format == 1 && self.files.iter().all(|f| f.format == FileFormat::Raw);
+        if self.format != MANIFEST_FORMAT && !old_and_raw {
             return Err(ManifestError::Format(self.format));
         }
         validate_image_name(&self.name)?;
@@ -264,6 +304,79 @@ impl Manifest {
 
     pub fn file(&self, path: &str) -> Option<&FileEntry> {
         self.files.iter().find(|f| f.path == path)
+    }
+}
+
+/// Format 1, for reading what earlier builds persisted: the same fields, files without a
+/// format (all raw). Converted manifests keep `format: 1`, so their ids do not change.
+pub mod v1 {
+    use serde::{Deserialize, Serialize};
+
+    use super::{FileEntry, FileFormat, FileRecipe, Manifest};
+    use crate::chunker::ChunkerConfig;
+    use crate::id::GlobalId;
+
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct FileEntryV1 {
+        pub path: String,
+        pub mode: u32,
+        pub recipe: FileRecipe,
+    }
+
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct ManifestV1 {
+        pub format: u16,
+        pub global_id: GlobalId,
+        pub version: u32,
+        pub parent: Option<u32>,
+        pub name: String,
+        pub chunking: ChunkerConfig,
+        pub files: Vec<FileEntryV1>,
+    }
+
+    impl From<ManifestV1> for Manifest {
+        fn from(m: ManifestV1) -> Self {
+            Manifest {
+                format: m.format,
+                global_id: m.global_id,
+                version: m.version,
+                parent: m.parent,
+                name: m.name,
+                chunking: m.chunking,
+                files: m
+                    .files
+                    .into_iter()
+                    .map(|f| FileEntry {
+                        path: f.path,
+                        mode: f.mode,
+                        recipe: f.recipe,
+                        format: FileFormat::Raw,
+                    })
+                    .collect(),
+            }
+        }
+    }
+
+    impl From<&Manifest> for ManifestV1 {
+        fn from(m: &Manifest) -> Self {
+            ManifestV1 {
+                format: m.format,
+                global_id: m.global_id,
+                version: m.version,
+                parent: m.parent,
+                name: m.name.clone(),
+                chunking: m.chunking,
+                files: m
+                    .files
+                    .iter()
+                    .map(|f| FileEntryV1 {
+                        path: f.path.clone(),
+                        mode: f.mode,
+                        recipe: f.recipe.clone(),
+                    })
+                    .collect(),
+            }
+        }
     }
 }
 
@@ -358,6 +471,7 @@ mod tests {
                 path: "disk.raw".into(),
                 mode: 0o644,
                 recipe: b.finish(),
+                format: crate::manifest::FileFormat::Raw,
             }],
         }
     }
@@ -404,6 +518,31 @@ mod tests {
         // Another base cannot rebuild it (and if it could, the id would say so).
         let other = manifest_of(&[9u8; 500_000]);
         assert!(Manifest::from_delta(&other, &d, &m2.id().unwrap()).is_err());
+    }
+
+    #[test]
+    fn a_format_1_manifest_converts_and_keeps_its_id() {
+        let mut m = manifest_of(&[5u8; 100_000]);
+        m.format = 1;
+        let old = v1::ManifestV1::from(&m);
+        let old_id = *blake3::hash(&codec::encode(&old).unwrap()).as_bytes();
+        let back = Manifest::from(old);
+        assert_eq!(back, m);
+        assert_eq!(
+            back.id().unwrap(),
+            old_id,
+            "the id it was given at format 1"
+        );
+        back.validate().unwrap();
+        // A format-1 manifest cannot carry a qcow2 file; an unknown format is refused.
+        let mut q = back.clone();
+        q.files[0].format = FileFormat::Qcow2;
+        assert_eq!(q.validate(), Err(ManifestError::Format(1)));
+        q.format = 3;
+        assert_eq!(q.validate(), Err(ManifestError::Format(3)));
+        q.format = MANIFEST_FORMAT;
+        q.validate().unwrap();
+        assert_ne!(q.id().unwrap(), old_id);
     }
 
     #[test]

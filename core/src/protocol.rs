@@ -36,9 +36,9 @@
 //! # Evolving it
 //! Enum variants are encoded by their index: **append new variants at the end, never
 //! reorder or remove** (the golden tests below pin today's encodings). A change that old
-//! peers cannot ignore bumps [`PROTOCOL_VERSION`] and the ALPN. (Version 1 is frozen at the
-//! first release; before it, adaptation blocks changed the data-stream records and the
-//! status structs, which no released peer ever spoke.)
+//! peers cannot ignore bumps [`PROTOCOL_VERSION`] and the ALPN. Version 2 added each
+//! file's format to file entries (a qcow2 disk travels as its guest content and is rebuilt
+//! at the site); a version-1 peer is refused with both versions named.
 
 use serde::{Deserialize, Serialize};
 
@@ -48,9 +48,10 @@ use crate::id::{ChunkId, GlobalId};
 use crate::manifest::{FileEntry, Manifest};
 
 /// ALPN protocol id; a peer without it fails the TLS handshake.
-pub const ALPN: &[u8] = b"seedcast/1";
-/// Carried in [`Hello`] and checked by the engine.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const ALPN: &[u8] = b"seedcast/2";
+/// Carried in [`Hello`] and checked by the engine. 2: files carry their format
+/// ([`crate::manifest::FileFormat`], manifest format 2).
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Hard maximum of one frame's body: the codec's decode bound. A manifest of a ~100 GiB
 /// image fits.
 pub const MAX_MESSAGE_SIZE: usize = crate::codec::MAX_ENCODED_LEN;
@@ -309,6 +310,7 @@ pub enum AdaptOp {
         path: String,
         mode: u32,
         recipe: crate::manifest::FileRecipe,
+        format: crate::manifest::FileFormat,
     },
     /// Bytes written at an offset of an existing file (at most its length; may grow it).
     Write {
@@ -449,10 +451,10 @@ mod tests {
                 admin_secret: "s".into(),
             },
         };
-        // 01        protocol = 1 (varint)
+        // 02        protocol = 2 (varint)
         // 00        Role::Client (variant 0)
         // 01 73     admin_secret = "s" (len 1, 's')
-        assert_eq!(hex(&h), "01000173");
+        assert_eq!(hex(&h), "02000173");
         let a = Role::Agent {
             site: "a".into(),
             adapter: "dir".into(),
@@ -680,6 +682,16 @@ mod tests {
                 DataRecord::Group(_) => 1,
             },
         );
+        check(
+            &[
+                crate::manifest::FileFormat::Raw,
+                crate::manifest::FileFormat::Qcow2,
+            ],
+            |v| match v {
+                crate::manifest::FileFormat::Raw => 0,
+                crate::manifest::FileFormat::Qcow2 => 1,
+            },
+        );
         check(&[Encoding::Raw, Encoding::Zstd], |v| match v {
             Encoding::Raw => 0,
             Encoding::Zstd => 1,
@@ -747,6 +759,7 @@ mod tests {
                         hash: [0; 32],
                         extents: vec![],
                     },
+                    format: crate::manifest::FileFormat::Qcow2,
                 },
                 AdaptOp::Write {
                     path: "a".into(),
@@ -761,6 +774,7 @@ mod tests {
                         hash: [0; 32],
                         extents: vec![],
                     },
+                    format: crate::manifest::FileFormat::Raw,
                 }),
                 AdaptOp::Remove { path: "a".into() },
             ],
@@ -881,6 +895,30 @@ mod tests {
         };
         // 02 Enroll | 01 73 | 01 61 | 01 64 | 01 cc
         assert_eq!(hex(&enroll), "0201730161016401cc");
+    }
+
+    #[test]
+    fn golden_file_entry() {
+        let f = FileEntry {
+            path: "d".into(),
+            mode: 0o644,
+            recipe: crate::manifest::FileRecipe {
+                len: 65536,
+                hash: [0xcc; 32],
+                extents: vec![crate::manifest::Extent::Hole { len: 65536 }],
+            },
+            format: crate::manifest::FileFormat::Qcow2,
+        };
+        // 01 64           path "d"
+        // fb a4 01        mode 0o644 = 420
+        // fc 00000100     recipe.len 65536
+        // cc×32           recipe.hash
+        // 01 01 fc 00000100  one extent: Hole (1), len 65536
+        // 01              format: Qcow2
+        assert_eq!(
+            hex(&f),
+            format!("0164fba401fc00000100{}0101fc0000010001", "cc".repeat(32))
+        );
     }
 
     #[test]

@@ -444,6 +444,7 @@ mod tests {
                 path: "disk.raw".into(),
                 mode: 0o644,
                 recipe: rb.finish(),
+                format: crate::manifest::FileFormat::Raw,
             }],
         }
     }

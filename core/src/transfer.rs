@@ -212,11 +212,13 @@ mod tests {
                     path: "a".into(),
                     mode: 0o644,
                     recipe: recipe.clone(),
+                    format: crate::manifest::FileFormat::Raw,
                 },
                 FileEntry {
                     path: "b".into(),
                     mode: 0o644,
                     recipe,
+                    format: crate::manifest::FileFormat::Raw,
                 },
             ],
         }

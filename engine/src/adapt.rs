@@ -130,11 +130,17 @@ pub(crate) fn apply_ops(
                 })
         };
         match op {
-            AdaptOp::Replace { path, mode, recipe } => {
+            AdaptOp::Replace {
+                path,
+                mode,
+                recipe,
+                format,
+            } => {
                 let i = find(&files, &path)?;
                 changes.push(format!("replace {path} ({})", human_bytes(recipe.len)));
                 files[i].recipe = recipe;
                 files[i].mode = mode & 0o7777;
+                files[i].format = format;
             }
             AdaptOp::Add(entry) => {
                 validate_file_name(&entry.path)?;

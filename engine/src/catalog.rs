@@ -55,7 +55,19 @@ const SPEC: Spec = Spec {
 pub type CatalogError = DbError;
 
 impl Record for ChunkRecord {}
-impl Record for ManifestRecord {}
+/// Manifest records gained file formats in format 2 (manifest format 2); format 1 records
+/// read as manifests of format 1 with every file raw.
+impl Record for ManifestRecord {
+    const FORMAT: u8 = 2;
+    fn decode(bytes: &[u8]) -> Result<Self, RecordError> {
+        match bytes.first() {
+            Some(1) => {
+                seedcast_core::codec::decode_record::<ManifestRecordV1>(1, bytes).map(Into::into)
+            }
+            _ => seedcast_core::codec::decode_record(Self::FORMAT, bytes),
+        }
+    }
+}
 impl Record for ImageRecord {}
 impl Record for SiteRecord {}
 impl Record for VersionNote {}
@@ -98,6 +110,26 @@ pub struct ManifestRecord {
     /// Chunk payload bytes the push of this version uploaded.
     pub bytes_uploaded: u64,
     pub created_unix: u64,
+}
+
+/// Manifest record format 1 (before file formats).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct ManifestRecordV1 {
+    manifest: seedcast_core::manifest::v1::ManifestV1,
+    manifest_id: [u8; 32],
+    bytes_uploaded: u64,
+    created_unix: u64,
+}
+
+impl From<ManifestRecordV1> for ManifestRecord {
+    fn from(r: ManifestRecordV1) -> Self {
+        ManifestRecord {
+            manifest: r.manifest.into(),
+            manifest_id: r.manifest_id,
+            bytes_uploaded: r.bytes_uploaded,
+            created_unix: r.created_unix,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -419,6 +451,46 @@ mod tests {
                 .contains("format 3")
         );
         assert!(PlacementRecord::decode(&v1[..5]).is_err());
+    }
+
+    /// A manifest record written by format 1 (before file formats) reads, with its id.
+    #[test]
+    fn manifest_record_format_1_reads_with_its_id() {
+        use seedcast_core::manifest::v1::{FileEntryV1, ManifestV1};
+        use seedcast_core::manifest::{FileFormat, FileRecipe};
+        let old = ManifestV1 {
+            format: 1,
+            global_id: GlobalId([1; 12]),
+            version: 1,
+            parent: None,
+            name: "img".into(),
+            chunking: seedcast_core::ChunkerConfig::default(),
+            files: vec![FileEntryV1 {
+                path: "disk.raw".into(),
+                mode: 0o644,
+                recipe: FileRecipe {
+                    len: 0,
+                    hash: *blake3::hash(b"").as_bytes(),
+                    extents: vec![],
+                },
+            }],
+        };
+        let id = *blake3::hash(&seedcast_core::codec::encode(&old).unwrap()).as_bytes();
+        let rec = ManifestRecordV1 {
+            manifest: old,
+            manifest_id: id,
+            bytes_uploaded: 7,
+            created_unix: 9,
+        };
+        let bytes = seedcast_core::codec::encode_record(1, &rec).unwrap();
+        let back = ManifestRecord::decode(&bytes).unwrap();
+        assert_eq!(back.manifest.files[0].format, FileFormat::Raw);
+        assert_eq!(back.manifest.id().unwrap(), back.manifest_id);
+        assert_eq!(back.bytes_uploaded, 7);
+        // Written again, it is format 2 and still reads the same.
+        let again = back.encode().unwrap();
+        assert_eq!(again[0], 2);
+        assert_eq!(ManifestRecord::decode(&again).unwrap(), back);
     }
 
     #[test]

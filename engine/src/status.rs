@@ -162,6 +162,7 @@ mod tests {
                 path: "d".into(),
                 mode: 0o644,
                 recipe,
+                format: seedcast_core::manifest::FileFormat::Raw,
             }],
         };
         (

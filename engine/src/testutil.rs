@@ -27,6 +27,7 @@ pub(crate) fn stored_file(store: &MemChunks, path: &str, data: &[u8]) -> FileEnt
         path: path.into(),
         mode: 0o644,
         recipe: rb.finish(),
+        format: seedcast_core::manifest::FileFormat::Raw,
     }
 }
 

@@ -243,6 +243,7 @@ mod tests {
                 hash: [0; 32],
                 extents,
             },
+            format: seedcast_core::manifest::FileFormat::Raw,
         }
     }
 

@@ -95,6 +95,7 @@ pub(crate) fn ops(changes: &[Change], entries: &[FileEntry]) -> Result<Vec<Adapt
                     path: e.path,
                     mode: e.mode,
                     recipe: e.recipe,
+                    format: e.format,
                 }
             }
             Change::Add { path, .. } => AdaptOp::Add(entry(path)?),

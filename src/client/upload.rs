@@ -258,6 +258,7 @@ fn chunk_files(
                 path: name.clone(),
                 mode,
                 recipe: rb.finish(),
+                format: seedcast_core::manifest::FileFormat::Raw,
             }))
         })();
         match r {
