@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use seedcast::client::{Change, Client, PushOptions};
 use seedcast::output;
 use seedcast_agents::SiteConfig;
-use seedcast_agents::adapters::AdapterConfig;
+use seedcast_agents::adapters::{AdapterConfig, AdapterFlags};
 use seedcast_core::GlobalId;
 use seedcast_core::protocol::ImageStatus;
 use seedcast_net::pki::Token;
@@ -86,12 +86,18 @@ struct AgentArgs {
     /// This site's name (a-z, 0-9, '-', '_').
     #[arg(long)]
     site: Option<String>,
-    /// The site's local image service (dir; `dir` when only --pool is given).
+    /// The site's local image service: dir or qcow2 (`dir` when only --pool is given).
     #[arg(long)]
     adapter: Option<String>,
-    /// dir adapter: the pool directory.
+    /// dir, qcow2: the pool directory.
     #[arg(long)]
     pool: Option<PathBuf>,
+    /// qcow2: compress the clusters of full images (zstd).
+    #[arg(long, value_name = "zstd")]
+    compress: Option<String>,
+    /// qcow2: publish updates as overlays on the previous version.
+    #[arg(long)]
+    overlays: bool,
 }
 
 impl AgentArgs {
@@ -101,11 +107,16 @@ impl AgentArgs {
             Some(p) => SiteConfig::load(p)?,
             None => SiteConfig::default(),
         };
-        let adapter = match (self.adapter, self.pool) {
-            (None, None) => None,
-            (kind, pool) => Some(AdapterConfig::from_flags(
+        let flags = AdapterFlags {
+            pool: self.pool,
+            compress: self.compress,
+            overlays: self.overlays,
+        };
+        let adapter = match self.adapter {
+            None if flags == AdapterFlags::default() => None,
+            kind => Some(AdapterConfig::from_flags(
                 kind.as_deref().unwrap_or("dir"),
-                pool,
+                flags,
             )?),
         };
         let flags = SiteConfig {

@@ -14,6 +14,7 @@ const CRATES: &[(&str, &str, &[&str])] = &[
     ("seedcast-core", "core", &[]),
     ("seedcast-net", "net", &["seedcast-core"]),
     ("seedcast-db", "db", &["seedcast-core"]),
+    ("seedcast-qemu", "qemu", &[]),
     (
         "seedcast-engine",
         "engine",
@@ -22,7 +23,12 @@ const CRATES: &[(&str, &str, &[&str])] = &[
     (
         "seedcast-agents",
         "agents",
-        &["seedcast-core", "seedcast-net", "seedcast-db"],
+        &[
+            "seedcast-core",
+            "seedcast-net",
+            "seedcast-db",
+            "seedcast-qemu",
+        ],
     ),
     (
         "seedcast",
@@ -31,6 +37,7 @@ const CRATES: &[(&str, &str, &[&str])] = &[
             "seedcast-core",
             "seedcast-net",
             "seedcast-db",
+            "seedcast-qemu",
             "seedcast-engine",
             "seedcast-agents",
         ],

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use futures::future::BoxFuture;
 use seedcast_core::GlobalId;
+use seedcast_core::manifest::FileFormat;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdapterError {
@@ -29,6 +30,10 @@ pub enum AdapterError {
     Config(String),
     #[error("{0}")]
     Service(String),
+    #[error(transparent)]
+    Qemu(#[from] seedcast_qemu::QemuError),
+    #[error("adapter task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 impl AdapterError {
@@ -44,12 +49,18 @@ impl AdapterError {
     }
 }
 
-/// One file of an assembled image.
+/// One file of an assembled image. Its staged bytes are what the recipe describes: for a
+/// disk, the raw guest content, whatever format it was pushed in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AssembledFile {
     pub name: String,
     pub len: u64,
     pub mode: u32,
+    /// The format the file was pushed in (a site rebuilds a qcow2 disk as qcow2 where its
+    /// service keeps files).
+    pub format: FileFormat,
+    /// A VM disk (pushed as qcow2, or a raw `*.raw` file) rather than a kernel or metadata.
+    pub disk: bool,
 }
 
 /// A verified image in a staging directory, ready to hand to a site's service.
@@ -117,11 +128,14 @@ impl Drop for AssembledImage {
     }
 }
 
-/// A published file made readable here: in place, or a downloaded copy removed on drop.
+/// A published file made readable here, as the bytes its recipe describes (a disk's guest
+/// content): in place, a downloaded copy removed on drop, or the guest view of a disk
+/// image exported by qemu while this lives.
 #[derive(Debug)]
 pub enum ReadBack {
     InPlace(PathBuf),
     Downloaded(tempfile::TempPath),
+    Exported(seedcast_qemu::Export),
 }
 
 impl ReadBack {
@@ -129,6 +143,7 @@ impl ReadBack {
         match self {
             ReadBack::InPlace(p) => p,
             ReadBack::Downloaded(t) => t,
+            ReadBack::Exported(e) => e.path(),
         }
     }
 }

@@ -110,6 +110,8 @@ pub fn assemble(
             name: f.path.clone(),
             len: f.recipe.len,
             mode: f.mode,
+            format: f.format,
+            disk: f.is_disk(),
         });
     }
     File::open(&staging)

@@ -44,6 +44,9 @@ pub enum ClientError {
     Framed(#[from] FramedError),
     #[error(transparent)]
     Tls(#[from] seedcast_net::tls::TlsError),
+    /// A disk image could not be read through qemu's tools.
+    #[error(transparent)]
+    Image(#[from] seedcast_qemu::QemuError),
     #[error("unexpected reply from the engine: {0}")]
     Unexpected(String),
     #[error("internal: {0}")]
@@ -78,7 +81,7 @@ impl ClientError {
     pub fn kind(&self) -> ErrorClass {
         match self {
             ClientError::Usage(_) => ErrorClass::Usage,
-            ClientError::File { .. } => ErrorClass::File,
+            ClientError::File { .. } | ClientError::Image(_) => ErrorClass::File,
             ClientError::Unreachable { .. } => ErrorClass::Unreachable,
             ClientError::Refused(_) => ErrorClass::Refused,
             ClientError::Engine { kind, .. } => match kind {

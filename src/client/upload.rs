@@ -3,16 +3,16 @@
 //! core) and uploaded.
 
 use std::collections::HashSet;
-use std::fs::File;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use seedcast_core::chunker::StreamingChunker;
-use seedcast_core::manifest::{RecipeBuilder, validate_file_name};
+use seedcast_core::manifest::{FileFormat, RecipeBuilder, validate_file_name};
 use seedcast_core::protocol::{ChunkHeader, Request, Response};
 use seedcast_core::{ChunkId, ChunkerConfig, CompressedChunk, FileEntry};
 use seedcast_net::{FramedError, read_msg_required, write_msg};
+use seedcast_qemu::GuestReader;
 use tokio::sync::mpsc;
 
 use super::{Client, ClientError};
@@ -92,7 +92,7 @@ fn total_len(files: &[(PathBuf, String)]) -> Result<u64, ClientError> {
                 p.display()
             )));
         }
-        total += md.len();
+        total += seedcast_qemu::guest_len(p)?;
     }
     Ok(total)
 }
@@ -107,7 +107,10 @@ impl Client {
         batch_bytes: usize,
         mut on_progress: impl FnMut(PushProgress),
     ) -> Result<Vec<FileEntry>, ClientError> {
-        let total = total_len(&files)?;
+        let listed = files.clone();
+        let total = tokio::task::spawn_blocking(move || total_len(&listed))
+            .await
+            .map_err(|e| ClientError::Internal(e.to_string()))??;
         let mut progress = PushProgress {
             total,
             ..Default::default()
@@ -232,11 +235,16 @@ fn chunk_files(
             source,
         };
         let r = (|| {
-            let f = File::open(&path).map_err(fail)?;
-            let mode = f.metadata().map_err(fail)?.permissions().mode() & 0o7777;
+            let mode = std::fs::metadata(&path).map_err(fail)?.permissions().mode() & 0o7777;
+            // A qcow2 disk is read as its guest view, exported by qemu; anything else as is.
+            let reader = GuestReader::open(&path)?;
+            let format = match reader.format() {
+                seedcast_qemu::Format::Qcow2 => FileFormat::Qcow2,
+                seedcast_qemu::Format::Raw => FileFormat::Raw,
+            };
             let mut rb = RecipeBuilder::new();
-            let chunker =
-                StreamingChunker::new(f, cfg).map_err(|e| ClientError::Usage(e.to_string()))?;
+            let chunker = StreamingChunker::new(reader, cfg)
+                .map_err(|e| ClientError::Usage(e.to_string()))?;
             for piece in chunker {
                 let (_, piece) = piece.map_err(fail)?;
                 chunked += piece.len();
@@ -258,7 +266,7 @@ fn chunk_files(
                 path: name.clone(),
                 mode,
                 recipe: rb.finish(),
-                format: seedcast_core::manifest::FileFormat::Raw,
+                format,
             }))
         })();
         match r {

@@ -1,27 +1,26 @@
-//! `dir`: a directory pool of raw image files.
+//! `dir`: a directory pool of image files.
 //!
 //! Each published image is a directory `POOL/<uuid>/` holding its files by their base
-//! names, plus `.seedcast.json` (global id, version) for operators. The UUID is the local
-//! id. Images are staged in `POOL/.staging/` (same filesystem) and renamed into place, so a
-//! reader of the pool never sees a half-written image; holes stay holes (sparse files).
+//! names, plus `.seedcast.json` (global id, version, each file's format) for operators. The
+//! UUID is the local id. Files are as they were pushed: raw files as raw (holes stay holes:
+//! sparse files), qcow2 disks rebuilt as qcow2 by `qemu-img` from their guest content.
+//! Images are staged in `POOL/.staging/` (same filesystem) and renamed into place, so a
+//! reader of the pool never sees a half-written image.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use futures::future::BoxFuture;
 
+use seedcast_core::manifest::FileFormat;
+
 use crate::adapter::{Adapter, AdapterError, AssembledImage, ReadBack};
+use crate::adapters::local::{self, Sidecar, Stored, sync_dir};
 
 #[derive(Debug)]
 pub struct DirAdapter {
     pool: PathBuf,
     staging: PathBuf,
-}
-
-fn sync_dir(p: &Path) -> Result<(), AdapterError> {
-    fs::File::open(p)
-        .and_then(|f| f.sync_all())
-        .map_err(AdapterError::io("sync", p))
 }
 
 /// Local ids are UUIDs; anything else cannot name an image here (and must not name a path).
@@ -74,15 +73,25 @@ impl Adapter for DirAdapter {
     fn publish(&self, image: AssembledImage) -> BoxFuture<'_, Result<String, AdapterError>> {
         Box::pin(async move {
             let local_id = uuid::Uuid::new_v4().to_string();
-            let meta = serde_json::json!({
-                "global_id": image.global_id.to_string(),
-                "version": image.version,
-                "name": image.name,
-                "manifest_id": hex::encode(image.manifest_id),
-            });
-            let meta_path = image.dir().join(".seedcast.json");
-            fs::write(&meta_path, format!("{meta:#}\n"))
-                .map_err(AdapterError::io("write", &meta_path))?;
+            let mut sidecar = Sidecar::of(&image);
+            for f in &image.files {
+                if f.format == FileFormat::Qcow2 {
+                    // Rebuilt as the qcow2 disk it was pushed as.
+                    let raw = image.file_path(&f.name);
+                    let tmp = image.dir().join(format!(".{}.qcow2", f.name));
+                    let (r2, t2) = (raw.clone(), tmp.clone());
+                    tokio::task::spawn_blocking(move || local::raw_to_qcow2(&r2, &t2, None))
+                        .await??;
+                    fs::rename(&tmp, &raw).map_err(AdapterError::io("rename", &raw))?;
+                }
+                let stored = Stored {
+                    path: f.name.clone(),
+                    format: f.format.as_str().into(),
+                    backing: None,
+                };
+                sidecar.files.insert(f.name.clone(), stored);
+            }
+            sidecar.write(image.dir())?;
             let dest = self.image_dir(&local_id);
             let src = image.into_dir();
             fs::rename(&src, &dest).map_err(AdapterError::io("publish", &dest))?;
@@ -102,20 +111,7 @@ impl Adapter for DirAdapter {
             if !dir.is_dir() {
                 return Err(AdapterError::NotFound(local_id.to_string()));
             }
-            seedcast_core::manifest::validate_file_name(file).map_err(|_| {
-                AdapterError::NoSuchFile {
-                    local_id: local_id.to_string(),
-                    file: file.to_string(),
-                }
-            })?;
-            let p = dir.join(file);
-            if !p.is_file() {
-                return Err(AdapterError::NoSuchFile {
-                    local_id: local_id.to_string(),
-                    file: file.to_string(),
-                });
-            }
-            Ok(ReadBack::InPlace(p))
+            local::read_back(dir, local_id, file).await
         })
     }
 
@@ -155,6 +151,8 @@ mod tests {
                 name: name.into(),
                 len: body.len() as u64,
                 mode: 0o644,
+                format: FileFormat::Raw,
+                disk: true,
             }],
         )
     }
