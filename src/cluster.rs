@@ -177,7 +177,7 @@ impl LocalCluster {
         site: &str,
         adapter: &AdapterConfig,
     ) -> Result<(), ClusterError> {
-        let adapter = adapter.build()?;
+        let adapter = adapter.build(&self.root.join("agents").join(site))?;
         self.add_agent_using(site, adapter).await
     }
 

@@ -86,7 +86,7 @@ struct AgentArgs {
     /// This site's name (a-z, 0-9, '-', '_').
     #[arg(long)]
     site: Option<String>,
-    /// The site's local image service: dir or qcow2 (`dir` when only --pool is given).
+    /// The site's local image service: dir, qcow2 or oci (`dir` when only --pool is given).
     #[arg(long)]
     adapter: Option<String>,
     /// dir, qcow2: the pool directory.
@@ -98,6 +98,15 @@ struct AgentArgs {
     /// qcow2: publish updates as overlays on the previous version.
     #[arg(long)]
     overlays: bool,
+    /// oci: the registry, http://HOST:PORT (plain HTTP) or https://HOST[:PORT].
+    #[arg(long)]
+    registry: Option<String>,
+    /// oci: the repository images go to.
+    #[arg(long)]
+    repository: Option<String>,
+    /// oci: a containers auth file (as `skopeo login` / `podman login` write).
+    #[arg(long)]
+    auth_file: Option<PathBuf>,
 }
 
 impl AgentArgs {
@@ -111,6 +120,9 @@ impl AgentArgs {
             pool: self.pool,
             compress: self.compress,
             overlays: self.overlays,
+            registry: self.registry,
+            repository: self.repository,
+            auth_file: self.auth_file,
         };
         let adapter = match self.adapter {
             None if flags == AdapterFlags::default() => None,
@@ -379,7 +391,7 @@ async fn cmd_engine(a: EngineArgs) -> Result<ExitCode> {
 
 async fn cmd_agent(args: AgentArgs) -> Result<ExitCode> {
     let (cfg, adapter) = args.site_config()?.resolve()?;
-    let adapter = adapter.build()?;
+    let adapter = adapter.build(&cfg.data)?;
     let agent = seedcast_agents::Agent::open(cfg, adapter)?;
     agent.run(shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)

@@ -162,6 +162,12 @@ pub trait Adapter: Send + Sync + fmt::Debug {
     /// chunk cache serves instead.
     fn keeps_copies(&self) -> bool;
 
+    /// Does the service answer, with the credentials given? Called when the agent starts,
+    /// so a site whose service is down or refuses says so plainly.
+    fn check(&self) -> BoxFuture<'_, Result<(), AdapterError>> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// Does the image known as `local_id` still exist in the service (an operator may have
     /// deleted it)? Cheap: reads no image bytes.
     fn exists<'a>(&'a self, local_id: &'a str) -> BoxFuture<'a, Result<bool, AdapterError>>;

@@ -82,6 +82,11 @@ impl Agent {
     /// Run until `shutdown` completes or a fatal error (refused, revoked, misconfigured).
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
         tokio::pin!(shutdown);
+        // A site whose service does not answer says so now, not at its first deployment.
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            r = self.adapter.check() => r.map_err(AgentError::Service)?,
+        }
         let creds = tokio::select! {
             _ = &mut shutdown => return Ok(()),
             c = self.credentials() => c?,

@@ -40,6 +40,9 @@ pub enum AgentError {
     Cache(#[from] CacheError),
     #[error(transparent)]
     Adapter(#[from] AdapterError),
+    /// The site's image service does not answer (checked when the agent starts).
+    #[error("the site's image service: {0}")]
+    Service(AdapterError),
     #[error(transparent)]
     Assemble(#[from] AssembleError),
     #[error("cannot reach the engine at {addr}: {why}")]
@@ -92,6 +95,7 @@ impl AgentError {
         match self {
             AgentError::Refused { .. }
             | AgentError::Config(_)
+            | AgentError::Service(_)
             | AgentError::Pki(_)
             | AgentError::Tls(_) => true,
             AgentError::Closed { code, .. } => {

@@ -4,6 +4,7 @@
 //! - [`dir`]: files in a directory pool as they were pushed; each image a directory named
 //!   by a UUID.
 //! - [`qcow2`]: disks as qcow2 files (libvirt/KVM hosts), updates optionally as overlays.
+//! - [`oci`]: an OCI registry, images as KubeVirt containerDisks.
 //! - [`memory`]: images kept in memory, for tests of the agent itself (not a site service).
 //! - [`local`]: what the file-keeping adapters share (sidecar, qcow2 writing, read-back).
 //!
@@ -15,14 +16,16 @@
 pub mod dir;
 pub mod local;
 pub mod memory;
+pub mod oci;
 pub mod qcow2;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::Deserialize;
 
 use crate::adapter::{Adapter, AdapterError};
+pub use oci::OciOptions;
 pub use qcow2::{Compress, Qcow2Options};
 
 /// Options of the `dir` adapter.
@@ -40,10 +43,11 @@ pub struct DirOptions {
 pub enum AdapterConfig {
     Dir(DirOptions),
     Qcow2(Qcow2Options),
+    Oci(OciOptions),
 }
 
 /// The kinds `--adapter` accepts.
-pub const KINDS: &[&str] = &["dir", "qcow2"];
+pub const KINDS: &[&str] = &["dir", "qcow2", "oci"];
 
 /// Every adapter option the command line can give; each kind takes its own.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -54,6 +58,31 @@ pub struct AdapterFlags {
     pub compress: Option<String>,
     /// `--overlays` (qcow2).
     pub overlays: bool,
+    /// `--registry URL` (oci).
+    pub registry: Option<String>,
+    /// `--repository NAME` (oci).
+    pub repository: Option<String>,
+    /// `--auth-file FILE` (oci).
+    pub auth_file: Option<PathBuf>,
+}
+
+impl AdapterFlags {
+    /// The flags given, by name, that `kind` does not take.
+    fn foreign(&self, kind: &str) -> Vec<&'static str> {
+        let given = [
+            ("pool", self.pool.is_some(), &["dir", "qcow2"][..]),
+            ("compress", self.compress.is_some(), &["qcow2"][..]),
+            ("overlays", self.overlays, &["qcow2"][..]),
+            ("registry", self.registry.is_some(), &["oci"][..]),
+            ("repository", self.repository.is_some(), &["oci"][..]),
+            ("auth-file", self.auth_file.is_some(), &["oci"][..]),
+        ];
+        given
+            .into_iter()
+            .filter(|(_, set, kinds)| *set && !kinds.contains(&kind))
+            .map(|(name, _, _)| name)
+            .collect()
+    }
 }
 
 impl AdapterConfig {
@@ -62,50 +91,53 @@ impl AdapterConfig {
         match self {
             AdapterConfig::Dir(_) => "dir",
             AdapterConfig::Qcow2(_) => "qcow2",
+            AdapterConfig::Oci(_) => "oci",
         }
     }
 
     /// From the command line: `--adapter KIND` and that kind's flags (a flag another kind
     /// takes is refused, not ignored).
     pub fn from_flags(kind: &str, flags: AdapterFlags) -> Result<Self, AdapterError> {
-        let pool = |kind: &str| {
-            flags
-                .pool
-                .clone()
-                .ok_or_else(|| AdapterError::Config(format!("the {kind} adapter needs --pool DIR")))
-        };
-        let refuse = |flag: &str| {
-            Err(AdapterError::Config(format!(
+        if !KINDS.contains(&kind) {
+            return Err(AdapterError::Config(format!(
+                "unknown adapter {kind:?} (available: {})",
+                KINDS.join(", ")
+            )));
+        }
+        if let Some(flag) = flags.foreign(kind).first() {
+            return Err(AdapterError::Config(format!(
                 "--{flag} is not an option of the {kind} adapter"
-            )))
+            )));
+        }
+        let need = |v: Option<String>, flag: &str| {
+            v.ok_or_else(|| AdapterError::Config(format!("the {kind} adapter needs --{flag}")))
         };
-        match kind {
-            "dir" => {
-                if flags.compress.is_some() {
-                    return refuse("compress");
-                }
-                if flags.overlays {
-                    return refuse("overlays");
-                }
-                Ok(AdapterConfig::Dir(DirOptions { pool: pool(kind)? }))
-            }
-            "qcow2" => Ok(AdapterConfig::Qcow2(Qcow2Options {
-                pool: pool(kind)?,
+        let pool = flags.pool.map(|p| p.to_string_lossy().into_owned());
+        Ok(match kind {
+            "dir" => AdapterConfig::Dir(DirOptions {
+                pool: need(pool, "pool DIR")?.into(),
+            }),
+            "qcow2" => AdapterConfig::Qcow2(Qcow2Options {
+                pool: need(pool, "pool DIR")?.into(),
                 compress: flags.compress.as_deref().map(str::parse).transpose()?,
                 overlays: flags.overlays,
-            })),
-            other => Err(AdapterError::Config(format!(
-                "unknown adapter {other:?} (available: {})",
-                KINDS.join(", ")
-            ))),
-        }
+            }),
+            _ => AdapterConfig::Oci(OciOptions {
+                registry: need(flags.registry, "registry URL")?,
+                repository: need(flags.repository, "repository NAME")?,
+                auth_file: flags.auth_file,
+            }),
+        })
     }
 
-    /// Build the adapter (creating its pool, sweeping interrupted stagings).
-    pub fn build(&self) -> Result<Arc<dyn Adapter>, AdapterError> {
+    /// Build the adapter (creating its pool, sweeping interrupted stagings). Services that
+    /// keep images elsewhere stage them under `data` (the agent's data directory).
+    pub fn build(&self, data: &Path) -> Result<Arc<dyn Adapter>, AdapterError> {
+        let staging = data.join("staging").join(self.kind());
         Ok(match self {
             AdapterConfig::Dir(o) => Arc::new(dir::DirAdapter::new(o.pool.clone())?),
             AdapterConfig::Qcow2(o) => Arc::new(qcow2::Qcow2Adapter::new(o.clone())?),
+            AdapterConfig::Oci(o) => Arc::new(oci::OciAdapter::new(o.clone(), staging)?),
         })
     }
 }
@@ -133,7 +165,7 @@ mod tests {
         let e = AdapterConfig::from_flags("dir", dir(None)).unwrap_err();
         assert!(e.to_string().contains("--pool"), "{e}");
         let e = AdapterConfig::from_flags("floppy", dir(None)).unwrap_err();
-        assert!(e.to_string().contains("available: dir, qcow2"), "{e}");
+        assert!(e.to_string().contains("available: dir, qcow2, oci"), "{e}");
         let e = AdapterConfig::from_flags(
             "dir",
             AdapterFlags {
@@ -177,7 +209,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let pool = tmp.path().join("pool");
         let a = AdapterConfig::Dir(DirOptions { pool: pool.clone() })
-            .build()
+            .build(tmp.path())
             .unwrap();
         assert_eq!(a.kind(), "dir");
         assert!(pool.join(".staging").is_dir());
