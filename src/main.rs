@@ -86,7 +86,7 @@ struct AgentArgs {
     /// This site's name (a-z, 0-9, '-', '_').
     #[arg(long)]
     site: Option<String>,
-    /// The site's local image service: dir, qcow2 or oci (`dir` when only --pool is given).
+    /// The site's local image service: dir, qcow2, oci or s3 (`dir` when only --pool is given).
     #[arg(long)]
     adapter: Option<String>,
     /// dir, qcow2: the pool directory.
@@ -107,6 +107,15 @@ struct AgentArgs {
     /// oci: a containers auth file (as `skopeo login` / `podman login` write).
     #[arg(long)]
     auth_file: Option<PathBuf>,
+    /// s3: the object store's URL (credentials from the AWS_* environment).
+    #[arg(long)]
+    endpoint: Option<String>,
+    /// s3: the bucket (it must exist).
+    #[arg(long)]
+    bucket: Option<String>,
+    /// s3: a key prefix for every object.
+    #[arg(long)]
+    prefix: Option<String>,
 }
 
 impl AgentArgs {
@@ -123,6 +132,9 @@ impl AgentArgs {
             registry: self.registry,
             repository: self.repository,
             auth_file: self.auth_file,
+            endpoint: self.endpoint,
+            bucket: self.bucket,
+            prefix: self.prefix,
         };
         let adapter = match self.adapter {
             None if flags == AdapterFlags::default() => None,

@@ -4,8 +4,10 @@
 //!
 //! - [`registry`]: the OCI distribution registry (Debian's `docker-registry`), optionally
 //!   with htpasswd auth.
+//! - [`swift`]: OpenStack Swift with `s3api`, an S3-compatible object store.
 
 pub mod registry;
+pub mod swift;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};

@@ -5,6 +5,7 @@
 //!   by a UUID.
 //! - [`qcow2`]: disks as qcow2 files (libvirt/KVM hosts), updates optionally as overlays.
 //! - [`oci`]: an OCI registry, images as KubeVirt containerDisks.
+//! - [`s3`]: an S3-compatible object store, a key prefix per version.
 //! - [`memory`]: images kept in memory, for tests of the agent itself (not a site service).
 //! - [`local`]: what the file-keeping adapters share (sidecar, qcow2 writing, read-back).
 //!
@@ -18,6 +19,7 @@ pub mod local;
 pub mod memory;
 pub mod oci;
 pub mod qcow2;
+pub mod s3;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -27,6 +29,7 @@ use serde::Deserialize;
 use crate::adapter::{Adapter, AdapterError};
 pub use oci::OciOptions;
 pub use qcow2::{Compress, Qcow2Options};
+pub use s3::S3Options;
 
 /// Options of the `dir` adapter.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -44,10 +47,11 @@ pub enum AdapterConfig {
     Dir(DirOptions),
     Qcow2(Qcow2Options),
     Oci(OciOptions),
+    S3(S3Options),
 }
 
 /// The kinds `--adapter` accepts.
-pub const KINDS: &[&str] = &["dir", "qcow2", "oci"];
+pub const KINDS: &[&str] = &["dir", "qcow2", "oci", "s3"];
 
 /// Every adapter option the command line can give; each kind takes its own.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -64,6 +68,12 @@ pub struct AdapterFlags {
     pub repository: Option<String>,
     /// `--auth-file FILE` (oci).
     pub auth_file: Option<PathBuf>,
+    /// `--endpoint URL` (s3).
+    pub endpoint: Option<String>,
+    /// `--bucket NAME` (s3).
+    pub bucket: Option<String>,
+    /// `--prefix P` (s3).
+    pub prefix: Option<String>,
 }
 
 impl AdapterFlags {
@@ -76,6 +86,9 @@ impl AdapterFlags {
             ("registry", self.registry.is_some(), &["oci"][..]),
             ("repository", self.repository.is_some(), &["oci"][..]),
             ("auth-file", self.auth_file.is_some(), &["oci"][..]),
+            ("endpoint", self.endpoint.is_some(), &["s3"][..]),
+            ("bucket", self.bucket.is_some(), &["s3"][..]),
+            ("prefix", self.prefix.is_some(), &["s3"][..]),
         ];
         given
             .into_iter()
@@ -92,6 +105,7 @@ impl AdapterConfig {
             AdapterConfig::Dir(_) => "dir",
             AdapterConfig::Qcow2(_) => "qcow2",
             AdapterConfig::Oci(_) => "oci",
+            AdapterConfig::S3(_) => "s3",
         }
     }
 
@@ -122,10 +136,15 @@ impl AdapterConfig {
                 compress: flags.compress.as_deref().map(str::parse).transpose()?,
                 overlays: flags.overlays,
             }),
-            _ => AdapterConfig::Oci(OciOptions {
+            "oci" => AdapterConfig::Oci(OciOptions {
                 registry: need(flags.registry, "registry URL")?,
                 repository: need(flags.repository, "repository NAME")?,
                 auth_file: flags.auth_file,
+            }),
+            _ => AdapterConfig::S3(S3Options {
+                endpoint: need(flags.endpoint, "endpoint URL")?,
+                bucket: need(flags.bucket, "bucket NAME")?,
+                prefix: flags.prefix,
             }),
         })
     }
@@ -138,6 +157,7 @@ impl AdapterConfig {
             AdapterConfig::Dir(o) => Arc::new(dir::DirAdapter::new(o.pool.clone())?),
             AdapterConfig::Qcow2(o) => Arc::new(qcow2::Qcow2Adapter::new(o.clone())?),
             AdapterConfig::Oci(o) => Arc::new(oci::OciAdapter::new(o.clone(), staging)?),
+            AdapterConfig::S3(o) => Arc::new(s3::S3Adapter::new(o.clone(), staging)?),
         })
     }
 }
@@ -165,7 +185,10 @@ mod tests {
         let e = AdapterConfig::from_flags("dir", dir(None)).unwrap_err();
         assert!(e.to_string().contains("--pool"), "{e}");
         let e = AdapterConfig::from_flags("floppy", dir(None)).unwrap_err();
-        assert!(e.to_string().contains("available: dir, qcow2, oci"), "{e}");
+        assert!(
+            e.to_string().contains("available: dir, qcow2, oci, s3"),
+            "{e}"
+        );
         let e = AdapterConfig::from_flags(
             "dir",
             AdapterFlags {
