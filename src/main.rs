@@ -86,7 +86,8 @@ struct AgentArgs {
     /// This site's name (a-z, 0-9, '-', '_').
     #[arg(long)]
     site: Option<String>,
-    /// The site's local image service: dir, qcow2, oci or s3 (`dir` when only --pool is given).
+    /// The site's local image service: dir, qcow2, glance, oci or s3 (`dir` when only --pool
+    /// is given).
     #[arg(long)]
     adapter: Option<String>,
     /// dir, qcow2: the pool directory.
@@ -116,6 +117,15 @@ struct AgentArgs {
     /// s3: a key prefix for every object.
     #[arg(long)]
     prefix: Option<String>,
+    /// glance: Glance's URL (default: from the Keystone service catalog).
+    #[arg(long)]
+    url: Option<String>,
+    /// glance: authenticate with this clouds.yaml entry (default: the OS_* variables).
+    #[arg(long)]
+    os_cloud: Option<String>,
+    /// glance: upload disks as raw or qcow2 (default qcow2).
+    #[arg(long)]
+    disk_format: Option<String>,
 }
 
 impl AgentArgs {
@@ -135,6 +145,9 @@ impl AgentArgs {
             endpoint: self.endpoint,
             bucket: self.bucket,
             prefix: self.prefix,
+            url: self.url,
+            os_cloud: self.os_cloud,
+            disk_format: self.disk_format,
         };
         let adapter = match self.adapter {
             None if flags == AdapterFlags::default() => None,

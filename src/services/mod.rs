@@ -5,7 +5,9 @@
 //! - [`registry`]: the OCI distribution registry (Debian's `docker-registry`), optionally
 //!   with htpasswd auth.
 //! - [`swift`]: OpenStack Swift with `s3api`, an S3-compatible object store.
+//! - [`openstack`]: Glance, alone or behind a real Keystone.
 
+pub mod openstack;
 pub mod registry;
 pub mod swift;
 

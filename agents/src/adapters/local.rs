@@ -131,6 +131,50 @@ pub(crate) async fn read_back(
     Ok(ReadBack::InPlace(p))
 }
 
+/// A file as a stream of chunks of `size` bytes, for an upload that keeps one chunk in
+/// memory at a time.
+pub(crate) fn file_chunks(
+    file: tokio::fs::File,
+    size: usize,
+) -> impl futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static {
+    use tokio::io::AsyncReadExt;
+    futures::stream::unfold(Some(file), move |state| async move {
+        let mut f = state?;
+        let mut buf = vec![0u8; size];
+        let mut n = 0;
+        while n < buf.len() {
+            match f.read(&mut buf[n..]).await {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) => return Some((Err(e), None)),
+            }
+        }
+        if n == 0 {
+            return None;
+        }
+        buf.truncate(n);
+        Some((Ok(bytes::Bytes::from(buf)), Some(f)))
+    })
+}
+
+/// SHA-256 and SHA-512 of a file (hex), read once. Blocking.
+pub(crate) fn sha256_sha512(p: &Path) -> Result<(String, String), AdapterError> {
+    use sha2::Digest;
+    use std::io::Read;
+    let (mut a, mut b) = (sha2::Sha256::new(), sha2::Sha512::new());
+    let mut f = fs::File::open(p).map_err(AdapterError::io("open", p))?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(AdapterError::io("read", p))?;
+        if n == 0 {
+            break;
+        }
+        a.update(&buf[..n]);
+        b.update(&buf[..n]);
+    }
+    Ok((hex::encode(a.finalize()), hex::encode(b.finalize())))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,6 +6,7 @@
 //! - [`qcow2`]: disks as qcow2 files (libvirt/KVM hosts), updates optionally as overlays.
 //! - [`oci`]: an OCI registry, images as KubeVirt containerDisks.
 //! - [`s3`]: an S3-compatible object store, a key prefix per version.
+//! - [`glance`]: OpenStack Glance (Keystone auth), an image per file, the disk's id.
 //! - [`memory`]: images kept in memory, for tests of the agent itself (not a site service).
 //! - [`local`]: what the file-keeping adapters share (sidecar, qcow2 writing, read-back).
 //!
@@ -15,6 +16,7 @@
 //! refused).
 
 pub mod dir;
+pub mod glance;
 pub mod local;
 pub mod memory;
 pub mod oci;
@@ -27,6 +29,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::adapter::{Adapter, AdapterError};
+pub use glance::{DiskFormat, GlanceOptions};
 pub use oci::OciOptions;
 pub use qcow2::{Compress, Qcow2Options};
 pub use s3::S3Options;
@@ -48,10 +51,11 @@ pub enum AdapterConfig {
     Qcow2(Qcow2Options),
     Oci(OciOptions),
     S3(S3Options),
+    Glance(GlanceOptions),
 }
 
 /// The kinds `--adapter` accepts.
-pub const KINDS: &[&str] = &["dir", "qcow2", "oci", "s3"];
+pub const KINDS: &[&str] = &["dir", "qcow2", "glance", "oci", "s3"];
 
 /// Every adapter option the command line can give; each kind takes its own.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -74,6 +78,12 @@ pub struct AdapterFlags {
     pub bucket: Option<String>,
     /// `--prefix P` (s3).
     pub prefix: Option<String>,
+    /// `--url URL` (glance).
+    pub url: Option<String>,
+    /// `--os-cloud NAME` (glance).
+    pub os_cloud: Option<String>,
+    /// `--disk-format raw|qcow2` (glance).
+    pub disk_format: Option<String>,
 }
 
 impl AdapterFlags {
@@ -89,6 +99,9 @@ impl AdapterFlags {
             ("endpoint", self.endpoint.is_some(), &["s3"][..]),
             ("bucket", self.bucket.is_some(), &["s3"][..]),
             ("prefix", self.prefix.is_some(), &["s3"][..]),
+            ("url", self.url.is_some(), &["glance"][..]),
+            ("os-cloud", self.os_cloud.is_some(), &["glance"][..]),
+            ("disk-format", self.disk_format.is_some(), &["glance"][..]),
         ];
         given
             .into_iter()
@@ -106,6 +119,7 @@ impl AdapterConfig {
             AdapterConfig::Qcow2(_) => "qcow2",
             AdapterConfig::Oci(_) => "oci",
             AdapterConfig::S3(_) => "s3",
+            AdapterConfig::Glance(_) => "glance",
         }
     }
 
@@ -141,10 +155,20 @@ impl AdapterConfig {
                 repository: need(flags.repository, "repository NAME")?,
                 auth_file: flags.auth_file,
             }),
-            _ => AdapterConfig::S3(S3Options {
+            "s3" => AdapterConfig::S3(S3Options {
                 endpoint: need(flags.endpoint, "endpoint URL")?,
                 bucket: need(flags.bucket, "bucket NAME")?,
                 prefix: flags.prefix,
+            }),
+            _ => AdapterConfig::Glance(GlanceOptions {
+                url: flags.url,
+                os_cloud: flags.os_cloud,
+                disk_format: flags
+                    .disk_format
+                    .as_deref()
+                    .map(str::parse)
+                    .transpose()?
+                    .unwrap_or_default(),
             }),
         })
     }
@@ -158,6 +182,7 @@ impl AdapterConfig {
             AdapterConfig::Qcow2(o) => Arc::new(qcow2::Qcow2Adapter::new(o.clone())?),
             AdapterConfig::Oci(o) => Arc::new(oci::OciAdapter::new(o.clone(), staging)?),
             AdapterConfig::S3(o) => Arc::new(s3::S3Adapter::new(o.clone(), staging)?),
+            AdapterConfig::Glance(o) => Arc::new(glance::GlanceAdapter::new(o.clone(), staging)?),
         })
     }
 }

@@ -37,6 +37,8 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::adapter::{Adapter, AdapterError, AssembledFile, AssembledImage, ReadBack};
+use crate::adapters::local::file_chunks;
+use futures::TryStreamExt;
 
 const LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 const CONFIG_JSON: &str = "application/vnd.oci.image.config.v1+json";
@@ -256,30 +258,6 @@ fn build_layer(image_dir: &Path, f: &AssembledFile, work: &Path) -> Result<Layer
     })
 }
 
-/// A staged file as a stream of chunks for upload: one chunk in memory at a time.
-fn file_stream(
-    file: tokio::fs::File,
-) -> impl futures::Stream<Item = oci_client::errors::Result<bytes::Bytes>> + Send + 'static {
-    use tokio::io::AsyncReadExt;
-    futures::stream::unfold(Some(file), |state| async move {
-        let mut f = state?;
-        let mut buf = vec![0u8; UPLOAD_CHUNK];
-        let mut n = 0;
-        while n < buf.len() {
-            match f.read(&mut buf[n..]).await {
-                Ok(0) => break,
-                Ok(k) => n += k,
-                Err(e) => return Some((Err(e.into()), None)),
-            }
-        }
-        if n == 0 {
-            return None;
-        }
-        buf.truncate(n);
-        Some((Ok(bytes::Bytes::from(buf)), Some(f)))
-    })
-}
-
 impl OciAdapter {
     /// An adapter for `opts`, staging layers under `staging`. Makes no request: see
     /// [`Adapter::check`].
@@ -371,7 +349,12 @@ impl OciAdapter {
             .await
             .map_err(AdapterError::io("open", &l.path))?;
         self.client
-            .push_blob_stream(r, file_stream(f), &l.digest, Some(l.size))
+            .push_blob_stream(
+                r,
+                file_chunks(f, UPLOAD_CHUNK).map_err(OciDistributionError::from),
+                &l.digest,
+                Some(l.size),
+            )
             .await
             .map_err(|e| service(&format!("upload of {}", l.file), e))?;
         Ok(())
@@ -524,13 +507,18 @@ impl OciAdapter {
             })?;
         let tar = tempfile::NamedTempFile::new_in(&self.staging)
             .map_err(AdapterError::io("create", &self.staging))?;
-        let out = tokio::fs::File::create(tar.path())
+        let mut out = tokio::fs::File::create(tar.path())
             .await
             .map_err(AdapterError::io("create", tar.path()))?;
         self.client
-            .pull_blob(&self.reference(local_id), layer, out)
+            .pull_blob(&self.reference(local_id), layer, &mut out)
             .await
             .map_err(|e| service(&format!("download of {file}"), e))?;
+        // tokio writes in the background: all of it must be in the file before it is read.
+        tokio::io::AsyncWriteExt::flush(&mut out)
+            .await
+            .map_err(AdapterError::io("write", tar.path()))?;
+        drop(out);
         let staging = self.staging.clone();
         let tar_path = tar.path().to_path_buf();
         let rb = tokio::task::spawn_blocking(move || unpack(&tar_path, &staging)).await??;

@@ -22,7 +22,6 @@ use object_store::path::Path as Key;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use seedcast_core::manifest::FileFormat;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::adapter::{Adapter, AdapterError, AssembledImage, ReadBack};
 
@@ -74,22 +73,6 @@ fn service(opts: &S3Options, what: &str, e: impl std::fmt::Display) -> AdapterEr
         "S3 store {} (bucket {}): {what}: {e}",
         opts.endpoint, opts.bucket
     ))
-}
-
-/// SHA-256 of a file, read in blocks. Blocking.
-fn sha256_file(p: &Path) -> Result<String, AdapterError> {
-    use std::io::Read;
-    let mut h = Sha256::new();
-    let mut f = std::fs::File::open(p).map_err(AdapterError::io("open", p))?;
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(AdapterError::io("read", p))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
 }
 
 /// An access key and its secret, when not taken from the environment.
@@ -254,7 +237,9 @@ impl S3Adapter {
                 staged
             };
             let s2 = src.clone();
-            let sha256 = tokio::task::spawn_blocking(move || sha256_file(&s2)).await??;
+            let (sha256, _) =
+                tokio::task::spawn_blocking(move || crate::adapters::local::sha256_sha512(&s2))
+                    .await??;
             let key = Key::from(format!("{prefix}/{}", f.name));
             let size = self.upload(&src, &key).await?;
             files.insert(
@@ -335,6 +320,11 @@ impl S3Adapter {
                 .await
                 .map_err(AdapterError::io("write", &out))?;
         }
+        // tokio writes in the background: all of it must be in the file before it is read.
+        tokio::io::AsyncWriteExt::flush(&mut w)
+            .await
+            .map_err(AdapterError::io("write", &out))?;
+        drop(w);
         if o.format != FileFormat::Qcow2.as_str() {
             return Ok(ReadBack::Downloaded(out));
         }
