@@ -289,7 +289,7 @@ enum Cmd {
     /// Run the engine (the management node).
     Engine(EngineArgs),
     /// Run a site's agent (settings from --config FILE, each overridden by its flag).
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Register an image (a set of files) and distribute it; prints its global id.
     Push(PushArgs),
     /// Send an adaptation block: the next version of an image, made by these changes (applied
@@ -539,7 +539,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     init_logs(cli.log.as_deref(), default_log);
     match cli.cmd {
         Cmd::Engine(a) => cmd_engine(a).await,
-        Cmd::Agent(a) => cmd_agent(a).await,
+        Cmd::Agent(a) => cmd_agent(*a).await,
         Cmd::Push(a) => cmd_push(a).await,
         Cmd::Adapt(a) => cmd_adapt(a).await,
         Cmd::History(a) => cmd_history(a).await,
