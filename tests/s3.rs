@@ -153,3 +153,51 @@ async fn a_missing_bucket_or_an_absent_store_is_named() -> Result<()> {
     drop(swift);
     Ok(())
 }
+
+/// The store refuses mid-life (its bucket is gone): the placement fails with the store's
+/// words in `status`, nothing of the version stays in the store, and the engine tries the
+/// site again by itself once the store answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_refuses_is_named_in_status_and_the_site_is_retried() -> Result<()> {
+    let swift = Swift::start()?;
+    swift.create_bucket("vms")?;
+    with_cluster(&[], async |cluster| {
+        let a = adapter(&swift, "vms", &cluster.root.join("s3-staging"))?;
+        cluster.add_agent_using("objects", Arc::new(a)).await?;
+        cluster.wait_connected(1, Duration::from_secs(30)).await?;
+        swift.aws(&["s3api", "delete-bucket", "--bucket", "vms"])?;
+        let files = image(&cluster.root.join("img"))?;
+        let client = cluster.client().await?;
+        let c = client
+            .push(
+                &seedcast::client::PushOptions::new("retry", files.clone()),
+                |_| {},
+            )
+            .await?;
+        let s = client.watch(&c.global_id, 1, |_| {}).await?;
+        let p = &s.sites[0];
+        ensure!(p.state == PlacementState::Failed, "{p:?}");
+        let error = p.error.clone().unwrap_or_default();
+        ensure!(
+            error.contains("S3 store")
+                && error.contains("bucket vms")
+                && error.contains("NoSuchBucket"),
+            "{error}"
+        );
+        // The store answers again: the engine retries by itself (after 2 s, then 4 s …).
+        swift.create_bucket("vms")?;
+        let s = cluster
+            .wait_published(
+                &client,
+                &c.global_id,
+                1,
+                &["objects"],
+                Duration::from_secs(60),
+            )
+            .await?;
+        check_bucket(&swift, &s, &files, &cluster.root.join("get"))?;
+        client.close().await;
+        Ok(())
+    })
+    .await
+}

@@ -8,8 +8,10 @@
 //! simply deploys every placement not yet published; anything a crash interrupted is
 //! redone, and chunks the agent verified before are not asked for again.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use quinn::{Connection, SendStream};
@@ -58,42 +60,97 @@ pub(crate) struct SiteLink<'a> {
     pub held: Held,
 }
 
-/// Deploy whatever belongs at the site, then wait for more (`wake`), until the session
-/// ends.
+/// Deploy whatever belongs at the site, then wait for more (`wake`) or for a failed
+/// deployment's next try, until the session ends.
 pub(crate) async fn site_worker(
     shared: &Arc<Shared>,
     mut link: SiteLink<'_>,
     wake: &Notify,
 ) -> Result<(), DeployError> {
-    // On (re)connect, failed placements get another try; afterwards only new work.
-    let mut retry_failed = true;
+    // A new session knows of no earlier try: what failed before is tried again at once.
+    let mut retries = Retries::default();
     loop {
-        let work = pending_work(shared.catalog.placements_at(link.site)?, retry_failed);
-        retry_failed = false;
+        let placements = shared.catalog.placements_at(link.site)?;
+        let work = pending_work(placements, &retries, Instant::now());
         if work.is_empty() {
-            wake.notified().await;
+            match retries.next_due() {
+                Some(at) => tokio::select! {
+                    _ = wake.notified() => {}
+                    _ = tokio::time::sleep_until(at.into()) => {}
+                },
+                None => wake.notified().await,
+            }
             continue;
         }
         for (g, version) in work {
-            deploy(shared, &mut link, g, version).await?;
+            match deploy(shared, &mut link, g, version).await? {
+                Ended::Published => retries.forget(&g, version),
+                Ended::Failed => retries.failed(g, version, Instant::now()),
+            }
         }
     }
 }
 
-/// Placements that are not yet what they should be.
+/// When failed deployments at one site are tried again: 2 s after the first failure,
+/// doubling to at most 5 minutes, so a service that is away for a while is not hammered
+/// and one that comes back is used soon.
+#[derive(Debug, Default)]
+struct Retries {
+    /// By (image, version): failures so far and when the next try is due.
+    next: HashMap<(GlobalId, u32), (u32, Instant)>,
+}
+
+impl Retries {
+    const FIRST: Duration = Duration::from_secs(2);
+    const MAX: Duration = Duration::from_secs(300);
+
+    fn failed(&mut self, g: GlobalId, version: u32, now: Instant) {
+        let n = self.next.get(&(g, version)).map_or(0, |(n, _)| *n) + 1;
+        let wait = Self::FIRST
+            .saturating_mul(1 << (n - 1).min(16))
+            .min(Self::MAX);
+        self.next.insert((g, version), (n, now + wait));
+    }
+
+    fn forget(&mut self, g: &GlobalId, version: u32) {
+        self.next.remove(&(*g, version));
+    }
+
+    /// Is a failed placement's next try due (one this session has not tried is)?
+    fn due(&self, g: &GlobalId, version: u32, now: Instant) -> bool {
+        self.next
+            .get(&(*g, version))
+            .is_none_or(|(_, at)| *at <= now)
+    }
+
+    /// The earliest next try.
+    fn next_due(&self) -> Option<Instant> {
+        self.next.values().map(|(_, at)| *at).min()
+    }
+}
+
+/// Placements that are not yet what they should be (failed ones when their try is due).
 fn pending_work(
     placements: Vec<(GlobalId, PlacementRecord)>,
-    retry_failed: bool,
+    retries: &Retries,
+    now: Instant,
 ) -> Vec<(GlobalId, u32)> {
     placements
         .into_iter()
-        .filter(|(_, p)| match p.state {
+        .filter(|(g, p)| match p.state {
             PlacementState::Published => p.published_version != Some(p.version),
-            PlacementState::Failed => retry_failed,
+            PlacementState::Failed => retries.due(g, p.version, now),
             PlacementState::Pending | PlacementState::Transferring => true,
         })
         .map(|(g, p)| (g, p.version))
         .collect()
+}
+
+/// How one deployment ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    Published,
+    Failed,
 }
 
 fn update_placement(
@@ -128,14 +185,14 @@ async fn deploy(
     link: &mut SiteLink<'_>,
     g: GlobalId,
     version: u32,
-) -> Result<(), DeployError> {
+) -> Result<Ended, DeployError> {
     let site = link.site;
     let Some(mrec) = shared.catalog.manifest(&g, version)? else {
         update_placement(shared, &g, site, |p| {
             p.state = PlacementState::Failed;
             p.error = Some(format!("manifest of version {version} is missing"));
         })?;
-        return Ok(());
+        return Ok(Ended::Failed);
     };
     update_placement(shared, &g, site, |p| {
         p.state = PlacementState::Transferring;
@@ -177,7 +234,7 @@ fn record(
     outcome: Outcome,
     bytes_sent: u64,
     wire: u64,
-) -> Result<(), DeployError> {
+) -> Result<Ended, DeployError> {
     let site = link.site;
     match outcome {
         Outcome::Published {
@@ -201,6 +258,7 @@ fn record(
                 p.wire_bytes = wire;
                 p.error = None;
             })?;
+            Ok(Ended::Published)
         }
         Outcome::Failed { error } => {
             warn!(site, global_id = %g, "deployment failed: {error}");
@@ -210,9 +268,9 @@ fn record(
                 p.bytes_sent = bytes_sent;
                 p.wire_bytes = wire;
             })?;
+            Ok(Ended::Failed)
         }
     }
-    Ok(())
 }
 
 /// What woke the driver.
@@ -359,7 +417,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pending_work_is_what_is_not_yet_published_and_failures_only_on_reconnect() {
+    fn pending_work_is_what_is_not_yet_published_and_failures_when_their_try_is_due() {
         let at = |state, version, published| {
             let mut p = PlacementRecord::pending(version);
             p.state = state;
@@ -374,7 +432,35 @@ mod tests {
             at(PlacementState::Failed, 5, None),
         ];
         let versions = |v: Vec<(GlobalId, u32)>| v.into_iter().map(|(_, v)| v).collect::<Vec<_>>();
-        assert_eq!(versions(pending_work(placements.clone(), false)), [2, 3, 4]);
-        assert_eq!(versions(pending_work(placements, true)), [2, 3, 4, 5]);
+        let now = Instant::now();
+        // A new session tries what failed before at once.
+        let mut r = Retries::default();
+        assert_eq!(
+            versions(pending_work(placements.clone(), &r, now)),
+            [2, 3, 4, 5]
+        );
+        // After this session's try failed: not again until its time comes.
+        r.failed(GlobalId([5; 12]), 5, now);
+        assert_eq!(
+            versions(pending_work(placements.clone(), &r, now)),
+            [2, 3, 4]
+        );
+        let later = now + Duration::from_secs(3);
+        assert_eq!(versions(pending_work(placements, &r, later)), [2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn failed_tries_back_off_from_two_seconds_to_five_minutes() {
+        let (g, t0) = (GlobalId([1; 12]), Instant::now());
+        let mut r = Retries::default();
+        let mut waits = Vec::new();
+        for _ in 0..10 {
+            r.failed(g, 1, t0);
+            waits.push((r.next_due().unwrap() - t0).as_secs());
+        }
+        assert_eq!(waits, [2, 4, 8, 16, 32, 64, 128, 256, 300, 300]);
+        r.forget(&g, 1);
+        assert_eq!(r.next_due(), None);
+        assert!(r.due(&g, 1, t0));
     }
 }

@@ -222,6 +222,25 @@ impl S3Adapter {
 
     async fn publish_image(&self, image: AssembledImage) -> Result<String, AdapterError> {
         let prefix = self.version_prefix(&image.global_id.to_string(), image.version);
+        let mut uploaded = Vec::new();
+        let r = self.publish_objects(&image, &prefix, &mut uploaded).await;
+        if r.is_err() {
+            // Nothing half-written stays: the objects of a version that failed go again.
+            for key in uploaded {
+                let _ = self.store.delete(&key).await;
+            }
+        }
+        r
+    }
+
+    /// Upload every file of `image` under `prefix` (each key into `uploaded` once it is
+    /// there), then the version's manifest object.
+    async fn publish_objects(
+        &self,
+        image: &AssembledImage,
+        prefix: &str,
+        uploaded: &mut Vec<Key>,
+    ) -> Result<String, AdapterError> {
         let mut files = std::collections::BTreeMap::new();
         for f in &image.files {
             let staged = image.file_path(&f.name);
@@ -241,6 +260,7 @@ impl S3Adapter {
                 tokio::task::spawn_blocking(move || crate::adapters::local::sha256_sha512(&s2))
                     .await??;
             let key = Key::from(format!("{prefix}/{}", f.name));
+            uploaded.push(key.clone());
             let size = self.upload(&src, &key).await?;
             files.insert(
                 f.name.clone(),
@@ -265,7 +285,7 @@ impl S3Adapter {
             .put(&key, PutPayload::from(body))
             .await
             .map_err(|e| self.err(&format!("PUT {key}"), e))?;
-        Ok(prefix)
+        Ok(prefix.to_string())
     }
 
     /// The version's manifest object, or `None` when the version does not exist.
