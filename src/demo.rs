@@ -1,7 +1,11 @@
 //! `seedcast demo`: the main job on embedded defaults. An engine and three agents on
 //! loopback in a temporary directory; a generated image of a few hundred MiB pushed to all
 //! three; an adaptation block applied to it; the mapping and the bytes moved printed; every
-//! site's copy checked byte for byte after each step.
+//! site's copy read back through its service and checked byte for byte after each step.
+//!
+//! The sites are three directory pools unless `adapters` names other kinds: then the real
+//! services they need (an OCI registry, Swift, Keystone and Glance) are started here too,
+//! and the mapping shows each service's own kind of local id under the one global id.
 
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
@@ -13,6 +17,8 @@ use seedcast_core::protocol::{ImageStatus, PlacementState, SitePlacement};
 use crate::client::{Change, Client, ClientError, PushOptions};
 use crate::cluster::{ClusterError, LocalCluster, file_hash};
 use crate::output::{human_bytes, image_table};
+use crate::services::ServiceError;
+use crate::services::sites::{SiteKind, SiteServices, site_names};
 use crate::synth;
 
 #[derive(Debug, Clone)]
@@ -21,7 +27,8 @@ pub struct DemoOptions {
     pub dir: Option<PathBuf>,
     /// Size of the generated disk image. 256 MiB.
     pub disk_mib: u64,
-    pub sites: Vec<String>,
+    /// One site per entry, of that kind.
+    pub adapters: Vec<SiteKind>,
 }
 
 impl Default for DemoOptions {
@@ -29,7 +36,7 @@ impl Default for DemoOptions {
         DemoOptions {
             dir: None,
             disk_mib: 256,
-            sites: vec!["site-a".into(), "site-b".into(), "site-c".into()],
+            adapters: vec![SiteKind::Dir; 3],
         }
     }
 }
@@ -40,6 +47,8 @@ pub enum DemoError {
     Cluster(#[from] ClusterError),
     #[error(transparent)]
     Client(#[from] ClientError),
+    #[error(transparent)]
+    Service(#[from] ServiceError),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -99,11 +108,13 @@ async fn check_sites(
             }
             Some((ok, allocated)) => {
                 identical &= ok;
+                let dir = cluster.agent(&p.site).adapter.kind() == "dir";
                 let verdict = match (ok, what) {
-                    (true, "image") => format!(
+                    (true, "image") if dir => format!(
                         "byte-identical — {} on disk (holes kept sparse)",
                         human_bytes(allocated)
                     ),
+                    (true, "image") => "byte-identical, read back through its service".into(),
                     (false, "image") => "DIFFERS".to_string(),
                     (true, _) => "byte-identical to the same change made locally".into(),
                     (false, _) => "DIFFERS from the same change made locally".into(),
@@ -276,18 +287,50 @@ fn made_locally(
     Ok(expected)
 }
 
-/// Run the demo, narrating to `out`.
-pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<DemoReport, DemoError> {
-    let sites: Vec<&str> = opts.sites.iter().map(String::as_str).collect();
-    let cluster = LocalCluster::start(opts.dir.clone(), &sites).await?;
+/// Start the services `opts.adapters` need, an engine, and an agent per site.
+async fn start(
+    opts: &DemoOptions,
+    out: &mut (dyn Write + Send),
+) -> Result<(LocalCluster, SiteServices), DemoError> {
+    for k in &opts.adapters {
+        k.check_installed()?;
+    }
+    let remote = opts
+        .adapters
+        .iter()
+        .any(|k| matches!(k, SiteKind::Oci | SiteKind::S3 | SiteKind::Glance));
+    if remote {
+        writeln!(out, "starting the sites' image services on 127.0.0.1 …")?;
+    }
+    let kinds = opts.adapters.clone();
+    let services = tokio::task::spawn_blocking(move || SiteServices::start(&kinds))
+        .await
+        .map_err(std::io::Error::other)??;
+    let mut cluster = LocalCluster::start(opts.dir.clone(), &[]).await?;
+    let names = site_names(&opts.adapters);
+    for (name, kind) in names.iter().zip(&opts.adapters) {
+        services.add_site(&mut cluster, name, *kind).await?;
+    }
+    cluster
+        .wait_connected(names.len(), Duration::from_secs(60))
+        .await?;
     writeln!(
         out,
-        "seedcast demo: engine on {} with {} agents ({}), data in {}",
+        "seedcast demo: engine on {} with {} agents, data in {}",
         cluster.engine_addr,
-        sites.len(),
-        sites.join(", "),
+        names.len(),
         cluster.root.display()
     )?;
+    for (name, kind) in names.iter().zip(&opts.adapters) {
+        writeln!(out, "  {name}: {}", kind.service())?;
+    }
+    Ok((cluster, services))
+}
+
+/// Run the demo, narrating to `out`.
+pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<DemoReport, DemoError> {
+    let (cluster, _services) = start(&opts, out).await?;
+    let n_sites = cluster.agents.len();
     let (files, data) = make_image(&cluster.root.join("image"), opts.disk_mib)?;
     writeln!(
         out,
@@ -301,7 +344,7 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<Demo
     writeln!(
         out,
         "\npush + distribute to {} sites: {:.2} s",
-        sites.len(),
+        n_sites,
         took.as_secs_f64()
     )?;
     write!(out, "{}", image_table(&first))?;
@@ -312,7 +355,7 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<Demo
         human_bytes(first.data_len),
         joined(&first.sites, |p| p.bytes_sent)
     )?;
-    let mut identical = first.sites.len() == sites.len();
+    let mut identical = first.sites.len() == n_sites;
     identical &= check_sites(&cluster, &first, &hashes(&files)?, out, "image").await?;
 
     let (adapted, expected) = adapt(&cluster, &client, &first, &files, opts.disk_mib, out).await?;

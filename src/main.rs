@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use seedcast::client::{Change, Client, PushOptions};
 use seedcast::output;
+use seedcast::services::sites::SiteKind;
 use seedcast_agents::SiteConfig;
 use seedcast_agents::adapters::{AdapterConfig, AdapterFlags};
 use seedcast_core::GlobalId;
@@ -282,6 +283,10 @@ struct DemoArgs {
     /// Size of the generated disk image in MiB.
     #[arg(long, default_value_t = 256)]
     disk_mib: u64,
+    /// One site per entry, of that kind (dir, qcow2, oci, s3, glance; `all` for one of
+    /// each). The services they need are started on 127.0.0.1 for the demo.
+    #[arg(long, value_delimiter = ',', default_value = "dir,dir,dir")]
+    adapters: Vec<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -517,10 +522,20 @@ async fn cmd_demo(a: DemoArgs) -> Result<ExitCode> {
     if a.disk_mib == 0 {
         bail!("--disk-mib must be at least 1");
     }
+    let mut adapters = Vec::new();
+    for name in &a.adapters {
+        match name.as_str() {
+            "all" => adapters.extend(SiteKind::ALL),
+            n => adapters.push(n.parse::<SiteKind>().map_err(anyhow::Error::msg)?),
+        }
+    }
+    if adapters.is_empty() {
+        bail!("--adapters names no site");
+    }
     let opts = seedcast::demo::DemoOptions {
         dir: a.dir,
         disk_mib: a.disk_mib,
-        ..Default::default()
+        adapters,
     };
     let report = seedcast::demo::run(opts, &mut std::io::stdout()).await?;
     Ok(if report.identical {

@@ -98,13 +98,23 @@ pub fn image_table(s: &ImageStatus) -> String {
         human_bytes(s.total_len),
         human_bytes(s.data_len)
     );
+    // Columns as wide as their longest entry: local ids range from a UUID to an OCI
+    // digest; site names are the operator's.
+    let w = |f: &dyn Fn(&SitePlacement) -> usize, min: usize| {
+        s.sites.iter().map(f).chain([min]).max().unwrap_or(min)
+    };
+    let site_w = w(&|p| p.site.chars().count(), 12);
+    let id_w = w(
+        &|p| p.local_id.as_deref().map_or(1, |l| l.chars().count()),
+        38,
+    );
     out += &format!(
-        "  {:<12} {:<38} {:>7} {:<13} {:>12} {:>12}\n",
+        "  {:<site_w$} {:<id_w$} {:>7} {:<13} {:>12} {:>12}\n",
         "SITE", "LOCAL ID", "VERSION", "STATE", "BYTES SENT", "ON THE WIRE"
     );
     for p in &s.sites {
         out += &format!(
-            "  {:<12} {:<38} {:>7} {:<13} {:>12} {:>12}{}\n",
+            "  {:<site_w$} {:<id_w$} {:>7} {:<13} {:>12} {:>12}{}\n",
             p.site,
             p.local_id.as_deref().unwrap_or("-"),
             p.version,

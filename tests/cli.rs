@@ -356,6 +356,47 @@ fn demo_runs_and_checks_every_copy() -> Result<()> {
 }
 
 #[test]
+fn demo_translates_into_qcow2_and_a_registry() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let out = Command::new(BIN)
+        .args(["demo", "--disk-mib", "16", "--adapters", "dir,qcow2,oci"])
+        .args(["--dir", dir.path().to_str().unwrap()])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "demo failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("demo OK"), "{text}");
+    // Each service's own kind of local id: a version path for qcow2, a digest for OCI.
+    let row = |site: &str| {
+        text.lines()
+            .filter(|l| l.trim_start().starts_with(&format!("{site} ")))
+            .map(|l| l.split_whitespace().nth(1).unwrap_or("").to_string())
+            .collect::<Vec<_>>()
+    };
+    let (qcow2, oci) = (row("qcow2"), row("oci"));
+    assert!(qcow2.iter().any(|id| id.ends_with("/v2")), "{text}");
+    assert!(
+        oci.iter()
+            .any(|id| id.starts_with("sha256:") && id.len() == 71),
+        "{text}"
+    );
+    assert_eq!(
+        text.matches("read back through its service").count(),
+        2,
+        "{text}"
+    );
+
+    let out = run(&["demo", "--adapters", "dir,nfs"], &[])?;
+    ensure!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(err.contains("unknown adapter \"nfs\""), "{err}");
+    Ok(())
+}
+
+#[test]
 fn agent_settings_that_are_wrong_or_missing_are_named() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let bad = dir.path().join("site.toml");

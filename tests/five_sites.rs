@@ -7,95 +7,22 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use common::{push_wait, with_cluster};
 use seedcast::client::Change;
 use seedcast::cluster::{LocalCluster, file_hash};
-use seedcast::services::openstack::Glance;
-use seedcast::services::registry::Registry;
-use seedcast::services::swift::Swift;
+use seedcast::services::sites::{SiteKind, SiteServices};
 use seedcast::synth;
-use seedcast_agents::adapters::glance::GlanceAdapter;
-use seedcast_agents::adapters::glance::keystone::AuthConfig;
-use seedcast_agents::adapters::s3::{Credentials, S3Adapter};
-use seedcast_agents::adapters::{
-    AdapterConfig, DirOptions, DiskFormat, GlanceOptions, OciOptions, Qcow2Options, S3Options,
-};
 use seedcast_core::protocol::{ImageStatus, PlacementState};
 use seedcast_qemu::{ConvertOptions, Format, convert};
 
-/// The real services, started side by side.
-struct Services {
-    glance: Glance,
-    registry: Registry,
-    swift: Swift,
-}
-
-fn start_services() -> Result<Services> {
-    std::thread::scope(|s| {
-        let g = s.spawn(Glance::start_with_keystone);
-        let sw = s.spawn(Swift::start);
-        let registry = Registry::start(true)?;
-        let glance = g.join().expect("glance thread")?;
-        let swift = sw.join().expect("swift thread")?;
-        swift.create_bucket("vms")?;
-        Ok(Services {
-            glance,
-            registry,
-            swift,
-        })
-    })
-}
-
-async fn add_sites(cluster: &mut LocalCluster, sv: &Services) -> Result<()> {
-    let pool = |s: &str| cluster.pool_dir(s);
-    let (dir, kvm) = (pool("dir"), pool("kvm"));
-    cluster
-        .add_agent_with("dir", &AdapterConfig::Dir(DirOptions { pool: dir }))
-        .await?;
-    let qcow2 = AdapterConfig::Qcow2(Qcow2Options {
-        pool: kvm,
-        compress: None,
-        overlays: true,
-    });
-    cluster.add_agent_with("kvm", &qcow2).await?;
-    let oci = AdapterConfig::Oci(OciOptions {
-        registry: sv.registry.url(),
-        repository: "vms/five".into(),
-        auth_file: Some(sv.registry.auth_file()?),
-    });
-    cluster.add_agent_with("registry", &oci).await?;
-    let k = sv.glance.keystone.as_ref().context("keystone")?;
-    let auth = AuthConfig::from_vars(k.agent_env())?;
-    let glance = GlanceAdapter::with_auth(
-        GlanceOptions {
-            url: None,
-            os_cloud: None,
-            disk_format: DiskFormat::Qcow2,
-        },
-        auth,
-        cluster.root.join("staging-glance"),
-    )?;
-    cluster
-        .add_agent_using("openstack", Arc::new(glance))
-        .await?;
-    let (key, secret) = sv.swift.credentials();
-    let s3 = S3Adapter::with_credentials(
-        S3Options {
-            endpoint: sv.swift.endpoint(),
-            bucket: "vms".into(),
-            prefix: Some("five".into()),
-        },
-        Some(Credentials {
-            access_key_id: key.into(),
-            secret_access_key: secret.into(),
-        }),
-        cluster.root.join("staging-s3"),
-    )?;
-    cluster.add_agent_using("objects", Arc::new(s3)).await?;
+/// A site of each kind, named after it, with the real services started side by side.
+async fn add_sites(cluster: &mut LocalCluster, sv: &SiteServices) -> Result<()> {
+    for kind in SiteKind::ALL {
+        sv.add_site(cluster, kind.name(), kind).await?;
+    }
     cluster.wait_connected(5, Duration::from_secs(60)).await?;
     Ok(())
 }
@@ -114,10 +41,10 @@ async fn check_sites(
         let id = p.local_id.as_deref().context("no local id")?;
         let g = s.global_id.to_string();
         let kind_ok = match p.site.as_str() {
-            "dir" | "openstack" => uuid::Uuid::parse_str(id).is_ok(),
-            "kvm" => id == format!("{g}/v{}", s.version),
-            "registry" => id.starts_with("sha256:") && id.len() == 71,
-            "objects" => id == format!("five/{g}/v{}", s.version),
+            "dir" | "glance" => uuid::Uuid::parse_str(id).is_ok(),
+            "qcow2" => id == format!("{g}/v{}", s.version),
+            "oci" => id.starts_with("sha256:") && id.len() == 71,
+            "s3" => id == format!("s3/{g}/v{}", s.version),
             other => anyhow::bail!("unexpected site {other}"),
         };
         ensure!(kind_ok, "{}: local id {id}", p.site);
@@ -142,7 +69,7 @@ async fn check_sites(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_global_id_five_kinds_of_site_pushed_and_adapted() -> Result<()> {
-    let sv = start_services()?;
+    let sv = SiteServices::start(&SiteKind::ALL)?;
     with_cluster(&[], async |cluster| {
         add_sites(cluster, &sv).await?;
         let img = cluster.root.join("img");
