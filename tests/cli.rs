@@ -436,3 +436,23 @@ fn agent_settings_that_are_wrong_or_missing_are_named() -> Result<()> {
     ensure!(err.contains("unknown adapter \"floppy\""), "{err}");
     Ok(())
 }
+
+/// The README's site config examples are what `seedcast agent --config` accepts: every
+/// ```toml block parses, and there is one for each kind of adapter.
+#[test]
+fn readme_site_configs_parse() -> Result<()> {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))?;
+    let mut kinds = Vec::new();
+    for block in readme.split("```toml\n").skip(1) {
+        let text = block.split("```").next().context("unclosed block")?;
+        let cfg = seedcast_agents::SiteConfig::from_toml(text)
+            .map_err(|e| anyhow::anyhow!("README block does not parse: {e}\n{text}"))?;
+        if let Some(a) = cfg.adapter {
+            kinds.push(a.kind());
+        }
+    }
+    kinds.sort_unstable();
+    kinds.dedup();
+    assert_eq!(kinds, ["dir", "glance", "oci", "qcow2", "s3"]);
+    Ok(())
+}

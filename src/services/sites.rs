@@ -4,7 +4,7 @@
 //! the same services configured the same way an operator would (an OCI registry with
 //! htpasswd auth, Glance behind Keystone, S3 on Swift with a bucket made beforehand).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -254,6 +254,17 @@ impl SiteServices {
             }
         };
         Ok(config.build(data)?)
+    }
+
+    /// The directory the service of a site of `kind` keeps its data in (`pool` for the
+    /// kinds that write into the site's own pool): what the benchmarks measure writes in.
+    pub fn storage(&self, kind: SiteKind, pool: &Path) -> Option<PathBuf> {
+        match kind {
+            SiteKind::Dir | SiteKind::Qcow2 => Some(pool.to_path_buf()),
+            SiteKind::Oci => self.registry.as_ref().map(|r| r.storage().join("data")),
+            SiteKind::S3 => self.swift.as_ref().map(|s| s.dir().join("srv")),
+            SiteKind::Glance => self.glance.as_ref().map(|g| g.store()),
+        }
     }
 
     /// Enroll and start an agent for `site`, of kind `kind`, in `cluster`.
