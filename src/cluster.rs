@@ -34,8 +34,6 @@ pub enum ClusterError {
     Io(#[from] std::io::Error),
     #[error("adapter: {0}")]
     Adapter(#[from] seedcast_agents::AdapterError),
-    #[error("service: {0}")]
-    Service(#[from] crate::services::ServiceError),
     #[error("{0}")]
     Timeout(String),
 }

@@ -18,7 +18,7 @@ use crate::client::{Change, Client, ClientError, PushOptions};
 use crate::cluster::{ClusterError, LocalCluster, file_hash};
 use crate::output::{human_bytes, image_table};
 use crate::services::ServiceError;
-use crate::services::sites::{SiteKind, SiteServices, site_names};
+use crate::sites::{SiteError, SiteKind, SiteServices, site_names};
 use crate::synth;
 
 #[derive(Debug, Clone)]
@@ -49,6 +49,8 @@ pub enum DemoError {
     Client(#[from] ClientError),
     #[error(transparent)]
     Service(#[from] ServiceError),
+    #[error(transparent)]
+    Site(#[from] SiteError),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
 }

@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use seedcast::client::{Change, Client, PushOptions};
 use seedcast::output;
-use seedcast::services::sites::SiteKind;
+use seedcast::sites::SiteKind;
 use seedcast_agents::SiteConfig;
 use seedcast_agents::adapters::{AdapterConfig, AdapterFlags};
 use seedcast_core::GlobalId;

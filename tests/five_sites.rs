@@ -13,7 +13,7 @@ use anyhow::{Context, Result, ensure};
 use common::{push_wait, with_cluster};
 use seedcast::client::Change;
 use seedcast::cluster::{LocalCluster, file_hash};
-use seedcast::services::sites::{SiteKind, SiteServices};
+use seedcast::sites::{SiteKind, SiteServices};
 use seedcast::synth;
 use seedcast_core::protocol::{ImageStatus, PlacementState};
 use seedcast_qemu::{ConvertOptions, Format, convert};

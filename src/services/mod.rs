@@ -6,11 +6,9 @@
 //!   with htpasswd auth.
 //! - [`swift`]: OpenStack Swift with `s3api`, an S3-compatible object store.
 //! - [`openstack`]: Glance, alone or behind a real Keystone.
-//! - [`sites`]: sites of every kind built on these, for the demo, tests and benchmarks.
 
 pub mod openstack;
 pub mod registry;
-pub mod sites;
 pub mod swift;
 
 use std::io::{Read, Write};

@@ -26,7 +26,7 @@ use clap::Parser;
 use futures::future::BoxFuture;
 use seedcast::client::{Change, Client, PushOptions};
 use seedcast::cluster::{LocalCluster, file_hash};
-use seedcast::services::sites::{SiteKind, SiteServices};
+use seedcast::sites::{SiteKind, SiteServices};
 use seedcast_agents::{Adapter, AdapterError, AssembledImage, ReadBack};
 use seedcast_core::GlobalId;
 use seedcast_core::protocol::{ImageStatus, PlacementState};

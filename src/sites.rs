@@ -16,11 +16,22 @@ use seedcast_agents::adapters::{
     AdapterConfig, DirOptions, DiskFormat, GlanceOptions, OciOptions, Qcow2Options, S3Options,
 };
 
-use super::ServiceError;
-use super::openstack::Glance;
-use super::registry::Registry;
-use super::swift::Swift;
 use crate::cluster::{ClusterError, LocalCluster};
+use crate::services::ServiceError;
+use crate::services::openstack::Glance;
+use crate::services::registry::Registry;
+use crate::services::swift::Swift;
+
+/// A site could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum SiteError {
+    #[error(transparent)]
+    Service(#[from] ServiceError),
+    #[error(transparent)]
+    Adapter(#[from] seedcast_agents::AdapterError),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+}
 
 /// The bucket S3 sites write into (made when Swift starts).
 pub const BUCKET: &str = "seedcast";
@@ -195,7 +206,7 @@ impl SiteServices {
         site: &str,
         pool: &Path,
         data: &Path,
-    ) -> Result<Arc<dyn Adapter>, ClusterError> {
+    ) -> Result<Arc<dyn Adapter>, SiteError> {
         let missing = |service: &'static str| ServiceError::Start {
             service,
             why: format!("not started for site {site}"),
@@ -273,10 +284,10 @@ impl SiteServices {
         cluster: &mut LocalCluster,
         site: &str,
         kind: SiteKind,
-    ) -> Result<(), ClusterError> {
+    ) -> Result<(), SiteError> {
         let data = cluster.root.join("agents").join(site);
         let adapter = self.adapter(kind, site, &cluster.pool_dir(site), &data)?;
-        cluster.add_agent_using(site, adapter).await
+        Ok(cluster.add_agent_using(site, adapter).await?)
     }
 }
 
