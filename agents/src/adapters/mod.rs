@@ -211,7 +211,8 @@ mod tests {
         assert!(e.to_string().contains("--pool"), "{e}");
         let e = AdapterConfig::from_flags("floppy", dir(None)).unwrap_err();
         assert!(
-            e.to_string().contains("available: dir, qcow2, oci, s3"),
+            e.to_string()
+                .contains("available: dir, qcow2, glance, oci, s3"),
             "{e}"
         );
         let e = AdapterConfig::from_flags(

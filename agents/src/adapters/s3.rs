@@ -5,7 +5,9 @@
 //! of the version has a key that contains it. Files are stored as they were pushed (a
 //! qcow2 disk rebuilt as qcow2 by `qemu-img`, everything else as its bytes); files above
 //! 16 MiB go up as multipart uploads, every request carrying its SHA-256 checksum. After
-//! each upload a `HEAD` checks the object's size. The version's manifest object,
+//! each upload a `HEAD` checks the object's size and its ETag: the MD5 of what was sent,
+//! or for a multipart upload the MD5 of the parts' MD5s with `-<parts>`, as S3 defines it
+//! (stores that encrypt with SSE-KMS or SSE-C make other ETags: see the README). The version's manifest object,
 //! `<prefix>/<G>/v<V>/.seedcast.json` (each file's key, format, size and SHA-256), is
 //! written last: a version exists only once it is there, so a reader never takes a
 //! half-written version for one. Credentials come from the standard AWS environment
@@ -164,8 +166,9 @@ impl S3Adapter {
                 .is_ok_and(|v| self.version_prefix(g, v) == local_id)
     }
 
-    /// Upload `file` as `key`: one PUT, or parts for a large file. Returns its size.
-    async fn upload(&self, file: &Path, key: &Key) -> Result<u64, AdapterError> {
+    /// Upload `file` as `key`: one PUT, or parts for a large file; then check the stored
+    /// object's size and ETag against `want`. Returns its size.
+    async fn upload(&self, file: &Path, key: &Key, want: &Digests) -> Result<u64, AdapterError> {
         let size = std::fs::metadata(file)
             .map_err(AdapterError::io("stat", file))?
             .len();
@@ -217,6 +220,16 @@ impl S3Adapter {
                 format!("holds {} bytes, {size} were sent", meta.size),
             ));
         }
+        let etag = meta.e_tag.as_deref().unwrap_or("").trim_matches('"');
+        if etag != want.etag {
+            return Err(self.err(
+                &format!("HEAD {key}"),
+                format!(
+                    "ETag {etag:?} is not the digest of what was sent ({:?})",
+                    want.etag
+                ),
+            ));
+        }
         Ok(size)
     }
 
@@ -256,19 +269,17 @@ impl S3Adapter {
                 staged
             };
             let s2 = src.clone();
-            let (sha256, _) =
-                tokio::task::spawn_blocking(move || crate::adapters::local::sha256_sha512(&s2))
-                    .await??;
+            let want = tokio::task::spawn_blocking(move || digests(&s2)).await??;
             let key = Key::from(format!("{prefix}/{}", f.name));
             uploaded.push(key.clone());
-            let size = self.upload(&src, &key).await?;
+            let size = self.upload(&src, &key, &want).await?;
             files.insert(
                 f.name.clone(),
                 StoredObject {
                     key: key.to_string(),
                     format: f.format.as_str().into(),
                     size,
-                    sha256,
+                    sha256: want.sha256,
                 },
             );
         }
@@ -366,6 +377,55 @@ impl S3Adapter {
     }
 }
 
+/// A file's SHA-256 (hex) and the ETag S3 gives it as [`S3Adapter::upload`] stores it.
+struct Digests {
+    sha256: String,
+    etag: String,
+}
+
+/// Read `p` once for its [`Digests`]. Blocking.
+fn digests(p: &Path) -> Result<Digests, AdapterError> {
+    use md5::Md5;
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut f = std::fs::File::open(p).map_err(AdapterError::io("open", p))?;
+    let (mut sha, mut whole, mut part) = (Sha256::new(), Md5::new(), Md5::new());
+    let (mut parts, mut in_part, mut size) = (Vec::new(), 0usize, 0u64);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(AdapterError::io("read", p))?;
+        if n == 0 {
+            break;
+        }
+        let mut data = &buf[..n];
+        sha.update(data);
+        whole.update(data);
+        size += n as u64;
+        while !data.is_empty() {
+            let take = data.len().min(PART - in_part);
+            part.update(&data[..take]);
+            in_part += take;
+            data = &data[take..];
+            if in_part == PART {
+                parts.extend_from_slice(&std::mem::take(&mut part).finalize());
+                in_part = 0;
+            }
+        }
+    }
+    if in_part > 0 {
+        parts.extend_from_slice(&part.finalize());
+    }
+    let etag = if size <= PART as u64 {
+        hex::encode(whole.finalize())
+    } else {
+        format!("{}-{}", hex::encode(Md5::digest(&parts)), parts.len() / 16)
+    };
+    Ok(Digests {
+        sha256: hex::encode(sha.finalize()),
+        etag,
+    })
+}
+
 impl Adapter for S3Adapter {
     fn kind(&self) -> &'static str {
         "s3"
@@ -436,5 +496,37 @@ impl Adapter for S3Adapter {
             }
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use md5::{Digest, Md5};
+
+    #[test]
+    fn etags_are_md5_for_one_put_and_md5_of_part_md5s_for_multipart() {
+        let dir = tempfile::tempdir().unwrap();
+        let small = dir.path().join("small");
+        std::fs::write(&small, b"abc").unwrap();
+        let d = digests(&small).unwrap();
+        assert_eq!(d.etag, "900150983cd24fb0d6963f7d28e17f72");
+        assert_eq!(
+            d.sha256,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+
+        // Exactly one part's worth is still one PUT; one byte more is two parts.
+        let data: Vec<u8> = (0..PART + 5).map(|i| (i * 7 % 251) as u8).collect();
+        let at_limit = dir.path().join("at-limit");
+        std::fs::write(&at_limit, &data[..PART]).unwrap();
+        let want = hex::encode(Md5::digest(&data[..PART]));
+        assert_eq!(digests(&at_limit).unwrap().etag, want);
+        let big = dir.path().join("big");
+        std::fs::write(&big, &data).unwrap();
+        let mut parts = Md5::digest(&data[..PART]).to_vec();
+        parts.extend_from_slice(&Md5::digest(&data[PART..]));
+        let want = format!("{}-2", hex::encode(Md5::digest(&parts)));
+        assert_eq!(digests(&big).unwrap().etag, want);
     }
 }
