@@ -1,4 +1,5 @@
-//! One engine, five kinds of site: a qcow2 image and an adaptation block go to agents whose
+//! One engine, five kinds of site: a qcow2 image, an adaptation block and a rollback go to
+//! agents whose
 //! services are a directory pool, qcow2 files, OpenStack Glance behind Keystone, an OCI
 //! registry and an S3 object store — all real, started on 127.0.0.1 — and every site's copy
 //! is read back through its own service (a file, qemu's export, the Glance API, the
@@ -90,6 +91,8 @@ async fn one_global_id_five_kinds_of_site_pushed_and_adapted() -> Result<()> {
         let client = cluster.client().await?;
         let v1 = push_wait(&client, "five", &files, None).await?;
         check_sites(cluster, &v1, &files, &raw).await?;
+        let raw_v1 = cluster.root.join("guest-v1.raw");
+        std::fs::copy(&raw, &raw_v1)?;
 
         let patch = cluster.root.join("patch.bin");
         std::fs::write(&patch, vec![0xab; 12_000])?;
@@ -114,6 +117,16 @@ async fn one_global_id_five_kinds_of_site_pushed_and_adapted() -> Result<()> {
                 p.site,
                 p.bytes_sent
             );
+        }
+
+        // Rolling back makes v1's content version 3 at every kind of site, from what each
+        // agent already holds: nothing but the manifest travels.
+        let r = client.rollback(&v1.global_id, 1).await?;
+        let v3 = client.watch(&v1.global_id, r.version, |_| {}).await?;
+        ensure!(v3.version == 3, "{v3:?}");
+        check_sites(cluster, &v3, &files, &raw_v1).await?;
+        for p in &v3.sites {
+            ensure!(p.bytes_sent == 0, "{}: {} bytes", p.site, p.bytes_sent);
         }
         client.close().await;
         Ok(())
