@@ -1,9 +1,9 @@
 //! One engine, five kinds of site: a qcow2 image, an adaptation block and a rollback go to
-//! agents whose
-//! services are a directory pool, qcow2 files, OpenStack Glance behind Keystone, an OCI
-//! registry and an S3 object store — all real, started on 127.0.0.1 — and every site's copy
-//! is read back through its own service (a file, qemu's export, the Glance API, the
-//! registry API, the S3 API) and compared byte for byte with the guest content.
+//! agents whose services are a directory pool, qcow2 files, OpenStack Glance behind
+//! Keystone, an OCI registry and an S3 object store — all real, started on 127.0.0.1 — and
+//! every site's copy is read back through its own service (a file, qemu's export, the
+//! Glance API, the registry API, the S3 API) and compared byte for byte with the guest
+//! content.
 
 mod common;
 
