@@ -77,13 +77,23 @@ impl LocalAgent {
     }
 }
 
+/// How the cluster's engine is configured, kept so a restart opens it the same way.
+#[derive(Clone)]
+struct EngineSetup(Arc<dyn Fn(&mut EngineConfig) + Send + Sync>);
+
+impl std::fmt::Debug for EngineSetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EngineSetup")
+    }
+}
+
 #[derive(Debug)]
 pub struct LocalCluster {
     pub root: PathBuf,
     _tmp: Option<tempfile::TempDir>,
+    configure: EngineSetup,
     pub engine_addr: SocketAddr,
     pub admin: Token,
-    pub join: Token,
     engine: Option<Running<Result<(), EngineError>>>,
     pub agents: Vec<LocalAgent>,
 }
@@ -95,6 +105,16 @@ impl LocalCluster {
         root: Option<PathBuf>,
         sites: &[&str],
     ) -> Result<LocalCluster, ClusterError> {
+        Self::start_with(root, sites, |_| {}).await
+    }
+
+    /// As [`LocalCluster::start`], with the engine's configuration adjusted by `configure`
+    /// (kept for restarts).
+    pub async fn start_with(
+        root: Option<PathBuf>,
+        sites: &[&str],
+        configure: impl Fn(&mut EngineConfig) + Send + Sync + 'static,
+    ) -> Result<LocalCluster, ClusterError> {
         let (root, tmp) = match root {
             Some(r) => {
                 std::fs::create_dir_all(&r)?;
@@ -105,13 +125,16 @@ impl LocalCluster {
                 (t.path().to_path_buf(), Some(t))
             }
         };
-        let engine = Engine::open(EngineConfig::new(root.join("engine")))?;
+        let configure = EngineSetup(Arc::new(configure));
+        let mut cfg = EngineConfig::new(root.join("engine"));
+        (configure.0)(&mut cfg);
+        let engine = Engine::open(cfg)?;
         let mut c = LocalCluster {
             root,
             _tmp: tmp,
+            configure,
             engine_addr: "127.0.0.1:0".parse().expect("literal"),
             admin: engine.admin_token().clone(),
-            join: engine.join_token().clone(),
             engine: None,
             agents: Vec::new(),
         };
@@ -155,7 +178,9 @@ impl LocalCluster {
     /// Start the engine again on the same data directory and address.
     pub async fn restart_engine(&mut self) -> Result<(), ClusterError> {
         self.stop_engine().await?;
-        let engine = Engine::open(EngineConfig::new(self.engine_dir()))?;
+        let mut cfg = EngineConfig::new(self.engine_dir());
+        (self.configure.0)(&mut cfg);
+        let engine = Engine::open(cfg)?;
         self.run_engine(engine)
     }
 
@@ -189,12 +214,8 @@ impl LocalCluster {
     ) -> Result<(), ClusterError> {
         let data = self.root.join("agents").join(site);
         let pool = self.pool_dir(site);
-        let cfg = AgentConfig::new(
-            &data,
-            self.engine_addr.to_string(),
-            site,
-            Some(self.join.clone()),
-        );
+        let token = self.site_token(site).await?;
+        let cfg = AgentConfig::new(&data, self.engine_addr.to_string(), site, Some(token));
         let agent = Agent::open(cfg, adapter.clone())?;
         // Enroll now, so errors surface here and the site is known before any push.
         agent.credentials().await?;
@@ -209,6 +230,16 @@ impl LocalCluster {
         Self::spawn_agent(&mut a);
         self.agents.push(a);
         Ok(())
+    }
+
+    /// A site token for `site`, made through the admin API as an operator would.
+    pub async fn site_token(&self, site: &str) -> Result<Token, ClusterError> {
+        let client = self.client().await?;
+        let made = client.site_add(site, 3600).await;
+        client.close().await;
+        let (text, _) = made?;
+        text.parse()
+            .map_err(|e| ClusterError::Agent(AgentError::Pki(e)))
     }
 
     fn spawn_agent(a: &mut LocalAgent) {

@@ -54,9 +54,17 @@ struct Finish {
 
 #[derive(Args, Debug)]
 struct EngineArgs {
-    /// Data directory: catalog, chunk packs, CA, join.token and admin.token.
+    /// Data directory: catalog, chunk packs, CA, admin.token (and join.token with
+    /// --open-enrollment).
     #[arg(long)]
     data: PathBuf,
+    /// Let any new site enroll with DATA/join.token (labs, demos). Without it a site
+    /// enrolls only with the single-use token `seedcast site add NAME` prints.
+    #[arg(long)]
+    open_enrollment: bool,
+    /// How long a site certificate lives (agents renew it when a third is left).
+    #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+    site_cert_lifetime: std::time::Duration,
     /// UDP address to listen on.
     #[arg(long, default_value = "0.0.0.0:7447")]
     listen: SocketAddr,
@@ -268,6 +276,30 @@ struct SitesArgs {
     json: bool,
 }
 
+#[derive(Subcommand, Debug)]
+enum SiteCmd {
+    /// Make a single-use token that enrolls the site NAME (printed alone on stdout; with
+    /// --json one object {"site", "token", "expires_at"}). Give it to the site's agent as
+    /// --token FILE or SEEDCAST_TOKEN.
+    Add(SiteAddArgs),
+    /// Forget a site's certificate, unused tokens and revocation: its agent is cut off and
+    /// a new `site add` token can enroll the name again.
+    Reset(RevokeArgs),
+}
+
+#[derive(Args, Debug)]
+struct SiteAddArgs {
+    #[command(flatten)]
+    conn: Conn,
+    site: String,
+    /// How long the token may be used (e.g. 30m, 24h, 7d; at most a year).
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    expires: std::time::Duration,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Args, Debug)]
 struct RevokeArgs {
     #[command(flatten)]
@@ -310,6 +342,9 @@ enum Cmd {
     Sites(SitesArgs),
     /// Revoke a site's certificate: its agent is disconnected and refused from then on.
     Revoke(RevokeArgs),
+    /// Enroll sites: `site add NAME` makes a site token, `site reset NAME` re-admits a name.
+    #[command(subcommand)]
+    Site(SiteCmd),
     /// Run an engine and three agents on loopback, push a generated image, check every copy.
     Demo(DemoArgs),
 }
@@ -403,16 +438,21 @@ async fn cmd_engine(a: EngineArgs) -> Result<ExitCode> {
     let mut cfg = seedcast_engine::EngineConfig::new(&a.data);
     cfg.delta_level = a.delta_level;
     cfg.streams_per_transfer = a.streams as usize;
+    cfg.open_enrollment = a.open_enrollment;
+    cfg.site_cert_lifetime = a.site_cert_lifetime;
     let engine = seedcast_engine::Engine::open(cfg)
         .with_context(|| format!("opening the engine's data directory {}", a.data.display()))?;
     let ep = engine
         .bind(a.listen)
         .with_context(|| format!("listening on {}", a.listen))?;
+    let enroll = match engine.join_token() {
+        Some(_) => format!("{} (open enrollment)", a.data.join("join.token").display()),
+        None => "a site token each: seedcast site add NAME".to_string(),
+    };
     eprintln!(
-        "seedcast engine {} listening on {}\n  agents enroll with: {}\n  clients use:        {}",
+        "seedcast engine {} listening on {}\n  agents enroll with: {enroll}\n  clients use:        {}",
         engine.id(),
         ep.local_addr()?,
-        a.data.join("join.token").display(),
         a.data.join("admin.token").display()
     );
     engine.run(ep, shutdown_signal()).await?;
@@ -518,6 +558,30 @@ async fn cmd_revoke(a: RevokeArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+async fn cmd_site_add(a: SiteAddArgs) -> Result<ExitCode> {
+    let client = connect(&a.conn).await?;
+    let (token, expires) = client.site_add(&a.site, a.expires.as_secs()).await?;
+    client.close().await;
+    if a.json {
+        let at = humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(expires),
+        );
+        let v = serde_json::json!({"site": a.site, "token": token, "expires_at": at.to_string()});
+        println!("{v}");
+    } else {
+        println!("{token}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn cmd_site_reset(a: RevokeArgs) -> Result<ExitCode> {
+    let client = connect(&a.conn).await?;
+    client.site_reset(&a.site).await?;
+    client.close().await;
+    println!("reset {}", a.site);
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn cmd_demo(a: DemoArgs) -> Result<ExitCode> {
     if a.disk_mib == 0 {
         bail!("--disk-mib must be at least 1");
@@ -562,6 +626,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Status(a) => cmd_status(a).await,
         Cmd::Sites(a) => cmd_sites(a).await,
         Cmd::Revoke(a) => cmd_revoke(a).await,
+        Cmd::Site(SiteCmd::Add(a)) => cmd_site_add(a).await,
+        Cmd::Site(SiteCmd::Reset(a)) => cmd_site_reset(a).await,
         Cmd::Demo(a) => cmd_demo(a).await,
     }
 }

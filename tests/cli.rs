@@ -55,6 +55,23 @@ fn json(out: &Output) -> Result<Value> {
         .with_context(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// `seedcast site add SITE` (retried while the engine starts): the token's text.
+fn site_token(env: &[(&str, &str)], site: &str) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = run(&["site", "add", site], env)?;
+        if out.status.success() {
+            let text = String::from_utf8(out.stdout)?;
+            ensure!(text.lines().count() == 1, "{text:?}");
+            return Ok(text.trim().to_string());
+        }
+        if Instant::now() > deadline {
+            bail!("site add: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn wait_for_file(p: &Path) -> Result<String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
@@ -79,38 +96,66 @@ fn engine_agents_push_status_sites_through_the_cli() -> Result<()> {
         "--listen",
         &addr,
     ])?;
-    let join = wait_for_file(&engine_data.join("join.token"))?;
     let admin_path = engine_data.join("admin.token");
     let admin = wait_for_file(&admin_path)?;
+    let admin_env = [
+        ("SEEDCAST_ENGINE", addr.as_str()),
+        ("SEEDCAST_TOKEN", admin_path.to_str().unwrap()),
+    ];
+    // Sites enroll with a token each: no token for every site is written.
+    let alpha = site_token(&admin_env, "alpha")?;
+    assert!(!engine_data.join("join.token").exists());
+    let out = run(
+        &["site", "add", "beta", "--expires", "1h", "--json"],
+        &admin_env,
+    )?;
+    let v = json(&out)?;
+    assert_eq!(v["site"], "beta");
+    assert!(
+        v["expires_at"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{v}"
+    );
+    let beta = v["token"].as_str().context("token")?.to_string();
+    let gamma = site_token(&admin_env, "gamma")?;
 
+    // alpha: the token as a file's path on the command line; beta: in SEEDCAST_TOKEN.
+    let alpha_file = d.join("alpha.token");
+    std::fs::write(&alpha_file, &alpha)?;
     let mut agents = Vec::new();
-    for site in ["alpha", "beta"] {
+    for (site, token) in [
+        ("alpha", Some(alpha_file.to_str().unwrap())),
+        ("beta", None),
+    ] {
         let data = d.join(format!("agent-{site}"));
         let pool = d.join(format!("pool-{site}"));
-        agents.push(spawn(&[
-            "agent",
-            "--data",
-            data.to_str().unwrap(),
-            "--engine",
-            &addr,
-            "--token",
-            &join,
-            "--site",
-            site,
-            "--adapter",
-            "dir",
-            "--pool",
-            pool.to_str().unwrap(),
-        ])?);
+        let mut c = Command::new(BIN);
+        c.args(["agent", "--data", data.to_str().unwrap(), "--engine", &addr])
+            .args([
+                "--site",
+                site,
+                "--adapter",
+                "dir",
+                "--pool",
+                pool.to_str().unwrap(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        match token {
+            Some(path) => c.args(["--token", path]),
+            None => c.env("SEEDCAST_TOKEN", &beta),
+        };
+        agents.push(Proc(c.spawn()?));
     }
     // The third site from a site config file (the token as its file's path).
+    let gamma_file = d.join("gamma.token");
+    std::fs::write(&gamma_file, &gamma)?;
     let config = d.join("gamma.toml");
     std::fs::write(
         &config,
         format!(
             "site = \"gamma\"\nengine = \"{addr}\"\ndata = \"{}\"\ntoken = \"{}\"\n\n[adapter]\nkind = \"dir\"\npool = \"{}\"\n",
             d.join("agent-gamma").display(),
-            engine_data.join("join.token").display(),
+            gamma_file.display(),
             d.join("pool-gamma").display()
         ),
     )?;
@@ -306,8 +351,8 @@ fn engine_agents_push_status_sites_through_the_cli() -> Result<()> {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("token"));
 
-    // An agent with a wrong join token exits non-zero, saying it was refused.
-    let bad = join
+    // An agent with a wrong site token exits non-zero, saying it was refused.
+    let bad = alpha
         .rsplit_once('.')
         .map(|(head, _)| format!("{head}.ffffffffffffffffffffffffffffffff"))
         .unwrap();
@@ -327,7 +372,7 @@ fn engine_agents_push_status_sites_through_the_cli() -> Result<()> {
         ])
         .output()?;
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid join token"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid site token"));
     Ok(())
 }
 

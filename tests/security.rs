@@ -31,7 +31,8 @@ fn agent(cluster: &LocalCluster, site: &str, token: Token) -> Result<Agent> {
 async fn agents_and_clients_without_valid_credentials_are_refused() -> Result<()> {
     with_cluster(&SITES[..1], async |cluster| {
         // Right engine fingerprint, wrong secret: refused at enrollment, with the reason.
-        let mut forged = cluster.join.clone();
+        let token = cluster.site_token("intruder").await?;
+        let mut forged = token.clone();
         forged.secret = "00000000000000000000000000000000".into();
         let e = agent(cluster, "intruder", forged)?
             .run(std::future::pending())
@@ -40,14 +41,14 @@ async fn agents_and_clients_without_valid_credentials_are_refused() -> Result<()
         match &e {
             AgentError::Refused { reason, message } => {
                 assert_eq!(*reason, RefuseReason::BadToken);
-                assert!(message.contains("invalid join token"), "{message}");
+                assert!(message.contains("invalid site token"), "{message}");
             }
             e => panic!("expected a refusal, got {e}"),
         }
         assert!(e.is_fatal());
 
         // A token pinning another CA: the agent will not even finish the TLS handshake.
-        let mut other_ca = cluster.join.clone();
+        let mut other_ca = token.clone();
         other_ca.ca_fingerprint = [9; 32];
         let e = agent(cluster, "elsewhere", other_ca)?
             .credentials()
@@ -55,13 +56,13 @@ async fn agents_and_clients_without_valid_credentials_are_refused() -> Result<()
             .unwrap_err();
         assert!(e.to_string().contains("handshake failed"), "{e}");
 
-        // The admin token cannot enroll an agent; the join token cannot act as a client.
+        // The admin token cannot enroll an agent; a site token cannot act as a client.
         assert!(agent(cluster, "x", cluster.admin.clone()).is_err());
-        let e = Client::connect(&cluster.engine_addr.to_string(), &cluster.join)
+        let e = Client::connect(&cluster.engine_addr.to_string(), &token)
             .await
             .unwrap_err();
         assert_eq!(e.kind(), ErrorClass::Usage);
-        assert!(e.to_string().contains("join token"), "{e}");
+        assert!(e.to_string().contains("agent's token"), "{e}");
         let mut bad_admin = cluster.admin.clone();
         bad_admin.secret = "11111111111111111111111111111111".into();
         let e = Client::connect(&cluster.engine_addr.to_string(), &bad_admin)

@@ -6,8 +6,6 @@
 
 use std::sync::Arc;
 
-use seedcast_net::pki::TokenKind;
-
 use crate::adapter::Adapter;
 use crate::cache::AgentDb;
 use crate::config::AgentConfig;
@@ -25,10 +23,10 @@ impl Agent {
     pub fn open(cfg: AgentConfig, adapter: Arc<dyn Adapter>) -> Result<Agent, AgentError> {
         seedcast_net::pki::validate_site_name(&cfg.site)?;
         if let Some(t) = &cfg.token
-            && t.kind != TokenKind::Join
+            && !t.kind.enrolls()
         {
             return Err(AgentError::Config(
-                "this is an admin token; agents enroll with the join token (DATA/join.token)"
+                "this is an admin token; agents enroll with a site token (`seedcast site add NAME`)"
                     .into(),
             ));
         }

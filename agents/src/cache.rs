@@ -36,6 +36,7 @@ const SPEC: Spec = Spec {
     ],
     meta_family: CF_META,
     format_key: b"cache_format",
+    upgrades_from: &[],
     format: CACHE_FORMAT,
     cache_bytes: 32 << 20,
 };

@@ -1,14 +1,17 @@
-//! Reaching the engine: enroll once (a CSR signed with the join token), then dial with the
-//! site certificate and stay connected, reconnecting with exponential backoff; stop only on
-//! errors retrying cannot fix (refused, revoked, misconfigured) or on shutdown.
+//! Reaching the engine: enroll once (a CSR signed with the site token), then dial with the
+//! site certificate and stay connected, reconnecting with exponential backoff; renew the
+//! certificate over the authenticated connection when a third of its life is left; stop
+//! only on errors retrying cannot fix (refused, revoked, expired, misconfigured) or on
+//! shutdown.
 
 use std::future::Future;
 use std::time::Duration;
 
-use quinn::VarInt;
-use seedcast_core::protocol::{HelloReply, Role, close};
+use quinn::{Connection, VarInt};
+use seedcast_core::protocol::{AgentMsg, EngineMsg, HelloReply, Role, close};
 use seedcast_net::dial::{dial, hello};
-use seedcast_net::pki::{PendingEnrollment, SiteCredentials, Token, fingerprint};
+use seedcast_net::pki::{PendingEnrollment, SiteCredentials, Token, fingerprint, unix_now};
+use seedcast_net::{read_msg_limited, write_msg};
 use tracing::{info, warn};
 
 use crate::agent::Agent;
@@ -16,18 +19,26 @@ use crate::error::AgentError;
 
 /// The first wait before reconnecting; it doubles up to `AgentConfig::reconnect_max`.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// Largest renewal answer (a certificate is about a kilobyte).
+const MAX_RENEWED_FRAME: usize = 64 * 1024;
 
 impl Agent {
-    /// Credentials from the data dir, or enroll with the join token and keep them.
+    /// Credentials from the data dir, or enroll with the site token and keep them.
     pub async fn credentials(&self) -> Result<SiteCredentials, AgentError> {
         let Some(c) = SiteCredentials::load(&self.cfg.data)? else {
             let token = self.cfg.token.clone().ok_or_else(|| {
                 AgentError::Config(
-                    "this site is not enrolled yet: pass --token (the engine's join.token)".into(),
+                    "this site is not enrolled yet: pass --token (a site token from `seedcast site add NAME`)".into(),
                 )
             })?;
             return self.enroll(&token).await;
         };
+        if c.expired(unix_now()) {
+            return Err(AgentError::Expired {
+                site: c.site,
+                expired_unix: c.expires_unix,
+            });
+        }
         if c.site != self.cfg.site {
             return Err(AgentError::Config(format!(
                 "{} belongs to site {:?}, not {:?}",
@@ -52,7 +63,7 @@ impl Agent {
         let cc = seedcast_net::tls::client_config(token.ca_fingerprint, None, &self.cfg.transport)?;
         let (ep, conn) = dial(&self.cfg.engine, cc, &self.cfg.transport).await?;
         let role = Role::Enroll {
-            join_secret: token.secret.clone(),
+            secret: token.secret.clone(),
             site: self.cfg.site.clone(),
             adapter: self.adapter.kind().to_string(),
             csr_der: pending.csr_der.clone(),
@@ -61,13 +72,17 @@ impl Agent {
         conn.close(VarInt::from_u32(close::DONE), b"enrolled");
         ep.wait_idle().await;
         match reply {
-            HelloReply::Enrolled { cert_der, ca_der } => {
+            HelloReply::Enrolled {
+                cert_der,
+                ca_der,
+                expires_unix,
+            } => {
                 if fingerprint(&ca_der) != token.ca_fingerprint {
                     return Err(AgentError::Protocol(
                         "enrolled with a CA other than the token's",
                     ));
                 }
-                let creds = pending.complete(&self.cfg.site, cert_der, ca_der);
+                let creds = pending.complete(&self.cfg.site, cert_der, ca_der, expires_unix);
                 creds.save(&self.cfg.data)?;
                 info!(site = %self.cfg.site, "enrolled; credentials saved");
                 Ok(creds)
@@ -87,12 +102,13 @@ impl Agent {
             _ = &mut shutdown => return Ok(()),
             r = self.adapter.check() => r.map_err(AgentError::Service)?,
         }
-        let creds = tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            c = self.credentials() => c?,
-        };
         let mut backoff = MIN_BACKOFF;
         loop {
+            // Read each time: a renewal during the last session saved new ones.
+            let creds = tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                c = self.credentials() => c?,
+            };
             let mut welcomed = false;
             let r = tokio::select! {
                 _ = &mut shutdown => return Ok(()),
@@ -130,7 +146,10 @@ impl Agent {
             &self.cfg.transport,
         )?;
         let (_ep, conn) = dial(&self.cfg.engine, cc, &self.cfg.transport).await?;
-        let r = self.serve(&conn, welcomed).await;
+        let r = tokio::select! {
+            r = self.serve(&conn, welcomed) => r,
+            () = self.renew_when_due(&conn, creds) => unreachable!("renewal never ends a session"),
+        };
         if let Err(AgentError::Framed(e)) = &r
             && e.is_protocol_violation()
         {
@@ -140,6 +159,65 @@ impl Agent {
         match (r, conn.close_reason()) {
             (Err(AgentError::Framed(_)), Some(reason)) => Err(reason.into()),
             (r, _) => r,
+        }
+    }
+
+    /// While connected: when the certificate is in the last third of its life, certify a
+    /// new key over this (authenticated) connection and save it for the next connection.
+    /// Never returns; a failed renewal is logged and tried again later.
+    async fn renew_when_due(&self, conn: &Connection, creds: &SiteCredentials) {
+        let mut renewed = false;
+        loop {
+            if !renewed && creds.renew_due(unix_now()) {
+                match self.renew(conn).await {
+                    Ok(expires) => {
+                        info!(site = %self.cfg.site, expires, "site certificate renewed");
+                        renewed = true;
+                    }
+                    Err(e) => warn!("certificate renewal failed (will retry): {e}"),
+                }
+            }
+            // Check often enough for short lifetimes, rarely for long ones.
+            let life = creds.expires_unix.saturating_sub(creds.issued_unix);
+            let wait = (life / 20).clamp(1, 3600);
+            tokio::time::sleep(Duration::from_secs(wait)).await;
+        }
+    }
+
+    /// One renewal: a new key, its CSR on a stream of its own, the certificate saved.
+    async fn renew(&self, conn: &Connection) -> Result<u64, AgentError> {
+        let pending = PendingEnrollment::new(&self.cfg.site)?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        write_msg(
+            &mut send,
+            &AgentMsg::Renew {
+                csr_der: pending.csr_der.clone(),
+            },
+        )
+        .await?;
+        let _ = send.finish();
+        let reply = read_msg_limited::<EngineMsg>(&mut recv, MAX_RENEWED_FRAME)
+            .await?
+            .ok_or(AgentError::Protocol(
+                "renewal stream ended without an answer",
+            ))?;
+        match reply {
+            EngineMsg::Renewed {
+                cert_der,
+                expires_unix,
+            } => {
+                let ca = SiteCredentials::load(&self.cfg.data)?
+                    .ok_or(AgentError::Protocol("credentials vanished during renewal"))?
+                    .ca;
+                let creds = pending.complete(&self.cfg.site, cert_der, ca.to_vec(), expires_unix);
+                creds.save(&self.cfg.data)?;
+                Ok(expires_unix)
+            }
+            EngineMsg::RenewRefused { message } => Err(AgentError::Refused {
+                reason: seedcast_core::protocol::RefuseReason::BadRequest,
+                message,
+            }),
+            _ => Err(AgentError::Protocol("unexpected answer to a renewal")),
         }
     }
 }

@@ -32,6 +32,11 @@ pub enum AgentError {
     Closed { code: u64, reason: String },
     #[error("configuration: {0}")]
     Config(String),
+    /// The site certificate has expired: only the admin can let the site in again.
+    #[error(
+        "the certificate of site {site:?} expired at {expired_unix} (Unix time): ask the admin to run `seedcast site reset {site}` and `seedcast site add {site}`, then start the agent with the new token"
+    )]
+    Expired { site: String, expired_unix: u64 },
     #[error(transparent)]
     Pki(#[from] PkiError),
     #[error(transparent)]
@@ -94,6 +99,7 @@ impl AgentError {
     pub fn is_fatal(&self) -> bool {
         match self {
             AgentError::Refused { .. }
+            | AgentError::Expired { .. }
             | AgentError::Config(_)
             | AgentError::Service(_)
             | AgentError::Pki(_)

@@ -92,6 +92,11 @@ impl Agent {
                         write_msg(ctl.send, &AgentMsg::Failed { transfer, error }).await?;
                     }
                 },
+                Some(EngineMsg::Renewed { .. } | EngineMsg::RenewRefused { .. }) => {
+                    return Err(AgentError::Protocol(
+                        "a renewal answer on the control stream",
+                    ));
+                }
             }
         }
     }

@@ -1,4 +1,4 @@
-//! The seedcast wire protocol, version 1. This module is the specification.
+//! The seedcast wire protocol, version 3. This module is the specification.
 //!
 //! # Transport
 //! QUIC (RFC 9000) with TLS 1.3, ALPN [`ALPN`]. The engine's certificate is issued by its own
@@ -14,8 +14,11 @@
 //! 1. The dialer opens the first bidirectional stream (the *control stream*) and sends
 //!    [`Hello`]. The engine answers [`HelloReply`]; a `Refused` reply is followed by a
 //!    connection close with [`close::REFUSED`] or [`close::VERSION`].
-//! 2. **Enroll** (no client certificate yet): the engine checks the join secret, signs the
-//!    agent's CSR and answers `Enrolled`; the agent reconnects with the new certificate.
+//! 2. **Enroll** (no client certificate yet): the engine checks the secret — a single-use
+//!    site token bound to the site's name (`seedcast site add NAME`), or the join token
+//!    when the engine runs with open enrollment — signs the agent's CSR and answers
+//!    `Enrolled` with a certificate of bounded life; the agent reconnects with it, and
+//!    renews it over its authenticated connection ([`AgentMsg::Renew`]) before it expires.
 //! 3. **Agent** (with its site certificate): after `Welcome`, the agent sends
 //!    [`AgentMsg::Inventory`]; from then on the engine sends [`EngineMsg`] and the agent
 //!    [`AgentMsg`] on the control stream. For each `Deploy` (or `DeployDelta`: the manifest
@@ -38,7 +41,8 @@
 //! reorder or remove** (the golden tests below pin today's encodings). A change that old
 //! peers cannot ignore bumps [`PROTOCOL_VERSION`] and the ALPN. Version 2 added each
 //! file's format to file entries (a qcow2 disk travels as its guest content and is rebuilt
-//! at the site); a version-1 peer is refused with both versions named.
+//! at the site); version 3 per-site enrollment tokens, certificate expiry and renewal.
+//! A peer of another version is refused with both versions named.
 
 use serde::{Deserialize, Serialize};
 
@@ -48,10 +52,11 @@ use crate::id::{ChunkId, GlobalId};
 use crate::manifest::{FileEntry, Manifest};
 
 /// ALPN protocol id; a peer without it fails the TLS handshake.
-pub const ALPN: &[u8] = b"seedcast/2";
+pub const ALPN: &[u8] = b"seedcast/3";
 /// Carried in [`Hello`] and checked by the engine. 2: files carry their format
-/// ([`crate::manifest::FileFormat`], manifest format 2).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// ([`crate::manifest::FileFormat`], manifest format 2). 3: site tokens, certificate
+/// expiry and renewal.
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Hard maximum of one frame's body: the codec's decode bound. A manifest of a ~100 GiB
 /// image fits.
 pub const MAX_MESSAGE_SIZE: usize = crate::codec::MAX_ENCODED_LEN;
@@ -93,9 +98,10 @@ pub enum Role {
     Client { admin_secret: String },
     /// An enrolled agent; its identity is its client certificate.
     Agent { site: String, adapter: String },
-    /// An agent asking for a site certificate with the join token's secret.
+    /// An agent asking for a site certificate with a site token's secret (or, at an
+    /// engine with open enrollment, the join token's).
     Enroll {
-        join_secret: String,
+        secret: String,
         site: String,
         adapter: String,
         /// PKCS#10 request (DER) for the key the agent keeps.
@@ -114,6 +120,8 @@ pub enum HelloReply {
     Enrolled {
         cert_der: Vec<u8>,
         ca_der: Vec<u8>,
+        /// When the certificate stops being valid (Unix seconds).
+        expires_unix: u64,
     },
     Refused {
         reason: RefuseReason,
@@ -128,6 +136,8 @@ pub enum RefuseReason {
     UnknownSite,
     Revoked,
     BadRequest,
+    /// The token or certificate has expired.
+    Expired,
 }
 
 /// What an agent holds: reported on connect so the engine can reconcile.
@@ -175,6 +185,10 @@ pub enum AgentMsg {
         bases_from: Vec<HeldVersion>,
         unavailable: Vec<ChunkId>,
     },
+    /// A request to certify a new key for this site (its certificate nears expiry).
+    Renew {
+        csr_der: Vec<u8>,
+    },
 }
 
 /// Engine → agent, on the control stream.
@@ -190,6 +204,14 @@ pub enum EngineMsg {
         manifest_id: [u8; 32],
         delta: Vec<u8>,
     },
+    /// The answer to [`AgentMsg::Renew`]: the site's next certificate. The engine accepts
+    /// the old one until the agent connects with this one.
+    Renewed {
+        cert_der: Vec<u8>,
+        expires_unix: u64,
+    },
+    /// A renewal refused (the site is being reset or revoked), saying why.
+    RenewRefused { message: String },
 }
 
 /// First frame of a unidirectional data stream.
@@ -293,6 +315,16 @@ pub enum Request {
         global_id: GlobalId,
         to: u32,
     },
+    /// Create a single-use token for enrolling the site `site`, valid `expires_secs`.
+    SiteAdd {
+        site: String,
+        expires_secs: u64,
+    },
+    /// Forget a site's certificate, tokens and revocation: its agent is cut off and the
+    /// name may be enrolled again with a new `SiteAdd` token.
+    SiteReset {
+        site: String,
+    },
 }
 
 /// An adaptation block: changes to the current version of an image, applied atomically as
@@ -348,16 +380,32 @@ pub struct CommitRequest {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
-    Missing { chunks: Vec<ChunkId> },
-    Uploaded { stored: u32, bytes: u64 },
+    Missing {
+        chunks: Vec<ChunkId>,
+    },
+    Uploaded {
+        stored: u32,
+        bytes: u64,
+    },
     Committed(ImageStatus),
     Image(ImageStatus),
     Images(Vec<ImageStatus>),
     Sites(Vec<SiteInfo>),
     Progress(ImageStatus),
     Revoked,
-    Error { kind: ErrorKind, message: String },
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
     History(Vec<VersionInfo>),
+    /// A site token, in its text form.
+    SiteToken {
+        site: String,
+        token: String,
+        expires_unix: u64,
+    },
+    /// The request was carried out.
+    Done,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -431,6 +479,10 @@ pub struct SiteInfo {
     pub adapter: String,
     pub connected: bool,
     pub revoked: bool,
+    /// An agent holds a certificate for the site (false: added or reset, not enrolled).
+    pub enrolled: bool,
+    /// When the site's certificate expires (Unix seconds; 0 when not enrolled).
+    pub cert_expires_unix: u64,
 }
 
 #[cfg(test)]
@@ -451,10 +503,10 @@ mod tests {
                 admin_secret: "s".into(),
             },
         };
-        // 02        protocol = 2 (varint)
+        // 03        protocol = 3 (varint)
         // 00        Role::Client (variant 0)
         // 01 73     admin_secret = "s" (len 1, 's')
-        assert_eq!(hex(&h), "02000173");
+        assert_eq!(hex(&h), "03000173");
         let a = Role::Agent {
             site: "a".into(),
             adapter: "dir".into(),
@@ -559,7 +611,7 @@ mod tests {
                     adapter: "dir".into(),
                 },
                 Role::Enroll {
-                    join_secret: "s".into(),
+                    secret: "s".into(),
                     site: "a".into(),
                     adapter: "dir".into(),
                     csr_der: vec![],
@@ -581,6 +633,7 @@ mod tests {
                 HelloReply::Enrolled {
                     cert_der: vec![],
                     ca_der: vec![],
+                    expires_unix: 0,
                 },
                 HelloReply::Refused {
                     reason: RefuseReason::BadToken,
@@ -600,6 +653,7 @@ mod tests {
                 RefuseReason::UnknownSite,
                 RefuseReason::Revoked,
                 RefuseReason::BadRequest,
+                RefuseReason::Expired,
             ],
             |v| match v {
                 RefuseReason::ProtocolVersion => 0,
@@ -607,6 +661,7 @@ mod tests {
                 RefuseReason::UnknownSite => 2,
                 RefuseReason::Revoked => 3,
                 RefuseReason::BadRequest => 4,
+                RefuseReason::Expired => 5,
             },
         );
         check(
@@ -631,6 +686,7 @@ mod tests {
                     bases_from: vec![],
                     unavailable: vec![],
                 },
+                AgentMsg::Renew { csr_der: vec![] },
             ],
             |v| match v {
                 AgentMsg::Inventory { .. } => 0,
@@ -638,6 +694,7 @@ mod tests {
                 AgentMsg::Published { .. } => 2,
                 AgentMsg::Failed { .. } => 3,
                 AgentMsg::NeedFrom { .. } => 4,
+                AgentMsg::Renew { .. } => 5,
             },
         );
         let held = HeldVersion {
@@ -656,10 +713,19 @@ mod tests {
                     manifest_id: [0; 32],
                     delta: vec![],
                 },
+                EngineMsg::Renewed {
+                    cert_der: vec![],
+                    expires_unix: 0,
+                },
+                EngineMsg::RenewRefused {
+                    message: String::new(),
+                },
             ],
             |v| match v {
                 EngineMsg::Deploy { .. } => 0,
                 EngineMsg::DeployDelta { .. } => 1,
+                EngineMsg::Renewed { .. } => 2,
+                EngineMsg::RenewRefused { .. } => 3,
             },
         );
         let ch = ChunkHeader {
@@ -735,6 +801,11 @@ mod tests {
                     global_id: g,
                     to: 1,
                 },
+                Request::SiteAdd {
+                    site: "a".into(),
+                    expires_secs: 1,
+                },
+                Request::SiteReset { site: "a".into() },
             ],
             |v| match v {
                 Request::Missing { .. } => 0,
@@ -747,6 +818,8 @@ mod tests {
                 Request::Adapt(_) => 7,
                 Request::History { .. } => 8,
                 Request::Rollback { .. } => 9,
+                Request::SiteAdd { .. } => 10,
+                Request::SiteReset { .. } => 11,
             },
         );
         check(
@@ -803,6 +876,12 @@ mod tests {
                     message: String::new(),
                 },
                 Response::History(vec![]),
+                Response::SiteToken {
+                    site: "a".into(),
+                    token: "t".into(),
+                    expires_unix: 0,
+                },
+                Response::Done,
             ],
             |v| match v {
                 Response::Missing { .. } => 0,
@@ -815,6 +894,8 @@ mod tests {
                 Response::Revoked => 7,
                 Response::Error { .. } => 8,
                 Response::History(_) => 9,
+                Response::SiteToken { .. } => 10,
+                Response::Done => 11,
             },
         );
         check(
@@ -888,7 +969,7 @@ mod tests {
         // 08 Error | 02 MissingChunks | 01 6d "m"
         assert_eq!(hex(&e), "0802016d");
         let enroll = Role::Enroll {
-            join_secret: "s".into(),
+            secret: "s".into(),
             site: "a".into(),
             adapter: "d".into(),
             csr_der: vec![0xcc],

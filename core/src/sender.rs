@@ -124,6 +124,8 @@ pub enum Violation {
     },
     #[error("transfer {transfer}: asked for chunk {id}, which the manifest does not name")]
     UnknownChunk { transfer: u64, id: ChunkId },
+    #[error("{0} does not belong on the control stream")]
+    WrongStream(&'static str),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -164,6 +166,7 @@ fn name(m: &AgentMsg) -> &'static str {
         AgentMsg::Published { .. } => "Published",
         AgentMsg::Failed { .. } => "Failed",
         AgentMsg::NeedFrom { .. } => "NeedFrom",
+        AgentMsg::Renew { .. } => "Renew",
     }
 }
 
@@ -242,6 +245,7 @@ impl Sender {
     ) -> Result<Handled, SendError> {
         let transfer = match &msg {
             AgentMsg::Inventory { .. } => return Ok(Handled::Inventory),
+            AgentMsg::Renew { .. } => return Err(Violation::WrongStream("Renew").into()),
             AgentMsg::Need { transfer, .. }
             | AgentMsg::NeedFrom { transfer, .. }
             | AgentMsg::Published { transfer, .. }

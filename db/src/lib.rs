@@ -83,6 +83,9 @@ pub struct Spec {
     pub format_key: &'static [u8],
     /// This build's layout; another value found on disk is refused.
     pub format: u8,
+    /// Older layouts this build opens and upgrades (by creating the families they lack):
+    /// the marker is rewritten to `format`.
+    pub upgrades_from: &'static [u8],
     /// Block cache shared by every family.
     pub cache_bytes: usize,
 }
@@ -150,6 +153,10 @@ impl Db {
                 .put_cf_opt(meta, spec.format_key, [spec.format], &synced())
                 .map_err(rocks)?,
             Some(v) if v.as_slice() == [spec.format] => {}
+            Some(v) if v.len() == 1 && spec.upgrades_from.contains(&v[0]) => me
+                .db
+                .put_cf_opt(meta, spec.format_key, [spec.format], &synced())
+                .map_err(rocks)?,
             Some(v) => {
                 return Err(DbError::Format {
                     path: path.to_path_buf(),
@@ -296,6 +303,7 @@ mod tests {
         meta_family: "meta",
         format_key: b"format",
         format: 1,
+        upgrades_from: &[],
         cache_bytes: 1 << 20,
     };
 

@@ -3,8 +3,10 @@
 
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use quinn::{Connection, RecvStream, SendStream, VarInt};
-use seedcast_core::protocol::{AgentMsg, HeldImage, PlacementState, close};
+use seedcast_core::protocol::{AgentMsg, EngineMsg, HeldImage, PlacementState, close};
 use seedcast_core::sender::Held;
 use seedcast_net::{FramedError, read_msg, read_msg_required, write_msg};
 use tokio::sync::{Notify, mpsc};
@@ -12,7 +14,14 @@ use tracing::{info, warn};
 
 use crate::distribute::{self, DeployError};
 use crate::handshake::{close_for_violation, close_protocol, welcome};
+use crate::sites::{self, lock};
 use crate::state::{AgentHandle, Shared};
+
+/// Largest renewal request (a CSR is a few hundred bytes).
+const MAX_RENEW_FRAME: usize = 16 * 1024;
+/// Least time between two renewals on one connection: signing is cheap, but an agent must
+/// not be able to keep the engine's CA busy.
+const RENEW_INTERVAL: Duration = Duration::from_secs(10);
 
 /// An agent whose certificate was checked: its connection and control stream.
 #[derive(Debug)]
@@ -37,10 +46,16 @@ pub(crate) async fn session(shared: Arc<Shared>, a: Connected) {
     let Some(held) = greet(&shared, &conn, &site, &mut send, &mut recv).await else {
         return;
     };
-    let wake = register(&shared, &conn, conn_id, &site, &adapter);
+    let Some(wake) = register(&shared, &conn, conn_id, &site, &adapter) else {
+        conn.close(
+            VarInt::from_u32(close::REFUSED),
+            format!("site {site:?} was revoked or reset").as_bytes(),
+        );
+        return;
+    };
     serve(&shared, &conn, &site, send, recv, &wake, held).await;
     {
-        let mut agents = shared.agents.lock().expect("agents lock");
+        let mut agents = lock(&shared.agents);
         if agents.get(&site).is_some_and(|h| h.conn_id == conn_id) {
             agents.remove(&site);
         }
@@ -85,14 +100,20 @@ async fn greet(
     }
 }
 
-/// Make this connection the site's agent (closing an older one); returns its wake-up.
+/// Make this connection the site's agent (closing an older one); returns its wake-up, or
+/// `None` when the site was revoked or reset since its certificate was checked.
 fn register(
     shared: &Shared,
     conn: &Connection,
     conn_id: u64,
     site: &str,
     adapter: &str,
-) -> Arc<Notify> {
+) -> Option<Arc<Notify>> {
+    let _records = lock(&shared.site_records);
+    let cert = seedcast_net::tls::peer_certificate(conn)?;
+    if !sites::still_admitted(shared, site, seedcast_net::pki::fingerprint(&cert)) {
+        return None;
+    }
     let wake = Arc::new(Notify::new());
     let handle = AgentHandle {
         conn_id,
@@ -108,12 +129,7 @@ fn register(
             warn!(site, "recording adapter change: {e}");
         }
     }
-    if let Some(old) = shared
-        .agents
-        .lock()
-        .expect("agents lock")
-        .insert(site.to_string(), handle)
-    {
+    if let Some(old) = lock(&shared.agents).insert(site.to_string(), handle) {
         old.conn.close(
             VarInt::from_u32(close::REPLACED),
             b"a newer connection took over this site",
@@ -121,7 +137,37 @@ fn register(
     }
     info!(site, adapter, remote = %conn.remote_address(), "agent connected");
     shared.changed();
-    wake
+    Some(wake)
+}
+
+/// Serve the agent's certificate renewals: each on a stream of its own, one request and
+/// one answer, at most one per [`RENEW_INTERVAL`]. Ends when the connection does.
+async fn renewals(shared: &Shared, conn: &Connection, site: &str) {
+    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+        let msg = seedcast_net::read_msg_limited::<AgentMsg>(&mut recv, MAX_RENEW_FRAME).await;
+        let reply = match msg {
+            Ok(Some(AgentMsg::Renew { csr_der })) => match sites::renew(shared, site, &csr_der) {
+                Ok((cert_der, expires_unix)) => EngineMsg::Renewed {
+                    cert_der,
+                    expires_unix,
+                },
+                Err(message) => EngineMsg::RenewRefused { message },
+            },
+            Ok(_) => {
+                close_protocol(conn, "a request stream must carry one Renew");
+                return;
+            }
+            Err(e) => {
+                if e.is_protocol_violation() {
+                    close_for_violation(conn, &e);
+                }
+                return;
+            }
+        };
+        let _ = write_msg(&mut send, &reply).await;
+        let _ = send.finish();
+        tokio::time::sleep(RENEW_INTERVAL).await;
+    }
 }
 
 /// Forward the agent's messages to its worker until either ends; close the connection with
@@ -155,6 +201,7 @@ async fn serve(
     };
     let worker = distribute::site_worker(shared, link, wake);
     tokio::select! {
+        () = renewals(shared, conn, site) => {}
         r = reader => {
             if let Err(e) = r
                 && e.is_protocol_violation()

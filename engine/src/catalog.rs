@@ -5,7 +5,8 @@
 //! | `chunks` | chunk id (32 B) | [`ChunkRecord`]: pack location, sizes, reference count |
 //! | `manifests` | global id (12 B) + version (u32 BE) | [`ManifestRecord`] |
 //! | `images` | global id | [`ImageRecord`]: name, current version, target sites |
-//! | `sites` | site name | [`SiteRecord`]: adapter, certificate fingerprint, revoked |
+//! | `sites` | site name | [`SiteRecord`]: adapter, certificate fingerprints and expiry, revoked |
+//! | `enrollments` | BLAKE3 of a site token's secret | [`EnrollmentRecord`]: site, expiry |
 //! | `placements` | global id + site name | [`PlacementRecord`]: version, local id, state, bytes |
 //! | `notes` | global id + version | [`VersionNote`]: what made the version |
 //! | `meta` | name | catalog format, engine id |
@@ -23,8 +24,9 @@ use seedcast_core::{ChunkId, GlobalId, Manifest};
 use seedcast_db::{Batch, Db, DbError, Durability, Layout, Record, Spec, version_key};
 use serde::{Deserialize, Serialize};
 
-/// Format of this catalog's layout; stored under `meta/catalog_format`.
-pub const CATALOG_FORMAT: u8 = 1;
+/// Format of this catalog's layout; stored under `meta/catalog_format`. 2 added the
+/// `enrollments` family (a format-1 catalog is upgraded by creating it).
+pub const CATALOG_FORMAT: u8 = 2;
 
 const CF_CHUNKS: &str = "chunks";
 const CF_MANIFESTS: &str = "manifests";
@@ -33,6 +35,7 @@ const CF_SITES: &str = "sites";
 const CF_PLACEMENTS: &str = "placements";
 const CF_META: &str = "meta";
 const CF_NOTES: &str = "notes";
+const CF_ENROLLMENTS: &str = "enrollments";
 
 const SPEC: Spec = Spec {
     families: &[
@@ -43,10 +46,12 @@ const SPEC: Spec = Spec {
         (CF_PLACEMENTS, Layout::Records),
         (CF_NOTES, Layout::Records),
         (CF_META, Layout::Records),
+        (CF_ENROLLMENTS, Layout::Records),
     ],
     meta_family: CF_META,
     format_key: b"catalog_format",
     format: CATALOG_FORMAT,
+    upgrades_from: &[1],
     // The chunk index is read once at start; this serves manifests, sites and placements.
     cache_bytes: 64 << 20,
 };
@@ -69,7 +74,20 @@ impl Record for ManifestRecord {
     }
 }
 impl Record for ImageRecord {}
-impl Record for SiteRecord {}
+/// Site records gained certificate renewal and reset in format 2; format 1 records read
+/// with their one fingerprint and an unknown expiry.
+impl Record for SiteRecord {
+    const FORMAT: u8 = 2;
+    fn decode(bytes: &[u8]) -> Result<Self, RecordError> {
+        match bytes.first() {
+            Some(1) => {
+                seedcast_core::codec::decode_record::<SiteRecordV1>(1, bytes).map(Into::into)
+            }
+            _ => seedcast_core::codec::decode_record(Self::FORMAT, bytes),
+        }
+    }
+}
+impl Record for EnrollmentRecord {}
 impl Record for VersionNote {}
 
 /// Placements gained `wire_bytes` in format 2; format 1 records read with it as 0.
@@ -144,10 +162,48 @@ pub struct ImageRecord {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SiteRecord {
     pub adapter: String,
-    /// BLAKE3 of the site certificate the engine issued; only that one is accepted.
-    pub cert_fingerprint: [u8; 32],
+    /// BLAKE3 of the site certificate the engine issued; only it (or `next_fingerprint`)
+    /// is accepted. `None`: not enrolled (reset by the admin).
+    pub cert_fingerprint: Option<[u8; 32]>,
+    /// A renewed certificate issued but not yet used; it replaces the current one when the
+    /// agent first connects with it.
+    pub next_fingerprint: Option<[u8; 32]>,
+    /// When the current certificate expires (Unix seconds; 0 unknown).
+    pub cert_expires_unix: u64,
+    pub next_expires_unix: u64,
     pub enrolled_unix: u64,
     pub revoked: bool,
+}
+
+/// Site record format 1 (one fingerprint, no expiry).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct SiteRecordV1 {
+    adapter: String,
+    cert_fingerprint: [u8; 32],
+    enrolled_unix: u64,
+    revoked: bool,
+}
+
+impl From<SiteRecordV1> for SiteRecord {
+    fn from(v: SiteRecordV1) -> Self {
+        SiteRecord {
+            adapter: v.adapter,
+            cert_fingerprint: Some(v.cert_fingerprint),
+            next_fingerprint: None,
+            cert_expires_unix: 0,
+            next_expires_unix: 0,
+            enrolled_unix: v.enrolled_unix,
+            revoked: v.revoked,
+        }
+    }
+}
+
+/// A site token not yet used: the site it enrolls and until when.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollmentRecord {
+    pub site: String,
+    pub created_unix: u64,
+    pub expires_unix: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -371,13 +427,85 @@ impl Catalog {
             .collect())
     }
 
-    pub fn new_site_record(adapter: &str, cert_fingerprint: [u8; 32]) -> SiteRecord {
+    pub fn new_site_record(
+        adapter: &str,
+        cert_fingerprint: [u8; 32],
+        cert_expires_unix: u64,
+    ) -> SiteRecord {
         SiteRecord {
             adapter: adapter.to_string(),
-            cert_fingerprint,
+            cert_fingerprint: Some(cert_fingerprint),
+            next_fingerprint: None,
+            cert_expires_unix,
+            next_expires_unix: 0,
             enrolled_unix: unix_now(),
             revoked: false,
         }
+    }
+
+    // ---- enrollments (site tokens) ----
+
+    pub fn put_enrollment(
+        &self,
+        key: &[u8; 32],
+        rec: &EnrollmentRecord,
+    ) -> Result<(), CatalogError> {
+        self.db.put_synced(CF_ENROLLMENTS, key, rec)
+    }
+
+    pub fn enrollment(&self, key: &[u8; 32]) -> Result<Option<EnrollmentRecord>, CatalogError> {
+        self.db
+            .get(CF_ENROLLMENTS, key, || "enrollments/(token)".to_string())
+    }
+
+    pub fn delete_enrollment(&self, key: &[u8; 32]) -> Result<(), CatalogError> {
+        let mut b = Batch::default();
+        b.delete_cf(self.db.cf(CF_ENROLLMENTS), key);
+        self.db.write(b, Durability::Synced)
+    }
+
+    /// Enroll `site`: write its record and, when it came with a site token, use the token
+    /// up — both or neither.
+    pub fn enroll_site(
+        &self,
+        site: &str,
+        rec: &SiteRecord,
+        token_key: Option<&[u8; 32]>,
+    ) -> Result<(), CatalogError> {
+        let mut b = Batch::default();
+        b.put_cf(self.db.cf(CF_SITES), site.as_bytes(), rec.encode()?);
+        if let Some(k) = token_key {
+            b.delete_cf(self.db.cf(CF_ENROLLMENTS), k);
+        }
+        self.db.write(b, Durability::Synced)
+    }
+
+    /// Every unused token of `site` (with its key), expired ones too.
+    pub fn enrollments_of(
+        &self,
+        site: &str,
+    ) -> Result<Vec<([u8; 32], EnrollmentRecord)>, CatalogError> {
+        Ok(self
+            .db
+            .scan::<EnrollmentRecord>(CF_ENROLLMENTS, &[])?
+            .into_iter()
+            .filter(|(_, r)| r.site == site)
+            .filter_map(|(k, r)| Some((<[u8; 32]>::try_from(k.as_slice()).ok()?, r)))
+            .collect())
+    }
+
+    /// Write `rec` for `site` and drop every unused token of the site, in one batch.
+    pub fn put_site_dropping_tokens(
+        &self,
+        site: &str,
+        rec: &SiteRecord,
+    ) -> Result<(), CatalogError> {
+        let mut b = Batch::default();
+        b.put_cf(self.db.cf(CF_SITES), site.as_bytes(), rec.encode()?);
+        for (k, _) in self.enrollments_of(site)? {
+            b.delete_cf(self.db.cf(CF_ENROLLMENTS), k);
+        }
+        self.db.write(b, Durability::Synced)
     }
 
     // ---- placements ----
@@ -499,7 +627,7 @@ mod tests {
         let p = dir.path().join("cat");
         {
             let c = Catalog::open(&p).unwrap();
-            c.put_site("a", &Catalog::new_site_record("dir", [1; 32]))
+            c.put_site("a", &Catalog::new_site_record("dir", [1; 32], 0))
                 .unwrap();
         }
         {

@@ -108,6 +108,16 @@ async fn request(
         Request::Status { global_id: None } => status::images(shared).map(Response::Images),
         Request::Sites => status::sites(shared).map(Response::Sites),
         Request::Revoke { site } => sites::revoke(shared, &site).map(|()| Response::Revoked),
+        Request::SiteAdd { site, expires_secs } => {
+            sites::add(shared, &site, expires_secs).map(|(token, expires_unix)| {
+                Response::SiteToken {
+                    site,
+                    token,
+                    expires_unix,
+                }
+            })
+        }
+        Request::SiteReset { site } => sites::reset(shared, &site).map(|()| Response::Done),
     };
     write_msg(&mut send, &resp.unwrap_or_else(|e| e.response())).await?;
     let _ = send.finish();

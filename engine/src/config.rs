@@ -1,6 +1,7 @@
 //! How an engine runs: one options struct, with the scenario each default is tuned for.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use seedcast_core::ChunkerConfig;
 use seedcast_core::sender::SendConfig;
@@ -24,6 +25,13 @@ pub struct EngineConfig {
     pub delta_level: i32,
     /// How a deployment's work is cut into stream items and delta groups.
     pub send: SendConfig,
+    /// Accept `DATA/join.token` for any new site name (off: sites enroll only with the
+    /// single-use token `seedcast site add NAME` makes). For labs and demos.
+    pub open_enrollment: bool,
+    /// How long a site certificate is valid. 30 days: agents renew it when a third is
+    /// left (every ~20 days), so a stolen certificate of a reset site dies within weeks
+    /// even if revocation were missed.
+    pub site_cert_lifetime: Duration,
 }
 
 impl EngineConfig {
@@ -35,6 +43,8 @@ impl EngineConfig {
             streams_per_transfer: 4,
             delta_level: 19,
             send: SendConfig::default(),
+            open_enrollment: false,
+            site_cert_lifetime: Duration::from_secs(30 * 86_400),
         }
     }
 }

@@ -38,6 +38,18 @@ pub enum EngineError {
     UnknownSite(String),
     #[error("site {0:?} is revoked")]
     RevokedSite(String),
+    #[error(
+        "site {0:?} is enrolled: `seedcast site reset {0}` cuts its agent off and lets a new token enroll it"
+    )]
+    SiteEnrolled(String),
+    #[error(
+        "site {0:?} is revoked: `seedcast site reset {0}` re-admits it (then `seedcast site add {0}`)"
+    )]
+    SiteRevoked(String),
+    #[error("invalid site name {0:?}: use 1-63 characters from a-z, 0-9, '-' and '_'")]
+    InvalidSiteName(String),
+    #[error("a site token may live at most {max} s (asked for {secs} s)")]
+    TokenLifetime { secs: u64, max: u64 },
     /// The files of a push or a block break the manifest rules.
     #[error(transparent)]
     Manifest(#[from] ManifestError),
@@ -143,6 +155,10 @@ impl EngineError {
             EngineError::UnknownImage(_) | EngineError::UnknownSite(_) => ErrorKind::NotFound,
             EngineError::Adapt(a) if !a.is_invalid() => ErrorKind::Internal,
             EngineError::RevokedSite(_)
+            | EngineError::SiteEnrolled(_)
+            | EngineError::SiteRevoked(_)
+            | EngineError::InvalidSiteName(_)
+            | EngineError::TokenLifetime { .. }
             | EngineError::Manifest(_)
             | EngineError::Adapt(_)
             | EngineError::Upload(_)

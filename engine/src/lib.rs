@@ -65,7 +65,7 @@ impl Engine {
     pub fn open(cfg: EngineConfig) -> Result<Engine, EngineError> {
         cfg.chunking.validate()?;
         std::fs::create_dir_all(&cfg.data)?;
-        let pki = EnginePki::load_or_create(&cfg.data)?;
+        let pki = EnginePki::load_or_create(&cfg.data, cfg.open_enrollment)?;
         let catalog = Arc::new(Catalog::open(&cfg.data.join("catalog"))?);
         let store = Arc::new(PackStore::open(&cfg.data.join("packs"), catalog.clone())?);
         let id = catalog.engine_id()?;
@@ -84,6 +84,7 @@ impl Engine {
                 next_conn: AtomicU64::new(1),
                 delta: Default::default(),
                 versions: Mutex::new(()),
+                site_records: Mutex::new(()),
             }),
         })
     }
@@ -92,9 +93,10 @@ impl Engine {
         &self.shared.id
     }
 
-    /// The token agents enroll with (also in `DATA/join.token`).
-    pub fn join_token(&self) -> &Token {
-        &self.shared.pki.join
+    /// The token any new site enrolls with under open enrollment (also in
+    /// `DATA/join.token`); `None` otherwise.
+    pub fn join_token(&self) -> Option<&Token> {
+        self.shared.pki.join.as_ref()
     }
 
     /// The token clients use (also in `DATA/admin.token`).

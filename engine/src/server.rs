@@ -71,13 +71,13 @@ async fn handle_connection(shared: Arc<Shared>, conn: Connection) {
             client_api::session(shared, conn, send, recv).await;
         }
         Role::Enroll {
-            join_secret,
+            secret,
             site,
             adapter,
             csr_der,
         } => {
             let e = Enrollment {
-                join_secret: &join_secret,
+                secret: &secret,
                 site: &site,
                 adapter: &adapter,
                 csr_der: &csr_der,
@@ -85,7 +85,7 @@ async fn handle_connection(shared: Arc<Shared>, conn: Connection) {
             enroll(&shared, &conn, send, e).await
         }
         Role::Agent { site, adapter } => {
-            if let Err((reason, msg)) = check_agent(&shared.catalog, &conn, &site) {
+            if let Err((reason, msg)) = check_agent(&shared, &conn, &site) {
                 refuse(&conn, &mut send, reason, msg).await;
                 return;
             }

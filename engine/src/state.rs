@@ -39,6 +39,9 @@ pub(crate) struct Shared {
     pub delta: Arc<DeltaCache>,
     /// Held while a version is made: one writer for versions and chunk reference counts.
     pub versions: Mutex<()>,
+    /// Held while a site record is read and rewritten (enroll, renew, reset, revoke, an
+    /// agent registering), so no update undoes another (a revocation is never lost).
+    pub site_records: Mutex<()>,
 }
 
 impl Shared {

@@ -92,6 +92,8 @@ pub(crate) fn sites(shared: &Shared) -> Result<Vec<SiteInfo>, EngineError> {
             site: name,
             adapter: r.adapter,
             revoked: r.revoked,
+            enrolled: r.cert_fingerprint.is_some(),
+            cert_expires_unix: r.cert_expires_unix,
         })
         .collect())
 }

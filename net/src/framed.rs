@@ -41,6 +41,15 @@ pub async fn write_msg<T: Serialize>(send: &mut SendStream, msg: &T) -> Result<(
 pub async fn read_msg<T: DeserializeOwned>(
     recv: &mut RecvStream,
 ) -> Result<Option<T>, FramedError> {
+    read_msg_limited(recv, MAX_MESSAGE_SIZE).await
+}
+
+/// As [`read_msg`], refusing a frame longer than `max` before allocating for it (for
+/// messages that are small by nature, such as a hello from a peer not yet authenticated).
+pub async fn read_msg_limited<T: DeserializeOwned>(
+    recv: &mut RecvStream,
+    max: usize,
+) -> Result<Option<T>, FramedError> {
     let mut header = [0u8; HEADER_LEN];
     match recv.read_exact(&mut header).await {
         Ok(()) => {}
@@ -54,7 +63,7 @@ pub async fn read_msg<T: DeserializeOwned>(
         }
         Err(ReadExactError::ReadError(e)) => return Err(e.into()),
     }
-    let len = frame::decode_len(header, MAX_MESSAGE_SIZE)?;
+    let len = frame::decode_len(header, max.min(MAX_MESSAGE_SIZE))?;
     let body = read_exact_vec(recv, len).await?;
     Ok(Some(codec::decode(&body).map_err(FrameError::from)?))
 }

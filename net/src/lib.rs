@@ -1,9 +1,9 @@
 //! seedcast-net: what all three roles need to talk: QUIC endpoints, TLS and the engine's
 //! small PKI, and framed messages over QUIC streams.
 //!
-//! - [`pki`]: the engine's CA, its server certificate, per-site certificates, and the join /
-//!   admin tokens that carry the CA fingerprint (kubeadm / k3s style).
-//! - [`tls`]: rustls configurations (TLS 1.3 only, ALPN `seedcast/1`, CA pinning).
+//! - [`pki`]: the engine's CA, its server certificate, per-site certificates, and the site /
+//!   join / admin tokens that carry the CA fingerprint (kubeadm / k3s style).
+//! - [`tls`]: rustls configurations (TLS 1.3 only, ALPN `seedcast/3`, CA pinning).
 //! - [`endpoint`]: quinn endpoints and the transport tuning they share.
 //! - [`dial`]: dialling the engine and the hello exchange (clients and agents alike).
 //! - [`framed`]: read and write [`seedcast_core::frame`]s on quinn streams.
@@ -14,4 +14,6 @@ pub mod framed;
 pub mod pki;
 pub mod tls;
 
-pub use framed::{FramedError, read_msg, read_msg_required, read_payload, write_msg};
+pub use framed::{
+    FramedError, read_msg, read_msg_limited, read_msg_required, read_payload, write_msg,
+};

@@ -1,13 +1,18 @@
 //! The engine's small PKI and the tokens that bootstrap trust (kubeadm / k3s style).
 //!
 //! On first start the engine creates a CA, a server certificate for
-//! [`seedcast_core::protocol::SERVER_NAME`], and two tokens:
-//! `DATA/join.token` (for agents) and `DATA/admin.token` (for clients). A token is
-//! `<kind>.<CA fingerprint>.<secret>`: the fingerprint (BLAKE3 of the CA certificate's DER)
-//! lets the dialer verify the engine before it sends the secret; the secret lets the engine
-//! verify the dialer. An agent enrolls once with the join token and receives a certificate
-//! for its site, signed by the CA, which it keeps for later starts. Each site has its own
-//! certificate, so one site can be revoked without touching the others.
+//! [`seedcast_core::protocol::SERVER_NAME`], and `DATA/admin.token` (for clients). A token
+//! is `<kind>.<CA fingerprint>.<secret>`: the fingerprint (BLAKE3 of the CA certificate's
+//! DER) lets the dialer verify the engine before it sends the secret; the secret lets the
+//! engine verify the dialer.
+//!
+//! Sites enroll with a *site token* (`scsite1`), made by the admin for one site name
+//! (`seedcast site add NAME`), single-use and expiring; the engine keeps only its hash.
+//! With open enrollment the engine also writes `DATA/join.token` (`scjoin1`), good for any
+//! new site name. Enrolling gives the agent a certificate for its site with a bounded
+//! life, signed by the CA, which it keeps and renews over its authenticated connection.
+//! Each site has its own certificate, so one site can be revoked without touching the
+//! others.
 
 use std::fmt;
 use std::fs;
@@ -71,10 +76,12 @@ pub fn validate_site_name(name: &str) -> Result<(), PkiError> {
 /// Which door a token opens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenKind {
-    /// Agents: enroll a site.
+    /// Agents, at an engine with open enrollment: enroll any new site name.
     Join,
     /// Clients: push, adapt, status, sites.
     Admin,
+    /// One agent, once: enroll the site the admin made the token for.
+    Site,
 }
 
 impl TokenKind {
@@ -82,7 +89,13 @@ impl TokenKind {
         match self {
             TokenKind::Join => "scjoin1",
             TokenKind::Admin => "scadmin1",
+            TokenKind::Site => "scsite1",
         }
+    }
+
+    /// May an agent enroll with it?
+    pub fn enrolls(self) -> bool {
+        matches!(self, TokenKind::Join | TokenKind::Site)
     }
 }
 
@@ -126,13 +139,14 @@ impl FromStr for Token {
         let (Some(kind), Some(fp), Some(secret)) = (parts.next(), parts.next(), parts.next())
         else {
             return Err(PkiError::Token(
-                "expected <kind>.<fingerprint>.<secret> (the contents of join.token or admin.token)"
+                "expected <kind>.<fingerprint>.<secret> (a site token, admin.token or join.token)"
                     .into(),
             ));
         };
         let kind = match kind {
             "scjoin1" => TokenKind::Join,
             "scadmin1" => TokenKind::Admin,
+            "scsite1" => TokenKind::Site,
             k => return Err(PkiError::Token(format!("unknown token kind {k:?}"))),
         };
         let fp: [u8; 32] = hex::decode(fp)
@@ -181,6 +195,19 @@ pub fn secrets_match(a: &str, b: &str) -> bool {
 
 fn new_secret() -> String {
     hex::encode(rand::random::<[u8; 16]>())
+}
+
+/// What the engine stores of a site token: its secret's hash, never the secret.
+pub fn token_key(secret: &str) -> [u8; 32] {
+    *blake3::hash(secret.as_bytes()).as_bytes()
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn validity(years: i64) -> (time::OffsetDateTime, time::OffsetDateTime) {
@@ -254,7 +281,8 @@ pub struct EnginePki {
     issuer: Issuer<'static, KeyPair>,
     server_cert: CertificateDer<'static>,
     server_key: KeyPair,
-    pub join: Token,
+    /// Only with open enrollment.
+    pub join: Option<Token>,
     pub admin: Token,
 }
 
@@ -266,7 +294,9 @@ impl fmt::Debug for EnginePki {
 
 impl EnginePki {
     /// Load the CA, server certificate and tokens from `data`, creating them on first start.
-    pub fn load_or_create(data: &Path) -> Result<Self, PkiError> {
+    /// The join token exists only with `open_enrollment`; without it a join token left
+    /// from an earlier start is deleted, so it cannot be mistaken for a working one.
+    pub fn load_or_create(data: &Path, open_enrollment: bool) -> Result<Self, PkiError> {
         let tls = data.join("tls");
         fs::create_dir_all(&tls).map_err(io_err(&tls))?;
         let (ca_key_p, ca_crt_p) = (tls.join("ca.key"), tls.join("ca.der"));
@@ -302,7 +332,20 @@ impl EnginePki {
         let server_cert = CertificateDer::from(read(&srv_crt_p)?);
 
         let fp = fingerprint(&ca_der);
-        let join = load_or_create_token(&data.join("join.token"), TokenKind::Join, fp)?;
+        let join_p = data.join("join.token");
+        let join = if open_enrollment {
+            Some(load_or_create_token(&join_p, TokenKind::Join, fp)?)
+        } else {
+            match fs::remove_file(&join_p) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(PkiError::Io {
+                        path: join_p,
+                        source: e,
+                    });
+                }
+                _ => None,
+            }
+        };
         let admin = load_or_create_token(&data.join("admin.token"), TokenKind::Admin, fp)?;
         Ok(EnginePki {
             ca_der,
@@ -332,13 +375,25 @@ impl EnginePki {
         key_der(&self.server_key)
     }
 
-    /// Issue a client certificate for `site` to the key in `csr_der`. Only the key is taken
-    /// from the request; subject and usages are the engine's.
+    /// A new site token (its text is shown once; the engine keeps [`token_key`] of it).
+    pub fn new_site_token(&self) -> Token {
+        Token {
+            kind: TokenKind::Site,
+            ca_fingerprint: self.fingerprint(),
+            secret: new_secret(),
+        }
+    }
+
+    /// Issue a client certificate for `site` to the key in `csr_der`, valid for `lifetime`
+    /// (and from a minute ago, for clocks slightly behind); returns it and its expiry (Unix
+    /// seconds). Only the key is taken from the request; subject and usages are the
+    /// engine's.
     pub fn issue_site_cert(
         &self,
         site: &str,
         csr_der: &[u8],
-    ) -> Result<CertificateDer<'static>, PkiError> {
+        lifetime: std::time::Duration,
+    ) -> Result<(CertificateDer<'static>, u64), PkiError> {
         validate_site_name(site)?;
         let mut csr = CertificateSigningRequestParams::from_der(
             &CertificateSigningRequestDer::from(csr_der),
@@ -350,10 +405,14 @@ impl EnginePki {
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         p.use_authority_key_identifier_extension = true;
-        (p.not_before, p.not_after) = validity(10);
+        let now = time::OffsetDateTime::now_utc();
+        let lifetime = time::Duration::seconds(lifetime.as_secs().min(i64::MAX as u64) as i64);
+        let not_after = now.checked_add(lifetime).unwrap_or(now);
+        (p.not_before, p.not_after) = (now - time::Duration::minutes(1), not_after);
         p.serial_number = Some(random_serial());
         csr.params = p;
-        Ok(csr.signed_by(&self.issuer)?.der().clone())
+        let expires = not_after.unix_timestamp().max(0) as u64;
+        Ok((csr.signed_by(&self.issuer)?.der().clone(), expires))
     }
 }
 
@@ -387,6 +446,11 @@ pub struct SiteCredentials {
     pub cert: CertificateDer<'static>,
     key: KeyPair,
     pub ca: CertificateDer<'static>,
+    /// When the certificate was issued and when it expires (Unix seconds). 0 when unknown
+    /// (credentials saved before certificates expired): such a certificate is renewed at
+    /// the next connection.
+    pub issued_unix: u64,
+    pub expires_unix: u64,
 }
 
 impl fmt::Debug for SiteCredentials {
@@ -395,7 +459,7 @@ impl fmt::Debug for SiteCredentials {
     }
 }
 
-/// A key and the request to certify it, made before enrolling.
+/// A key and the request to certify it, made before enrolling or renewing.
 pub struct PendingEnrollment {
     key: KeyPair,
     pub csr_der: Vec<u8>,
@@ -420,18 +484,42 @@ impl PendingEnrollment {
         })
     }
 
-    pub fn complete(self, site: &str, cert_der: Vec<u8>, ca_der: Vec<u8>) -> SiteCredentials {
+    pub fn complete(
+        self,
+        site: &str,
+        cert_der: Vec<u8>,
+        ca_der: Vec<u8>,
+        expires_unix: u64,
+    ) -> SiteCredentials {
         SiteCredentials {
             site: site.to_string(),
             cert: CertificateDer::from(cert_der),
             key: self.key,
             ca: CertificateDer::from(ca_der),
+            issued_unix: unix_now(),
+            expires_unix,
         }
     }
 }
 
+/// The credentials file: one file, so a renewal replaces key and certificate together.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CredentialsFile {
+    site: String,
+    key_pem: String,
+    cert_hex: String,
+    ca_hex: String,
+    issued_unix: u64,
+    expires_unix: u64,
+}
+
 impl SiteCredentials {
-    fn paths(dir: &Path) -> [PathBuf; 4] {
+    fn file(dir: &Path) -> PathBuf {
+        dir.join("tls").join("site.json")
+    }
+
+    /// The layout before certificates expired: four files, the certificate written last.
+    fn legacy_paths(dir: &Path) -> [PathBuf; 4] {
         let t = dir.join("tls");
         [
             t.join("site.key"),
@@ -443,7 +531,24 @@ impl SiteCredentials {
 
     /// Load credentials saved by [`SiteCredentials::save`], if any.
     pub fn load(dir: &Path) -> Result<Option<Self>, PkiError> {
-        let [key_p, crt_p, ca_p, name_p] = Self::paths(dir);
+        let p = Self::file(dir);
+        if p.exists() {
+            let corrupt = || PkiError::Corrupt {
+                path: p.clone(),
+                what: "site credentials file",
+            };
+            let f: CredentialsFile = serde_json::from_slice(&read(&p)?).map_err(|_| corrupt())?;
+            let der = |h: &str| hex::decode(h).map_err(|_| corrupt());
+            return Ok(Some(SiteCredentials {
+                site: f.site,
+                cert: CertificateDer::from(der(&f.cert_hex)?),
+                key: KeyPair::from_pem(&f.key_pem).map_err(|_| corrupt())?,
+                ca: CertificateDer::from(der(&f.ca_hex)?),
+                issued_unix: f.issued_unix,
+                expires_unix: f.expires_unix,
+            }));
+        }
+        let [key_p, crt_p, ca_p, name_p] = Self::legacy_paths(dir);
         if !crt_p.exists() {
             return Ok(None);
         }
@@ -456,18 +561,29 @@ impl SiteCredentials {
             cert: CertificateDer::from(read(&crt_p)?),
             key: load_key(&key_p)?,
             ca: CertificateDer::from(read(&ca_p)?),
+            issued_unix: 0,
+            expires_unix: 0,
         }))
     }
 
+    /// Save atomically (one file, written aside and renamed), then drop the legacy files.
     pub fn save(&self, dir: &Path) -> Result<(), PkiError> {
-        let [key_p, crt_p, ca_p, name_p] = Self::paths(dir);
         let t = dir.join("tls");
         fs::create_dir_all(&t).map_err(io_err(&t))?;
-        write_private(&key_p, self.key.serialize_pem().as_bytes(), 0o600)?;
-        write_private(&ca_p, &self.ca, 0o644)?;
-        write_private(&name_p, self.site.as_bytes(), 0o644)?;
-        // The certificate last: its presence marks the set complete.
-        write_private(&crt_p, &self.cert, 0o644)
+        let f = CredentialsFile {
+            site: self.site.clone(),
+            key_pem: self.key.serialize_pem(),
+            cert_hex: hex::encode(&self.cert),
+            ca_hex: hex::encode(&self.ca),
+            issued_unix: self.issued_unix,
+            expires_unix: self.expires_unix,
+        };
+        let bytes = serde_json::to_vec_pretty(&f).expect("plain data");
+        write_private(&Self::file(dir), &bytes, 0o600)?;
+        for p in Self::legacy_paths(dir) {
+            let _ = fs::remove_file(p);
+        }
+        Ok(())
     }
 
     pub fn ca_fingerprint(&self) -> [u8; 32] {
@@ -480,6 +596,21 @@ impl SiteCredentials {
 
     pub fn key(&self) -> PrivateKeyDer<'static> {
         key_der(&self.key)
+    }
+
+    /// Has the certificate expired at `now` (Unix seconds)? Unknown expiry: no.
+    pub fn expired(&self, now: u64) -> bool {
+        self.expires_unix != 0 && now >= self.expires_unix
+    }
+
+    /// Should it be renewed at `now`: within the last third of its life, or of unknown
+    /// expiry?
+    pub fn renew_due(&self, now: u64) -> bool {
+        if self.expires_unix == 0 || self.issued_unix == 0 {
+            return true;
+        }
+        let life = self.expires_unix.saturating_sub(self.issued_unix);
+        now + life / 3 >= self.expires_unix
     }
 }
 
@@ -528,21 +659,33 @@ mod tests {
     #[test]
     fn engine_pki_persists_and_issues_site_certs() {
         let dir = tempfile::tempdir().unwrap();
-        let a = EnginePki::load_or_create(dir.path()).unwrap();
-        let b = EnginePki::load_or_create(dir.path()).unwrap();
+        let a = EnginePki::load_or_create(dir.path(), true).unwrap();
+        let b = EnginePki::load_or_create(dir.path(), true).unwrap();
         assert_eq!(a.fingerprint(), b.fingerprint());
         assert_eq!(a.join, b.join);
-        assert_ne!(a.join.secret, a.admin.secret);
+        assert_ne!(a.join.as_ref().unwrap().secret, a.admin.secret);
+        // Without open enrollment there is no join token, on disk or in memory.
+        let c = EnginePki::load_or_create(dir.path(), false).unwrap();
+        assert!(c.join.is_none() && !dir.path().join("join.token").exists());
+        assert_eq!(c.admin, a.admin);
         let pending = PendingEnrollment::new("site-a").unwrap();
-        let cert = b.issue_site_cert("site-a", &pending.csr_der).unwrap();
-        let creds = pending.complete("site-a", cert.to_vec(), b.ca_der().to_vec());
+        let day = std::time::Duration::from_secs(86_400);
+        let (cert, expires) = b.issue_site_cert("site-a", &pending.csr_der, day).unwrap();
+        assert!(expires.abs_diff(unix_now() + 86_400) < 5, "{expires}");
+        let creds = pending.complete("site-a", cert.to_vec(), b.ca_der().to_vec(), expires);
         let agent_dir = tempfile::tempdir().unwrap();
         creds.save(agent_dir.path()).unwrap();
         let back = SiteCredentials::load(agent_dir.path()).unwrap().unwrap();
         assert_eq!(back.site, "site-a");
         assert_eq!(back.ca_fingerprint(), a.fingerprint());
-        assert!(b.issue_site_cert("Bad Name", &[1, 2, 3]).is_err());
-        assert!(b.issue_site_cert("ok", &[1, 2, 3]).is_err());
+        assert_eq!(back.expires_unix, expires);
+        assert!(!back.expired(unix_now()) && back.expired(expires));
+        assert!(!back.renew_due(unix_now()) && back.renew_due(expires - 86_400 / 3));
+        assert!(b.issue_site_cert("Bad Name", &[1, 2, 3], day).is_err());
+        assert!(b.issue_site_cert("ok", &[1, 2, 3], day).is_err());
+        let t = b.new_site_token();
+        assert_eq!(t.kind, TokenKind::Site);
+        assert_eq!(t.to_string().parse::<Token>().unwrap(), t);
     }
 
     #[test]

@@ -134,7 +134,7 @@ impl Client {
     ) -> Result<Client, ClientError> {
         if token.kind != TokenKind::Admin {
             return Err(ClientError::Usage(
-                "this is a join token; clients need the admin token (DATA/admin.token)".into(),
+                "this is an agent's token (site or join); clients need the admin token (DATA/admin.token)".into(),
             ));
         }
         let cc = seedcast_net::tls::client_config(token.ca_fingerprint, None, transport)?;
@@ -214,6 +214,39 @@ impl Client {
     pub async fn sites(&self) -> Result<Vec<SiteInfo>, ClientError> {
         match self.request(&Request::Sites).await? {
             Response::Sites(v) => Ok(v),
+            r => Err(ClientError::Unexpected(format!("{r:?}"))),
+        }
+    }
+
+    /// A single-use token enrolling `site`, valid `expires_secs`: its text and expiry
+    /// (Unix seconds).
+    pub async fn site_add(
+        &self,
+        site: &str,
+        expires_secs: u64,
+    ) -> Result<(String, u64), ClientError> {
+        let req = Request::SiteAdd {
+            site: site.into(),
+            expires_secs,
+        };
+        match self.request(&req).await? {
+            Response::SiteToken {
+                token,
+                expires_unix,
+                ..
+            } => Ok((token, expires_unix)),
+            r => Err(ClientError::Unexpected(format!("{r:?}"))),
+        }
+    }
+
+    /// Forget a site's certificate, tokens and revocation (its agent is cut off); a new
+    /// `site_add` token can then enroll the name again.
+    pub async fn site_reset(&self, site: &str) -> Result<(), ClientError> {
+        match self
+            .request(&Request::SiteReset { site: site.into() })
+            .await?
+        {
+            Response::Done => Ok(()),
             r => Err(ClientError::Unexpected(format!("{r:?}"))),
         }
     }
