@@ -621,6 +621,57 @@ mod tests {
         assert_eq!(ManifestRecord::decode(&again).unwrap(), back);
     }
 
+    /// A format-1 catalog (no `enrollments` family, version-1 site records) opens, is
+    /// upgraded, and its sites keep their certificate.
+    #[test]
+    fn a_format_1_catalog_is_upgraded_and_keeps_its_sites() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("cat");
+        const V1: Spec = Spec {
+            families: &[
+                (CF_CHUNKS, Layout::Records),
+                (CF_MANIFESTS, Layout::Records),
+                (CF_IMAGES, Layout::Records),
+                (CF_SITES, Layout::Records),
+                (CF_PLACEMENTS, Layout::Records),
+                (CF_NOTES, Layout::Records),
+                (CF_META, Layout::Records),
+            ],
+            meta_family: CF_META,
+            format_key: b"catalog_format",
+            format: 1,
+            upgrades_from: &[],
+            cache_bytes: 1 << 20,
+        };
+        {
+            let db = Db::open(&p, &V1).unwrap();
+            let old = SiteRecordV1 {
+                adapter: "dir".into(),
+                cert_fingerprint: [7; 32],
+                enrolled_unix: 5,
+                revoked: false,
+            };
+            let bytes = seedcast_core::codec::encode_record(1, &old).unwrap();
+            db.put_raw_synced(CF_SITES, b"a", &bytes).unwrap();
+        }
+        let c = Catalog::open(&p).unwrap();
+        let a = c.site("a").unwrap().unwrap();
+        assert_eq!(a.cert_fingerprint, Some([7; 32]));
+        assert_eq!((a.cert_expires_unix, a.next_fingerprint), (0, None));
+        let key = [1u8; 32];
+        let t = EnrollmentRecord {
+            site: "b".into(),
+            created_unix: 1,
+            expires_unix: 2,
+        };
+        c.put_enrollment(&key, &t).unwrap();
+        assert_eq!(c.enrollments_of("b").unwrap(), vec![(key, t)]);
+        drop(c);
+        // A build of the old layout no longer opens it (RocksDB names the new family).
+        let e = Db::open(&p, &V1).unwrap_err().to_string();
+        assert!(e.contains("enrollments"), "{e}");
+    }
+
     #[test]
     fn reopens_and_refuses_foreign_format() {
         let dir = tempfile::tempdir().unwrap();

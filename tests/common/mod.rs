@@ -21,7 +21,16 @@ pub async fn with_cluster(
     sites: &[&str],
     body: impl AsyncFnOnce(&mut LocalCluster) -> Result<()>,
 ) -> Result<()> {
-    let mut cluster = LocalCluster::start(None, sites).await?;
+    with_engine(sites, |_| {}, body).await
+}
+
+/// As [`with_cluster`], with the engine configured by `configure`.
+pub async fn with_engine(
+    sites: &[&str],
+    configure: impl Fn(&mut seedcast_engine::EngineConfig) + Send + Sync + 'static,
+    body: impl AsyncFnOnce(&mut LocalCluster) -> Result<()>,
+) -> Result<()> {
+    let mut cluster = LocalCluster::start_with(None, sites, configure).await?;
     let outcome = AssertUnwindSafe(body(&mut cluster)).catch_unwind().await;
     let down = cluster.shutdown().await;
     match outcome {
