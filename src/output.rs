@@ -1,5 +1,9 @@
 //! What the CLI prints. The JSON shapes are a contract that scripts rely on: fields may be
-//! added, never renamed or removed.
+//! added, never renamed or removed. Text that came from a peer (image names, local ids,
+//! errors an agent reported, adapter names) goes through [`printable`] in tables, so no
+//! escape sequence reaches the operator's terminal; JSON escapes control characters itself.
+
+use std::borrow::Cow;
 
 use seedcast_core::GlobalId;
 use seedcast_core::protocol::{ImageStatus, SiteInfo, SitePlacement, VersionInfo};
@@ -68,7 +72,7 @@ pub fn history_table(v: &[VersionInfo]) -> String {
             human_bytes(i.total_len),
             human_bytes(i.data_len),
             human_bytes(i.bytes_uploaded),
-            i.change
+            printable(&i.change)
         );
     }
     out
@@ -82,8 +86,28 @@ pub fn sites_json(v: &[SiteInfo]) -> Value {
             "adapter": s.adapter,
             "connected": s.connected,
             "revoked": s.revoked,
+            "enrolled": s.enrolled,
+            "cert_expires_unix": s.cert_expires_unix,
         })).collect::<Vec<_>>()
     })
+}
+
+/// `s` with every control character (ESC, CR, BEL, …) written as its escape, `\u{1b}`.
+pub fn printable(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return Cow::Borrowed(s);
+    }
+    Cow::Owned(
+        s.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_unicode().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
+    )
 }
 
 pub use seedcast_core::units::human_bytes;
@@ -105,7 +129,11 @@ pub fn image_table(s: &ImageStatus) -> String {
     };
     let site_w = w(&|p| p.site.chars().count(), 12);
     let id_w = w(
-        &|p| p.local_id.as_deref().map_or(1, |l| l.chars().count()),
+        &|p| {
+            p.local_id
+                .as_deref()
+                .map_or(1, |l| printable(l).chars().count())
+        },
         38,
     );
     out += &format!(
@@ -116,14 +144,14 @@ pub fn image_table(s: &ImageStatus) -> String {
         out += &format!(
             "  {:<site_w$} {:<id_w$} {:>7} {:<13} {:>12} {:>12}{}\n",
             p.site,
-            p.local_id.as_deref().unwrap_or("-"),
+            printable(p.local_id.as_deref().unwrap_or("-")),
             p.version,
             p.state.as_str(),
             human_bytes(p.bytes_sent),
             human_bytes(p.wire_bytes),
             p.error
                 .as_deref()
-                .map(|e| format!("  ({e})"))
+                .map(|e| format!("  ({})", printable(e)))
                 .unwrap_or_default()
         );
     }
@@ -140,7 +168,56 @@ pub fn sites_table(v: &[SiteInfo]) -> String {
         } else {
             "no"
         };
-        out += &format!("{:<16} {:<8} {:<10}\n", s.site, s.adapter, state);
+        let state = if !s.enrolled && !s.revoked {
+            "not enrolled"
+        } else {
+            state
+        };
+        out += &format!(
+            "{:<16} {:<8} {:<10}\n",
+            s.site,
+            printable(&s.adapter),
+            state
+        );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_from_peers_never_reach_the_terminal() {
+        assert_eq!(printable("sc-1/v2"), "sc-1/v2");
+        let hostile = "id\u{1b}]0;owned\u{7}\r\n";
+        let shown = printable(hostile);
+        assert!(!shown.chars().any(char::is_control), "{shown}");
+        assert!(shown.contains("\\u{1b}"), "{shown}");
+        let mut st = ImageStatus {
+            global_id: GlobalId([1; 12]),
+            name: "n\u{1b}[2J".into(),
+            version: 1,
+            bytes_uploaded: 0,
+            total_len: 0,
+            data_len: 0,
+            sites: vec![SitePlacement {
+                site: "a".into(),
+                local_id: Some(hostile.into()),
+                version: 1,
+                state: seedcast_core::protocol::PlacementState::Failed,
+                bytes_sent: 0,
+                bytes_needed: 0,
+                error: Some("bad\u{1b}[31m".into()),
+                wire_bytes: 0,
+            }],
+        };
+        let t = image_table(&st);
+        assert!(
+            !t.contains('\u{1b}') && !t.contains('\r') && !t.contains('\u{7}'),
+            "{t}"
+        );
+        st.sites.clear();
+        assert!(!image_table(&st).contains('\u{1b}'));
+    }
 }

@@ -68,6 +68,16 @@ pub const MAX_IDS_PER_REQUEST: usize = 65_536;
 pub const MAX_UPLOAD_BATCH: u32 = 4096;
 /// Largest `Write` of an adaptation block (larger changes: replace the file).
 pub const MAX_WRITE: usize = 16 * 1024 * 1024;
+/// Longest local id an agent may report (the longest kind, an S3 key prefix, is far
+/// shorter); a longer one is a protocol violation.
+pub const MAX_LOCAL_ID: usize = 1024;
+/// Longest error text kept from an agent's `Failed` (longer ones are cut).
+pub const MAX_ERROR_TEXT: usize = 4096;
+/// Longest adapter name an agent may give (`dir`, `qcow2`, …).
+pub const MAX_ADAPTER_NAME: usize = 32;
+/// Largest hello: a CSR and a secret fit many times over. Read with this limit from peers
+/// that are not authenticated yet, instead of the general frame maximum.
+pub const MAX_HELLO_SIZE: usize = 16 * 1024;
 
 /// QUIC application close codes.
 pub mod close {

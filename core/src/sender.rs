@@ -126,6 +126,19 @@ pub enum Violation {
     UnknownChunk { transfer: u64, id: ChunkId },
     #[error("{0} does not belong on the control stream")]
     WrongStream(&'static str),
+    #[error("transfer {transfer}: {what} lists {count} entries, more than {max}")]
+    TooMany {
+        transfer: u64,
+        what: &'static str,
+        count: usize,
+        max: usize,
+    },
+    #[error("transfer {transfer}: a local id of {len} bytes (at most {max})")]
+    LocalIdTooLong {
+        transfer: u64,
+        len: usize,
+        max: usize,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -263,7 +276,15 @@ impl Sender {
             (State::Done, AgentMsg::Published { .. } | AgentMsg::Failed { .. }) => {
                 Ok(Handled::AfterDone)
             }
-            (_, AgentMsg::Failed { error, .. }) if self.state != State::Start => {
+            (_, AgentMsg::Failed { mut error, .. }) if self.state != State::Start => {
+                if error.len() > crate::protocol::MAX_ERROR_TEXT {
+                    let mut cut = crate::protocol::MAX_ERROR_TEXT;
+                    while !error.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    error.truncate(cut);
+                    error.push('…');
+                }
                 self.finish(Outcome::Failed { error });
                 Ok(Handled::Accepted)
             }
@@ -283,6 +304,14 @@ impl Sender {
                 State::AwaitBases(_) | State::Sending | State::AwaitResult,
                 AgentMsg::Published { local_id, .. },
             ) => {
+                if local_id.len() > crate::protocol::MAX_LOCAL_ID {
+                    return Err(Violation::LocalIdTooLong {
+                        transfer,
+                        len: local_id.len(),
+                        max: crate::protocol::MAX_LOCAL_ID,
+                    }
+                    .into());
+                }
                 self.finish(Outcome::Published {
                     local_id,
                     version: self.version,
@@ -341,7 +370,20 @@ impl Sender {
         stored_len: impl Fn(&ChunkId) -> Option<u32>,
     ) -> Result<Handled, SendError> {
         // Only chunks of this manifest, each once, in the order asked: the list can be no
-        // longer than the manifest's own chunk list, whatever the site sends.
+        // longer than the manifest's own chunk list, whatever the site sends (one chunk
+        // asked two million times is refused, not looked up two million times).
+        let too_many = |what, count, max| Violation::TooMany {
+            transfer: self.transfer,
+            what,
+            count,
+            max,
+        };
+        if chunks.len() > self.chunks.len() {
+            return Err(too_many("Need", chunks.len(), self.chunks.len()).into());
+        }
+        if bases_from.len() > self.held.len() {
+            return Err(too_many("bases_from", bases_from.len(), self.held.len()).into());
+        }
         let mut seen = HashSet::with_capacity(chunks.len().min(self.chunks.len()));
         let mut need = Vec::new();
         let mut bytes = 0u64;
@@ -488,6 +530,75 @@ mod tests {
         (m, s)
     }
 
+    /// What an enrolled but hostile agent sends is bounded by the manifest, not by it.
+    #[test]
+    fn a_hostile_agent_cannot_inflate_the_work_or_the_catalog() {
+        // One chunk asked two million times: refused before any lookup.
+        let (m, mut s) = fresh(1, &Held::new());
+        drain(&mut s);
+        let id = ids(&m)[0];
+        let e = s
+            .handle_reply(need_from(7, vec![id; 2_000_000], vec![]), stored)
+            .unwrap_err();
+        assert!(matches!(
+            e,
+            SendError::Protocol(Violation::TooMany { what: "Need", .. })
+        ));
+        // Asking for every chunk twice is also more than the manifest names.
+        let (m, mut s) = fresh(1, &Held::new());
+        drain(&mut s);
+        let mut twice = ids(&m);
+        twice.extend(ids(&m));
+        assert!(s.handle_reply(need_from(7, twice, vec![]), stored).is_err());
+        // Bases from more versions than the site holds.
+        let held: Held = [(G, (1, [1; 32]))].into();
+        let (m, mut s) = fresh(2, &held);
+        drain(&mut s);
+        let hv = HeldVersion {
+            global_id: G,
+            version: 1,
+        };
+        let e = s
+            .handle_reply(need_from(7, ids(&m), vec![hv, hv]), stored)
+            .unwrap_err();
+        assert!(matches!(
+            e,
+            SendError::Protocol(Violation::TooMany {
+                what: "bases_from",
+                ..
+            })
+        ));
+        // A local id of a megabyte is a violation; an error of a megabyte is cut.
+        let (m, mut s) = fresh(1, &Held::new());
+        drain(&mut s);
+        s.handle_reply(need_from(7, ids(&m), vec![]), stored)
+            .unwrap();
+        drain(&mut s);
+        s.handle_sent();
+        let long = AgentMsg::Published {
+            transfer: 7,
+            local_id: "x".repeat(1 << 20),
+            bytes_received: 0,
+        };
+        assert!(matches!(
+            s.handle_reply(long, stored),
+            Err(SendError::Protocol(Violation::LocalIdTooLong { .. }))
+        ));
+        let failed = AgentMsg::Failed {
+            transfer: 7,
+            error: "é".repeat(1 << 20),
+        };
+        s.handle_reply(failed, stored).unwrap();
+        let Some(Action::Done(Outcome::Failed { error })) = drain(&mut s).pop() else {
+            panic!("not failed")
+        };
+        assert!(
+            error.len() <= crate::protocol::MAX_ERROR_TEXT + 3,
+            "{}",
+            error.len()
+        );
+    }
+
     #[test]
     fn a_new_site_gets_the_whole_manifest_then_stored_batches_in_the_order_asked() {
         let (m, mut s) = fresh(1, &Held::new());
@@ -559,7 +670,7 @@ mod tests {
         let msg = AgentMsg::NeedFrom {
             transfer: 7,
             chunks: need.clone(),
-            bases_from: vec![base, base],
+            bases_from: vec![base],
             unavailable: vec![need[0], need[0]],
         };
         s.handle_reply(msg, stored).unwrap();
@@ -716,8 +827,8 @@ mod tests {
         let (m, mut s) = fresh(1, &Held::new());
         drain(&mut s);
         let one = ids(&m)[3];
-        // One chunk asked for two million times: sent once.
-        let msg = need_from(7, vec![one; 2_000_000], vec![]);
+        // One chunk asked for as many times as the manifest has chunks: sent once.
+        let msg = need_from(7, vec![one; ids(&m).len()], vec![]);
         s.handle_reply(msg, stored).unwrap();
         let acts = drain(&mut s);
         assert_eq!(
@@ -738,7 +849,7 @@ mod tests {
         let (m, mut s) = fresh(1, &Held::new());
         drain(&mut s);
         let mut need = ids(&m);
-        need.push(ChunkId([0xee; 32]));
+        need[0] = ChunkId([0xee; 32]);
         let e = s
             .handle_reply(need_from(7, need, vec![]), stored)
             .unwrap_err();
@@ -752,10 +863,8 @@ mod tests {
     #[test]
     fn bases_are_taken_only_from_versions_the_site_holds() {
         let held: Held = [(G, (1, [1; 32]))].into();
-        let (m, mut s) = fresh(2, &held);
-        drain(&mut s);
         // A version it does not hold, and an image it was never sent.
-        let claimed = vec![
+        for claimed in [
             HeldVersion {
                 global_id: G,
                 version: 5,
@@ -764,20 +873,23 @@ mod tests {
                 global_id: GlobalId([9; 12]),
                 version: 1,
             },
-        ];
-        s.handle_reply(need_from(7, ids(&m), claimed), stored)
-            .unwrap();
-        let acts = drain(&mut s);
-        assert!(
-            matches!(
-                acts[1],
-                Action::Send {
-                    as_deltas: false,
-                    ..
-                }
-            ),
-            "{acts:?}"
-        );
+        ] {
+            let (m, mut s) = fresh(2, &held);
+            drain(&mut s);
+            s.handle_reply(need_from(7, ids(&m), vec![claimed]), stored)
+                .unwrap();
+            let acts = drain(&mut s);
+            assert!(
+                matches!(
+                    acts[1],
+                    Action::Send {
+                        as_deltas: false,
+                        ..
+                    }
+                ),
+                "{acts:?}"
+            );
+        }
     }
 
     #[test]

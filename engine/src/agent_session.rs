@@ -75,6 +75,7 @@ async fn greet(
     write_msg(send, &welcome(shared)).await.ok()?;
     match read_msg_required::<AgentMsg>(recv).await {
         Ok(AgentMsg::Inventory { images }) => {
+            let images = believable(shared, site, images);
             reconcile_inventory(shared, site, &images);
             Some(
                 images
@@ -222,6 +223,44 @@ async fn serve(
             }
         }
     }
+}
+
+/// The part of an agent's inventory the catalog can vouch for: images that belong at the
+/// site (it has a placement there), each once, in a version that exists with the manifest
+/// the agent names. The rest is dropped: an agent cannot make the engine use chunks of
+/// images it was never sent as delta bases, nor make it look up more than the site's own
+/// placements (one hash lookup per entry, whatever the list's length).
+fn believable(shared: &Shared, site: &str, images: Vec<HeldImage>) -> Vec<HeldImage> {
+    let placements: std::collections::HashMap<_, _> = match shared.catalog.placements_at(site) {
+        Ok(p) => p.into_iter().collect(),
+        Err(e) => {
+            warn!(site, "reading placements: {e}");
+            return Vec::new();
+        }
+    };
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for h in images {
+        let Some(p) = placements.get(&h.global_id) else {
+            continue;
+        };
+        if h.version == 0 || h.version > p.version.max(p.published_version.unwrap_or(0)) {
+            continue;
+        }
+        if !seen.insert(h.global_id) {
+            continue;
+        }
+        let known = shared
+            .catalog
+            .manifest(&h.global_id, h.version)
+            .ok()
+            .flatten()
+            .is_some_and(|m| m.manifest_id == h.manifest_id);
+        if known && h.local_id.len() <= seedcast_core::protocol::MAX_LOCAL_ID {
+            out.push(h);
+        }
+    }
+    out
 }
 
 /// An agent that reports holding the version that belongs at its site (for example after

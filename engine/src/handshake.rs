@@ -7,8 +7,10 @@
 use std::time::Duration;
 
 use quinn::{Connection, RecvStream, SendStream, VarInt};
-use seedcast_core::protocol::{Hello, HelloReply, PROTOCOL_VERSION, RefuseReason, close};
-use seedcast_net::{FramedError, read_msg_required, write_msg};
+use seedcast_core::protocol::{
+    Hello, HelloReply, MAX_HELLO_SIZE, PROTOCOL_VERSION, RefuseReason, close,
+};
+use seedcast_net::{FramedError, read_msg_limited, write_msg};
 use tracing::{info, warn};
 
 use crate::state::Shared;
@@ -24,7 +26,10 @@ pub(crate) type Greeted = (SendStream, RecvStream, Hello);
 pub(crate) async fn read_hello(conn: &Connection) -> Option<Greeted> {
     let first = tokio::time::timeout(HELLO_TIMEOUT, async {
         let (send, mut recv) = conn.accept_bi().await?;
-        let hello: Hello = read_msg_required(&mut recv).await?;
+        // Not authenticated yet: a hello is small, and nothing larger is read.
+        let hello: Hello = read_msg_limited(&mut recv, MAX_HELLO_SIZE)
+            .await?
+            .ok_or(FramedError::UnexpectedEnd)?;
         Ok::<_, FramedError>((send, recv, hello))
     })
     .await;

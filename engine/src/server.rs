@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use quinn::{Connection, VarInt};
-use seedcast_core::protocol::{RefuseReason, Role, close};
+use seedcast_core::protocol::{MAX_ADAPTER_NAME, RefuseReason, Role, close};
 use seedcast_net::pki::secrets_match;
 use tokio::task::JoinSet;
 use tracing::{debug, info};
@@ -61,6 +61,16 @@ async fn handle_connection(shared: Arc<Shared>, conn: Connection) {
         return;
     }
     let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+    if let Role::Agent { adapter, .. } | Role::Enroll { adapter, .. } = &hello.role
+        && !valid_adapter_name(adapter)
+    {
+        let msg = format!(
+            "adapter name of {} bytes: give 1-{MAX_ADAPTER_NAME} characters from a-z, 0-9, '-', '_'",
+            adapter.len()
+        );
+        refuse(&conn, &mut send, RefuseReason::BadRequest, msg).await;
+        return;
+    }
     match hello.role {
         Role::Client { admin_secret } => {
             if !secrets_match(&admin_secret, &shared.pki.admin.secret) {
@@ -100,4 +110,12 @@ async fn handle_connection(shared: Arc<Shared>, conn: Connection) {
             agent_session::session(shared, agent).await;
         }
     }
+}
+
+/// Adapter names are shown to operators: short, and nothing a terminal would interpret.
+fn valid_adapter_name(a: &str) -> bool {
+    !a.is_empty()
+        && a.len() <= MAX_ADAPTER_NAME
+        && a.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
