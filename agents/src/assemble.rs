@@ -77,6 +77,16 @@ pub fn assemble(
         let path = staging.join(&f.path);
         let file = File::create(&path).map_err(io("create", &path))?;
         file.set_len(f.recipe.len).map_err(io("size", &path))?;
+        // Format 3: the file's hash is its recipe's, and every chunk written was verified
+        // against its id when it arrived. Older manifests hash the bytes as written.
+        let by_bytes = !manifest.hashes_recipes();
+        if !by_bytes && f.recipe.content_hash() != f.recipe.hash {
+            return Err(AssembleError::FileHash {
+                path: f.path.clone(),
+                expected: hex::encode(f.recipe.hash),
+                actual: hex::encode(f.recipe.content_hash()),
+            });
+        }
         let mut hasher = blake3::Hasher::new();
         for (off, e) in f.recipe.extents_at() {
             match e {
@@ -90,20 +100,24 @@ pub fn assemble(
                         });
                     }
                     file.write_all_at(&data, off).map_err(io("write", &path))?;
-                    hasher.update(&data);
+                    if by_bytes {
+                        hasher.update(&data);
+                    }
                 }
-                Extent::Hole { len } => hash_zeros(&mut hasher, *len),
+                Extent::Hole { len } if by_bytes => hash_zeros(&mut hasher, *len),
+                Extent::Hole { .. } => {}
             }
         }
         let actual = hasher.finalize();
-        if actual.as_bytes() != &f.recipe.hash {
+        if by_bytes && actual.as_bytes() != &f.recipe.hash {
             return Err(AssembleError::FileHash {
                 path: f.path.clone(),
                 expected: hex::encode(f.recipe.hash),
                 actual: actual.to_hex().to_string(),
             });
         }
-        file.set_permissions(fs::Permissions::from_mode(f.mode & 0o7777))
+        // Permission bits only: never setuid, setgid or sticky from a manifest.
+        file.set_permissions(fs::Permissions::from_mode(f.mode & 0o777))
             .map_err(io("chmod", &path))?;
         file.sync_all().map_err(io("sync", &path))?;
         image.files.push(AssembledFile {
@@ -194,6 +208,7 @@ mod tests {
             id: VerifiedChunk::from_raw(short.clone()).id(),
             len,
         };
+        m.files[0].recipe.hash = m.files[0].recipe.content_hash();
         db.put_chunks(&[VerifiedChunk::from_raw(short)]).unwrap();
         let e = assemble(&db, &m, stage.clone()).unwrap_err();
         assert!(matches!(e, AssembleError::ChunkLength { .. }), "{e}");

@@ -31,12 +31,16 @@ pub struct AgentConfig {
     pub data: PathBuf,
     /// The engine's address, `host:port`.
     pub engine: String,
-    /// The join token; needed only until the site is enrolled.
+    /// The site token (or, at an engine with open enrollment, the join token); needed
+    /// only until the site is enrolled.
     pub token: Option<Token>,
     pub site: String,
     pub transport: TransportOptions,
     /// Longest wait between reconnection attempts. 5 s.
     pub reconnect_max: Duration,
+    /// Caps on what a manifest may make this site write (a deployment over them fails,
+    /// naming the cap).
+    pub limits: seedcast_core::manifest::Limits,
 }
 
 impl AgentConfig {
@@ -52,6 +56,7 @@ impl AgentConfig {
             token,
             site: site.into(),
             transport: TransportOptions::default(),
+            limits: Default::default(),
             reconnect_max: Duration::from_secs(5),
         }
     }

@@ -138,9 +138,10 @@ impl Agent {
         manifest: Manifest,
     ) -> Result<Transfer, AgentError> {
         let seeds = Arc::new(SeedIndex::build(&self.db, self.adapter.as_ref()).await?);
-        let (db, sd) = (self.db.clone(), seeds.clone());
+        let (db, sd, limits) = (self.db.clone(), seeds.clone(), self.cfg.limits);
         let planned =
-            tokio::task::spawn_blocking(move || plan(&db, &sd, transfer_id, manifest)).await?;
+            tokio::task::spawn_blocking(move || plan(&db, &sd, transfer_id, manifest, &limits))
+                .await?;
         let plan = match planned {
             Ok(p) => p,
             Err(e) => {
@@ -212,11 +213,12 @@ pub(crate) fn plan(
     seeds: &SeedIndex,
     transfer_id: u64,
     manifest: Manifest,
+    limits: &seedcast_core::manifest::Limits,
 ) -> Result<Plan, AgentError> {
     let g = manifest.global_id;
     let mut err = None;
     let mut seeded = Vec::new();
-    let t = Transfer::new(transfer_id, manifest, |id| match db.has_chunk(id) {
+    let t = Transfer::new(transfer_id, manifest, limits, |id| match db.has_chunk(id) {
         Ok(true) => true,
         Ok(false) => match seeds.read(id) {
             Some(v) => {
@@ -318,7 +320,7 @@ mod tests {
         v2[1_000_000..1_000_100].fill(7);
         let (m2, c2) = manifest(2, &v2);
         let seeds = SeedIndex::build(&db, &dir).await.unwrap();
-        let plan = plan(&db, &seeds, 9, m2).unwrap();
+        let plan = plan(&db, &seeds, 9, m2, &Default::default()).unwrap();
         let v1_ids: std::collections::HashSet<ChunkId> = c1.iter().map(|c| c.id()).collect();
         // Asked for: v2's new chunks and the damaged one; the rest came from the seed.
         let mut seen = std::collections::HashSet::new();

@@ -7,13 +7,11 @@
 //! the recipe a full re-chunking of the edited file would produce, at the cost of a few
 //! chunks.
 
-use std::collections::HashMap;
-
 use bytes::{Bytes, BytesMut};
 
 use crate::chunker::{Chunker, ChunkerConfig, ConfigError, Piece};
 use crate::id::ChunkId;
-use crate::manifest::{Extent, FileRecipe, hash_zeros};
+use crate::manifest::{Extent, FileRecipe};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EditError<E: std::error::Error + 'static> {
@@ -21,6 +19,10 @@ pub enum EditError<E: std::error::Error + 'static> {
     OffsetPastEnd { offset: u64, len: u64 },
     #[error("an empty write changes nothing")]
     EmptyWrite,
+    /// The recipe to edit is not well formed (its extents do not add up to its length, or
+    /// one is empty or longer than a chunk may be). Refused before any arithmetic on it.
+    #[error("the file's recipe is malformed: {0}")]
+    BadRecipe(&'static str),
     #[error("chunk {id} is {actual} bytes, the recipe says {expected}")]
     ChunkLength {
         id: ChunkId,
@@ -184,8 +186,8 @@ where
 
 /// Write `data` at `offset` into the file `recipe` describes (the file grows if the write
 /// runs past its end; `offset` may be at most the file's length). `read` returns an old
-/// chunk's bytes: [`recut_write`] reads only chunks around the write; the new whole-file
-/// hash ([`Recut::finish`]) then reads each other chunk of the file once.
+/// chunk's bytes: [`recut_write`] reads only chunks around the write; the new file's hash
+/// ([`Recut::finish`]) is its recipe's, so no other chunk is read and holes cost nothing.
 pub fn apply_write<E, F>(
     recipe: &FileRecipe,
     cfg: ChunkerConfig,
@@ -197,7 +199,7 @@ where
     E: std::error::Error + 'static,
     F: FnMut(&ChunkId) -> Result<Bytes, E>,
 {
-    recut_write(recipe, cfg, offset, data, read)?.finish(read)
+    Ok(recut_write(recipe, cfg, offset, data, read)?.finish())
 }
 
 /// An edited file's extents, before its whole-file hash is known.
@@ -210,43 +212,23 @@ pub struct Recut {
     pub recut: (u64, u64),
     /// The new file's length.
     pub len: u64,
-    /// Chunks the re-cut read last (the hash needs them too).
-    cache: Vec<(ChunkId, Bytes)>,
 }
 
 impl Recut {
-    /// Hash the edited file: new chunks from memory, every other chunk read once.
-    pub fn finish<E, F>(self, read: &mut F) -> Result<WriteOutcome, EditError<E>>
-    where
-        E: std::error::Error + 'static,
-        F: FnMut(&ChunkId) -> Result<Bytes, E>,
-    {
-        let mut hasher = blake3::Hasher::new();
-        let fresh: HashMap<ChunkId, Bytes> = self.new_chunks.iter().cloned().collect();
-        let mut total = 0u64;
-        for e in &self.extents {
-            match e {
-                Extent::Data { id, len } => {
-                    let b = match fresh.get(id) {
-                        Some(b) => b.clone(),
-                        None => fetch(read, &self.cache, id, *len)?,
-                    };
-                    hasher.update(&b);
-                }
-                Extent::Hole { len } => hash_zeros(&mut hasher, *len),
-            }
-            total += e.len();
-        }
-        debug_assert_eq!(total, self.len);
-        Ok(WriteOutcome {
-            recipe: FileRecipe {
-                len: self.len,
-                hash: *hasher.finalize().as_bytes(),
-                extents: self.extents,
-            },
+    /// The edited file's recipe with its hash ([`FileRecipe::content_hash`]): no chunk is
+    /// read, and a hole costs no more than a chunk, whatever its length.
+    pub fn finish(self) -> WriteOutcome {
+        let mut recipe = FileRecipe {
+            len: self.len,
+            hash: [0; 32],
+            extents: self.extents,
+        };
+        recipe.hash = recipe.content_hash();
+        WriteOutcome {
+            recipe,
             new_chunks: self.new_chunks,
             recut: self.recut,
-        })
+        }
     }
 }
 
@@ -324,13 +306,31 @@ where
     F: FnMut(&ChunkId) -> Result<Bytes, E>,
 {
     let len = recipe.len;
+    let mut sum = 0u64;
+    for e in &recipe.extents {
+        match e {
+            Extent::Data { len, .. } if *len == 0 || *len > cfg.max => {
+                return Err(EditError::BadRecipe("a data extent of a size no chunk has"));
+            }
+            Extent::Hole { len: 0 } => return Err(EditError::BadRecipe("an empty hole")),
+            _ => {}
+        }
+        sum = sum
+            .checked_add(e.len())
+            .ok_or(EditError::BadRecipe("extents overflow"))?;
+    }
+    if sum != len {
+        return Err(EditError::BadRecipe("extents do not add up to the length"));
+    }
     if offset > len {
         return Err(EditError::OffsetPastEnd { offset, len });
     }
     if data.is_empty() {
         return Err(EditError::EmptyWrite);
     }
-    let wend = offset + data.len() as u64;
+    let wend = offset
+        .checked_add(data.len() as u64)
+        .ok_or(EditError::BadRecipe("the write ends past the largest file"))?;
     let new_len = len.max(wend);
     let ext = &recipe.extents;
     let n = ext.len();
@@ -375,6 +375,20 @@ where
             if suffix_from.is_some() {
                 break 'cut;
             }
+            // Past the write, inside an old hole: the rest of it is zeros the chunker would
+            // only add to this hole, and the old cut resumes where it ends. Skip it rather
+            // than feed it (a hole may be terabytes).
+            if is_hole && pos >= wend {
+                let i = starts.partition_point(|&st| st <= pos).saturating_sub(1);
+                if i < n && matches!(ext[i], Extent::Hole { .. }) && pos < starts[i + 1] {
+                    out.push(Extent::Hole {
+                        len: starts[i + 1] - pos,
+                    });
+                    pos = starts[i + 1];
+                    suffix_from = Some(i + 1);
+                    break 'cut;
+                }
+            }
         }
         if eof {
             break;
@@ -392,7 +406,6 @@ where
         new_chunks,
         recut: (start, pos),
         len: new_len,
-        cache: rd.cache,
     })
 }
 
@@ -403,6 +416,7 @@ mod tests {
     use crate::manifest::RecipeBuilder;
     use crate::testutil::{noise, small};
     use proptest::prelude::*;
+    use std::collections::HashMap;
 
     fn recipe_of(data: &[u8], cfg: ChunkerConfig) -> (FileRecipe, HashMap<ChunkId, Bytes>) {
         let mut rb = RecipeBuilder::new();
@@ -453,14 +467,12 @@ mod tests {
                 .cloned()
                 .ok_or_else(|| std::io::Error::other("missing"))
         };
-        let (mut recut_reads, mut hash_reads) = (Vec::new(), Vec::new());
+        let (mut recut_reads, hash_reads) = (Vec::new(), Vec::new());
         let recut = recut_write(&r, cfg, offset as u64, data, &mut |id: &ChunkId| {
             reader(&mut recut_reads, id)
         })
         .unwrap();
-        let out = recut
-            .finish(&mut |id: &ChunkId| reader(&mut hash_reads, id))
-            .unwrap();
+        let out = recut.finish();
         let mut edited = base.to_vec();
         let end = offset + data.len();
         if end > edited.len() {
@@ -495,9 +507,8 @@ mod tests {
             e.recut_reads
         );
         assert_eq!(distinct.len(), e.recut_reads.len(), "no chunk read twice");
-        // The hash reads every other chunk once; what the re-cut kept is not read again.
-        let old_chunks = e.out.recipe.chunks_at().count();
-        assert!(e.hash_reads.len() < old_chunks, "{}", e.hash_reads.len());
+        // The new hash is the recipe's: no other chunk is read for it.
+        assert!(e.hash_reads.is_empty(), "{:?}", e.hash_reads);
     }
 
     #[test]
@@ -574,6 +585,32 @@ mod tests {
                 eprintln!("offset {offset} len {} recut {:?}\nours  {}\nfresh {}", data.len(), e.out.recut, l(&e.out.recipe), l(&e.fresh));
             }
             prop_assert_eq!(e.out.recipe, e.fresh);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        /// Recipes from a peer may be anything: a write into one is an error or an edit,
+        /// never a panic, and reads only chunks the recipe names.
+        #[test]
+        fn any_recipe_and_write_is_an_error_or_an_edit_never_a_panic(
+            len in prop_oneof![0u64..400_000, Just(u64::MAX), Just(u64::MAX - 3)],
+            extents in proptest::collection::vec(
+                prop_oneof![
+                    (0u32..300_000).prop_map(|l| Extent::Data { id: ChunkId([7; 32]), len: l }),
+                    prop_oneof![0u64..200_000, Just(u64::MAX)].prop_map(|l| Extent::Hole { len: l }),
+                ],
+                0..6,
+            ),
+            offset in prop_oneof![0u64..400_000, Just(u64::MAX)],
+            data in proptest::collection::vec(any::<u8>(), 0..3000),
+        ) {
+            let r = FileRecipe { len, hash: [0; 32], extents };
+            let mut read = |id: &ChunkId| -> Result<Bytes, std::io::Error> {
+                assert_eq!(id, &ChunkId([7; 32]), "a chunk the recipe does not name");
+                Ok(Bytes::from(vec![1u8; 300_000]))
+            };
+            let _ = apply_write(&r, small(), offset, &data, &mut read);
         }
     }
 }

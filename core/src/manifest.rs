@@ -4,6 +4,13 @@
 //! (runs of zeros that are never stored). A manifest is one version of an image: its files,
 //! each with a recipe, plus the version chain. Its id is the BLAKE3 of its canonical
 //! encoding, so equal manifests have equal ids on every node.
+//!
+//! A file's hash (format 3) is a Merkle root over its recipe — BLAKE3 of its length and of
+//! each extent (a chunk's id and length, a hole's length) — not of its bytes: the chunk ids
+//! are BLAKE3 of the chunks, so it pins the content as firmly, and it costs nothing per
+//! byte of hole (a 1 TiB sparse disk hashes in microseconds, not minutes) and needs no
+//! chunk read when an edit changes a few chunks. Files of format-1/2 manifests carry the
+//! BLAKE3 of their bytes and are checked that way.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -14,9 +21,66 @@ use crate::chunker::{ChunkerConfig, Piece};
 use crate::codec::{self, CodecError};
 use crate::id::{ChunkId, GlobalId};
 
-/// Persisted and sent format of [`Manifest`]; bump on any change to its fields.
-/// 2: every file records the format it was pushed in ([`FileFormat`]).
-pub const MANIFEST_FORMAT: u16 = 2;
+/// Persisted and sent format of [`Manifest`]; bump on any change to its fields or their
+/// meaning. 2: every file records the format it was pushed in ([`FileFormat`]). 3: a
+/// file's hash is [`FileRecipe::content_hash`] (same fields as 2).
+pub const MANIFEST_FORMAT: u16 = 3;
+
+/// What a manifest may describe: caps a node configures so that no peer can make it
+/// allocate, write or work without bound (a file of 2^62 bytes, one chunk named a million
+/// times). The defaults fit large VM images.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Longest file, holes included (a disk's virtual size). 4 TiB.
+    pub max_file_len: u64,
+    /// Sum of an image's file lengths, holes included. 8 TiB.
+    pub max_image_len: u64,
+    /// Bytes of data (not holes) an image may make a site write. 1 TiB.
+    pub max_data_len: u64,
+    /// Files per image. 4096.
+    pub max_files: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_file_len: 4 << 40,
+            max_image_len: 8 << 40,
+            max_data_len: 1 << 40,
+            max_files: 4096,
+        }
+    }
+}
+
+impl Limits {
+    /// Check `files` against the caps; the error names the cap that was passed.
+    pub fn check(&self, files: &[FileEntry]) -> Result<(), ManifestError> {
+        let over =
+            |what: &'static str, size: u64, max: u64| ManifestError::TooLarge { what, size, max };
+        if files.len() > self.max_files {
+            return Err(over(
+                "files per image",
+                files.len() as u64,
+                self.max_files as u64,
+            ));
+        }
+        let (mut total, mut data) = (0u64, 0u64);
+        for f in files {
+            if f.recipe.len > self.max_file_len {
+                return Err(over("file length", f.recipe.len, self.max_file_len));
+            }
+            total = total.saturating_add(f.recipe.len);
+            data = data.saturating_add(f.recipe.data_len());
+        }
+        if total > self.max_image_len {
+            return Err(over("image length", total, self.max_image_len));
+        }
+        if data > self.max_data_len {
+            return Err(over("image data", data, self.max_data_len));
+        }
+        Ok(())
+    }
+}
 
 /// Longest file name in an image (bytes), as on common filesystems.
 pub const MAX_NAME_LEN: usize = 255;
@@ -48,7 +112,8 @@ impl Extent {
 pub struct FileRecipe {
     /// Length in bytes, holes included.
     pub len: u64,
-    /// BLAKE3 of the whole file's bytes (holes hashed as the zeros they are).
+    /// [`FileRecipe::content_hash`] (format 3); BLAKE3 of the whole file's bytes in
+    /// manifests of format 1 and 2.
     pub hash: [u8; 32],
     pub extents: Vec<Extent>,
 }
@@ -80,7 +145,30 @@ impl FileRecipe {
                 Extent::Data { len, .. } => *len as u64,
                 Extent::Hole { .. } => 0,
             })
-            .sum()
+            .fold(0u64, u64::saturating_add)
+    }
+
+    /// The file's hash from its recipe alone: BLAKE3 (in the key derived from
+    /// `"seedcast file recipe v1"`) of the length and of each extent in order — `0`, the
+    /// chunk id and its length for data; `1` and its length for a hole (integers
+    /// little-endian). O(extents), whatever the length.
+    pub fn content_hash(&self) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_derive_key("seedcast file recipe v1");
+        h.update(&self.len.to_le_bytes());
+        for e in &self.extents {
+            match e {
+                Extent::Data { id, len } => {
+                    h.update(&[0]);
+                    h.update(id.as_bytes());
+                    h.update(&len.to_le_bytes());
+                }
+                Extent::Hole { len } => {
+                    h.update(&[1]);
+                    h.update(&len.to_le_bytes());
+                }
+            }
+        }
+        *h.finalize().as_bytes()
     }
 }
 
@@ -156,6 +244,14 @@ pub enum ManifestError {
     BadExtent { path: String, max: u32 },
     #[error("invalid image name {0:?}: must be 1 to 255 bytes without control characters")]
     BadImageName(String),
+    #[error("{what} of {size} exceeds the cap of {max} (a limit this node is configured with)")]
+    TooLarge {
+        what: &'static str,
+        size: u64,
+        max: u64,
+    },
+    #[error("file {0:?}: its hash is not the hash of its recipe")]
+    HashMismatch(String),
 }
 
 /// Check a file's base name: what a site's filesystem and every adapter can hold.
@@ -196,31 +292,38 @@ pub fn validate_files(files: &[FileEntry], chunking: &ChunkerConfig) -> Result<(
     }
     let mut seen = HashSet::new();
     for f in files {
-        validate_file_name(&f.path)?;
+        validate_file(f, chunking)?;
         if !seen.insert(f.path.as_str()) {
             return Err(ManifestError::DuplicateName(f.path.clone()));
         }
-        let mut sum = 0u64;
-        for e in &f.recipe.extents {
-            let ok = match e {
-                Extent::Data { len, .. } => *len > 0 && *len <= chunking.max,
-                Extent::Hole { len } => *len > 0,
-            };
-            if !ok {
-                return Err(ManifestError::BadExtent {
-                    path: f.path.clone(),
-                    max: chunking.max,
-                });
-            }
-            sum = sum.saturating_add(e.len());
-        }
-        if sum != f.recipe.len {
-            return Err(ManifestError::LengthMismatch {
+    }
+    Ok(())
+}
+
+/// Check one file: its name, and that its extents are well formed and add up to its
+/// length. Everything that edits a recipe relies on this holding.
+pub fn validate_file(f: &FileEntry, chunking: &ChunkerConfig) -> Result<(), ManifestError> {
+    validate_file_name(&f.path)?;
+    let mut sum = 0u64;
+    for e in &f.recipe.extents {
+        let ok = match e {
+            Extent::Data { len, .. } => *len > 0 && *len <= chunking.max,
+            Extent::Hole { len } => *len > 0,
+        };
+        if !ok {
+            return Err(ManifestError::BadExtent {
                 path: f.path.clone(),
-                sum,
-                len: f.recipe.len,
+                max: chunking.max,
             });
         }
+        sum = sum.saturating_add(e.len());
+    }
+    if sum != f.recipe.len {
+        return Err(ManifestError::LengthMismatch {
+            path: f.path.clone(),
+            sum,
+            len: f.recipe.len,
+        });
     }
     Ok(())
 }
@@ -236,14 +339,36 @@ impl Manifest {
         Ok(*blake3::hash(&bytes).as_bytes())
     }
 
+    /// Check the manifest's rules and the default [`Limits`].
     pub fn validate(&self) -> Result<(), ManifestError> {
+        self.validate_within(&Limits::default())
+    }
+
+    /// Check the manifest's rules and `limits`: format, names, extents, sizes, and (format
+    /// 3) every file's hash against its recipe.
+    pub fn validate_within(&self, limits: &Limits) -> Result<(), ManifestError> {
         let old_and_raw =
             self.format == 1 && self.files.iter().all(|f| f.format == FileFormat::Raw);
-        if self.format != MANIFEST_FORMAT && !old_and_raw {
+        if !(2..=MANIFEST_FORMAT).contains(&self.format) && !old_and_raw {
             return Err(ManifestError::Format(self.format));
         }
         validate_image_name(&self.name)?;
-        validate_files(&self.files, &self.chunking)
+        limits.check(&self.files)?;
+        validate_files(&self.files, &self.chunking)?;
+        if self.hashes_recipes() {
+            for f in &self.files {
+                if f.recipe.hash != f.recipe.content_hash() {
+                    return Err(ManifestError::HashMismatch(f.path.clone()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Are its files' hashes [`FileRecipe::content_hash`] (format 3 on), rather than
+    /// BLAKE3 of the bytes?
+    pub fn hashes_recipes(&self) -> bool {
+        self.format >= 3
     }
 
     /// Every distinct chunk the manifest needs, with its length.
@@ -403,10 +528,9 @@ pub fn hash_zeros(h: &mut blake3::Hasher, mut n: u64) {
     }
 }
 
-/// Builds a [`FileRecipe`] from pieces in file order, hashing as it goes.
+/// Builds a [`FileRecipe`] from pieces in file order.
 #[derive(Debug, Default)]
 pub struct RecipeBuilder {
-    hasher: blake3::Hasher,
     len: u64,
     extents: Vec<Extent>,
 }
@@ -420,7 +544,6 @@ impl RecipeBuilder {
     pub fn push(&mut self, piece: Piece) -> Option<(ChunkId, Bytes)> {
         match piece {
             Piece::Hole(n) => {
-                hash_zeros(&mut self.hasher, n);
                 self.len += n;
                 match self.extents.last_mut() {
                     Some(Extent::Hole { len }) => *len += n,
@@ -429,7 +552,6 @@ impl RecipeBuilder {
                 None
             }
             Piece::Data(b) => {
-                self.hasher.update(&b);
                 self.len += b.len() as u64;
                 let id = ChunkId::of(&b);
                 self.extents.push(Extent::Data {
@@ -442,11 +564,13 @@ impl RecipeBuilder {
     }
 
     pub fn finish(self) -> FileRecipe {
-        FileRecipe {
+        let mut r = FileRecipe {
             len: self.len,
-            hash: *self.hasher.finalize().as_bytes(),
+            hash: [0; 32],
             extents: self.extents,
-        }
+        };
+        r.hash = r.content_hash();
+        r
     }
 }
 
@@ -477,13 +601,29 @@ mod tests {
     }
 
     #[test]
-    fn recipe_hash_is_whole_file_hash_and_id_is_stable() {
+    fn the_file_hash_is_the_recipe_hash_and_the_id_is_stable() {
         let mut data = vec![7u8; 100_000];
         data.extend(vec![0u8; 1 << 20]);
         data.extend(vec![9u8; 50_000]);
         let m = manifest_of(&data);
         let r = &m.files[0].recipe;
-        assert_eq!(r.hash, *blake3::hash(&data).as_bytes());
+        assert_eq!(r.hash, r.content_hash());
+        // Any change to the content changes it: a byte of a chunk (its id), a hole's length.
+        let mut other = data.clone();
+        other[10] ^= 1;
+        assert_ne!(manifest_of(&other).files[0].recipe.hash, r.hash);
+        let mut longer = data.clone();
+        longer.splice(200_000..200_000, vec![0u8; 4096]);
+        assert_ne!(manifest_of(&longer).files[0].recipe.hash, r.hash);
+        // A hole of 2^62 bytes hashes at once.
+        let huge = FileRecipe {
+            len: 1 << 62,
+            hash: [0; 32],
+            extents: vec![Extent::Hole { len: 1 << 62 }],
+        };
+        let t = std::time::Instant::now();
+        let _ = huge.content_hash();
+        assert!(t.elapsed() < std::time::Duration::from_millis(50));
         assert_eq!(r.len, data.len() as u64);
         assert!(r.extents.iter().any(|e| matches!(e, Extent::Hole { .. })));
         m.validate().unwrap();
@@ -538,11 +678,65 @@ mod tests {
         let mut q = back.clone();
         q.files[0].format = FileFormat::Qcow2;
         assert_eq!(q.validate(), Err(ManifestError::Format(1)));
-        q.format = 3;
-        assert_eq!(q.validate(), Err(ManifestError::Format(3)));
+        q.format = MANIFEST_FORMAT + 1;
+        assert_eq!(
+            q.validate(),
+            Err(ManifestError::Format(MANIFEST_FORMAT + 1))
+        );
         q.format = MANIFEST_FORMAT;
         q.validate().unwrap();
         assert_ne!(q.id().unwrap(), old_id);
+    }
+
+    #[test]
+    fn caps_and_hashes_are_checked() {
+        let m = manifest_of(&[3u8; 200_000]);
+        let mut big = m.clone();
+        big.files[0]
+            .recipe
+            .extents
+            .push(Extent::Hole { len: 5 << 40 });
+        big.files[0].recipe.len += 5 << 40;
+        big.files[0].recipe.hash = big.files[0].recipe.content_hash();
+        let e = big.validate().unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ManifestError::TooLarge {
+                    what: "file length",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("cap"), "{e}");
+        // One chunk named a million times: more data than a site is made to write.
+        let mut rep = m.clone();
+        let one = rep.files[0].recipe.extents[0];
+        rep.files[0].recipe.extents = vec![one; 1_000_000];
+        rep.files[0].recipe.len = one.len() * 1_000_000;
+        rep.files[0].recipe.hash = rep.files[0].recipe.content_hash();
+        let tight = Limits {
+            max_data_len: 1 << 30,
+            ..Limits::default()
+        };
+        assert!(matches!(
+            rep.validate_within(&tight),
+            Err(ManifestError::TooLarge {
+                what: "image data",
+                ..
+            })
+        ));
+        // A hash that is not its recipe's.
+        let mut forged = m.clone();
+        forged.files[0].recipe.hash[0] ^= 1;
+        assert_eq!(
+            forged.validate(),
+            Err(ManifestError::HashMismatch("disk.raw".into()))
+        );
+        // Format 2 hashes were of the bytes: not checked against the recipe.
+        forged.format = 2;
+        forged.validate().unwrap();
     }
 
     #[test]

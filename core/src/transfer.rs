@@ -57,9 +57,10 @@ impl Transfer {
     pub fn new(
         id: u64,
         manifest: Manifest,
+        limits: &crate::manifest::Limits,
         mut have: impl FnMut(&ChunkId) -> bool,
     ) -> Result<Self, TransferError> {
-        manifest.validate()?;
+        manifest.validate_within(limits)?;
         let mut need = Vec::new();
         let mut missing = HashMap::new();
         let mut seen = HashSet::new();
@@ -239,7 +240,7 @@ mod tests {
         let m = manifest(&data);
         let chunks = m.chunks();
         let held = *chunks.keys().next().unwrap();
-        let mut t = Transfer::new(9, m, |id| *id == held).unwrap();
+        let mut t = Transfer::new(9, m, &Default::default(), |id| *id == held).unwrap();
         assert_eq!(t.need().len(), chunks.len() - 1);
         assert!(!t.need().contains(&held));
         let need = t.need().to_vec();

@@ -6,7 +6,7 @@
 //! touches and stores the new ones ([`write`]).
 
 use seedcast_core::edit::{EditError, apply_write};
-use seedcast_core::manifest::validate_file_name;
+use seedcast_core::manifest::validate_file;
 use seedcast_core::protocol::{AdaptOp, AdaptRequest, MAX_WRITE, VersionInfo};
 use seedcast_core::source::ChunkStore;
 use seedcast_core::units::human_bytes;
@@ -139,11 +139,13 @@ pub(crate) fn apply_ops(
                 let i = find(&files, &path)?;
                 changes.push(format!("replace {path} ({})", human_bytes(recipe.len)));
                 files[i].recipe = recipe;
-                files[i].mode = mode & 0o7777;
+                files[i].mode = mode & 0o777;
                 files[i].format = format;
+                // Checked now, not only at commit: a later op of the block edits it.
+                validate_file(&files[i], &chunking)?;
             }
             AdaptOp::Add(entry) => {
-                validate_file_name(&entry.path)?;
+                validate_file(&entry, &chunking)?;
                 if find(&files, &entry.path).is_ok() {
                     return Err(AdaptError::FileExists {
                         global_id: g,
@@ -217,6 +219,8 @@ fn write(
 mod tests {
     use super::*;
     use crate::testutil::{noise, stored_file as entry};
+    use seedcast_core::manifest::Extent;
+    use seedcast_core::source::ChunkSource;
     use seedcast_core::source::MemChunks;
 
     const G: GlobalId = GlobalId([6; 12]);
@@ -227,6 +231,69 @@ mod tests {
         ops: Vec<AdaptOp>,
     ) -> Result<(Vec<FileEntry>, String), EngineError> {
         apply_ops(G, 3, files.to_vec(), ops, ChunkerConfig::default(), store)
+    }
+
+    /// A Replace (or Add) whose recipe does not add up, followed by a Write to that file:
+    /// refused as invalid, never a panic (which, under the version lock, once disabled
+    /// every later adaptation).
+    #[test]
+    fn a_broken_recipe_then_a_write_is_refused_not_a_panic() {
+        let store = MemChunks::new();
+        let disk = noise(2, 300_000);
+        let files = vec![entry(&store, "disk.raw", &disk)];
+        let good = entry(&store, "x", &disk).recipe;
+        let broken = [
+            // Claims more bytes than its extents hold.
+            FileRecipe {
+                len: good.len + 1_000_000,
+                ..good.clone()
+            },
+            // Extents that add up to more than its length.
+            FileRecipe {
+                len: 10,
+                ..good.clone()
+            },
+            // A data extent longer than any chunk.
+            FileRecipe {
+                len: 1 << 30,
+                hash: good.hash,
+                extents: vec![seedcast_core::Extent::Data {
+                    id: ChunkId([1; 32]),
+                    len: 1 << 30,
+                }],
+            },
+        ];
+        for recipe in broken {
+            for first in [
+                AdaptOp::Replace {
+                    path: "disk.raw".into(),
+                    mode: 0o644,
+                    recipe: recipe.clone(),
+                    format: seedcast_core::manifest::FileFormat::Raw,
+                },
+                AdaptOp::Add(FileEntry {
+                    path: "new".into(),
+                    mode: 0o644,
+                    recipe: recipe.clone(),
+                    format: seedcast_core::manifest::FileFormat::Raw,
+                }),
+            ] {
+                let target = match &first {
+                    AdaptOp::Add(e) => e.path.clone(),
+                    _ => "disk.raw".into(),
+                };
+                let ops = vec![
+                    first,
+                    AdaptOp::Write {
+                        path: target,
+                        offset: 5,
+                        data: b"x".to_vec(),
+                    },
+                ];
+                let e = apply(&store, &files, ops).unwrap_err();
+                assert_eq!(e.kind(), seedcast_core::protocol::ErrorKind::Invalid, "{e}");
+            }
+        }
     }
 
     #[test]
@@ -260,7 +327,18 @@ mod tests {
         );
         let mut edited = disk.clone();
         edited[500_000..500_007].copy_from_slice(b"patched");
-        assert_eq!(out[0].recipe.hash, *blake3::hash(&edited).as_bytes());
+        // The recipe rebuilds the edited bytes and names itself by its content hash.
+        let mut rebuilt = Vec::new();
+        for (_, e) in out[0].recipe.extents_at() {
+            match e {
+                Extent::Data { id, .. } => {
+                    rebuilt.extend_from_slice(store.read_verified(id).unwrap().raw())
+                }
+                Extent::Hole { len } => rebuilt.resize(rebuilt.len() + *len as usize, 0),
+            }
+        }
+        assert!(rebuilt == edited);
+        assert_eq!(out[0].recipe.hash, out[0].recipe.content_hash());
         // Every chunk of the new recipe is in the store.
         assert!(versions::check_chunks(&store, &out).is_ok());
     }

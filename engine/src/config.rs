@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use seedcast_core::ChunkerConfig;
+use seedcast_core::manifest::Limits;
 use seedcast_core::sender::SendConfig;
 use seedcast_net::endpoint::TransportOptions;
 
@@ -32,6 +33,9 @@ pub struct EngineConfig {
     /// left (every ~20 days), so a stolen certificate of a reset site dies within weeks
     /// even if revocation were missed.
     pub site_cert_lifetime: Duration,
+    /// Caps on what an image may describe (file and image length, data, files): a push or
+    /// block over them is refused, naming the cap.
+    pub limits: Limits,
 }
 
 impl EngineConfig {
@@ -45,6 +49,7 @@ impl EngineConfig {
             send: SendConfig::default(),
             open_enrollment: false,
             site_cert_lifetime: Duration::from_secs(30 * 86_400),
+            limits: Limits::default(),
         }
     }
 }

@@ -68,7 +68,8 @@ pub(crate) fn first(
     draft: Draft,
 ) -> Result<Made, EngineError> {
     validate_image_name(&name)?;
-    let ids = check(shared, &draft.files)?;
+    let mut draft = draft;
+    let ids = check(shared, &mut draft.files)?;
     let sites = sites::targets(&shared.catalog, sites)?;
     let global_id = loop {
         let g = GlobalId(rand::random());
@@ -108,8 +109,8 @@ pub(crate) fn next(
             global_id: g,
             version: parent,
         })?;
-    let draft = f(&cur)?;
-    let ids = check(shared, &draft.files)?;
+    let mut draft = f(&cur)?;
+    let ids = check(shared, &mut draft.files)?;
     let revoked = sites::revoked(&shared.catalog)?;
     image.sites.retain(|s| !revoked.contains(s));
     let version = parent + 1;
@@ -133,9 +134,17 @@ pub(crate) fn next(
     commit(shared, g, image, Some(parent), draft, ids, placements)
 }
 
-/// Validate a version's files and check every chunk they name; the distinct chunk ids.
-fn check(shared: &Shared, files: &[FileEntry]) -> Result<BTreeSet<ChunkId>, EngineError> {
+/// Validate a version's files against the rules and the engine's caps, give each the hash
+/// of its recipe (files carried from a format-2 version had the hash of their bytes; a
+/// client's is derived data and not trusted) and only permission bits, and check every
+/// chunk they name; the distinct chunk ids.
+fn check(shared: &Shared, files: &mut [FileEntry]) -> Result<BTreeSet<ChunkId>, EngineError> {
+    shared.cfg.limits.check(files)?;
     validate_files(files, &shared.cfg.chunking)?;
+    for f in files.iter_mut() {
+        f.recipe.hash = f.recipe.content_hash();
+        f.mode &= 0o777;
+    }
     check_chunks(&*shared.store, files)
 }
 

@@ -235,7 +235,8 @@ fn chunk_files(
             source,
         };
         let r = (|| {
-            let mode = std::fs::metadata(&path).map_err(fail)?.permissions().mode() & 0o7777;
+            // Permission bits only: setuid, setgid and sticky are not carried to sites.
+            let mode = std::fs::metadata(&path).map_err(fail)?.permissions().mode() & 0o777;
             // A qcow2 disk is read as its guest view, exported by qemu; anything else as is.
             let reader = GuestReader::open(&path)?;
             let format = match reader.format() {
