@@ -7,7 +7,8 @@
 //! received lives in a [`Slot`] shared with the deployment waiting for it; the slot is the
 //! one place a stream's transfer id is checked.
 
-use std::sync::{Arc, Mutex};
+use parking_lot::Mutex;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use quinn::{Connection, RecvStream, VarInt};
@@ -62,19 +63,19 @@ pub(crate) struct Slot(Arc<Mutex<Option<Active>>>);
 
 impl Slot {
     pub fn begin(&self, a: Active) {
-        *self.0.lock().expect("slot lock") = Some(a);
+        *self.0.lock() = Some(a);
     }
 
     /// Run `f` on the active transfer if it is `transfer`: the one check of a stream's
     /// transfer id.
     fn with<R>(&self, transfer: u64, f: impl FnOnce(&mut Active) -> R) -> Option<R> {
-        let mut g = self.0.lock().expect("slot lock");
+        let mut g = self.0.lock();
         g.as_mut().filter(|a| a.transfer.id() == transfer).map(f)
     }
 
     /// Take the transfer out (it is complete, or abandoned).
     pub fn take(&self) -> Option<Active> {
-        self.0.lock().expect("slot lock").take()
+        self.0.lock().take()
     }
 
     /// Fail `transfer`, if it is the active one.

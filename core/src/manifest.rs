@@ -12,7 +12,7 @@
 //! chunk read when an edit changes a few chunks. Files of format-1/2 manifests carry the
 //! BLAKE3 of their bytes and are checked that way.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -236,6 +236,10 @@ pub enum ManifestError {
     BadName { name: String, why: &'static str },
     #[error("file name {0:?} appears twice")]
     DuplicateName(String),
+    #[error(
+        "file names {0:?} and {1:?} differ only in case (one would overwrite the other on a case-insensitive pool)"
+    )]
+    CaseCollision(String, String),
     #[error("an image needs at least one file")]
     NoFiles,
     #[error("file {path:?}: extents add up to {sum} bytes but the file is {len}")]
@@ -285,16 +289,24 @@ pub fn validate_image_name(name: &str) -> Result<(), ManifestError> {
     Ok(())
 }
 
-/// Check the files of an image: names, uniqueness, lengths.
+/// Check the files of an image: names, uniqueness (also ignoring case: a site's pool may
+/// be case-insensitive, where `Disk.raw` would overwrite a verified `disk.raw`), lengths.
 pub fn validate_files(files: &[FileEntry], chunking: &ChunkerConfig) -> Result<(), ManifestError> {
     if files.is_empty() {
         return Err(ManifestError::NoFiles);
     }
     let mut seen = HashSet::new();
+    let mut folded = HashMap::new();
     for f in files {
         validate_file(f, chunking)?;
         if !seen.insert(f.path.as_str()) {
             return Err(ManifestError::DuplicateName(f.path.clone()));
+        }
+        if let Some(other) = folded.insert(f.path.to_lowercase(), f.path.as_str()) {
+            return Err(ManifestError::CaseCollision(
+                other.to_string(),
+                f.path.clone(),
+            ));
         }
     }
     Ok(())
@@ -742,7 +754,19 @@ mod tests {
     #[test]
     fn bad_names_and_lengths_are_refused() {
         let mut m = manifest_of(b"hello");
-        for bad in ["", ".", "..", "a/b", ".hidden", "x\0y", &"n".repeat(256)] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "/etc/passwd",
+            "../../x",
+            "a\\b",
+            ".hidden",
+            "x\0y",
+            "esc\x1b[2J",
+            &"n".repeat(256),
+        ] {
             m.files[0].path = bad.to_string();
             assert!(
                 matches!(m.validate(), Err(ManifestError::BadName { .. })),
@@ -758,6 +782,11 @@ mod tests {
         m.files[0].recipe.len -= 1;
         m.files.push(m.files[0].clone());
         assert_eq!(m.validate(), Err(ManifestError::DuplicateName("ok".into())));
+        m.files[1].path = "OK".into();
+        assert_eq!(
+            m.validate(),
+            Err(ManifestError::CaseCollision("ok".into(), "OK".into()))
+        );
         m.files.clear();
         assert_eq!(m.validate(), Err(ManifestError::NoFiles));
     }

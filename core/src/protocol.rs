@@ -66,6 +66,9 @@ pub const SERVER_NAME: &str = "seedcast-engine";
 pub const MAX_IDS_PER_REQUEST: usize = 65_536;
 /// Most chunks one `Upload` request may carry.
 pub const MAX_UPLOAD_BATCH: u32 = 4096;
+/// Stored bytes in one upload batch at most: what the engine holds unverified for one
+/// client stream (clients send about 8 MiB).
+pub const MAX_UPLOAD_BATCH_BYTES: u64 = 64 * 1024 * 1024;
 /// Largest `Write` of an adaptation block (larger changes: replace the file).
 pub const MAX_WRITE: usize = 16 * 1024 * 1024;
 /// Longest local id an agent may report (the longest kind, an S3 key prefix, is far

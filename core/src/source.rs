@@ -7,9 +7,9 @@
 //! (a site serving nearby sites) plug in here. [`MemChunks`] keeps chunks in memory, for
 //! unit tests.
 
+use parking_lot::RwLock;
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::RwLock;
 
 use crate::chunk::{CompressedChunk, UnverifiedChunk, VerifiedChunk, VerifyError};
 use crate::chunker::ChunkerConfig;
@@ -111,31 +111,26 @@ impl MemChunks {
 
     /// Replace a held chunk's stored bytes (tests: simulate damage).
     pub fn put_raw(&self, c: CompressedChunk) {
-        self.chunks.write().expect("chunks lock").insert(c.id, c);
+        self.chunks.write().insert(c.id, c);
     }
 
     /// Forget a chunk (tests: simulate loss).
     pub fn remove(&self, id: &ChunkId) {
-        self.chunks.write().expect("chunks lock").remove(id);
+        self.chunks.write().remove(id);
     }
 }
 
 impl ChunkSource for MemChunks {
     fn info(&self, id: &ChunkId) -> Option<ChunkInfo> {
-        self.chunks
-            .read()
-            .expect("chunks lock")
-            .get(id)
-            .map(|c| ChunkInfo {
-                raw_len: c.raw_len,
-                stored_len: c.payload.len() as u32,
-            })
+        self.chunks.read().get(id).map(|c| ChunkInfo {
+            raw_len: c.raw_len,
+            stored_len: c.payload.len() as u32,
+        })
     }
 
     fn read(&self, id: &ChunkId) -> Result<CompressedChunk, SourceError> {
         self.chunks
             .read()
-            .expect("chunks lock")
             .get(id)
             .cloned()
             .ok_or(SourceError::Missing(*id))
@@ -144,7 +139,7 @@ impl ChunkSource for MemChunks {
 
 impl ChunkStore for MemChunks {
     fn insert(&self, chunks: &[VerifiedChunk]) -> Result<Inserted, SourceError> {
-        let mut map = self.chunks.write().expect("chunks lock");
+        let mut map = self.chunks.write();
         let mut out = Inserted::default();
         for c in chunks {
             if let std::collections::hash_map::Entry::Vacant(e) = map.entry(c.id()) {
@@ -157,7 +152,7 @@ impl ChunkStore for MemChunks {
     }
 
     fn len(&self) -> usize {
-        self.chunks.read().expect("chunks lock").len()
+        self.chunks.read().len()
     }
 }
 

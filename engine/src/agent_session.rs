@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use crate::distribute::{self, DeployError};
 use crate::handshake::{close_for_violation, close_protocol, welcome};
-use crate::sites::{self, lock};
+use crate::sites;
 use crate::state::{AgentHandle, Shared};
 
 /// Largest renewal request (a CSR is a few hundred bytes).
@@ -55,7 +55,7 @@ pub(crate) async fn session(shared: Arc<Shared>, a: Connected) {
     };
     serve(&shared, &conn, &site, send, recv, &wake, held).await;
     {
-        let mut agents = lock(&shared.agents);
+        let mut agents = shared.agents.lock();
         if agents.get(&site).is_some_and(|h| h.conn_id == conn_id) {
             agents.remove(&site);
         }
@@ -110,7 +110,7 @@ fn register(
     site: &str,
     adapter: &str,
 ) -> Option<Arc<Notify>> {
-    let _records = lock(&shared.site_records);
+    let _records = shared.site_records.lock();
     let cert = seedcast_net::tls::peer_certificate(conn)?;
     if !sites::still_admitted(shared, site, seedcast_net::pki::fingerprint(&cert)) {
         return None;
@@ -130,7 +130,7 @@ fn register(
             warn!(site, "recording adapter change: {e}");
         }
     }
-    if let Some(old) = lock(&shared.agents).insert(site.to_string(), handle) {
+    if let Some(old) = shared.agents.lock().insert(site.to_string(), handle) {
         old.conn.close(
             VarInt::from_u32(close::REPLACED),
             b"a newer connection took over this site",

@@ -36,6 +36,10 @@ pub struct EngineConfig {
     /// Caps on what an image may describe (file and image length, data, files): a push or
     /// block over them is refused, naming the cap.
     pub limits: Limits,
+    /// Connections that have not yet proven who they are (TLS done, hello not yet
+    /// accepted), at most; more are refused. 256: far above honest enrollment bursts, and
+    /// each costs a few hundred KiB of QUIC buffers, so a flood stays under ~100 MiB.
+    pub max_unauthenticated: usize,
 }
 
 impl EngineConfig {
@@ -50,6 +54,7 @@ impl EngineConfig {
             open_enrollment: false,
             site_cert_lifetime: Duration::from_secs(30 * 86_400),
             limits: Limits::default(),
+            max_unauthenticated: 256,
         }
     }
 }

@@ -15,8 +15,9 @@
 //!
 //! A group that would not be smaller than its chunks' stored forms is sent as those.
 
+use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use seedcast_core::delta::{encode_group, sketch};
@@ -171,17 +172,11 @@ impl DeltaCache {
         target: &ManifestRecord,
     ) -> Option<Arc<Vec<u8>>> {
         let key = (base.manifest_id, target.manifest_id);
-        if let Some((_, d)) = self
-            .manifests
-            .lock()
-            .expect("manifest cache lock")
-            .iter()
-            .find(|(k, _)| *k == key)
-        {
+        if let Some((_, d)) = self.manifests.lock().iter().find(|(k, _)| *k == key) {
             return Some(d.clone());
         }
         let d = Arc::new(target.manifest.delta_against(&base.manifest).ok()?);
-        let mut m = self.manifests.lock().expect("manifest cache lock");
+        let mut m = self.manifests.lock();
         m.push_back((key, d.clone()));
         if m.len() > 8 {
             m.pop_front();
@@ -199,7 +194,7 @@ impl DeltaCache {
         unavailable: Vec<ChunkId>,
     ) -> Result<Arc<BaseIndex>, EngineError> {
         let slot = {
-            let mut ix = self.indexes.lock().expect("index cache lock");
+            let mut ix = self.indexes.lock();
             match ix.iter().find(|(k, _)| *k == key) {
                 Some((_, s)) => s.clone(),
                 None => {
@@ -242,7 +237,7 @@ impl DeltaCache {
         }
         let key = *k.finalize().as_bytes();
         let slot = {
-            let mut g = self.groups.lock().expect("group cache lock");
+            let mut g = self.groups.lock();
             g.map
                 .entry(key)
                 .or_insert_with(|| Arc::new(OnceCell::new()))
@@ -267,7 +262,7 @@ impl DeltaCache {
             Encoded::Group { payload, .. } => payload.len(),
             Encoded::Stored(ids) => 32 * ids.len(),
         };
-        let mut g = self.groups.lock().expect("group cache lock");
+        let mut g = self.groups.lock();
         if !g.order.iter().any(|(k2, _)| *k2 == key) {
             g.order.push_back((key, size));
             g.bytes += size;

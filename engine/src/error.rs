@@ -134,8 +134,17 @@ impl AdaptError {
 pub enum UploadRefused {
     #[error("{count} chunks exceed the batch limit {max}")]
     TooMany { count: u32, max: u32 },
-    #[error("chunk {id} payload of {len} bytes exceeds the limit")]
-    PayloadTooLarge { id: ChunkId, len: u32 },
+    #[error(
+        "chunk {id} payload of {len} bytes exceeds the limit {max} (the engine's chunks are at most {max_raw} bytes)"
+    )]
+    PayloadTooLarge {
+        id: ChunkId,
+        len: u32,
+        max: u32,
+        max_raw: u32,
+    },
+    #[error("upload batch exceeds {max} bytes")]
+    BatchTooLarge { max: u64 },
     #[error(transparent)]
     Verify(#[from] VerifyError),
 }

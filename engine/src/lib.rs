@@ -37,11 +37,12 @@ mod testutil;
 pub mod upload;
 pub mod versions;
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
 
 use seedcast_core::source::ChunkStore;
 use seedcast_net::pki::{EnginePki, Token};

@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 use quinn::{Connection, VarInt};
 use seedcast_core::protocol::{MAX_ADAPTER_NAME, RefuseReason, Role, close};
 use seedcast_net::pki::secrets_match;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info};
 
@@ -26,16 +27,33 @@ pub(crate) async fn run(
 ) -> Result<(), EngineError> {
     info!(engine = %shared.id, addr = ?endpoint.local_addr().ok(), "engine serving");
     let mut tasks = JoinSet::new();
+    let unauthenticated = Arc::new(Semaphore::new(shared.cfg.max_unauthenticated.max(1)));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             incoming = endpoint.accept() => match incoming {
                 Some(inc) => {
+                    // QUIC address validation: a peer that has not shown it receives at
+                    // its source address is sent a Retry (one round trip, no state kept),
+                    // so a spoofed flood costs the engine neither handshakes nor memory.
+                    if !inc.remote_address_validated() && inc.may_retry() {
+                        if let Err(e) = inc.retry() {
+                            debug!("retry failed: {e}");
+                        }
+                        continue;
+                    }
+                    // Peers not yet authenticated hold a permit each; beyond the cap new
+                    // ones are refused (the authenticated keep their connections).
+                    let Ok(permit) = unauthenticated.clone().try_acquire_owned() else {
+                        debug!(remote = %inc.remote_address(), "too many unauthenticated connections; refused");
+                        inc.refuse();
+                        continue;
+                    };
                     let shared = shared.clone();
                     tasks.spawn(async move {
                         match inc.await {
-                            Ok(conn) => handle_connection(shared, conn).await,
+                            Ok(conn) => handle_connection(shared, conn, permit).await,
                             Err(e) => debug!("handshake failed: {e}"),
                         }
                     });
@@ -48,12 +66,14 @@ pub(crate) async fn run(
     info!("engine shutting down");
     endpoint.close(VarInt::from_u32(close::SHUTDOWN), b"engine shutting down");
     tasks.shutdown().await;
-    shared.agents.lock().expect("agents lock").clear();
+    shared.agents.lock().clear();
     endpoint.wait_idle().await;
     Ok(())
 }
 
-async fn handle_connection(shared: Arc<Shared>, conn: Connection) {
+/// Read the hello and authenticate; `permit` (one of the unauthenticated connections
+/// allowed) is given back once the peer has proven who it is, or has been sent away.
+async fn handle_connection(shared: Arc<Shared>, conn: Connection, permit: OwnedSemaphorePermit) {
     let Some((mut send, recv, hello)) = read_hello(&conn).await else {
         return;
     };
@@ -78,6 +98,7 @@ async fn handle_connection(shared: Arc<Shared>, conn: Connection) {
                 refuse(&conn, &mut send, RefuseReason::BadToken, msg).await;
                 return;
             }
+            drop(permit);
             client_api::session(shared, conn, send, recv).await;
         }
         Role::Enroll {
@@ -92,13 +113,15 @@ async fn handle_connection(shared: Arc<Shared>, conn: Connection) {
                 adapter: &adapter,
                 csr_der: &csr_der,
             };
-            enroll(&shared, &conn, send, e).await
+            enroll(&shared, &conn, send, e).await;
+            drop(permit);
         }
         Role::Agent { site, adapter } => {
             if let Err((reason, msg)) = check_agent(&shared, &conn, &site) {
                 refuse(&conn, &mut send, reason, msg).await;
                 return;
             }
+            drop(permit);
             let agent = agent_session::Connected {
                 conn,
                 conn_id,

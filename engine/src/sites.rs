@@ -31,7 +31,7 @@ type Refusal = (RefuseReason, String);
 /// site in good standing? The refusal to send otherwise. A renewed certificate used for
 /// the first time becomes the site's certificate.
 pub(crate) fn check_agent(shared: &Shared, conn: &Connection, site: &str) -> Result<(), Refusal> {
-    let _records = lock(&shared.site_records);
+    let _records = shared.site_records.lock();
     let catalog = &shared.catalog;
     let cert = seedcast_net::tls::peer_certificate(conn).ok_or((
         RefuseReason::BadToken,
@@ -114,7 +114,7 @@ fn token_for(shared: &Shared, e: &Enrollment<'_>) -> Result<Option<[u8; 32]>, Re
 
 /// Check the token, sign the agent's key for its site, record the site and use the token up.
 fn admit(shared: &Shared, e: &Enrollment<'_>) -> Result<HelloReply, Refusal> {
-    let _records = lock(&shared.site_records);
+    let _records = shared.site_records.lock();
     validate_site_name(e.site).map_err(|err| (RefuseReason::BadRequest, err.to_string()))?;
     let token = token_for(shared, e)?;
     match shared.catalog.site(e.site) {
@@ -193,7 +193,7 @@ pub(crate) fn add(shared: &Shared, site: &str, secs: u64) -> Result<(String, u64
             max: MAX_TOKEN_SECS,
         });
     }
-    let _records = lock(&shared.site_records);
+    let _records = shared.site_records.lock();
     match shared.catalog.site(site)? {
         Some(r) if r.revoked => return Err(EngineError::SiteRevoked(site.to_string())),
         Some(r) if r.cert_fingerprint.is_some() => {
@@ -220,7 +220,7 @@ pub(crate) fn add(shared: &Shared, site: &str, secs: u64) -> Result<(String, u64
 /// Forget a site's certificate, unused tokens and revocation; cut its agent off. Its
 /// images stay assigned to it: a new enrollment of the name picks them up.
 pub(crate) fn reset(shared: &Shared, site: &str) -> Result<(), EngineError> {
-    let _records = lock(&shared.site_records);
+    let _records = shared.site_records.lock();
     let mut rec = shared
         .catalog
         .site(site)?
@@ -240,7 +240,7 @@ pub(crate) fn reset(shared: &Shared, site: &str) -> Result<(), EngineError> {
 /// Revoke a site's certificate (and any unused token for it): its agent is disconnected
 /// and refused from then on.
 pub(crate) fn revoke(shared: &Shared, site: &str) -> Result<(), EngineError> {
-    let _records = lock(&shared.site_records);
+    let _records = shared.site_records.lock();
     let mut rec = shared
         .catalog
         .site(site)?
@@ -254,12 +254,6 @@ pub(crate) fn revoke(shared: &Shared, site: &str) -> Result<(), EngineError> {
     Ok(())
 }
 
-/// Lock a mutex; a panic elsewhere while it was held does not take this caller down (the
-/// data it guards is a unit or a map that stays consistent at every step).
-pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 /// Is `cert_fp` still the certificate of `site` in good standing? Checked again, under the
 /// site lock, when an agent registers: a revocation or reset between its check and its
 /// registration must not leave it connected.
@@ -270,7 +264,7 @@ pub(crate) fn still_admitted(shared: &Shared, site: &str, cert_fp: [u8; 32]) -> 
 }
 
 fn disconnect(shared: &Shared, site: &str, code: u32, why: &str) {
-    let h = lock(&shared.agents).remove(site);
+    let h = shared.agents.lock().remove(site);
     if let Some(h) = h {
         h.conn.close(VarInt::from_u32(code), why.as_bytes());
     }
@@ -279,7 +273,7 @@ fn disconnect(shared: &Shared, site: &str, code: u32, why: &str) {
 /// Certify the new key in `csr_der` for a connected, enrolled `site`; the site's next
 /// certificate, accepted alongside the current one until the agent uses it.
 pub(crate) fn renew(shared: &Shared, site: &str, csr_der: &[u8]) -> Result<(Vec<u8>, u64), String> {
-    let _records = lock(&shared.site_records);
+    let _records = shared.site_records.lock();
     let mut rec: SiteRecord = shared
         .catalog
         .site(site)

@@ -1,9 +1,10 @@
 //! What every task of a running engine shares: the catalog, the chunk store, the PKI, the
 //! connected agents and the counters status reads.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
 use seedcast_core::GlobalId;
 use seedcast_net::pki::EnginePki;
@@ -50,7 +51,7 @@ impl Shared {
     }
 
     pub fn wake_site(&self, site: &str) {
-        if let Some(h) = self.agents.lock().expect("agents lock").get(site) {
+        if let Some(h) = self.agents.lock().get(site) {
             h.wake.notify_one();
         }
     }
@@ -69,10 +70,7 @@ impl LiveBytes {
     /// Start counting a transfer; the count disappears when the guard drops.
     pub fn start(&self, g: GlobalId, site: &str) -> LiveGuard<'_> {
         let counter = Arc::new(AtomicU64::new(0));
-        self.0
-            .lock()
-            .expect("live lock")
-            .insert((g, site.to_string()), counter.clone());
+        self.0.lock().insert((g, site.to_string()), counter.clone());
         LiveGuard {
             live: self,
             key: (g, site.to_string()),
@@ -84,7 +82,6 @@ impl LiveBytes {
     pub fn get(&self, g: &GlobalId, site: &str) -> Option<u64> {
         self.0
             .lock()
-            .expect("live lock")
             .get(&(*g, site.to_string()))
             .map(|c| c.load(Ordering::Relaxed))
     }
@@ -100,7 +97,7 @@ pub(crate) struct LiveGuard<'a> {
 
 impl Drop for LiveGuard<'_> {
     fn drop(&mut self) {
-        let mut m = self.live.0.lock().expect("live lock");
+        let mut m = self.live.0.lock();
         if m.get(&self.key)
             .is_some_and(|c| Arc::ptr_eq(c, &self.counter))
         {

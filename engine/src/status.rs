@@ -82,7 +82,7 @@ pub(crate) fn images(shared: &Shared) -> Result<Vec<ImageStatus>, EngineError> {
 }
 
 pub(crate) fn sites(shared: &Shared) -> Result<Vec<SiteInfo>, EngineError> {
-    let connected = shared.agents.lock().expect("agents lock").clone();
+    let connected = shared.agents.lock().clone();
     Ok(shared
         .catalog
         .sites()?

@@ -12,11 +12,12 @@
 //! whose record was lost in a crash is garbage at the end of a pack and is uploaded again.
 //! The send path reads packs with positioned reads and never touches RocksDB.
 
+use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use seedcast_core::source::{ChunkInfo, ChunkSource, ChunkStore, Inserted, SourceError};
@@ -162,19 +163,19 @@ impl PackStore {
     }
 
     pub fn record(&self, id: &ChunkId) -> Option<ChunkRecord> {
-        self.index.read().expect("index lock").get(id).copied()
+        self.index.read().get(id).copied()
     }
 
     /// Store verified chunks not yet held. Blocking (file writes and a sync): call from a
     /// blocking thread. Returns how many were new and their stored bytes.
     fn insert_packed(&self, chunks: &[VerifiedChunk]) -> Result<Inserted, StoreError> {
-        let mut w = self.writer.lock().expect("writer lock");
+        let mut w = self.writer.lock();
         let mut added: Vec<(ChunkId, ChunkRecord)> = Vec::new();
         let mut in_batch = std::collections::HashSet::new();
         let mut bytes = 0u64;
         let mut touched = vec![w.pack];
         {
-            let idx = self.index.read().expect("index lock");
+            let idx = self.index.read();
             let mut buf = Vec::new();
             for c in chunks {
                 let s = c.stored();
@@ -184,7 +185,7 @@ impl PackStore {
                 if w.len >= self.max_pack {
                     let n = w.pack + 1;
                     let (f, len) = open_pack(&pack_path(&self.dir, n), true)?;
-                    self.packs.write().expect("packs lock").push(f.clone());
+                    self.packs.write().push(f.clone());
                     *w = Writer {
                         pack: n,
                         file: f,
@@ -219,7 +220,7 @@ impl PackStore {
         if added.is_empty() {
             return Ok(Inserted::default());
         }
-        let packs = self.packs.read().expect("packs lock");
+        let packs = self.packs.read();
         for n in touched {
             packs[n as usize]
                 .sync_data()
@@ -228,7 +229,7 @@ impl PackStore {
         drop(packs);
         self.catalog.put_chunks(&added)?;
         let n = added.len() as u32;
-        self.index.write().expect("index lock").extend(added);
+        self.index.write().extend(added);
         Ok(Inserted { chunks: n, bytes })
     }
 
@@ -237,7 +238,7 @@ impl PackStore {
         let Some(rec) = self.record(id) else {
             return Ok(None);
         };
-        let file = self.packs.read().expect("packs lock")[rec.pack as usize].clone();
+        let file = self.packs.read()[rec.pack as usize].clone();
         let path = || pack_path(&self.dir, rec.pack);
         let mut buf = vec![0u8; ENTRY_HEADER + rec.stored_len as usize];
         file.read_exact_at(&mut buf, rec.offset)
@@ -270,7 +271,7 @@ impl PackStore {
     /// The chunk records of `ids` with one more reference each, for a commit batch.
     /// Apply them with [`PackStore::apply_refs`] once the commit is durable.
     pub fn with_ref(&self, ids: impl IntoIterator<Item = ChunkId>) -> Vec<(ChunkId, ChunkRecord)> {
-        let idx = self.index.read().expect("index lock");
+        let idx = self.index.read();
         ids.into_iter()
             .filter_map(|id| {
                 idx.get(&id).map(|r| {
@@ -283,7 +284,7 @@ impl PackStore {
     }
 
     pub fn apply_refs(&self, recs: &[(ChunkId, ChunkRecord)]) {
-        let mut idx = self.index.write().expect("index lock");
+        let mut idx = self.index.write();
         for (id, r) in recs {
             if let Some(cur) = idx.get_mut(id) {
                 cur.refs = r.refs;
@@ -313,7 +314,7 @@ impl ChunkStore for PackStore {
     }
 
     fn missing(&self, ids: &[ChunkId]) -> Vec<ChunkId> {
-        let idx = self.index.read().expect("index lock");
+        let idx = self.index.read();
         ids.iter()
             .filter(|id| !idx.contains_key(id))
             .copied()
@@ -321,7 +322,7 @@ impl ChunkStore for PackStore {
     }
 
     fn len(&self) -> usize {
-        self.index.read().expect("index lock").len()
+        self.index.read().len()
     }
 }
 

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use quinn::RecvStream;
-use seedcast_core::protocol::{ChunkHeader, MAX_IDS_PER_REQUEST, MAX_UPLOAD_BATCH};
+use seedcast_core::protocol::{
+    ChunkHeader, MAX_IDS_PER_REQUEST, MAX_UPLOAD_BATCH, MAX_UPLOAD_BATCH_BYTES,
+};
 use seedcast_core::source::{ChunkStore, Inserted};
 use seedcast_core::{ChunkId, CompressedChunk, UnverifiedChunk};
 use seedcast_net::{FramedError, read_msg_required, read_payload};
@@ -59,14 +61,27 @@ pub(crate) async fn receive(
         }
         .into());
     }
+    // What is held unverified is bounded by the engine's own chunk size, not the
+    // protocol's: a chunk's stored form is its raw bytes or zstd's worst case of them.
     let max_raw = shared.cfg.chunking.max;
-    let mut chunks = Vec::with_capacity(count as usize);
+    let max_payload = payload_bound(max_raw).min(ChunkHeader::MAX_PAYLOAD);
+    let mut chunks = Vec::with_capacity((count as usize).min(1024));
+    let mut held = 0u64;
     for _ in 0..count {
         let h: ChunkHeader = read_msg_required(recv).await?;
-        if h.payload_len > ChunkHeader::MAX_PAYLOAD {
+        if h.payload_len > max_payload || h.raw_len > max_raw {
             return Err(UploadRefused::PayloadTooLarge {
                 id: h.id,
-                len: h.payload_len,
+                len: h.payload_len.max(h.raw_len),
+                max: max_payload,
+                max_raw,
+            }
+            .into());
+        }
+        held += h.payload_len as u64;
+        if held > MAX_UPLOAD_BATCH_BYTES {
+            return Err(UploadRefused::BatchTooLarge {
+                max: MAX_UPLOAD_BATCH_BYTES,
             }
             .into());
         }
@@ -92,6 +107,12 @@ pub(crate) async fn receive(
         Ok(r) => r.map_err(UploadError::Engine),
         Err(e) => Err(UploadError::Engine(e.into())),
     }
+}
+
+/// The largest stored form of a chunk of `max_raw` bytes: zstd's worst case (its
+/// `ZSTD_COMPRESSBOUND`: input + input/256 + a block header's worth) with room to spare.
+fn payload_bound(max_raw: u32) -> u32 {
+    max_raw.saturating_add(max_raw / 128).saturating_add(4096)
 }
 
 /// Chunk bytes a client connection uploaded since its last commit: the next commit (push,

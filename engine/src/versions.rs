@@ -48,7 +48,7 @@ pub(crate) async fn make(
 ) -> Result<ImageStatus, EngineError> {
     let sh = shared.clone();
     let made = tokio::task::spawn_blocking(move || {
-        let _one_at_a_time = sh.versions.lock().expect("versions lock");
+        let _one_at_a_time = sh.versions.lock();
         f(&sh)
     })
     .await??;

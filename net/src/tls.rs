@@ -46,6 +46,9 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_single_cert(pki.server_chain(), pki.server_key())?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];
+    // No 0-RTT: early data is replayable and would reach the hello before the peer's
+    // address is validated. (rustls's default; stated so a change is a visible one.)
+    cfg.max_early_data_size = 0;
     let mut sc = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(cfg)?));
     sc.transport_config(transport.to_config());
     Ok(sc)
@@ -71,6 +74,7 @@ pub fn client_config(
         None => builder.with_no_client_auth(),
     };
     cfg.alpn_protocols = vec![ALPN.to_vec()];
+    cfg.enable_early_data = false;
     let mut cc = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(cfg)?));
     cc.transport_config(transport.to_config());
     Ok(cc)

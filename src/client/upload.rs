@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use seedcast_core::chunker::StreamingChunker;
 use seedcast_core::manifest::{FileFormat, RecipeBuilder, validate_file_name};
-use seedcast_core::protocol::{ChunkHeader, Request, Response};
+use seedcast_core::protocol::{ChunkHeader, MAX_UPLOAD_BATCH_BYTES, Request, Response};
 use seedcast_core::{ChunkId, ChunkerConfig, CompressedChunk, FileEntry};
 use seedcast_net::{FramedError, read_msg_required, write_msg};
 use seedcast_qemu::GuestReader;
@@ -121,7 +121,13 @@ impl Client {
         }
 
         let (tx, mut rx) = mpsc::channel::<Result<Chunked, ClientError>>(2);
-        let (cfg, batch_bytes) = (self.chunking, batch_bytes.max(1 << 20));
+        // At least 1 MiB per round trip; at most half what the engine holds of one batch
+        // (a batch closes once it reaches this, plus one chunk).
+        let batch_bytes = batch_bytes.clamp(
+            1 << 20,
+            MAX_UPLOAD_BATCH_BYTES as usize / 2 - 16 * 1024 * 1024,
+        );
+        let (cfg, batch_bytes) = (self.chunking, batch_bytes);
         let chunker = std::thread::spawn(move || chunk_files(files, cfg, batch_bytes, &tx));
 
         let mut entries = Vec::new();

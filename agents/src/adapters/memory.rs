@@ -3,11 +3,11 @@
 //! integration tests of the agent itself — it keeps no readable copies, so the agent's chunk
 //! cache must serve delta bases, and `read_back` downloads a temporary copy.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
 use std::path::Path;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::future::BoxFuture;
@@ -39,13 +39,7 @@ impl MemoryAdapter {
 
     /// Local ids of the images held.
     pub fn local_ids(&self) -> Vec<String> {
-        let mut v: Vec<String> = self
-            .images
-            .lock()
-            .expect("images lock")
-            .keys()
-            .cloned()
-            .collect();
+        let mut v: Vec<String> = self.images.lock().keys().cloned().collect();
         v.sort();
         v
     }
@@ -61,13 +55,7 @@ impl Adapter for MemoryAdapter {
     }
 
     fn exists<'a>(&'a self, local_id: &'a str) -> BoxFuture<'a, Result<bool, AdapterError>> {
-        Box::pin(async move {
-            Ok(self
-                .images
-                .lock()
-                .expect("images lock")
-                .contains_key(local_id))
-        })
+        Box::pin(async move { Ok(self.images.lock().contains_key(local_id)) })
     }
 
     fn staging_root(&self) -> &Path {
@@ -85,10 +73,7 @@ impl Adapter for MemoryAdapter {
                 );
             }
             let id = format!("mem-{}", self.next.fetch_add(1, Ordering::Relaxed));
-            self.images
-                .lock()
-                .expect("images lock")
-                .insert(id.clone(), files);
+            self.images.lock().insert(id.clone(), files);
             Ok(id)
         })
     }
@@ -100,7 +85,7 @@ impl Adapter for MemoryAdapter {
     ) -> BoxFuture<'a, Result<ReadBack, AdapterError>> {
         Box::pin(async move {
             let bytes = {
-                let images = self.images.lock().expect("images lock");
+                let images = self.images.lock();
                 let img = images
                     .get(local_id)
                     .ok_or_else(|| AdapterError::NotFound(local_id.to_string()))?;
@@ -123,7 +108,6 @@ impl Adapter for MemoryAdapter {
         Box::pin(async move {
             self.images
                 .lock()
-                .expect("images lock")
                 .remove(local_id)
                 .map(|_| ())
                 .ok_or_else(|| AdapterError::NotFound(local_id.to_string()))
