@@ -276,6 +276,14 @@ impl LocalCluster {
         }
     }
 
+    /// Stop one agent and forget it (its database is closed; its data directory and pool
+    /// stay), e.g. to run the site's agent another way; returns how its run ended.
+    pub async fn remove_agent(&mut self, site: &str) -> Option<Result<(), AgentError>> {
+        let ended = self.stop_agent(site).await;
+        self.agents.retain(|a| a.site != site);
+        ended
+    }
+
     /// Wait for an agent to stop by itself (a fatal error); returns how its run ended.
     pub async fn agent_exit(&mut self, site: &str) -> Option<Result<(), AgentError>> {
         let a = self.agent_mut(site);

@@ -52,6 +52,41 @@ struct Finish {
     json: bool,
 }
 
+/// Caps on what one image may describe (engine and agent alike): a push, block or
+/// deployment over one is refused, naming it.
+#[derive(Args, Debug)]
+struct LimitArgs {
+    /// Longest file of an image, holes included (a disk's virtual size).
+    #[arg(long, default_value = "4TiB", value_parser = parse_size)]
+    max_file_size: u64,
+    /// Longest image: its files' lengths added up, holes included.
+    #[arg(long, default_value = "8TiB", value_parser = parse_size)]
+    max_image_size: u64,
+    /// Most data (not holes) one image may make a site write.
+    #[arg(long, default_value = "1TiB", value_parser = parse_size)]
+    max_image_data: u64,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> seedcast_core::manifest::Limits {
+        seedcast_core::manifest::Limits {
+            max_file_len: self.max_file_size,
+            max_image_len: self.max_image_size,
+            max_data_len: self.max_image_data,
+            ..Default::default()
+        }
+    }
+}
+
+/// A byte size as people write it: `4TiB`, `512 MiB`, `10GB`, `4096`.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let b: bytesize::ByteSize = s.trim().parse()?;
+    if b.as_u64() == 0 {
+        return Err("must be more than 0 bytes".into());
+    }
+    Ok(b.as_u64())
+}
+
 #[derive(Args, Debug)]
 struct EngineArgs {
     /// Data directory: catalog, chunk packs, CA, admin.token (and join.token with
@@ -75,6 +110,8 @@ struct EngineArgs {
     /// Parallel data streams per transfer to one site.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
     streams: u32,
+    #[command(flatten)]
+    limits: LimitArgs,
 }
 
 /// A site's agent: flags, a site config file, or both (flags win).
@@ -135,6 +172,8 @@ struct AgentArgs {
     /// glance: upload disks as raw or qcow2 (default qcow2).
     #[arg(long)]
     disk_format: Option<String>,
+    #[command(flatten)]
+    limits: LimitArgs,
 }
 
 impl AgentArgs {
@@ -440,6 +479,7 @@ async fn cmd_engine(a: EngineArgs) -> Result<ExitCode> {
     cfg.streams_per_transfer = a.streams as usize;
     cfg.open_enrollment = a.open_enrollment;
     cfg.site_cert_lifetime = a.site_cert_lifetime;
+    cfg.limits = a.limits.limits();
     let engine = seedcast_engine::Engine::open(cfg)
         .with_context(|| format!("opening the engine's data directory {}", a.data.display()))?;
     let ep = engine
@@ -460,7 +500,9 @@ async fn cmd_engine(a: EngineArgs) -> Result<ExitCode> {
 }
 
 async fn cmd_agent(args: AgentArgs) -> Result<ExitCode> {
-    let (cfg, adapter) = args.site_config()?.resolve()?;
+    let limits = args.limits.limits();
+    let (mut cfg, adapter) = args.site_config()?.resolve()?;
+    cfg.limits = limits;
     let adapter = adapter.build(&cfg.data)?;
     let agent = seedcast_agents::Agent::open(cfg, adapter)?;
     agent.run(shutdown_signal()).await?;

@@ -501,3 +501,62 @@ fn readme_site_configs_parse() -> Result<()> {
     assert_eq!(kinds, ["dir", "glance", "oci", "qcow2", "s3"]);
     Ok(())
 }
+
+#[test]
+fn an_image_over_a_configured_cap_is_refused_naming_it() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    // A size that is not one is named at once.
+    let out = run(
+        &["engine", "--data", "x", "--max-file-size", "12 parsecs"],
+        &[],
+    )?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--max-file-size"), "{err}");
+
+    let addr = format!("127.0.0.1:{}", free_port()?);
+    let engine_data = d.join("engine");
+    let _engine = spawn(&[
+        "engine",
+        "--data",
+        engine_data.to_str().unwrap(),
+        "--listen",
+        &addr,
+        "--max-file-size",
+        "1MiB",
+    ])?;
+    let admin_path = engine_data.join("admin.token");
+    wait_for_file(&admin_path)?;
+    let env = [
+        ("SEEDCAST_ENGINE", addr.as_str()),
+        ("SEEDCAST_TOKEN", admin_path.to_str().unwrap()),
+    ];
+    let small = d.join("small.bin");
+    std::fs::write(&small, vec![7u8; 512 << 10])?;
+    let big = d.join("big.raw");
+    std::fs::File::create(&big)?.set_len(2 << 20)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let out = loop {
+        let out = run(&["push", "--name", "big", big.to_str().unwrap()], &env)?;
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        if !err.contains("cannot reach") || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("length of file \"big.raw\" of 2097152 exceeds the cap of 1048576"),
+        "{err}"
+    );
+    // Under the cap: accepted.
+    let out = run(&["push", "--name", "small", small.to_str().unwrap()], &env)?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}

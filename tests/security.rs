@@ -195,6 +195,11 @@ async fn truncated_oversized_and_garbage_frames_get_errors_not_panics() -> Resul
         assert_eq!(code, protocol);
         assert!(reason.contains("exceeds the maximum"), "{reason}");
 
+        // A hello larger than 16 KiB: before authentication nothing that large is read.
+        let (code, reason) = close_after(cluster, &(20u32 << 10).to_be_bytes()).await?;
+        assert_eq!(code, protocol);
+        assert!(reason.contains("exceeds the maximum"), "{reason}");
+
         // A frame cut short.
         let mut truncated = 100u32.to_be_bytes().to_vec();
         truncated.extend_from_slice(&[1, 2, 3]);
@@ -245,5 +250,56 @@ async fn truncated_oversized_and_garbage_frames_get_errors_not_panics() -> Resul
         client.close().await;
         Ok(())
     })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_connections_are_capped_and_authenticated_ones_are_not() -> Result<()> {
+    common::with_engine(
+        &SITES[..1],
+        |c| c.max_unauthenticated = 3,
+        async |cluster| {
+            // Three peers connect (TLS done, address validated by a Retry) and say nothing.
+            let mut silent = Vec::new();
+            for _ in 0..3 {
+                silent.push(common::raw_connect(cluster).await?);
+            }
+            // A fourth is refused outright while they hold their places.
+            let e = common::raw_connect(cluster).await.unwrap_err();
+            assert!(e.to_string().contains("refused"), "{e}");
+            // So is the admin's client until a place frees (the site's agent, already
+            // authenticated, keeps its connection: the push below reaches it).
+            let client_err = cluster.client().await.unwrap_err();
+            assert!(client_err.to_string().contains("refused"), "{client_err}");
+            // Once the silent ones leave, the engine takes new peers again.
+            for c in silent.drain(..) {
+                c.close(0u32.into(), b"");
+            }
+            let client = tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    match cluster.client().await {
+                        Ok(c) => return c,
+                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                }
+            })
+            .await?;
+            let files = make_image(&cluster.root.join("img"), 1, "cap")?;
+            let s = push_wait(&client, "cap", &files, None).await?;
+            assert_eq!(s.sites.len(), 1);
+            // Authenticated connections hold no place: three clients at once are fine.
+            let more = [
+                cluster.client().await?,
+                cluster.client().await?,
+                cluster.client().await?,
+            ];
+            for c in more {
+                assert_eq!(c.sites().await?.len(), 1);
+                c.close().await;
+            }
+            client.close().await;
+            Ok(())
+        },
+    )
     .await
 }

@@ -123,7 +123,7 @@ pub fn assemble(
         image.files.push(AssembledFile {
             name: f.path.clone(),
             len: f.recipe.len,
-            mode: f.mode,
+            mode: f.mode & 0o777,
             format: f.format,
             disk: f.is_disk(),
         });
@@ -142,11 +142,11 @@ mod tests {
     use seedcast_core::{GlobalId, VerifiedChunk};
     use std::os::unix::fs::MetadataExt;
 
-    /// A manifest of one file of `data` (mode 0640), its chunks put in `db` (except the
-    /// `skip`th).
+    /// A manifest of one file of `data` (mode 0640 with setuid and setgid, which a site
+    /// must never apply), its chunks put in `db` (except the `skip`th).
     fn manifest(db: &AgentDb, data: &[u8], skip: usize) -> Manifest {
         let (mut m, chunks) = image(GlobalId([1; 12]), 1, data);
-        m.files[0].mode = 0o640;
+        m.files[0].mode = 0o6640;
         for (i, c) in chunks.into_iter().enumerate() {
             if i != skip {
                 db.put_chunks(&[c]).unwrap();
@@ -173,6 +173,7 @@ mod tests {
         assert_eq!(fs::read(&p).unwrap(), data);
         let md = fs::metadata(&p).unwrap();
         assert_eq!(md.mode() & 0o7777, 0o640);
+        assert_eq!(img.files[0].mode, 0o640);
         assert!(
             md.blocks() * 512 < 2 << 20,
             "holes stay holes: {}",

@@ -6,6 +6,7 @@
 //! | `images` | global id | [`HeldRecord`]: version, manifest id, local id |
 //! | `manifests` | global id + version | the published manifest (record) |
 //! | `meta` | name | cache format |
+//! | `meta` | `floor` + global id | [`Floor`]: the newest version applied, never lowered |
 //!
 //! Only a [`VerifiedChunk`] can be put in the cache. Chunk writes skip the write-ahead log
 //! (a chunk lost in a crash is simply asked for again) and are flushed once a transfer is
@@ -71,6 +72,21 @@ pub struct HeldRecord {
     pub manifest_id: [u8; 32],
     pub local_id: String,
     pub adapter: String,
+}
+
+/// The newest version of an image this site has applied. Kept apart from [`HeldRecord`]
+/// and only ever raised, so a replayed older manifest is refused even if the image's
+/// record is gone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Floor {
+    pub version: u32,
+    pub manifest_id: [u8; 32],
+}
+
+impl Record for Floor {}
+
+fn floor_key(g: &GlobalId) -> Vec<u8> {
+    [b"floor".as_slice(), g.as_bytes()].concat()
 }
 
 pub struct AgentDb {
@@ -146,12 +162,31 @@ impl AgentDb {
     ) -> Result<(), CacheError> {
         let mut batch = Batch::default();
         batch.put_cf(self.db.cf(CF_IMAGES), g.as_bytes(), rec.encode()?);
+        if self.floor(g)?.is_none_or(|f| f.version < rec.version) {
+            let floor = Floor {
+                version: rec.version,
+                manifest_id: rec.manifest_id,
+            };
+            batch.put_cf(self.db.cf(CF_META), floor_key(g), floor.encode()?);
+        }
         batch.put_cf(
             self.db.cf(CF_MANIFESTS),
             version_key(g, manifest.version),
             seedcast_core::codec::encode_record(ManifestRec::FORMAT, manifest)?,
         );
         self.db.write(batch, Durability::Synced)
+    }
+
+    /// The newest version of `g` applied here (from its image record when the database
+    /// predates floors).
+    pub fn floor(&self, g: &GlobalId) -> Result<Option<Floor>, CacheError> {
+        let kept: Option<Floor> = self
+            .db
+            .get(CF_META, &floor_key(g), || format!("floor/{g}"))?;
+        Ok(kept.or(self.held(g)?.map(|h| Floor {
+            version: h.version,
+            manifest_id: h.manifest_id,
+        })))
     }
 
     pub fn manifest(&self, g: &GlobalId, version: u32) -> Result<Option<Manifest>, CacheError> {
@@ -200,5 +235,23 @@ mod tests {
         assert_eq!(&db.chunk(&c.id()).unwrap().unwrap()[..], &c.raw()[..]);
         assert_eq!(db.clear_chunks().unwrap(), 1);
         assert!(!db.has_chunk(&c.id()).unwrap());
+    }
+
+    proptest::proptest! {
+        /// A damaged record on disk is an error naming it, never a panic.
+        #[test]
+        fn any_bytes_as_any_record_never_panic(
+            b in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+        ) {
+            let _ = HeldRecord::decode(&b);
+            let _ = Floor::decode(&b);
+            let _ = ManifestRec::decode(&b);
+            for format in [1u8, 2] {
+                let mut r = vec![format];
+                r.extend_from_slice(&b);
+                let _ = ManifestRec::decode(&r);
+                let _ = HeldRecord::decode(&r);
+            }
+        }
     }
 }

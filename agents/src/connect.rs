@@ -76,13 +76,20 @@ impl Agent {
                 cert_der,
                 ca_der,
                 expires_unix,
+                signing_key,
             } => {
                 if fingerprint(&ca_der) != token.ca_fingerprint {
                     return Err(AgentError::Protocol(
                         "enrolled with a CA other than the token's",
                     ));
                 }
-                let creds = pending.complete(&self.cfg.site, cert_der, ca_der, expires_unix);
+                let creds = pending.complete(
+                    &self.cfg.site,
+                    cert_der,
+                    ca_der,
+                    expires_unix,
+                    Some(signing_key),
+                );
                 creds.save(&self.cfg.data)?;
                 info!(site = %self.cfg.site, "enrolled; credentials saved");
                 Ok(creds)
@@ -147,7 +154,7 @@ impl Agent {
         )?;
         let (_ep, conn) = dial(&self.cfg.engine, cc, &self.cfg.transport).await?;
         let r = tokio::select! {
-            r = self.serve(&conn, welcomed) => r,
+            r = self.serve(&conn, creds, welcomed) => r,
             () = self.renew_when_due(&conn, creds) => unreachable!("renewal never ends a session"),
         };
         if let Err(AgentError::Framed(e)) = &r
@@ -206,10 +213,15 @@ impl Agent {
                 cert_der,
                 expires_unix,
             } => {
-                let ca = SiteCredentials::load(&self.cfg.data)?
-                    .ok_or(AgentError::Protocol("credentials vanished during renewal"))?
-                    .ca;
-                let creds = pending.complete(&self.cfg.site, cert_der, ca.to_vec(), expires_unix);
+                let old = SiteCredentials::load(&self.cfg.data)?
+                    .ok_or(AgentError::Protocol("credentials vanished during renewal"))?;
+                let creds = pending.complete(
+                    &self.cfg.site,
+                    cert_der,
+                    old.ca.to_vec(),
+                    expires_unix,
+                    old.signing_key,
+                );
                 creds.save(&self.cfg.data)?;
                 Ok(expires_unix)
             }

@@ -61,10 +61,17 @@ impl Agent {
         ctl: &mut Control<'_>,
         transfer: u64,
         manifest: Manifest,
+        signature: &[u8],
     ) -> Result<(), AgentError> {
         let (g, version) = (manifest.global_id, manifest.version);
         info!(site = %self.cfg.site, global_id = %g, version, transfer, "deploy");
-        let result = self.receive_and_publish(ctl, transfer, manifest).await;
+        let result = match self.admissible(&manifest, &ctl.signing_key, signature) {
+            Ok(manifest_id) => {
+                self.receive_and_publish(ctl, transfer, manifest, manifest_id)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
         ctl.slot.take();
         let reply = match result {
             Ok((local_id, bytes_received)) => AgentMsg::Published {
@@ -102,6 +109,44 @@ impl Agent {
         .await?
     }
 
+    /// May this manifest be applied here? Signed by the engine's pinned key, and not older
+    /// than the newest version of the image this site applied (nor that version with other
+    /// content): forged images, replays and unsigned rollbacks stop here, before any chunk
+    /// is asked for. Returns the manifest id.
+    fn admissible(
+        &self,
+        manifest: &Manifest,
+        signing_key: &[u8; 32],
+        signature: &[u8],
+    ) -> Result<[u8; 32], AgentError> {
+        let (global_id, version) = (manifest.global_id, manifest.version);
+        let manifest_id = manifest.id()?;
+        seedcast_net::signing::verify(signing_key, &manifest_id, signature).map_err(|source| {
+            AgentError::Unsigned {
+                global_id,
+                version,
+                source,
+            }
+        })?;
+        if let Some(floor) = self.db.floor(&global_id)? {
+            let same_as_applied = || {
+                self.db
+                    .held(&global_id)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|h| h.version == version && h.manifest_id == manifest_id)
+            };
+            if version < floor.version || (version == floor.version && !same_as_applied()) {
+                return Err(AgentError::Older {
+                    global_id,
+                    version,
+                    floor: floor.version,
+                });
+            }
+        }
+        Ok(manifest_id)
+    }
+
     /// Ask for what is missing, wait for it, assemble, publish. Returns the local id and the
     /// payload bytes received.
     async fn receive_and_publish(
@@ -109,8 +154,8 @@ impl Agent {
         ctl: &mut Control<'_>,
         transfer_id: u64,
         manifest: Manifest,
+        manifest_id: [u8; 32],
     ) -> Result<(String, u64), AgentError> {
-        let manifest_id = manifest.id()?;
         let held = self.db.held(&manifest.global_id)?;
         // Already published here (a repeated deployment): nothing to move.
         if let Some(h) = &held

@@ -37,6 +37,28 @@ pub enum AgentError {
         "the certificate of site {site:?} expired at {expired_unix} (Unix time): ask the admin to run `seedcast site reset {site}` and `seedcast site add {site}`, then start the agent with the new token"
     )]
     Expired { site: String, expired_unix: u64 },
+    /// The engine presents another manifest signing key than the one pinned at enrollment.
+    #[error(
+        "the engine's manifest signing key changed (pinned {pinned}, presented {presented}): refusing its images; if the engine was rebuilt on purpose, reset and re-add this site"
+    )]
+    SigningKeyChanged { pinned: String, presented: String },
+    /// A manifest whose signature does not verify: not an image the engine made.
+    #[error("manifest of {global_id} version {version}: {source}")]
+    Unsigned {
+        global_id: GlobalId,
+        version: u32,
+        source: seedcast_net::signing::BadSignature,
+    },
+    /// A version older than (or other than) the newest this site applied of the image:
+    /// a replay or a rollback not made by the engine as a new version.
+    #[error(
+        "{global_id} version {version} refused: this site has applied version {floor} (a rollback is a new version made with `seedcast rollback`)"
+    )]
+    Older {
+        global_id: GlobalId,
+        version: u32,
+        floor: u32,
+    },
     #[error(transparent)]
     Pki(#[from] PkiError),
     #[error(transparent)]
@@ -100,6 +122,7 @@ impl AgentError {
         match self {
             AgentError::Refused { .. }
             | AgentError::Expired { .. }
+            | AgentError::SigningKeyChanged { .. }
             | AgentError::Config(_)
             | AgentError::Service(_)
             | AgentError::Pki(_)

@@ -5,6 +5,7 @@ use quinn::{Connection, RecvStream, SendStream};
 use seedcast_core::ChunkerConfig;
 use seedcast_core::protocol::{AgentMsg, EngineMsg, HelloReply, Role};
 use seedcast_net::dial::hello;
+use seedcast_net::pki::SiteCredentials;
 use seedcast_net::{read_msg, write_msg};
 use tracing::{info, warn};
 
@@ -17,6 +18,8 @@ pub(crate) struct Control<'a> {
     pub conn: &'a Connection,
     pub send: &'a mut SendStream,
     pub slot: &'a Slot,
+    /// The engine's manifest signing key, as pinned.
+    pub signing_key: [u8; 32],
 }
 
 impl Agent {
@@ -24,6 +27,7 @@ impl Agent {
     pub(crate) async fn serve(
         &self,
         conn: &Connection,
+        creds: &SiteCredentials,
         welcomed: &mut bool,
     ) -> Result<(), AgentError> {
         let role = Role::Agent {
@@ -31,7 +35,8 @@ impl Agent {
             adapter: self.adapter.kind().to_string(),
         };
         let (mut send, mut recv, reply) = hello(conn, role).await?;
-        let chunking = self.welcomed(reply)?;
+        let (chunking, presented) = self.welcomed(reply)?;
+        let signing_key = self.pin_signing_key(creds, presented).await?;
         *welcomed = true;
         let db = self.db.clone();
         let inventory = tokio::task::spawn_blocking(move || db.inventory()).await??;
@@ -44,6 +49,7 @@ impl Agent {
             conn,
             send: &mut send,
             slot: &slot,
+            signing_key,
         };
         tokio::select! {
             r = self.control(&mut ctl, &mut recv) => r,
@@ -51,19 +57,51 @@ impl Agent {
         }
     }
 
-    /// The chunking the engine expects, from its welcome; or why it did not welcome us.
-    fn welcomed(&self, reply: HelloReply) -> Result<ChunkerConfig, AgentError> {
+    /// The chunking the engine expects and its signing key, from its welcome; or why it
+    /// did not welcome us.
+    fn welcomed(&self, reply: HelloReply) -> Result<(ChunkerConfig, [u8; 32]), AgentError> {
         match reply {
             HelloReply::Welcome {
                 engine_id,
                 chunking,
+                signing_key,
                 ..
             } => {
                 info!(site = %self.cfg.site, engine = %engine_id, "connected");
-                Ok(chunking)
+                Ok((chunking, signing_key))
             }
             HelloReply::Refused { reason, message } => Err(AgentError::Refused { reason, message }),
             HelloReply::Enrolled { .. } => Err(AgentError::Protocol("unexpected Enrolled")),
+        }
+    }
+
+    /// The signing key to check manifests against: the one pinned at enrollment, which the
+    /// engine must present again; credentials from before manifests were signed pin the
+    /// one presented now (over the CA-pinned connection) and keep it.
+    async fn pin_signing_key(
+        &self,
+        creds: &SiteCredentials,
+        presented: [u8; 32],
+    ) -> Result<[u8; 32], AgentError> {
+        match creds.signing_key {
+            Some(pinned) if pinned == presented => Ok(pinned),
+            Some(pinned) => Err(AgentError::SigningKeyChanged {
+                pinned: hex::encode(pinned),
+                presented: hex::encode(presented),
+            }),
+            None => {
+                let dir = self.cfg.data.clone();
+                tokio::task::spawn_blocking(move || {
+                    if let Some(mut c) = SiteCredentials::load(&dir)? {
+                        c.signing_key = Some(presented);
+                        c.save(&dir)?;
+                    }
+                    Ok::<_, AgentError>(())
+                })
+                .await??;
+                info!(site = %self.cfg.site, key = %hex::encode(&presented[..8]), "pinned the engine's manifest signing key");
+                Ok(presented)
+            }
         }
     }
 
@@ -76,16 +114,21 @@ impl Agent {
         loop {
             match read_msg::<EngineMsg>(recv).await? {
                 None => return Ok(()),
-                Some(EngineMsg::Deploy { transfer, manifest }) => {
-                    self.deploy(ctl, transfer, manifest).await?;
+                Some(EngineMsg::Deploy {
+                    transfer,
+                    manifest,
+                    signature,
+                }) => {
+                    self.deploy(ctl, transfer, manifest, &signature).await?;
                 }
                 Some(EngineMsg::DeployDelta {
                     transfer,
                     base,
                     manifest_id,
                     delta,
+                    signature,
                 }) => match self.rebuild_manifest(base, delta, manifest_id).await {
-                    Ok(manifest) => self.deploy(ctl, transfer, manifest).await?,
+                    Ok(manifest) => self.deploy(ctl, transfer, manifest, &signature).await?,
                     Err(e) => {
                         warn!(transfer, "{e}");
                         let error = e.to_string();

@@ -34,13 +34,30 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
 }
 
 /// Decode exactly one value that fills all of `bytes`.
+///
+/// bincode checks each length prefix against its limit before it allocates; the limit is a
+/// type parameter, so the smallest of four tiers that holds `bytes` is used. A hostile
+/// prefix can then make the decoder allocate at most 16× the bytes it was actually sent
+/// (a 16 KiB hello cannot claim a 64 MiB buffer).
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
-    let (v, used) = bincode::serde::decode_from_slice(bytes, config())
-        .map_err(|e| CodecError::Decode(e.to_string()))?;
+    use bincode::config::standard;
+    let (v, used) = match bytes.len() {
+        n if n <= 16 << 10 => decode_with(bytes, standard().with_limit::<{ 16 << 10 }>()),
+        n if n <= 256 << 10 => decode_with(bytes, standard().with_limit::<{ 256 << 10 }>()),
+        n if n <= 4 << 20 => decode_with(bytes, standard().with_limit::<{ 4 << 20 }>()),
+        _ => decode_with(bytes, config()),
+    }?;
     if used != bytes.len() {
         return Err(CodecError::Trailing(bytes.len() - used));
     }
     Ok(v)
+}
+
+fn decode_with<T: DeserializeOwned>(
+    bytes: &[u8],
+    cfg: impl bincode::config::Config,
+) -> Result<(T, usize), CodecError> {
+    bincode::serde::decode_from_slice(bytes, cfg).map_err(|e| CodecError::Decode(e.to_string()))
 }
 
 /// A persisted record was written by another format version or is damaged.
@@ -104,5 +121,31 @@ mod tests {
             decode_record::<(u32, String)>(1, &long),
             Err(RecordError::Codec(CodecError::Trailing(1)))
         ));
+    }
+
+    #[test]
+    fn a_length_prefix_cannot_claim_far_more_than_was_sent() {
+        // A 10-byte message whose byte vector claims 20 MiB: refused by the limit, before
+        // any buffer of that size is made.
+        let mut m = vec![0xfc];
+        m.extend_from_slice(&(20u32 << 20).to_le_bytes());
+        m.extend_from_slice(&[1, 2, 3, 4, 5]);
+        let limited = |e: CodecError| e.to_string().contains("LimitExceeded");
+        // Strings are read into a buffer of the declared size: the limit refuses it first.
+        assert!(limited(decode::<String>(&m).unwrap_err()));
+        // Sequences are read element by element (serde preallocates at most 1 MiB), so
+        // the claim only runs into the end of the message.
+        let e = decode::<Vec<u8>>(&m).unwrap_err().to_string();
+        assert!(e.contains("UnexpectedEnd"), "{e}");
+        // The same string claim in a message that large is within its tier: only the
+        // missing bytes are wrong.
+        let mut big = m.clone();
+        big.resize(5 << 20, 0);
+        assert!(!limited(decode::<String>(&big).unwrap_err()));
+        // Honest values of every size still decode.
+        for n in [0, 100, (16 << 10) - 8, 300 << 10, 5 << 20] {
+            let v = vec![7u8; n];
+            assert_eq!(decode::<Vec<u8>>(&encode(&v).unwrap()).unwrap(), v);
+        }
     }
 }

@@ -55,8 +55,11 @@ impl Default for Limits {
 impl Limits {
     /// Check `files` against the caps; the error names the cap that was passed.
     pub fn check(&self, files: &[FileEntry]) -> Result<(), ManifestError> {
-        let over =
-            |what: &'static str, size: u64, max: u64| ManifestError::TooLarge { what, size, max };
+        let over = |what: &str, size: u64, max: u64| ManifestError::TooLarge {
+            what: what.to_string(),
+            size,
+            max,
+        };
         if files.len() > self.max_files {
             return Err(over(
                 "files per image",
@@ -67,7 +70,8 @@ impl Limits {
         let (mut total, mut data) = (0u64, 0u64);
         for f in files {
             if f.recipe.len > self.max_file_len {
-                return Err(over("file length", f.recipe.len, self.max_file_len));
+                let what = format!("length of file {:?}", f.path);
+                return Err(over(&what, f.recipe.len, self.max_file_len));
             }
             total = total.saturating_add(f.recipe.len);
             data = data.saturating_add(f.recipe.data_len());
@@ -249,11 +253,7 @@ pub enum ManifestError {
     #[error("invalid image name {0:?}: must be 1 to 255 bytes without control characters")]
     BadImageName(String),
     #[error("{what} of {size} exceeds the cap of {max} (a limit this node is configured with)")]
-    TooLarge {
-        what: &'static str,
-        size: u64,
-        max: u64,
-    },
+    TooLarge { what: String, size: u64, max: u64 },
     #[error("file {0:?}: its hash is not the hash of its recipe")]
     HashMismatch(String),
 }
@@ -712,13 +712,7 @@ mod tests {
         big.files[0].recipe.hash = big.files[0].recipe.content_hash();
         let e = big.validate().unwrap_err();
         assert!(
-            matches!(
-                e,
-                ManifestError::TooLarge {
-                    what: "file length",
-                    ..
-                }
-            ),
+            matches!(&e, ManifestError::TooLarge { what, .. } if what.starts_with("length of file")),
             "{e}"
         );
         assert!(e.to_string().contains("cap"), "{e}");
@@ -734,10 +728,7 @@ mod tests {
         };
         assert!(matches!(
             rep.validate_within(&tight),
-            Err(ManifestError::TooLarge {
-                what: "image data",
-                ..
-            })
+            Err(ManifestError::TooLarge { what, .. }) if what == "image data"
         ));
         // A hash that is not its recipe's.
         let mut forged = m.clone();

@@ -129,12 +129,17 @@ pub enum HelloReply {
         engine_id: String,
         /// Chunking the engine expects pushes to use.
         chunking: ChunkerConfig,
+        /// The engine's manifest signing key (ed25519). An agent checks it against the key
+        /// it pinned at enrollment and refuses to go on if they differ.
+        signing_key: [u8; 32],
     },
     Enrolled {
         cert_der: Vec<u8>,
         ca_der: Vec<u8>,
         /// When the certificate stops being valid (Unix seconds).
         expires_unix: u64,
+        /// The engine's manifest signing key, for the agent to pin.
+        signing_key: [u8; 32],
     },
     Refused {
         reason: RefuseReason,
@@ -207,8 +212,13 @@ pub enum AgentMsg {
 /// Engine → agent, on the control stream.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EngineMsg {
-    /// Make this manifest's version of the image published at the site.
-    Deploy { transfer: u64, manifest: Manifest },
+    /// Make this manifest's version of the image published at the site. `signature`: the
+    /// engine's ed25519 signature over the manifest id (see `seedcast_net::signing`).
+    Deploy {
+        transfer: u64,
+        manifest: Manifest,
+        signature: Vec<u8>,
+    },
     /// As `Deploy`, with the manifest sent as a zstd delta against the encoding of a manifest
     /// the site holds (`base`); the rebuilt manifest must hash to `manifest_id`.
     DeployDelta {
@@ -216,6 +226,7 @@ pub enum EngineMsg {
         base: HeldVersion,
         manifest_id: [u8; 32],
         delta: Vec<u8>,
+        signature: Vec<u8>,
     },
     /// The answer to [`AgentMsg::Renew`]: the site's next certificate. The engine accepts
     /// the old one until the agent connects with this one.
@@ -642,11 +653,13 @@ mod tests {
                     protocol: 1,
                     engine_id: "e".into(),
                     chunking: ChunkerConfig::default(),
+                    signing_key: [0; 32],
                 },
                 HelloReply::Enrolled {
                     cert_der: vec![],
                     ca_der: vec![],
                     expires_unix: 0,
+                    signing_key: [0; 32],
                 },
                 HelloReply::Refused {
                     reason: RefuseReason::BadToken,
@@ -719,12 +732,14 @@ mod tests {
                 EngineMsg::Deploy {
                     transfer: 1,
                     manifest: sample_manifest(),
+                    signature: vec![],
                 },
                 EngineMsg::DeployDelta {
                     transfer: 1,
                     base: held,
                     manifest_id: [0; 32],
                     delta: vec![],
+                    signature: vec![],
                 },
                 EngineMsg::Renewed {
                     cert_der: vec![],
@@ -951,15 +966,22 @@ mod tests {
             },
             manifest_id: [0xbb; 32],
             delta: vec![1, 2],
+            signature: vec![0xcc; 64],
         };
         // 01            EngineMsg::DeployDelta
         // fb 2c 01      transfer 300
         // aa×12 02      base: global id, version 2
         // bb×32         manifest id
         // 02 01 02      delta: length 2, bytes
+        // 40 cc×64      signature: length 64, bytes
         assert_eq!(
             hex(&d),
-            format!("01fb2c01{}02{}020102", "aa".repeat(12), "bb".repeat(32))
+            format!(
+                "01fb2c01{}02{}02010240{}",
+                "aa".repeat(12),
+                "bb".repeat(32),
+                "cc".repeat(64)
+            )
         );
         let r = HelloReply::Refused {
             reason: RefuseReason::Revoked,
@@ -971,10 +993,18 @@ mod tests {
             protocol: 1,
             engine_id: "e".into(),
             chunking: ChunkerConfig::default(),
+            signing_key: [0xdd; 32],
         };
         // 00 Welcome | 01 protocol | 01 65 "e" | chunking: min 16384 (fb 0040), avg 65536
-        // (fc 00000100), max 262144 (fc 00000400), hole_block 4096 (fb 0010), hole_min 32768 (fb 0080)
-        assert_eq!(hex(&w), "00010165fb0040fc00000100fc00000400fb0010fb0080");
+        // (fc 00000100), max 262144 (fc 00000400), hole_block 4096 (fb 0010), hole_min 32768
+        // (fb 0080) | signing key dd×32 (a fixed-size array: no length)
+        assert_eq!(
+            hex(&w),
+            format!(
+                "00010165fb0040fc00000100fc00000400fb0010fb0080{}",
+                "dd".repeat(32)
+            )
+        );
         let e = Response::Error {
             kind: ErrorKind::MissingChunks,
             message: "m".into(),
@@ -1045,5 +1075,192 @@ mod tests {
         // 01             Encoding::Zstd
         // fb 2c 01       payload_len 300 (varint: 0xfb + u16 LE)
         assert_eq!(hex(&h), format!("{}fc0000010001fb2c01", "ab".repeat(32)));
+    }
+}
+
+/// Hostile bytes into every wire decoder: valid encodings of every message, mutated (bytes
+/// flipped, cut short, lengthened, spliced), must decode to an error or to a value — never
+/// panic, and never allocate past the codec's bound (a panic or an abort fails the test).
+#[cfg(test)]
+mod hostile_bytes {
+    use super::*;
+    use crate::codec;
+    use crate::manifest::{Extent, FileFormat, FileRecipe};
+    use proptest::prelude::*;
+
+    fn manifest() -> Manifest {
+        let recipe = FileRecipe {
+            len: 70_000,
+            hash: [0; 32],
+            extents: vec![
+                Extent::Data {
+                    id: ChunkId::of(b"a"),
+                    len: 60_000,
+                },
+                Extent::Hole { len: 10_000 },
+            ],
+        };
+        let recipe = FileRecipe {
+            hash: recipe.content_hash(),
+            ..recipe
+        };
+        Manifest {
+            format: crate::manifest::MANIFEST_FORMAT,
+            global_id: GlobalId([1; 12]),
+            version: 2,
+            parent: Some(1),
+            name: "n".into(),
+            chunking: ChunkerConfig::default(),
+            files: vec![FileEntry {
+                path: "disk.raw".into(),
+                mode: 0o644,
+                recipe,
+                format: FileFormat::Raw,
+            }],
+        }
+    }
+
+    /// One valid encoding of each message type the peers exchange.
+    fn samples() -> Vec<Vec<u8>> {
+        let m = manifest();
+        let held = HeldVersion {
+            global_id: GlobalId([1; 12]),
+            version: 1,
+        };
+        let id = ChunkId::of(b"a");
+        vec![
+            codec::encode(&Hello {
+                protocol: PROTOCOL_VERSION,
+                role: Role::Enroll {
+                    secret: "s".into(),
+                    site: "a".into(),
+                    adapter: "dir".into(),
+                    csr_der: vec![1; 40],
+                },
+            }),
+            codec::encode(&EngineMsg::Deploy {
+                transfer: 7,
+                manifest: m.clone(),
+                signature: vec![5; 64],
+            }),
+            codec::encode(&EngineMsg::DeployDelta {
+                transfer: 7,
+                base: held,
+                manifest_id: [2; 32],
+                delta: vec![9; 30],
+                signature: vec![5; 64],
+            }),
+            codec::encode(&AgentMsg::NeedFrom {
+                transfer: 7,
+                chunks: vec![id; 5],
+                bases_from: vec![held],
+                unavailable: vec![id],
+            }),
+            codec::encode(&AgentMsg::Inventory {
+                images: vec![HeldImage {
+                    global_id: GlobalId([1; 12]),
+                    version: 1,
+                    manifest_id: [3; 32],
+                    local_id: "x".into(),
+                }],
+            }),
+            codec::encode(&DataRecord::Group(GroupHeader {
+                chunks: vec![(id, 100); 3],
+                base: vec![id],
+                payload_len: 300,
+            })),
+            codec::encode(&Request::Commit(CommitRequest {
+                name: "img".into(),
+                files: m.files.clone(),
+                sites: Some(vec!["a".into()]),
+            })),
+            codec::encode(&m),
+        ]
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect()
+    }
+
+    /// Decode `bytes` as everything a peer may send; a decoded manifest is also validated
+    /// and used as a delta base, as the receivers do.
+    fn decode_all(bytes: &[u8]) {
+        let _ = codec::decode::<Hello>(bytes);
+        let _ = codec::decode::<HelloReply>(bytes);
+        let _ = codec::decode::<Request>(bytes);
+        let _ = codec::decode::<Response>(bytes);
+        let _ = codec::decode::<AgentMsg>(bytes);
+        let _ = codec::decode::<DataRecord>(bytes);
+        let _ = codec::decode::<DataStreamHeader>(bytes);
+        let _ = codec::decode::<ChunkHeader>(bytes);
+        if let Ok(EngineMsg::Deploy { manifest, .. }) = codec::decode::<EngineMsg>(bytes) {
+            let _ = manifest.validate();
+            let _ = manifest.id();
+        }
+        if let Ok(m) = codec::decode::<Manifest>(bytes) {
+            let _ = m.validate();
+            let _ = m.first_uses();
+            let _ = Manifest::from_delta(&m, bytes, &[0; 32]);
+        }
+        let _ = Manifest::from_delta(&manifest(), bytes, &[0; 32]);
+        let _ = crate::frame::parse::<AgentMsg>(bytes, MAX_HELLO_SIZE);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Mutation {
+        Flip(usize, u8),
+        Cut(usize),
+        Extend(Vec<u8>),
+        Splice(usize, Vec<u8>),
+    }
+
+    fn mutation() -> impl Strategy<Value = Mutation> {
+        prop_oneof![
+            (any::<usize>(), any::<u8>()).prop_map(|(i, b)| Mutation::Flip(i, b)),
+            any::<usize>().prop_map(Mutation::Cut),
+            proptest::collection::vec(any::<u8>(), 1..16).prop_map(Mutation::Extend),
+            (any::<usize>(), proptest::collection::vec(any::<u8>(), 1..9))
+                .prop_map(|(i, v)| Mutation::Splice(i, v)),
+        ]
+    }
+
+    fn apply(mut b: Vec<u8>, muts: &[Mutation]) -> Vec<u8> {
+        for m in muts {
+            if b.is_empty() {
+                break;
+            }
+            let n = b.len();
+            match m {
+                Mutation::Flip(i, x) => b[i % n] ^= x | 1,
+                Mutation::Cut(i) => b.truncate(i % n),
+                Mutation::Extend(v) => b.extend_from_slice(v),
+                Mutation::Splice(i, v) => {
+                    // Overwrite with bytes that often read as long varints (0xfb-0xfd).
+                    for (k, x) in v.iter().enumerate() {
+                        let j = (i + k) % n;
+                        b[j] = 0xfb + x % 3;
+                    }
+                }
+            }
+        }
+        b
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #[test]
+        fn mutated_messages_are_errors_or_values_never_panics(
+            which in 0usize..8,
+            muts in proptest::collection::vec(mutation(), 1..6),
+        ) {
+            let b = apply(samples()[which].clone(), &muts);
+            decode_all(&b);
+        }
+
+        #[test]
+        fn random_bytes_are_errors_or_values_never_panics(
+            b in proptest::collection::vec(any::<u8>(), 0..2048),
+        ) {
+            decode_all(&b);
+        }
     }
 }

@@ -976,4 +976,157 @@ mod tests {
         assert!(plan_groups(&[], &chunks, &cfg).is_empty());
         let _ = ChunkerConfig::default();
     }
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Reply(AgentMsgKind, bool),
+        Bases(bool),
+        Sent,
+        Poll,
+    }
+
+    #[derive(Debug, Clone)]
+    enum AgentMsgKind {
+        /// Chunks by index into the manifest's (wrapping), some foreign, some repeated.
+        NeedFrom(Vec<u16>, u8, Vec<u32>),
+        Need(Vec<u16>),
+        Published(usize),
+        Failed(usize),
+        Inventory,
+        Renew,
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        let ids = || proptest::collection::vec(any::<u16>(), 0..200);
+        let kind = prop_oneof![
+            4 => (ids(), any::<u8>(), proptest::collection::vec(any::<u32>(), 0..4))
+                .prop_map(|(c, f, b)| AgentMsgKind::NeedFrom(c, f, b)),
+            1 => ids().prop_map(AgentMsgKind::Need),
+            2 => (0usize..3000).prop_map(AgentMsgKind::Published),
+            1 => (0usize..10_000).prop_map(AgentMsgKind::Failed),
+            1 => Just(AgentMsgKind::Inventory),
+            1 => Just(AgentMsgKind::Renew),
+        ];
+        prop_oneof![
+            4 => (kind, any::<bool>()).prop_map(|(k, t)| Step::Reply(k, t)),
+            1 => any::<bool>().prop_map(Step::Bases),
+            1 => Just(Step::Sent),
+            3 => Just(Step::Poll),
+        ]
+    }
+
+    fn message(k: &AgentMsgKind, transfer: u64, known: &[ChunkId]) -> AgentMsg {
+        let pick = |v: &[u16]| -> Vec<ChunkId> {
+            v.iter()
+                .map(|i| match i % 5 {
+                    // One in five is a chunk the manifest does not name.
+                    0 => ChunkId::of(&i.to_le_bytes()),
+                    _ => known[*i as usize % known.len()],
+                })
+                .collect()
+        };
+        match k {
+            AgentMsgKind::NeedFrom(c, foreign, bases) => AgentMsg::NeedFrom {
+                transfer,
+                chunks: pick(c),
+                bases_from: bases
+                    .iter()
+                    .map(|v| HeldVersion {
+                        global_id: if foreign % 2 == 0 {
+                            G
+                        } else {
+                            GlobalId([9; 12])
+                        },
+                        version: *v % 4,
+                    })
+                    .collect(),
+                unavailable: pick(&c[..c.len().min(3)]),
+            },
+            AgentMsgKind::Need(c) => AgentMsg::Need {
+                transfer,
+                chunks: pick(c),
+            },
+            AgentMsgKind::Published(n) => AgentMsg::Published {
+                transfer,
+                local_id: "x".repeat(*n),
+                bytes_received: 0,
+            },
+            AgentMsgKind::Failed(n) => AgentMsg::Failed {
+                transfer,
+                error: "é".repeat(*n),
+            },
+            AgentMsgKind::Inventory => AgentMsg::Inventory { images: vec![] },
+            AgentMsgKind::Renew => AgentMsg::Renew { csr_der: vec![] },
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(500))]
+        /// Random agents against the sender: any order, duplicates, other transfers, chunks
+        /// the manifest does not name, oversized strings. The sender never panics, stops at
+        /// the first violation, never plans more work than the manifest has distinct chunks
+        /// (however often they are asked for), keeps error text bounded, and plans nothing
+        /// after the end.
+        #[test]
+        fn random_agents_never_make_the_sender_panic_or_overwork(
+            steps in proptest::collection::vec(step(), 1..40),
+            held_version in proptest::option::of(1u32..4),
+        ) {
+            let mut held = Held::new();
+            if let Some(v) = held_version {
+                held.insert(G, (v, [v as u8; 32]));
+            }
+            let (m, mut s) = fresh(3, &held);
+            let known = ids(&m);
+            let distinct = m.first_uses().len();
+            let mut planned = 0usize;
+            let mut done = false;
+            for st in steps {
+                match st {
+                    Step::Reply(k, ours) => {
+                        let t = if ours { 7 } else { 8 };
+                        if s.handle_reply(message(&k, t, &known), stored).is_err() {
+                            break;
+                        }
+                    }
+                    Step::Bases(usable) => s.handle_bases(usable),
+                    Step::Sent => s.handle_sent(),
+                    Step::Poll => {}
+                }
+                for a in drain(&mut s) {
+                    match a {
+                        Action::Send { work, .. } => {
+                            proptest::prop_assert!(!done, "work planned after the end");
+                            planned += work
+                                .iter()
+                                .map(|w| match w {
+                                    Work::Stored(v) => v.len(),
+                                    Work::Group(v) => v.len(),
+                                })
+                                .sum::<usize>();
+                        }
+                        Action::Needed { chunks, .. } => {
+                            proptest::prop_assert!(chunks <= distinct)
+                        }
+                        Action::IndexBases { bases_from, .. } => {
+                            for b in bases_from {
+                                proptest::prop_assert!(
+                                    held.get(&b.global_id).is_some_and(|(v, _)| *v == b.version),
+                                    "a base the site does not hold: {b:?}"
+                                );
+                            }
+                        }
+                        Action::Done(Outcome::Failed { error }) => {
+                            proptest::prop_assert!(error.len() <= crate::protocol::MAX_ERROR_TEXT + 4);
+                            done = true;
+                        }
+                        Action::Done(_) => done = true,
+                        Action::Deploy { .. } => {}
+                    }
+                }
+                proptest::prop_assert!(planned <= distinct, "{planned} > {distinct}");
+            }
+        }
+    }
 }

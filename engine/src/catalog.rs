@@ -695,4 +695,28 @@ mod tests {
         let e = Catalog::open(&p).unwrap_err().to_string();
         assert!(e.contains("format 7"), "{e}");
     }
+
+    proptest::proptest! {
+        /// A damaged record on disk is an error naming it, never a panic.
+        #[test]
+        fn any_bytes_as_any_record_never_panic(
+            b in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+        ) {
+            let _ = ChunkRecord::decode(&b);
+            let _ = ManifestRecord::decode(&b);
+            let _ = ImageRecord::decode(&b);
+            let _ = SiteRecord::decode(&b);
+            let _ = EnrollmentRecord::decode(&b);
+            let _ = PlacementRecord::decode(&b);
+            let _ = VersionNote::decode(&b);
+            // The same bytes behind each format byte these records have had.
+            for format in [1u8, 2] {
+                let mut r = vec![format];
+                r.extend_from_slice(&b);
+                let _ = ManifestRecord::decode(&r);
+                let _ = SiteRecord::decode(&r);
+                let _ = PlacementRecord::decode(&r);
+            }
+        }
+    }
 }

@@ -71,6 +71,7 @@ pub(crate) fn welcome(shared: &Shared) -> HelloReply {
         protocol: PROTOCOL_VERSION,
         engine_id: shared.id.clone(),
         chunking: shared.cfg.chunking,
+        signing_key: shared.signer.public_key(),
     }
 }
 

@@ -46,6 +46,7 @@ use std::sync::atomic::AtomicU64;
 
 use seedcast_core::source::ChunkStore;
 use seedcast_net::pki::{EnginePki, Token};
+use seedcast_net::signing::ManifestSigner;
 use tokio::sync::watch;
 
 pub use config::EngineConfig;
@@ -67,6 +68,7 @@ impl Engine {
         cfg.chunking.validate()?;
         std::fs::create_dir_all(&cfg.data)?;
         let pki = EnginePki::load_or_create(&cfg.data, cfg.open_enrollment)?;
+        let signer = ManifestSigner::load_or_create(&cfg.data.join("signing.key"))?;
         let catalog = Arc::new(Catalog::open(&cfg.data.join("catalog"))?);
         let store = Arc::new(PackStore::open(&cfg.data.join("packs"), catalog.clone())?);
         let id = catalog.engine_id()?;
@@ -78,6 +80,7 @@ impl Engine {
                 catalog,
                 store,
                 pki,
+                signer,
                 agents: Mutex::new(HashMap::new()),
                 changes,
                 live: Default::default(),

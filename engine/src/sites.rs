@@ -161,6 +161,7 @@ fn admit(shared: &Shared, e: &Enrollment<'_>) -> Result<HelloReply, Refusal> {
         cert_der: cert.to_vec(),
         ca_der: shared.pki.ca_der().to_vec(),
         expires_unix: expires,
+        signing_key: shared.signer.public_key(),
     })
 }
 

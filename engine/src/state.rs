@@ -31,6 +31,8 @@ pub(crate) struct Shared {
     pub catalog: Arc<Catalog>,
     pub store: Arc<PackStore>,
     pub pki: EnginePki,
+    /// Signs every manifest sent to a site (`DATA/signing.key`, apart from the TLS keys).
+    pub signer: seedcast_net::signing::ManifestSigner,
     pub agents: Mutex<HashMap<String, AgentHandle>>,
     /// Bumped on every placement change; watchers wait on it.
     pub changes: watch::Sender<u64>,

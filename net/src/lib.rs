@@ -3,6 +3,8 @@
 //!
 //! - [`pki`]: the engine's CA, its server certificate, per-site certificates, and the site /
 //!   join / admin tokens that carry the CA fingerprint (kubeadm / k3s style).
+//! - [`signing`]: the engine's manifest signing key (ed25519, apart from TLS) and the
+//!   agents' check.
 //! - [`tls`]: rustls configurations (TLS 1.3 only, ALPN `seedcast/3`, CA pinning).
 //! - [`endpoint`]: quinn endpoints and the transport tuning they share.
 //! - [`dial`]: dialling the engine and the hello exchange (clients and agents alike).
@@ -12,6 +14,7 @@ pub mod dial;
 pub mod endpoint;
 pub mod framed;
 pub mod pki;
+pub mod signing;
 pub mod tls;
 
 pub use framed::{

@@ -451,6 +451,10 @@ pub struct SiteCredentials {
     /// the next connection.
     pub issued_unix: u64,
     pub expires_unix: u64,
+    /// The engine's manifest signing key, pinned at enrollment (or, for credentials saved
+    /// before manifests were signed, at the first connection after): every manifest must
+    /// verify against it.
+    pub signing_key: Option<[u8; 32]>,
 }
 
 impl fmt::Debug for SiteCredentials {
@@ -490,6 +494,7 @@ impl PendingEnrollment {
         cert_der: Vec<u8>,
         ca_der: Vec<u8>,
         expires_unix: u64,
+        signing_key: Option<[u8; 32]>,
     ) -> SiteCredentials {
         SiteCredentials {
             site: site.to_string(),
@@ -498,6 +503,7 @@ impl PendingEnrollment {
             ca: CertificateDer::from(ca_der),
             issued_unix: unix_now(),
             expires_unix,
+            signing_key,
         }
     }
 }
@@ -511,6 +517,8 @@ struct CredentialsFile {
     ca_hex: String,
     issued_unix: u64,
     expires_unix: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    signing_key_hex: Option<String>,
 }
 
 impl SiteCredentials {
@@ -546,6 +554,15 @@ impl SiteCredentials {
                 ca: CertificateDer::from(der(&f.ca_hex)?),
                 issued_unix: f.issued_unix,
                 expires_unix: f.expires_unix,
+                signing_key: match f.signing_key_hex {
+                    Some(h) => Some(
+                        hex::decode(h)
+                            .ok()
+                            .and_then(|k| k.try_into().ok())
+                            .ok_or_else(corrupt)?,
+                    ),
+                    None => None,
+                },
             }));
         }
         let [key_p, crt_p, ca_p, name_p] = Self::legacy_paths(dir);
@@ -563,6 +580,7 @@ impl SiteCredentials {
             ca: CertificateDer::from(read(&ca_p)?),
             issued_unix: 0,
             expires_unix: 0,
+            signing_key: None,
         }))
     }
 
@@ -577,6 +595,7 @@ impl SiteCredentials {
             ca_hex: hex::encode(&self.ca),
             issued_unix: self.issued_unix,
             expires_unix: self.expires_unix,
+            signing_key_hex: self.signing_key.map(hex::encode),
         };
         let bytes = serde_json::to_vec_pretty(&f).expect("plain data");
         write_private(&Self::file(dir), &bytes, 0o600)?;
@@ -672,13 +691,15 @@ mod tests {
         let day = std::time::Duration::from_secs(86_400);
         let (cert, expires) = b.issue_site_cert("site-a", &pending.csr_der, day).unwrap();
         assert!(expires.abs_diff(unix_now() + 86_400) < 5, "{expires}");
-        let creds = pending.complete("site-a", cert.to_vec(), b.ca_der().to_vec(), expires);
+        let key = Some([5; 32]);
+        let creds = pending.complete("site-a", cert.to_vec(), b.ca_der().to_vec(), expires, key);
         let agent_dir = tempfile::tempdir().unwrap();
         creds.save(agent_dir.path()).unwrap();
         let back = SiteCredentials::load(agent_dir.path()).unwrap().unwrap();
         assert_eq!(back.site, "site-a");
         assert_eq!(back.ca_fingerprint(), a.fingerprint());
         assert_eq!(back.expires_unix, expires);
+        assert_eq!(back.signing_key, key);
         assert!(!back.expired(unix_now()) && back.expired(expires));
         assert!(!back.renew_due(unix_now()) && back.renew_due(expires - 86_400 / 3));
         assert!(b.issue_site_cert("Bad Name", &[1, 2, 3], day).is_err());

@@ -61,6 +61,18 @@ pub fn client_config(
     identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
     transport: &TransportOptions,
 ) -> Result<quinn::ClientConfig, TlsError> {
+    let cfg = client_crypto(ca_fingerprint, identity)?;
+    let mut cc = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(cfg)?));
+    cc.transport_config(transport.to_config());
+    Ok(cc)
+}
+
+/// The rustls half of [`client_config`] (for tests that change one setting, e.g. ask for
+/// 0-RTT the engine must refuse).
+pub fn client_crypto(
+    ca_fingerprint: [u8; 32],
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<rustls::ClientConfig, TlsError> {
     let p = provider();
     let builder = rustls::ClientConfig::builder_with_provider(p.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -75,9 +87,7 @@ pub fn client_config(
     };
     cfg.alpn_protocols = vec![ALPN.to_vec()];
     cfg.enable_early_data = false;
-    let mut cc = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(cfg)?));
-    cc.transport_config(transport.to_config());
-    Ok(cc)
+    Ok(cfg)
 }
 
 /// Accepts the engine's certificate only if the chain carries the CA with the pinned

@@ -1,6 +1,8 @@
 //! Shared helpers for the integration tests: images, pushes, and checks of what sites hold.
 #![allow(dead_code)]
 
+pub mod impostor;
+
 use std::os::unix::fs::MetadataExt;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
