@@ -213,4 +213,44 @@ mod tests {
         assert!(sa.0.iter().all(|x| !c.0.contains(x)));
         assert_eq!(sketch(&a[..100]), None);
     }
+
+    #[test]
+    fn output_is_bounded_by_the_declared_length_whatever_the_frame_claims() {
+        use std::io::Write;
+        // A streamed frame (no content size) declaring a 1 GiB window. Decoding is one-shot
+        // into an output buffer of the declared length, so no window is ever allocated:
+        // the frame decodes to its 8 KiB, and told 4 KiB it is refused, never grown.
+        let mut enc = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
+        enc.set_parameter(zstd::zstd_safe::CParameter::WindowLog(30))
+            .unwrap();
+        // Flushing before the end makes the encoder write the header before it knows the
+        // size, so the header keeps the window it was told.
+        enc.write_all(&noise(3, 4096)).unwrap();
+        enc.flush().unwrap();
+        enc.write_all(&noise(4, 4096)).unwrap();
+        let frame = enc.finish().unwrap();
+        let header = zstd::zstd_safe::get_frame_content_size(&frame);
+        assert!(matches!(header, Ok(None)), "{header:?}");
+        assert_eq!(decode(&[], &frame, 8192).unwrap().len(), 8192);
+        assert!(decode(&[], &frame, 4096).is_err());
+        assert!(
+            decode_bounded(&[], &frame, 1 << 20).is_err(),
+            "no content size"
+        );
+        // A frame decoding to more than declared.
+        let big = encode(&[], &vec![0u8; 1 << 20], 3).unwrap();
+        assert!(matches!(
+            decode(&[], &big, 1000),
+            Err(DeltaError::Zstd(_) | DeltaError::Length { .. })
+        ));
+        assert!(decode_group(&[], &big, &[500, 500]).is_err());
+        // The same for one stored chunk: the declared length bounds the output.
+        let c = crate::chunk::UnverifiedChunk(crate::chunk::CompressedChunk {
+            id: crate::id::ChunkId::of(&[0u8; 1000]),
+            raw_len: 1000,
+            encoding: crate::chunk::Encoding::Zstd,
+            payload: bytes::Bytes::from(big),
+        });
+        assert!(c.verify(1 << 20).is_err());
+    }
 }

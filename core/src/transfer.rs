@@ -194,6 +194,7 @@ mod tests {
     use crate::chunker::{ChunkerConfig, chunk_all};
     use crate::id::GlobalId;
     use crate::manifest::{FileEntry, MANIFEST_FORMAT, RecipeBuilder};
+    use crate::protocol::GroupHeader;
 
     fn manifest(data: &[u8]) -> Manifest {
         let mut b = RecipeBuilder::new();
@@ -258,5 +259,73 @@ mod tests {
         assert!(t.is_complete());
         // Anything more is unexpected.
         assert!(t.admit(&header(held, chunks[&held])).is_err());
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+        /// A random engine against the agent's side: records for chunks asked for or not,
+        /// twice, with wrong lengths, oversized, as groups with repeats; completions and
+        /// rejections in any order. Never a panic; a chunk is admitted only while missing
+        /// and not in flight; received bytes count each chunk once.
+        #[test]
+        fn random_records_never_panic_or_double_count(
+            ops in proptest::collection::vec(
+                (0u8..5, proptest::collection::vec(0usize..64, 1..5), proptest::prelude::any::<u32>()),
+                1..80,
+            ),
+        ) {
+            let data: Vec<u8> = (0..600_000u32).map(|i| (i * 31 % 251) as u8).collect();
+            let m = manifest(&data);
+            let lens: HashMap<ChunkId, u32> = m.files[0]
+                .recipe
+                .chunks_at()
+                .map(|(_, id, len)| (id, len))
+                .collect();
+            let ids: Vec<ChunkId> = lens.keys().copied().collect();
+            let mut t = Transfer::new(1, m, &crate::manifest::Limits::default(), |_| false).unwrap();
+            let pick = |i: usize| -> ChunkId {
+                // Indexes past the manifest's chunks are chunks it does not name.
+                ids.get(i).copied().unwrap_or_else(|| ChunkId::of(&i.to_le_bytes()))
+            };
+            let mut completed = std::collections::HashSet::new();
+            let mut expected = 0u64;
+            for (op, which, x) in ops {
+                let id = pick(which[0]);
+                let len = lens.get(&id).copied().unwrap_or(100);
+                match op {
+                    0 => {
+                        let wrong = if x % 3 == 0 { x } else { len };
+                        let mut h = header(id, wrong);
+                        h.payload_len = if x % 7 == 0 { x } else { wrong };
+                        let _ = t.admit(&h);
+                    }
+                    1 => {
+                        let g = GroupHeader {
+                            chunks: which.iter().map(|i| {
+                                let id = pick(*i);
+                                (id, lens.get(&id).copied().unwrap_or(x))
+                            }).collect(),
+                            base: vec![],
+                            payload_len: x % (32 << 20),
+                        };
+                        let _ = t.admit_group(&g);
+                    }
+                    2 => {
+                        let was_in_flight = t.in_flight.contains(&id);
+                        let was_missing = t.missing.contains_key(&id);
+                        t.complete_chunk(&id, 10);
+                        if was_in_flight && was_missing && completed.insert(id) {
+                            expected += 10;
+                        }
+                    }
+                    3 => t.reject(&id),
+                    _ => {
+                        let _ = t.is_complete();
+                    }
+                }
+                proptest::prop_assert_eq!(t.bytes_received(), expected);
+                proptest::prop_assert!(t.missing_count() + completed.len() == lens.len());
+            }
+        }
     }
 }
