@@ -148,6 +148,14 @@ impl ReadBack {
     }
 }
 
+/// A next version published beside the old one ([`Adapter::publish_next`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Next {
+    pub local_id: String,
+    /// The old version's local id, to retire once the new one is recorded.
+    pub retire: Option<String>,
+}
+
 /// A site's local image service.
 ///
 /// `publish` must be atomic as the service sees it: the image is either fully there under
@@ -179,24 +187,51 @@ pub trait Adapter: Send + Sync + fmt::Debug {
     /// Make `image` available in the service; returns its local id.
     fn publish(&self, image: AssembledImage) -> BoxFuture<'_, Result<String, AdapterError>>;
 
-    /// Replace the image known as `local_id` with `image` (a newer or older version of the
-    /// same global id). The old image stays until the new one is in place. Returns the new
-    /// local id (the same one where the service updates in place). By default a new image
-    /// is published and the old one deleted.
+    /// Publish `image` as the next version of the image known as `local_id`, leaving the
+    /// old one in place. Returns the new local id and the old one to retire once the new
+    /// one is recorded (`None` when the service updated in place or the new version still
+    /// needs the old, as a qcow2 overlay does). Splitting the two lets the agent record the
+    /// new version *before* the old one goes: a crash in between leaves an extra image,
+    /// never a record of a deleted one.
+    fn publish_next<'a>(
+        &'a self,
+        local_id: &'a str,
+        image: AssembledImage,
+    ) -> BoxFuture<'a, Result<Next, AdapterError>> {
+        Box::pin(async move {
+            let new_id = self.publish(image).await?;
+            let retire = (new_id != local_id).then(|| local_id.to_string());
+            Ok(Next {
+                local_id: new_id,
+                retire,
+            })
+        })
+    }
+
+    /// Remove an image the site no longer needs; one already gone is fine, a failure is
+    /// logged (the image is only extra).
+    fn retire<'a>(&'a self, local_id: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            match self.delete(local_id).await {
+                Ok(()) | Err(AdapterError::NotFound(_)) => {}
+                Err(e) => tracing::warn!(local_id, "old version not removed: {e}"),
+            }
+        })
+    }
+
+    /// [`Adapter::publish_next`] then [`Adapter::retire`]: replace the image known as
+    /// `local_id` with `image` (for callers with nothing to record in between).
     fn update<'a>(
         &'a self,
         local_id: &'a str,
         image: AssembledImage,
     ) -> BoxFuture<'a, Result<String, AdapterError>> {
         Box::pin(async move {
-            let new_id = self.publish(image).await?;
-            if new_id != local_id {
-                match self.delete(local_id).await {
-                    Ok(()) | Err(AdapterError::NotFound(_)) => {}
-                    Err(e) => tracing::warn!(local_id, "old version not removed: {e}"),
-                }
+            let next = self.publish_next(local_id, image).await?;
+            if let Some(old) = &next.retire {
+                self.retire(old).await;
             }
-            Ok(new_id)
+            Ok(next.local_id)
         })
     }
 

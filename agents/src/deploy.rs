@@ -233,9 +233,15 @@ impl Agent {
             Ok::<_, AgentError>(assemble(&db, &m2, staging)?)
         })
         .await??;
-        let local_id = match &held {
-            Some(h) => self.adapter.update(&h.local_id, image).await?,
-            None => self.adapter.publish(image).await?,
+        // The new version is published beside the old, recorded (synced), and only then is
+        // the old one retired: a crash at any point leaves the record naming an image that
+        // exists.
+        let (local_id, retire) = match &held {
+            Some(h) => {
+                let next = self.adapter.publish_next(&h.local_id, image).await?;
+                (next.local_id, next.retire)
+            }
+            None => (self.adapter.publish(image).await?, None),
         };
         let rec = HeldRecord {
             version: manifest.version,
@@ -245,6 +251,9 @@ impl Agent {
         };
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || db.put_held(&g, &rec, &manifest)).await??;
+        if let Some(old) = retire {
+            self.adapter.retire(&old).await;
+        }
         info!(global_id = %g, %local_id, "published");
         Ok(local_id)
     }
@@ -392,5 +401,92 @@ mod tests {
         for id in v1_ids.iter().filter(|id| **id != third) {
             assert!(db.has_chunk(id).unwrap(), "{id:?} cached from the seed");
         }
+    }
+
+    /// A dir pool that notes, each time an image is deleted, which version the agent's
+    /// database records for the image at that moment.
+    #[derive(Debug)]
+    struct Spy {
+        inner: DirAdapter,
+        db: std::sync::OnceLock<Arc<AgentDb>>,
+        deletes: parking_lot::Mutex<Vec<(String, Option<u32>)>>,
+    }
+
+    impl Adapter for Spy {
+        fn kind(&self) -> &'static str {
+            "dir"
+        }
+        fn keeps_copies(&self) -> bool {
+            true
+        }
+        fn exists<'a>(
+            &'a self,
+            local_id: &'a str,
+        ) -> futures::future::BoxFuture<'a, Result<bool, crate::AdapterError>> {
+            self.inner.exists(local_id)
+        }
+        fn staging_root(&self) -> &std::path::Path {
+            self.inner.staging_root()
+        }
+        fn publish(
+            &self,
+            image: crate::AssembledImage,
+        ) -> futures::future::BoxFuture<'_, Result<String, crate::AdapterError>> {
+            self.inner.publish(image)
+        }
+        fn read_back<'a>(
+            &'a self,
+            local_id: &'a str,
+            file: &'a str,
+        ) -> futures::future::BoxFuture<'a, Result<crate::ReadBack, crate::AdapterError>> {
+            self.inner.read_back(local_id, file)
+        }
+        fn delete<'a>(
+            &'a self,
+            local_id: &'a str,
+        ) -> futures::future::BoxFuture<'a, Result<(), crate::AdapterError>> {
+            let recorded = self
+                .db
+                .get()
+                .and_then(|db| db.held(&GlobalId([5; 12])).ok().flatten())
+                .map(|h| h.version);
+            self.deletes.lock().push((local_id.to_string(), recorded));
+            self.inner.delete(local_id)
+        }
+    }
+
+    #[tokio::test]
+    async fn the_new_version_is_recorded_before_the_old_one_is_deleted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let spy = Arc::new(Spy {
+            inner: DirAdapter::new(tmp.path().join("pool")).unwrap(),
+            db: Default::default(),
+            deletes: Default::default(),
+        });
+        let cfg = crate::AgentConfig::new(tmp.path().join("agent"), "127.0.0.1:9", "s", None);
+        let agent = Agent::open(cfg, spy.clone()).unwrap();
+        spy.db.set(agent.db.clone()).unwrap();
+        let v1 = noise("order", 1 << 20);
+        let (m1, c1) = manifest(1, &v1);
+        agent.db.put_chunks(&c1).unwrap();
+        let id1 = agent
+            .publish(1, m1.clone(), m1.id().unwrap(), None)
+            .await
+            .unwrap();
+        let mut v2 = v1.clone();
+        v2[5000..5100].fill(1);
+        let (mut m2, c2) = manifest(2, &v2);
+        m2.parent = Some(1);
+        agent.db.put_chunks(&c2).unwrap();
+        let held = agent.db.held(&m2.global_id).unwrap();
+        let id2 = agent
+            .publish(2, m2.clone(), m2.id().unwrap(), held)
+            .await
+            .unwrap();
+        assert_ne!(id1, id2);
+        // The old image went only once version 2 was on record.
+        assert_eq!(*spy.deletes.lock(), [(id1.clone(), Some(2))]);
+        assert!(!spy.inner.exists(&id1).await.unwrap());
+        assert!(spy.inner.exists(&id2).await.unwrap());
     }
 }

@@ -157,6 +157,9 @@ pub enum ReceiveError {
     Delta(#[from] DeltaError),
     #[error("base chunk {0} is not available at this site")]
     BaseUnavailable(ChunkId),
+    /// The engine gave up on the transfer (its store could not provide a chunk).
+    #[error("the engine aborted the transfer: {0}")]
+    Aborted(String),
     #[error("delta group bases exceed {max} bytes")]
     BasesTooLarge { max: usize },
     #[error(transparent)]

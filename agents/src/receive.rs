@@ -13,7 +13,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use quinn::{Connection, RecvStream, VarInt};
 use seedcast_core::delta::decode_group;
-use seedcast_core::protocol::{DataRecord, DataStreamHeader, GroupHeader, close};
+use seedcast_core::protocol::{DataRecord, DataStreamHeader, GroupHeader, MAX_ERROR_TEXT, close};
 use seedcast_core::transfer::Transfer;
 use seedcast_core::{ChunkId, CompressedChunk, UnverifiedChunk, VerifiedChunk};
 use seedcast_net::{read_msg, read_msg_required, read_payload};
@@ -113,6 +113,7 @@ fn payload_len(record: &DataRecord) -> u32 {
     match record {
         DataRecord::Chunk(h) => h.payload_len,
         DataRecord::Group(g) => g.payload_len,
+        DataRecord::Abort { .. } => 0,
     }
 }
 
@@ -121,6 +122,7 @@ fn record_chunks(record: &DataRecord) -> Vec<ChunkId> {
     match record {
         DataRecord::Chunk(h) => vec![h.id],
         DataRecord::Group(g) => g.chunks.iter().map(|(id, _)| *id).collect(),
+        DataRecord::Abort { .. } => vec![],
     }
 }
 
@@ -141,12 +143,25 @@ async fn data_stream(
                 return Err(e.into());
             }
         };
+        if let DataRecord::Abort { mut reason } = record {
+            if reason.len() > MAX_ERROR_TEXT {
+                let mut cut = MAX_ERROR_TEXT;
+                while !reason.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                reason.truncate(cut);
+            }
+            slot.fail(transfer, ReceiveError::Aborted(reason));
+            return Ok(());
+        }
         // Check the header against what was asked for before reading the payload.
         let admitted = slot
             .with(transfer, |a| {
                 match &record {
                     DataRecord::Chunk(h) => a.transfer.admit(h),
                     DataRecord::Group(g) => a.transfer.admit_group(g),
+                    // Handled above; nothing to admit.
+                    DataRecord::Abort { .. } => Ok(()),
                 }
                 .map(|()| a.seeds.clone())
             })
@@ -232,6 +247,7 @@ fn accept(
             let verified = decode_verified(db, seeds, g, &payload)?;
             db.put_chunks(&verified)?;
         }
+        DataRecord::Abort { .. } => {}
     }
     Ok(())
 }

@@ -249,6 +249,12 @@ pub struct DataStreamHeader {
 pub enum DataRecord {
     Chunk(ChunkHeader),
     Group(GroupHeader),
+    /// The engine cannot finish this transfer (a chunk it must send is damaged or missing
+    /// in its store): the agent ends the deployment with `Failed`, giving this reason, and
+    /// the session goes on. No payload follows.
+    Abort {
+        reason: String,
+    },
 }
 
 /// Several chunks compressed together as one zstd frame, with base chunks as its prefix.
@@ -770,10 +776,14 @@ mod tests {
                     base: vec![],
                     payload_len: 0,
                 }),
+                DataRecord::Abort {
+                    reason: String::new(),
+                },
             ],
             |v| match v {
                 DataRecord::Chunk(_) => 0,
                 DataRecord::Group(_) => 1,
+                DataRecord::Abort { .. } => 2,
             },
         );
         check(

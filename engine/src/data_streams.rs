@@ -38,6 +38,31 @@ pub enum StreamError {
     Engine(#[from] EngineError),
 }
 
+impl StreamError {
+    /// The engine's own store could not provide what it had to send (a chunk damaged or
+    /// missing): that transfer cannot finish, but the connection is fine.
+    pub fn store_fault(&self) -> bool {
+        matches!(
+            self,
+            StreamError::Source(_)
+                | StreamError::Engine(EngineError::Source(_) | EngineError::Store(_))
+        )
+    }
+}
+
+/// Tell the agent that `transfer` cannot finish, and why, on a stream of its own.
+pub(crate) async fn abort(
+    conn: &Connection,
+    transfer: u64,
+    reason: String,
+) -> Result<(), StreamError> {
+    let mut s = conn.open_uni().await?;
+    write_msg(&mut s, &DataStreamHeader { transfer }).await?;
+    write_msg(&mut s, &DataRecord::Abort { reason }).await?;
+    s.finish()?;
+    Ok(())
+}
+
 impl From<tokio::task::JoinError> for StreamError {
     fn from(e: tokio::task::JoinError) -> Self {
         StreamError::Engine(e.into())

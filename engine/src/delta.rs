@@ -56,7 +56,9 @@ pub(crate) struct BaseIndex {
 
 impl BaseIndex {
     /// Index every available chunk of `held` (the manifests of the versions the site can
-    /// serve bases from), except `unavailable`.
+    /// serve bases from), except `unavailable`. A base the engine cannot read (damaged or
+    /// missing in its store) is left out, not fatal: chunks that would have used it are
+    /// sent against other bases or whole.
     pub fn build(
         source: &dyn ChunkSource,
         held: &[Manifest],
@@ -69,7 +71,13 @@ impl BaseIndex {
                     if unavailable.contains(&id) || ix.lens.contains_key(&id) {
                         continue;
                     }
-                    let raw = read_raw(source, &id)?;
+                    let raw = match read_raw(source, &id) {
+                        Ok(raw) => raw,
+                        Err(e) => {
+                            tracing::warn!("delta base {id} left out: {e}");
+                            continue;
+                        }
+                    };
                     ix.lens.insert(id, len);
                     if let Some(s) = sketch(&raw) {
                         for sf in s.0 {
@@ -300,7 +308,11 @@ fn encode(
         if base_ids.len() >= MAX_BASE_CHUNKS || base.len() + len > MAX_BASE_BYTES {
             break;
         }
-        base.extend_from_slice(&read_raw(source, &id)?);
+        // Read when indexed; damaged since: leave it out of this group.
+        let Ok(raw) = read_raw(source, &id) else {
+            continue;
+        };
+        base.extend_from_slice(&raw);
         base_ids.push(id);
     }
     let parts: Vec<&[u8]> = raws.iter().map(|r| &r[..]).collect();
@@ -427,7 +439,7 @@ mod tests {
     }
 
     #[test]
-    fn a_damaged_base_chunk_is_reported_not_used() {
+    fn a_damaged_base_chunk_is_left_out_not_used_and_not_fatal() {
         let store = MemChunks::new();
         let base = stored_manifest(&store, &noise(5, 300_000));
         let (_, id, len) = chunks(&base)[0];
@@ -437,10 +449,12 @@ mod tests {
             encoding: seedcast_core::Encoding::Raw,
             payload: Bytes::from(vec![0u8; len as usize]),
         });
-        let e = BaseIndex::build(&store, std::slice::from_ref(&base), &HashSet::new()).unwrap_err();
-        assert!(
-            matches!(e, SourceError::Damaged { id: d, .. } if d == id),
-            "{e}"
-        );
+        assert!(matches!(
+            store.read_verified(&id),
+            Err(SourceError::Damaged { id: d, .. }) if d == id
+        ));
+        let ix = BaseIndex::build(&store, std::slice::from_ref(&base), &HashSet::new()).unwrap();
+        assert!(!ix.lens.contains_key(&id), "a damaged base was indexed");
+        assert_eq!(ix.lens.len(), chunks(&base).len() - 1);
     }
 }

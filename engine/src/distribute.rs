@@ -322,6 +322,14 @@ async fn drive(
             m = link.rx.recv() => Event::Reply(m),
         };
         match event {
+            Event::Sent(Err(e)) if e.store_fault() => {
+                // This placement fails (the agent answers `Failed` with the reason);
+                // the session and the site's other placements go on.
+                streams = None;
+                let reason = format!("engine store: {e}");
+                warn!(site = link.site, global_id = %mrec.manifest.global_id, "{reason}");
+                data_streams::abort(link.conn, sender.transfer(), reason).await?;
+            }
             Event::Sent(r) => {
                 r?;
                 streams = None;

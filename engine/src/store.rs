@@ -86,6 +86,12 @@ fn open_pack(path: &Path, create: bool) -> Result<(Arc<File>, u64), StoreError> 
     if len == 0 && create {
         file.write_all_at(PACK_MAGIC, 0).map_err(io_err(path))?;
         file.sync_all().map_err(io_err(path))?;
+        // The new pack's directory entry is durable before any index record points into it.
+        if let Some(dir) = path.parent() {
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err(dir))?;
+        }
         len = PACK_MAGIC.len() as u64;
     }
     let mut magic = [0u8; 8];

@@ -17,7 +17,7 @@
 use std::fmt;
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -241,19 +241,31 @@ fn ca_params() -> CertificateParams {
     p
 }
 
-/// Write a file atomically (temp + rename) with the given mode.
+/// Write a file atomically with the given mode: a temporary file of a unique name (created
+/// exclusively, with `mode` from the start, so a key is never readable by others even for a
+/// moment, and two files written at once never share a temporary), synced, renamed over
+/// `path`, and the directory synced so the rename survives a crash.
 pub fn write_private(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError> {
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io_err(&tmp))?;
-    f.write_all(bytes).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
-    fs::rename(&tmp, path).map_err(io_err(path))
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{}.", name.as_deref().unwrap_or("file")))
+        .suffix(".tmp")
+        .permissions(fs::Permissions::from_mode(mode))
+        .tempfile_in(dir)
+        .map_err(io_err(dir))?;
+    tmp.write_all(bytes).map_err(io_err(tmp.path()))?;
+    tmp.as_file().sync_all().map_err(io_err(tmp.path()))?;
+    tmp.persist(path).map_err(|e| PkiError::Io {
+        path: path.to_path_buf(),
+        source: e.error,
+    })?;
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, PkiError> {
@@ -707,6 +719,39 @@ mod tests {
         let t = b.new_site_token();
         assert_eq!(t.kind, TokenKind::Site);
         assert_eq!(t.to_string().parse::<Token>().unwrap(), t);
+    }
+
+    #[test]
+    fn private_files_are_written_whole_with_their_mode_and_no_shared_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        // Files written at once in one directory (as ca.key and ca.der are) each land
+        // whole, with their own mode, and leave no temporary behind.
+        std::thread::scope(|s| {
+            for i in 0..8u8 {
+                let p = dir.path().join(format!("f{i}.key"));
+                s.spawn(move || write_private(&p, &[i; 5000], 0o600 | ((i as u32 & 1) * 0o044)));
+            }
+        });
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names.len(), 8, "{names:?}");
+        for i in 0..8u8 {
+            let p = dir.path().join(format!("f{i}.key"));
+            assert_eq!(std::fs::read(&p).unwrap(), vec![i; 5000]);
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600 | ((i as u32 & 1) * 0o044), "f{i}");
+        }
+        // The engine's CA key is private from its first start.
+        let e = tempfile::tempdir().unwrap();
+        EnginePki::load_or_create(e.path(), false).unwrap();
+        let key = e.path().join("tls").join("ca.key");
+        assert_eq!(
+            std::fs::metadata(key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
 
     #[test]

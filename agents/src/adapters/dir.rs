@@ -92,6 +92,8 @@ impl Adapter for DirAdapter {
                 sidecar.files.insert(f.name.clone(), stored);
             }
             sidecar.write(image.dir())?;
+            // The sidecar's and renamed disks' entries are durable before the image is.
+            sync_dir(image.dir())?;
             let dest = self.image_dir(&local_id);
             let src = image.into_dir();
             fs::rename(&src, &dest).map_err(AdapterError::io("publish", &dest))?;

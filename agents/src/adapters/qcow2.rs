@@ -25,7 +25,7 @@ use seedcast_core::manifest::FileFormat;
 use seedcast_qemu::{Compression, Export, Extent, Format};
 use serde::Deserialize;
 
-use crate::adapter::{Adapter, AdapterError, AssembledFile, AssembledImage, ReadBack};
+use crate::adapter::{Adapter, AdapterError, AssembledFile, AssembledImage, Next, ReadBack};
 use crate::adapters::local::{self, Sidecar, Stored, sync_dir};
 
 /// Clusters compared and written when building an overlay (qcow2's default size).
@@ -344,11 +344,11 @@ impl Adapter for Qcow2Adapter {
         Box::pin(async move { self.build(image, None).await })
     }
 
-    fn update<'a>(
+    fn publish_next<'a>(
         &'a self,
         local_id: &'a str,
         image: AssembledImage,
-    ) -> BoxFuture<'a, Result<String, AdapterError>> {
+    ) -> BoxFuture<'a, Result<Next, AdapterError>> {
         Box::pin(async move {
             let old = self
                 .dir_of(local_id)
@@ -364,16 +364,18 @@ impl Adapter for Qcow2Adapter {
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default();
                 // The previous version stays: the new one backs on it.
-                return self.build(image, Some((v, sidecar))).await;
+                let local_id = self.build(image, Some((v, sidecar))).await?;
+                return Ok(Next {
+                    local_id,
+                    retire: None,
+                });
             }
             let new_id = self.build(image, None).await?;
-            if new_id != local_id {
-                match self.delete(local_id).await {
-                    Ok(()) | Err(AdapterError::NotFound(_)) => {}
-                    Err(e) => tracing::warn!(local_id, "old version not removed: {e}"),
-                }
-            }
-            Ok(new_id)
+            let retire = (new_id != local_id).then(|| local_id.to_string());
+            Ok(Next {
+                local_id: new_id,
+                retire,
+            })
         })
     }
 
