@@ -560,3 +560,104 @@ fn an_image_over_a_configured_cap_is_refused_naming_it() -> Result<()> {
     );
     Ok(())
 }
+
+/// Bytes in the engine's pack files.
+fn pack_bytes(engine_data: &Path) -> u64 {
+    std::fs::read_dir(engine_data.join("packs"))
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_push_cut_by_an_engine_kill_resumes_without_uploading_twice() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let addr = format!("127.0.0.1:{}", free_port()?);
+    let engine_data = d.join("engine");
+    let engine_args = [
+        "engine",
+        "--data",
+        engine_data.to_str().unwrap(),
+        "--listen",
+        &addr,
+    ];
+    let mut engine = spawn(&engine_args)?;
+    let admin_path = engine_data.join("admin.token");
+    wait_for_file(&admin_path)?;
+    let env = [
+        ("SEEDCAST_ENGINE", addr.as_str()),
+        ("SEEDCAST_TOKEN", admin_path.to_str().unwrap()),
+    ];
+    // 96 MiB that zstd cannot shrink: the packs grow as fast as the upload goes.
+    let total: u64 = 96 << 20;
+    let img = d.join("disk.raw");
+    {
+        use std::io::Write;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&img)?);
+        let mut x = blake3::Hasher::new().update(b"interrupted").finalize_xof();
+        let mut buf = vec![0u8; 1 << 20];
+        for _ in 0..(total >> 20) {
+            x.fill(&mut buf);
+            f.write_all(&buf)?;
+        }
+    }
+    let mut push = Command::new(BIN);
+    push.args(["push", "--name", "cut", img.to_str().unwrap(), "--json"]);
+    for (k, v) in env {
+        push.env(k, v);
+    }
+    let mut first = Proc(push.stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?);
+    // SIGKILL the engine once about half the image is stored.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while pack_bytes(&engine_data) < total / 2 {
+        ensure!(Instant::now() < deadline, "upload did not progress");
+        ensure!(
+            first.0.try_wait()?.is_none(),
+            "the push ended before the kill"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    engine.0.kill()?;
+    engine.0.wait()?;
+    let stored_at_kill = pack_bytes(&engine_data);
+    let status = first.0.wait()?;
+    ensure!(!status.success(), "the push survived its engine");
+
+    // The engine comes back on the same data; the same push uploads only the rest.
+    let _engine = spawn(&engine_args)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let out = loop {
+        let out = run(
+            &["push", "--name", "cut", img.to_str().unwrap(), "--json"],
+            &env,
+        )?;
+        if out.status.success() || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let v = json(&out)?;
+    let uploaded = v["bytes_uploaded"].as_u64().context("bytes_uploaded")?;
+    let again = uploaded as f64 / total as f64;
+    println!(
+        "engine killed at {:.0} % stored; the second push uploaded {:.1} % of the image",
+        100.0 * stored_at_kill as f64 / total as f64,
+        100.0 * again
+    );
+    // What was stored (and indexed) before the kill is not uploaded again; a batch in
+    // flight at the kill may be (8 MiB at most).
+    ensure!(
+        uploaded <= (total - stored_at_kill.min(total)) + (10 << 20),
+        "uploaded {uploaded} after {stored_at_kill} were stored"
+    );
+    ensure!(
+        again < 0.65,
+        "the second push uploaded {:.0} %",
+        100.0 * again
+    );
+    Ok(())
+}

@@ -267,6 +267,27 @@ fn believable(shared: &Shared, site: &str, images: Vec<HeldImage>) -> Vec<HeldIm
 /// the engine restarted between the agent publishing and the engine recording it) is
 /// recorded as published there without sending anything.
 fn reconcile_inventory(shared: &Shared, site: &str, images: &[HeldImage]) {
+    // What the catalog says is published here but the site no longer holds (its disk was
+    // wiped, its database restored from an older copy) is deployed again.
+    if let Ok(placements) = shared.catalog.placements_at(site) {
+        for (g, mut p) in placements {
+            if p.state != PlacementState::Published {
+                continue;
+            }
+            let held = images.iter().find(|h| h.global_id == g);
+            if held.is_some_and(|h| Some(h.version) == p.published_version) {
+                continue;
+            }
+            info!(site, global_id = %g, "the site no longer holds its image; deploying it again");
+            p.state = PlacementState::Pending;
+            p.published_version = held.map(|h| h.version);
+            p.local_id = held.map(|h| h.local_id.clone());
+            p.error = None;
+            if let Err(e) = shared.catalog.put_placement(&g, site, &p) {
+                warn!(site, "recording a lost image: {e}");
+            }
+        }
+    }
     for held in images {
         let Ok(Some(mut p)) = shared.catalog.placement(&held.global_id, site) else {
             continue;
