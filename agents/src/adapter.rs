@@ -242,6 +242,14 @@ pub trait Adapter: Send + Sync + fmt::Debug {
         file: &'a str,
     ) -> BoxFuture<'a, Result<ReadBack, AdapterError>>;
 
+    /// The local ids of every image in the service that this adapter published, where the
+    /// service can say so cheaply and unambiguously (a pool of its own); `None` otherwise.
+    /// At start the agent retires those it has no record of: what a crash between
+    /// publishing a version and recording it left behind.
+    fn list(&self) -> BoxFuture<'_, Result<Option<Vec<String>>, AdapterError>> {
+        Box::pin(async { Ok(None) })
+    }
+
     /// Remove a published image.
     fn delete<'a>(&'a self, local_id: &'a str) -> BoxFuture<'a, Result<(), AdapterError>>;
 }

@@ -109,6 +109,7 @@ impl Agent {
             _ = &mut shutdown => return Ok(()),
             r = self.adapter.check() => r.map_err(AgentError::Service)?,
         }
+        self.sweep_unrecorded().await;
         let mut backoff = MIN_BACKOFF;
         loop {
             // Read each time: a renewal during the last session saved new ones.

@@ -109,6 +109,41 @@ impl Agent {
         .await?
     }
 
+    /// Retire images the service holds that this site has no record of (a crash between
+    /// publishing a version and recording it). Only adapters that can list their own
+    /// images take part; failures are logged, never fatal.
+    pub(crate) async fn sweep_unrecorded(&self) {
+        let listed = match self.adapter.list().await {
+            Ok(Some(ids)) => ids,
+            Ok(None) => return,
+            Err(e) => {
+                warn!("cannot list the site's images to sweep unrecorded ones: {e}");
+                return;
+            }
+        };
+        let db = self.db.clone();
+        let recorded = match tokio::task::spawn_blocking(move || db.inventory()).await {
+            Ok(Ok(inv)) => inv,
+            Ok(Err(e)) => return warn!("sweep: {e}"),
+            Err(e) => return warn!("sweep: {e}"),
+        };
+        if recorded.is_empty() && !listed.is_empty() {
+            // No record at all beside a pool with images: a lost database more likely than
+            // a crash. Leave them for the operator.
+            warn!(
+                images = listed.len(),
+                "the site's pool holds images this agent has no record of; leaving them"
+            );
+            return;
+        }
+        for id in listed {
+            if !recorded.iter().any(|h| h.local_id == id) {
+                info!(local_id = %id, "removing an image this site has no record of (left by an interrupted update)");
+                self.adapter.retire(&id).await;
+            }
+        }
+    }
+
     /// May this manifest be applied here? Signed by the engine's pinned key, and not older
     /// than the newest version of the image this site applied (nor that version with other
     /// content): forged images, replays and unsigned rollbacks stop here, before any chunk
@@ -488,5 +523,33 @@ mod tests {
         assert_eq!(*spy.deletes.lock(), [(id1.clone(), Some(2))]);
         assert!(!spy.inner.exists(&id1).await.unwrap());
         assert!(spy.inner.exists(&id2).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn an_image_published_but_never_recorded_is_swept_at_start() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Arc::new(DirAdapter::new(tmp.path().join("pool")).unwrap());
+        let cfg = crate::AgentConfig::new(tmp.path().join("agent"), "127.0.0.1:9", "s", None);
+        let agent = Agent::open(cfg, dir.clone()).unwrap();
+        let (m1, c1) = manifest(1, &noise("sweep", 1 << 20));
+        agent.db.put_chunks(&c1).unwrap();
+        let kept = agent
+            .publish(1, m1.clone(), m1.id().unwrap(), None)
+            .await
+            .unwrap();
+        // Version 2 reached the pool, then the agent died before recording it.
+        let (mut m2, c2) = manifest(2, &noise("sweep 2", 1 << 20));
+        m2.parent = Some(1);
+        agent.db.put_chunks(&c2).unwrap();
+        let img = crate::assemble::assemble(&agent.db, &m2, dir.staging_root().join("t")).unwrap();
+        let orphan = dir.publish(img).await.unwrap();
+        let mut listed = dir.list().await.unwrap().unwrap();
+        listed.sort();
+        let mut both = vec![kept.clone(), orphan.clone()];
+        both.sort();
+        assert_eq!(listed, both);
+        agent.sweep_unrecorded().await;
+        assert_eq!(dir.list().await.unwrap().unwrap(), [kept.clone()]);
+        assert!(dir.exists(&kept).await.unwrap() && !dir.exists(&orphan).await.unwrap());
     }
 }

@@ -102,6 +102,22 @@ impl Adapter for DirAdapter {
         })
     }
 
+    fn list(&self) -> BoxFuture<'_, Result<Option<Vec<String>>, AdapterError>> {
+        Box::pin(async move {
+            let mut ids = Vec::new();
+            let entries = fs::read_dir(&self.pool).map_err(AdapterError::io("list", &self.pool))?;
+            for e in entries {
+                let e = e.map_err(AdapterError::io("list", &self.pool))?;
+                let name = e.file_name().to_string_lossy().into_owned();
+                // Only what this adapter makes: a UUID-named directory with a sidecar.
+                if check_local_id(&name).is_ok() && e.path().join(local::SIDECAR).is_file() {
+                    ids.push(name);
+                }
+            }
+            Ok(Some(ids))
+        })
+    }
+
     fn read_back<'a>(
         &'a self,
         local_id: &'a str,
