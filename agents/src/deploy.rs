@@ -549,7 +549,10 @@ mod tests {
         both.sort();
         assert_eq!(listed, both);
         agent.sweep_unrecorded().await;
-        assert_eq!(dir.list().await.unwrap().unwrap(), [kept.clone()]);
+        assert_eq!(
+            dir.list().await.unwrap().unwrap(),
+            std::slice::from_ref(&kept)
+        );
         assert!(dir.exists(&kept).await.unwrap() && !dir.exists(&orphan).await.unwrap());
     }
 }
