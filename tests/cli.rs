@@ -661,3 +661,178 @@ fn a_push_cut_by_an_engine_kill_resumes_without_uploading_twice() -> Result<()> 
     );
     Ok(())
 }
+
+/// What an observer of a dir pool may see: image directories, each exactly one version.
+/// Returns the number of distinct images seen; fails on anything else (a partial image).
+fn observe_pool(
+    pool: &Path,
+    versions: &[blake3::Hash],
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<usize> {
+    let mut verified = std::collections::HashSet::new();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let Ok(entries) = std::fs::read_dir(pool) else {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || verified.contains(&name) {
+                continue;
+            }
+            let dir = e.path();
+            // Published directories are complete and immutable: check each once.
+            let sidecar = std::fs::read(dir.join(".seedcast.json"));
+            let disk = seedcast::cluster::file_hash(&dir.join("disk.raw"));
+            match (sidecar, disk) {
+                (Ok(_), Ok(h)) if versions.contains(&h) => {
+                    verified.insert(name);
+                }
+                // Removed while we looked (an old version retired): fine.
+                _ if !dir.exists() => {}
+                (s, d) => bail!(
+                    "a third state in the pool: {name}: sidecar {:?}, disk {:?}",
+                    s.map(|_| ()),
+                    d.map(|h| h.to_hex().to_string())
+                ),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(verified.len())
+}
+
+#[test]
+fn agent_killed_mid_update_shows_only_old_or_new_and_converges() -> Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let addr = format!("127.0.0.1:{}", free_port()?);
+    let engine_data = d.join("engine");
+    let _engine = spawn(&[
+        "engine",
+        "--data",
+        engine_data.to_str().unwrap(),
+        "--listen",
+        &addr,
+    ])?;
+    let admin_path = engine_data.join("admin.token");
+    wait_for_file(&admin_path)?;
+    let env = [
+        ("SEEDCAST_ENGINE", addr.as_str()),
+        ("SEEDCAST_TOKEN", admin_path.to_str().unwrap()),
+    ];
+    let token = d.join("site.token");
+    std::fs::write(&token, site_token(&env, "kill")?)?;
+    let pool = d.join("pool");
+    let agent_args = [
+        "agent",
+        "--data",
+        d.join("agent").to_str().unwrap(),
+        "--engine",
+        &addr,
+        "--site",
+        "kill",
+        "--token",
+        token.to_str().unwrap(),
+        "--adapter",
+        "dir",
+        "--pool",
+        pool.to_str().unwrap(),
+    ]
+    .map(String::from);
+    let agent = || -> Result<Proc> {
+        Ok(Proc(
+            Command::new(BIN)
+                .args(&agent_args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?,
+        ))
+    };
+
+    // Version 1: 48 MiB, half random; version 2 rewrites 12 MiB of it.
+    std::fs::create_dir_all(d.join("v1"))?;
+    let v1 = d.join("v1").join("disk.raw");
+    let mut bytes = vec![0u8; 48 << 20];
+    blake3::Hasher::new()
+        .update(b"kill v1")
+        .finalize_xof()
+        .fill(&mut bytes[..24 << 20]);
+    std::fs::write(&v1, &bytes)?;
+    blake3::Hasher::new()
+        .update(b"kill v2")
+        .finalize_xof()
+        .fill(&mut bytes[20 << 20..32 << 20]);
+    let v2 = d.join("v2.raw");
+    std::fs::write(&v2, &bytes)?;
+    let hashes = [blake3::hash(&std::fs::read(&v1)?), blake3::hash(&bytes)];
+    drop(bytes);
+
+    let first = agent()?;
+    let out = run(
+        &[
+            "push",
+            "--name",
+            "kill",
+            v1.to_str().unwrap(),
+            "--wait",
+            "--json",
+        ],
+        &env,
+    )?;
+    let gid = json(&out)?["global_id"]
+        .as_str()
+        .context("global_id")?
+        .to_string();
+    drop(first);
+
+    // An observer polls the pool for the whole update.
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| -> Result<()> {
+        let watcher = s.spawn(|| observe_pool(&pool, &hashes, &stop));
+        let file = format!("disk.raw={}", v2.display());
+        let out = run(&["adapt", &gid, "--file", &file, "--json"], &env)?;
+        ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // The agent is killed (SIGKILL) at pseudo-random moments of the deployment.
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..6 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let p = agent()?;
+            std::thread::sleep(Duration::from_millis(150 + x % 900));
+            drop(p);
+        }
+        let _last = agent()?;
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let st = json(&run(&["status", &gid, "--json"], &env)?)?;
+            let p = &st["sites"][0];
+            if p["version"] == 2 && p["state"] == "published" {
+                break;
+            }
+            ensure!(Instant::now() < deadline, "not converged: {st}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::Relaxed);
+        let seen = watcher.join().expect("observer")?;
+        ensure!(seen >= 2, "the observer saw {seen} images");
+        Ok(())
+    })?;
+    // Exactly version 2 is left, and nothing half-made.
+    let left: Vec<_> = std::fs::read_dir(&pool)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    ensure!(left.len() == 1, "{left:?}");
+    let disk = pool.join(&left[0]).join("disk.raw");
+    ensure!(seedcast::cluster::file_hash(&disk)? == hashes[1]);
+    Ok(())
+}

@@ -35,16 +35,18 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
 
 /// Decode exactly one value that fills all of `bytes`.
 ///
-/// bincode checks each length prefix against its limit before it allocates; the limit is a
-/// type parameter, so the smallest of four tiers that holds `bytes` is used. A hostile
-/// prefix can then make the decoder allocate at most 16× the bytes it was actually sent
-/// (a 16 KiB hello cannot claim a 64 MiB buffer).
+/// bincode checks each length prefix against its limit before it allocates, counting a
+/// container as its length times the in-memory size of its element (which exceeds the
+/// encoded size: a `u32` of 1 byte is 4 in memory, an empty `String` 1 byte and 24). The
+/// limit is a type parameter, so it is picked from tiers at 16× the message's size: a
+/// hostile prefix makes the decoder allocate at most 16× what it was sent (a 16 KiB hello
+/// cannot claim a 64 MiB buffer), while honest messages keep ample room.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     use bincode::config::standard;
     let (v, used) = match bytes.len() {
-        n if n <= 16 << 10 => decode_with(bytes, standard().with_limit::<{ 16 << 10 }>()),
-        n if n <= 256 << 10 => decode_with(bytes, standard().with_limit::<{ 256 << 10 }>()),
-        n if n <= 4 << 20 => decode_with(bytes, standard().with_limit::<{ 4 << 20 }>()),
+        n if n <= 16 << 10 => decode_with(bytes, standard().with_limit::<{ 256 << 10 }>()),
+        n if n <= 256 << 10 => decode_with(bytes, standard().with_limit::<{ 4 << 20 }>()),
+        n if n <= 1 << 20 => decode_with(bytes, standard().with_limit::<{ 16 << 20 }>()),
         _ => decode_with(bytes, config()),
     }?;
     if used != bytes.len() {
@@ -142,7 +144,31 @@ mod tests {
         let mut big = m.clone();
         big.resize(5 << 20, 0);
         assert!(!limited(decode::<String>(&big).unwrap_err()));
-        // Honest values of every size still decode.
+        // Honest values of every size still decode, including those whose in-memory size
+        // is well above their encoding (small integers, short strings, near each tier).
+        for n in [
+            100usize,
+            4000,
+            10_000,
+            16 << 10,
+            60 << 10,
+            200_000,
+            256 << 10,
+            1 << 20,
+        ] {
+            let ints = vec![7u32; n];
+            assert_eq!(decode::<Vec<u32>>(&encode(&ints).unwrap()).unwrap(), ints);
+            let ids = vec![([3u8; 32], 5u32); n / 33];
+            assert_eq!(
+                decode::<Vec<([u8; 32], u32)>>(&encode(&ids).unwrap()).unwrap(),
+                ids
+            );
+            let names = vec!["disk.raw".to_string(); n / 9];
+            assert_eq!(
+                decode::<Vec<String>>(&encode(&names).unwrap()).unwrap(),
+                names
+            );
+        }
         for n in [0, 100, (16 << 10) - 8, 300 << 10, 5 << 20] {
             let v = vec![7u8; n];
             assert_eq!(decode::<Vec<u8>>(&encode(&v).unwrap()).unwrap(), v);
