@@ -836,3 +836,117 @@ fn agent_killed_mid_update_shows_only_old_or_new_and_converges() -> Result<()> {
     ensure!(seedcast::cluster::file_hash(&disk)? == hashes[1]);
     Ok(())
 }
+
+#[test]
+fn engine_killed_ten_times_while_seeding_three_sites_converges() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let addr = format!("127.0.0.1:{}", free_port()?);
+    let engine_data = d.join("engine");
+    let engine_args = [
+        "engine",
+        "--data",
+        engine_data.to_str().unwrap(),
+        "--listen",
+        &addr,
+    ];
+    let mut engine = spawn(&engine_args)?;
+    let admin_path = engine_data.join("admin.token");
+    wait_for_file(&admin_path)?;
+    let env = [
+        ("SEEDCAST_ENGINE", addr.as_str()),
+        ("SEEDCAST_TOKEN", admin_path.to_str().unwrap()),
+    ];
+    let sites = ["k1", "k2", "k3"];
+    let mut agents = Vec::new();
+    for site in sites {
+        let token = d.join(format!("{site}.token"));
+        std::fs::write(&token, site_token(&env, site)?)?;
+        agents.push(Proc(
+            Command::new(BIN)
+                .args(["agent", "--data", d.join(site).to_str().unwrap()])
+                .args(["--engine", &addr, "--site", site])
+                .args(["--token", token.to_str().unwrap(), "--adapter", "dir"])
+                .args(["--pool", d.join(format!("pool-{site}")).to_str().unwrap()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?,
+        ));
+    }
+    // 256 MiB: runs of random data between holes (128 MiB of data).
+    std::fs::create_dir_all(d.join("img"))?;
+    let img = d.join("img").join("disk.raw");
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::File::create(&img)?;
+        f.set_len(256 << 20)?;
+        let mut x = blake3::Hasher::new().update(b"seed").finalize_xof();
+        let mut buf = vec![0u8; 4 << 20];
+        for i in 0..32u64 {
+            x.fill(&mut buf);
+            f.seek(SeekFrom::Start(i * (8 << 20)))?;
+            f.write_all(&buf)?;
+        }
+    }
+    let want = seedcast::cluster::file_hash(&img)?;
+    // Acknowledged: the push returns once the version is committed.
+    let out = run(
+        &["push", "--name", "crash", img.to_str().unwrap(), "--json"],
+        &env,
+    )?;
+    let gid = json(&out)?["global_id"]
+        .as_str()
+        .context("global_id")?
+        .to_string();
+
+    // SIGKILL the engine ten times at pseudo-random moments, restarting it each time.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for _ in 0..10 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        std::thread::sleep(Duration::from_millis(200 + x % 1500));
+        engine.0.kill()?;
+        engine.0.wait()?;
+        engine = spawn(&engine_args)?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let st = loop {
+        let out = run(&["status", &gid, "--json"], &env)?;
+        if out.status.success() {
+            let st = json(&out)?;
+            let done = st["sites"]
+                .as_array()
+                .is_some_and(|a| a.len() == 3 && a.iter().all(|p| p["state"] == "published"));
+            if done {
+                break st;
+            }
+            ensure!(Instant::now() < deadline, "not converged: {st}");
+        } else {
+            ensure!(Instant::now() < deadline, "engine not answering");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // Every site holds the image byte-identical.
+    for p in st["sites"].as_array().context("sites")? {
+        let site = p["site"].as_str().context("site")?;
+        let local = p["local_id"].as_str().context("local_id")?;
+        let disk = d.join(format!("pool-{site}")).join(local).join("disk.raw");
+        ensure!(
+            seedcast::cluster::file_hash(&disk)? == want,
+            "{site} differs"
+        );
+    }
+    println!(
+        "engine SIGKILLed 10 times while seeding 3 sites: converged; sent after the last restart: {}",
+        st["sites"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| format!("{} {} B", p["site"], p["bytes_sent"]))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    drop(agents);
+    Ok(())
+}
