@@ -574,6 +574,17 @@ fn pack_bytes(engine_data: &Path) -> u64 {
 
 #[test]
 fn a_push_cut_by_an_engine_kill_resumes_without_uploading_twice() -> Result<()> {
+    push_cut_then_resumed(true)
+}
+
+#[test]
+fn a_push_cut_by_a_client_kill_resumes_without_uploading_twice() -> Result<()> {
+    push_cut_then_resumed(false)
+}
+
+/// Push 96 MiB, SIGKILL the engine (`kill_engine`) or the pushing client once half is
+/// stored, then push again: only what was not stored is uploaded.
+fn push_cut_then_resumed(kill_engine: bool) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let d = dir.path();
     let addr = format!("127.0.0.1:{}", free_port()?);
@@ -611,7 +622,7 @@ fn a_push_cut_by_an_engine_kill_resumes_without_uploading_twice() -> Result<()> 
         push.env(k, v);
     }
     let mut first = Proc(push.stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?);
-    // SIGKILL the engine once about half the image is stored.
+    // SIGKILL the engine or the client once about half the image is stored.
     let deadline = Instant::now() + Duration::from_secs(120);
     while pack_bytes(&engine_data) < total / 2 {
         ensure!(Instant::now() < deadline, "upload did not progress");
@@ -621,14 +632,17 @@ fn a_push_cut_by_an_engine_kill_resumes_without_uploading_twice() -> Result<()> 
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    engine.0.kill()?;
-    engine.0.wait()?;
+    let who = if kill_engine { &mut engine } else { &mut first };
+    who.0.kill()?;
+    who.0.wait()?;
     let stored_at_kill = pack_bytes(&engine_data);
-    let status = first.0.wait()?;
-    ensure!(!status.success(), "the push survived its engine");
-
-    // The engine comes back on the same data; the same push uploads only the rest.
-    let _engine = spawn(&engine_args)?;
+    if kill_engine {
+        let status = first.0.wait()?;
+        ensure!(!status.success(), "the push survived its engine");
+        // The engine comes back on the same data.
+        engine = spawn(&engine_args)?;
+    }
+    // The same push again uploads only the rest.
     let deadline = Instant::now() + Duration::from_secs(30);
     let out = loop {
         let out = run(
@@ -643,8 +657,10 @@ fn a_push_cut_by_an_engine_kill_resumes_without_uploading_twice() -> Result<()> 
     let v = json(&out)?;
     let uploaded = v["bytes_uploaded"].as_u64().context("bytes_uploaded")?;
     let again = uploaded as f64 / total as f64;
+    drop(engine);
     println!(
-        "engine killed at {:.0} % stored; the second push uploaded {:.1} % of the image",
+        "{} killed at {:.0} % stored; the second push uploaded {:.1} % of the image",
+        if kill_engine { "engine" } else { "client" },
         100.0 * stored_at_kill as f64 / total as f64,
         100.0 * again
     );
