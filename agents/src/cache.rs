@@ -91,7 +91,12 @@ fn floor_key(g: &GlobalId) -> Vec<u8> {
 
 pub struct AgentDb {
     db: Db,
+    /// Chunk payload bytes received from the engine over this database's life (what a
+    /// site's link carried, re-sends included), kept with the chunks they brought.
+    received: parking_lot::Mutex<u64>,
 }
+
+const RECEIVED_KEY: &[u8] = b"received_bytes";
 
 impl std::fmt::Debug for AgentDb {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -101,9 +106,39 @@ impl std::fmt::Debug for AgentDb {
 
 impl AgentDb {
     pub fn open(path: &Path) -> Result<Self, CacheError> {
+        let db = Db::open(path, &SPEC)?;
+        let received = db
+            .get_raw(CF_META, RECEIVED_KEY)?
+            .and_then(|v| <[u8; 8]>::try_from(&v[..]).ok())
+            .map_or(0, u64::from_le_bytes);
         Ok(AgentDb {
-            db: Db::open(path, &SPEC)?,
+            db,
+            received: parking_lot::Mutex::new(received),
         })
+    }
+
+    /// Cache chunks that arrived from the engine in `payload_len` bytes, counting them
+    /// in the same write (no WAL: a crash loses both together).
+    pub fn put_received(
+        &self,
+        chunks: &[VerifiedChunk],
+        payload_len: u64,
+    ) -> Result<(), CacheError> {
+        let mut total = self.received.lock();
+        let mut batch = Batch::default();
+        for c in chunks {
+            batch.put_cf(self.db.cf(CF_CHUNKS), c.id().as_bytes(), c.raw());
+        }
+        let next = *total + payload_len;
+        batch.put_cf(self.db.cf(CF_META), RECEIVED_KEY, next.to_le_bytes());
+        self.db.write(batch, Durability::NoWal)?;
+        *total = next;
+        Ok(())
+    }
+
+    /// Chunk payload bytes received from the engine over this database's life.
+    pub fn received_bytes(&self) -> u64 {
+        *self.received.lock()
     }
 
     pub fn has_chunk(&self, id: &ChunkId) -> Result<bool, CacheError> {
@@ -124,8 +159,9 @@ impl AgentDb {
         self.db.write(batch, Durability::NoWal)
     }
 
-    /// Make cached chunks durable (end of a transfer).
+    /// Make cached chunks (and the count of bytes received) durable (end of a transfer).
     pub fn flush_chunks(&self) -> Result<(), CacheError> {
+        self.db.flush(CF_META)?;
         self.db.flush(CF_CHUNKS)
     }
 

@@ -241,11 +241,11 @@ fn accept(
                 payload,
             })
             .verify(max_raw)?;
-            db.put_chunks(std::slice::from_ref(&v))?;
+            db.put_received(std::slice::from_ref(&v), h.payload_len as u64)?;
         }
         DataRecord::Group(g) => {
             let verified = decode_verified(db, seeds, g, &payload)?;
-            db.put_chunks(&verified)?;
+            db.put_received(&verified, g.payload_len as u64)?;
         }
         DataRecord::Abort { .. } => {}
     }
