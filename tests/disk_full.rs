@@ -1,0 +1,118 @@
+//! A site's pool on a filesystem that fills up (a 6 MiB tmpfs the test mounts): the
+//! deployment fails with the system's reason, no partial image is ever visible, the
+//! catalog stays sound, and once space is freed the site completes by itself.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Result, ensure};
+use common::{assert_copies, with_cluster};
+use seedcast::client::PushOptions;
+use seedcast_agents::adapters::{AdapterConfig, DirOptions};
+use seedcast_core::protocol::PlacementState;
+
+/// A tmpfs of `size` mounted at a path, unmounted when dropped.
+struct SmallFs(PathBuf);
+
+impl SmallFs {
+    fn mount(at: &Path, size: &str) -> Result<SmallFs> {
+        std::fs::create_dir_all(at)?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "mount tmpfs (the test needs root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(SmallFs(at.to_path_buf()))
+    }
+
+    fn grow(&self, size: &str) -> Result<()> {
+        let out = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Image directories in the pool (what a user of the pool sees).
+fn images(pool: &Path) -> Result<Vec<String>> {
+    Ok(std::fs::read_dir(pool)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_pool_fails_cleanly_and_completes_once_space_is_freed() -> Result<()> {
+    with_cluster(&[], async |cluster| {
+        let pool = cluster.root.join("small");
+        let fs = SmallFs::mount(&pool, "6m")?;
+        let dir = AdapterConfig::Dir(DirOptions { pool: pool.clone() });
+        cluster.add_agent_with("tight", &dir).await?;
+
+        // 12 MiB that does not compress or sparsify: twice what the pool holds.
+        let img = cluster.root.join("img");
+        std::fs::create_dir_all(&img)?;
+        let mut bytes = vec![0u8; 12 << 20];
+        blake3::Hasher::new()
+            .update(b"full")
+            .finalize_xof()
+            .fill(&mut bytes);
+        let disk = img.join("disk.raw");
+        std::fs::write(&disk, &bytes)?;
+        let client = cluster.client().await?;
+        let pushed = client
+            .push(&PushOptions::new("full", vec![disk.clone()]), |_| {})
+            .await?;
+        let g = pushed.global_id;
+
+        // It fails with the system's reason, and nothing half-made is visible.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let st = client.status(&g).await?;
+            let p = &st.sites[0];
+            ensure!(images(&pool)?.is_empty(), "a partial image is visible");
+            if p.state == PlacementState::Failed {
+                let why = p.error.clone().unwrap_or_default();
+                ensure!(why.contains("No space left"), "{why}");
+                break;
+            }
+            ensure!(tokio::time::Instant::now() < deadline, "{:?}", p.state);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // The catalog is sound: the image and the site are as they were.
+        ensure!(client.sites().await?.len() == 1);
+        ensure!(client.history(&g).await?.len() == 1);
+
+        // Space is freed: the next try (the engine retries with backoff) completes.
+        fs.grow("64m")?;
+        let st = cluster
+            .wait_published(&client, &g, 1, &["tight"], Duration::from_secs(60))
+            .await?;
+        assert_copies(cluster, &st, &[disk]).await?;
+        ensure!(images(&pool)?.len() == 1);
+        client.close().await;
+        drop(fs);
+        Ok(())
+    })
+    .await
+}
