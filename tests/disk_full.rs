@@ -116,3 +116,79 @@ async fn a_full_pool_fails_cleanly_and_completes_once_space_is_freed() -> Result
     })
     .await
 }
+
+#[test]
+fn a_full_engine_store_refuses_the_push_and_takes_it_once_space_is_freed() -> Result<()> {
+    const BIN: &str = env!("CARGO_BIN_EXE_seedcast");
+    let tmp = tempfile::tempdir()?;
+    let fs = SmallFs::mount(&tmp.path().join("engine"), "24m")?;
+    let data = fs.0.join("data");
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut engine = Command::new(BIN)
+        .args([
+            "engine",
+            "--data",
+            data.to_str().unwrap(),
+            "--listen",
+            &addr,
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let token = data.join("admin.token");
+    let push = |disk: &Path| -> Result<std::process::Output> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = Command::new(BIN)
+                .args(["push", "--name", "full", "--json"])
+                .arg(disk)
+                .env("SEEDCAST_ENGINE", &addr)
+                .env("SEEDCAST_TOKEN", &token)
+                .output()?;
+            let err = String::from_utf8_lossy(&out.stderr);
+            if !(err.contains("cannot reach") || err.contains("No such file"))
+                || std::time::Instant::now() > deadline
+            {
+                return Ok(out);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // 32 MiB that does not compress, into a 24 MiB store.
+    let disk = tmp.path().join("disk.raw");
+    let mut bytes = vec![0u8; 32 << 20];
+    blake3::Hasher::new()
+        .update(b"full store")
+        .finalize_xof()
+        .fill(&mut bytes);
+    std::fs::write(&disk, &bytes)?;
+    let out = push(&disk)?;
+    let r = (|| {
+        ensure!(!out.status.success(), "a push into a full store succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            err.contains("No space left on device") && err.contains("pack"),
+            "{err}"
+        );
+        // Space is freed; the same engine (no restart) takes the push, and only what it
+        // had not stored is uploaded.
+        fs.grow("128m")?;
+        let out = push(&disk)?;
+        ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let uploaded = v["bytes_uploaded"].as_u64().unwrap_or(u64::MAX);
+        ensure!(uploaded < 24 << 20, "uploaded {uploaded} bytes again");
+        Ok(())
+    })();
+    let _ = engine.kill();
+    let _ = engine.wait();
+    drop(fs);
+    r
+}
