@@ -55,6 +55,59 @@ fn json(out: &Output) -> Result<Value> {
         .with_context(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// An engine process on 127.0.0.1 with its data under `d/engine`, started and waited for
+/// (its admin token written); killed when dropped.
+struct TestEngine {
+    proc: Option<Proc>,
+    addr: String,
+    data: std::path::PathBuf,
+    admin: String,
+    extra: Vec<String>,
+}
+
+impl TestEngine {
+    fn start(d: &Path, extra: &[&str]) -> Result<TestEngine> {
+        let data = d.join("engine");
+        let admin = data.join("admin.token").to_string_lossy().into_owned();
+        let mut e = TestEngine {
+            proc: None,
+            addr: format!("127.0.0.1:{}", free_port()?),
+            data,
+            admin,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        e.restart()?;
+        wait_for_file(Path::new(&e.admin))?;
+        Ok(e)
+    }
+
+    /// SIGKILL the engine and start it again on the same data and address.
+    fn restart(&mut self) -> Result<()> {
+        self.kill()?;
+        let mut args = vec!["engine", "--data", self.data.to_str().unwrap()];
+        args.extend(["--listen", &self.addr]);
+        args.extend(self.extra.iter().map(String::as_str));
+        self.proc = Some(spawn(&args)?);
+        Ok(())
+    }
+
+    fn kill(&mut self) -> Result<()> {
+        if let Some(mut p) = self.proc.take() {
+            p.0.kill()?;
+            p.0.wait()?;
+        }
+        Ok(())
+    }
+
+    /// The environment a client of this engine runs with.
+    fn env(&self) -> [(&'static str, &str); 2] {
+        [
+            ("SEEDCAST_ENGINE", self.addr.as_str()),
+            ("SEEDCAST_TOKEN", self.admin.as_str()),
+        ]
+    }
+}
+
 /// `seedcast site add SITE` (retried while the engine starts): the token's text.
 fn site_token(env: &[(&str, &str)], site: &str) -> Result<String> {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -515,23 +568,8 @@ fn an_image_over_a_configured_cap_is_refused_naming_it() -> Result<()> {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--max-file-size"), "{err}");
 
-    let addr = format!("127.0.0.1:{}", free_port()?);
-    let engine_data = d.join("engine");
-    let _engine = spawn(&[
-        "engine",
-        "--data",
-        engine_data.to_str().unwrap(),
-        "--listen",
-        &addr,
-        "--max-file-size",
-        "1MiB",
-    ])?;
-    let admin_path = engine_data.join("admin.token");
-    wait_for_file(&admin_path)?;
-    let env = [
-        ("SEEDCAST_ENGINE", addr.as_str()),
-        ("SEEDCAST_TOKEN", admin_path.to_str().unwrap()),
-    ];
+    let engine = TestEngine::start(d, &["--max-file-size", "1MiB"])?;
+    let env = engine.env();
     let small = d.join("small.bin");
     std::fs::write(&small, vec![7u8; 512 << 10])?;
     let big = d.join("big.raw");
@@ -587,21 +625,15 @@ fn a_push_cut_by_a_client_kill_resumes_without_uploading_twice() -> Result<()> {
 fn push_cut_then_resumed(kill_engine: bool) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let d = dir.path();
-    let addr = format!("127.0.0.1:{}", free_port()?);
-    let engine_data = d.join("engine");
-    let engine_args = [
-        "engine",
-        "--data",
-        engine_data.to_str().unwrap(),
-        "--listen",
-        &addr,
-    ];
-    let mut engine = spawn(&engine_args)?;
-    let admin_path = engine_data.join("admin.token");
-    wait_for_file(&admin_path)?;
+    let mut engine = TestEngine::start(d, &[])?;
+    let (addr, engine_data, admin) = (
+        engine.addr.clone(),
+        engine.data.clone(),
+        engine.admin.clone(),
+    );
     let env = [
         ("SEEDCAST_ENGINE", addr.as_str()),
-        ("SEEDCAST_TOKEN", admin_path.to_str().unwrap()),
+        ("SEEDCAST_TOKEN", admin.as_str()),
     ];
     // 96 MiB that zstd cannot shrink: the packs grow as fast as the upload goes.
     let total: u64 = 96 << 20;
@@ -632,15 +664,18 @@ fn push_cut_then_resumed(kill_engine: bool) -> Result<()> {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let who = if kill_engine { &mut engine } else { &mut first };
-    who.0.kill()?;
-    who.0.wait()?;
+    if kill_engine {
+        engine.kill()?;
+    } else {
+        first.0.kill()?;
+        first.0.wait()?;
+    }
     let stored_at_kill = pack_bytes(&engine_data);
     if kill_engine {
         let status = first.0.wait()?;
         ensure!(!status.success(), "the push survived its engine");
         // The engine comes back on the same data.
-        engine = spawn(&engine_args)?;
+        engine.restart()?;
     }
     // The same push again uploads only the rest.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -723,21 +758,8 @@ fn agent_killed_mid_update_shows_only_old_or_new_and_converges() -> Result<()> {
     use std::sync::atomic::{AtomicBool, Ordering};
     let dir = tempfile::tempdir()?;
     let d = dir.path();
-    let addr = format!("127.0.0.1:{}", free_port()?);
-    let engine_data = d.join("engine");
-    let _engine = spawn(&[
-        "engine",
-        "--data",
-        engine_data.to_str().unwrap(),
-        "--listen",
-        &addr,
-    ])?;
-    let admin_path = engine_data.join("admin.token");
-    wait_for_file(&admin_path)?;
-    let env = [
-        ("SEEDCAST_ENGINE", addr.as_str()),
-        ("SEEDCAST_TOKEN", admin_path.to_str().unwrap()),
-    ];
+    let engine = TestEngine::start(d, &[])?;
+    let (env, addr) = (engine.env(), engine.addr.as_str());
     let token = d.join("site.token");
     std::fs::write(&token, site_token(&env, "kill")?)?;
     let pool = d.join("pool");
@@ -746,7 +768,7 @@ fn agent_killed_mid_update_shows_only_old_or_new_and_converges() -> Result<()> {
         "--data",
         d.join("agent").to_str().unwrap(),
         "--engine",
-        &addr,
+        addr,
         "--site",
         "kill",
         "--token",
@@ -857,21 +879,15 @@ fn agent_killed_mid_update_shows_only_old_or_new_and_converges() -> Result<()> {
 fn engine_killed_ten_times_while_seeding_three_sites_converges() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let d = dir.path();
-    let addr = format!("127.0.0.1:{}", free_port()?);
-    let engine_data = d.join("engine");
-    let engine_args = [
-        "engine",
-        "--data",
-        engine_data.to_str().unwrap(),
-        "--listen",
-        &addr,
-    ];
-    let mut engine = spawn(&engine_args)?;
-    let admin_path = engine_data.join("admin.token");
-    wait_for_file(&admin_path)?;
+    let mut engine = TestEngine::start(d, &[])?;
+    let (addr, engine_data, admin) = (
+        engine.addr.clone(),
+        engine.data.clone(),
+        engine.admin.clone(),
+    );
     let env = [
         ("SEEDCAST_ENGINE", addr.as_str()),
-        ("SEEDCAST_TOKEN", admin_path.to_str().unwrap()),
+        ("SEEDCAST_TOKEN", admin.as_str()),
     ];
     let sites = ["k1", "k2", "k3"];
     let mut agents = Vec::new();
@@ -922,9 +938,7 @@ fn engine_killed_ten_times_while_seeding_three_sites_converges() -> Result<()> {
         x ^= x >> 7;
         x ^= x << 17;
         std::thread::sleep(Duration::from_millis(200 + x % 1500));
-        engine.0.kill()?;
-        engine.0.wait()?;
-        engine = spawn(&engine_args)?;
+        engine.restart()?;
     }
     let deadline = Instant::now() + Duration::from_secs(240);
     let st = loop {

@@ -156,6 +156,17 @@ pub struct Next {
     pub retire: Option<String>,
 }
 
+impl Next {
+    /// `new_id` replaces `old_id`, which is retired unless the service kept the id.
+    pub fn replacing(new_id: String, old_id: &str) -> Next {
+        let retire = (new_id != old_id).then(|| old_id.to_string());
+        Next {
+            local_id: new_id,
+            retire,
+        }
+    }
+}
+
 /// A site's local image service.
 ///
 /// `publish` must be atomic as the service sees it: the image is either fully there under
@@ -198,14 +209,7 @@ pub trait Adapter: Send + Sync + fmt::Debug {
         local_id: &'a str,
         image: AssembledImage,
     ) -> BoxFuture<'a, Result<Next, AdapterError>> {
-        Box::pin(async move {
-            let new_id = self.publish(image).await?;
-            let retire = (new_id != local_id).then(|| local_id.to_string());
-            Ok(Next {
-                local_id: new_id,
-                retire,
-            })
-        })
+        Box::pin(async move { Ok(Next::replacing(self.publish(image).await?, local_id)) })
     }
 
     /// Remove an image the site no longer needs; one already gone is fine, a failure is

@@ -122,9 +122,11 @@ impl Agent {
             }
         };
         let db = self.db.clone();
-        let recorded = match tokio::task::spawn_blocking(move || db.inventory()).await {
-            Ok(Ok(inv)) => inv,
-            Ok(Err(e)) => return warn!("sweep: {e}"),
+        let inventory = async move {
+            Ok::<_, AgentError>(tokio::task::spawn_blocking(move || db.inventory()).await??)
+        };
+        let recorded = match inventory.await {
+            Ok(inv) => inv,
             Err(e) => return warn!("sweep: {e}"),
         };
         if recorded.is_empty() && !listed.is_empty() {

@@ -13,7 +13,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use quinn::{Connection, RecvStream, VarInt};
 use seedcast_core::delta::decode_group;
-use seedcast_core::protocol::{DataRecord, DataStreamHeader, GroupHeader, MAX_ERROR_TEXT, close};
+use seedcast_core::protocol::{
+    DataRecord, DataStreamHeader, GroupHeader, MAX_ERROR_TEXT, close, cut_text,
+};
 use seedcast_core::transfer::Transfer;
 use seedcast_core::{ChunkId, CompressedChunk, UnverifiedChunk, VerifiedChunk};
 use seedcast_net::{read_msg, read_msg_required, read_payload};
@@ -144,13 +146,7 @@ async fn data_stream(
             }
         };
         if let DataRecord::Abort { mut reason } = record {
-            if reason.len() > MAX_ERROR_TEXT {
-                let mut cut = MAX_ERROR_TEXT;
-                while !reason.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                reason.truncate(cut);
-            }
+            cut_text(&mut reason, MAX_ERROR_TEXT);
             slot.fail(transfer, ReceiveError::Aborted(reason));
             return Ok(());
         }

@@ -82,6 +82,15 @@ pub const MAX_ADAPTER_NAME: usize = 32;
 /// that are not authenticated yet, instead of the general frame maximum.
 pub const MAX_HELLO_SIZE: usize = 16 * 1024;
 
+/// Cut peer text to at most `max` bytes, on a character boundary; whether it was cut.
+pub fn cut_text(text: &mut String, max: usize) -> bool {
+    if text.len() <= max {
+        return false;
+    }
+    text.truncate(text.floor_char_boundary(max));
+    true
+}
+
 /// QUIC application close codes.
 pub mod close {
     /// Normal end of a session.

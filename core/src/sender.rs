@@ -277,12 +277,7 @@ impl Sender {
                 Ok(Handled::AfterDone)
             }
             (_, AgentMsg::Failed { mut error, .. }) if self.state != State::Start => {
-                if error.len() > crate::protocol::MAX_ERROR_TEXT {
-                    let mut cut = crate::protocol::MAX_ERROR_TEXT;
-                    while !error.is_char_boundary(cut) {
-                        cut -= 1;
-                    }
-                    error.truncate(cut);
+                if crate::protocol::cut_text(&mut error, crate::protocol::MAX_ERROR_TEXT) {
                     error.push('…');
                 }
                 self.finish(Outcome::Failed { error });

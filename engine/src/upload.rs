@@ -109,10 +109,9 @@ pub(crate) async fn receive(
     }
 }
 
-/// The largest stored form of a chunk of `max_raw` bytes: zstd's worst case (its
-/// `ZSTD_COMPRESSBOUND`: input + input/256 + a block header's worth) with room to spare.
+/// The largest stored form of a chunk of `max_raw` bytes: zstd's worst case.
 fn payload_bound(max_raw: u32) -> u32 {
-    max_raw.saturating_add(max_raw / 128).saturating_add(4096)
+    u32::try_from(zstd::zstd_safe::compress_bound(max_raw as usize)).unwrap_or(u32::MAX)
 }
 
 /// Chunk bytes a client connection uploaded since its last commit: the next commit (push,

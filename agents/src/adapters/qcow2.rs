@@ -370,12 +370,7 @@ impl Adapter for Qcow2Adapter {
                     retire: None,
                 });
             }
-            let new_id = self.build(image, None).await?;
-            let retire = (new_id != local_id).then(|| local_id.to_string());
-            Ok(Next {
-                local_id: new_id,
-                retire,
-            })
+            Ok(Next::replacing(self.build(image, None).await?, local_id))
         })
     }
 
