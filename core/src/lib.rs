@@ -18,8 +18,10 @@
 //!   is done); [`sender`]: the engine's side (what a site gets, in which order, how it ends).
 //! - [`source`]: where chunks are kept, as a trait (the engine's pack store today; an object
 //!   store or a relay's cache next), with an in-memory one for tests.
+//! - [`check`]: the report `seedcast check` makes of an engine's or an agent's data.
 //! - [`units`]: byte counts for people.
 
+pub mod check;
 pub mod chunk;
 pub mod chunker;
 pub mod codec;

@@ -52,11 +52,12 @@ use crate::id::{ChunkId, GlobalId};
 use crate::manifest::{FileEntry, Manifest};
 
 /// ALPN protocol id; a peer without it fails the TLS handshake.
-pub const ALPN: &[u8] = b"seedcast/3";
+pub const ALPN: &[u8] = b"seedcast/4";
 /// Carried in [`Hello`] and checked by the engine. 2: files carry their format
 /// ([`crate::manifest::FileFormat`], manifest format 2). 3: site tokens, certificate
-/// expiry and renewal.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// expiry and renewal. 4: agents report images that changed underneath them
+/// ([`AgentMsg::Drifted`], [`PlacementState::Drifted`]).
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Hard maximum of one frame's body: the codec's decode bound. A manifest of a ~100 GiB
 /// image fits.
 pub const MAX_MESSAGE_SIZE: usize = crate::codec::MAX_ENCODED_LEN;
@@ -215,6 +216,15 @@ pub enum AgentMsg {
     /// A request to certify a new key for this site (its certificate nears expiry).
     Renew {
         csr_der: Vec<u8>,
+    },
+    /// The published copy of this version no longer matches it (found when its bytes were
+    /// read as seeds, or by `seedcast check`); `detail` says what differs. The engine shows
+    /// the placement as drifted until it is repaired or replaced; it does not redeploy by
+    /// itself (a VM may be running from that copy).
+    Drifted {
+        global_id: GlobalId,
+        version: u32,
+        detail: String,
     },
 }
 
@@ -494,6 +504,9 @@ pub enum PlacementState {
     Transferring,
     Published,
     Failed,
+    /// Published, then changed underneath the agent: the site's copy no longer matches
+    /// its version. `seedcast check --repair` at the site restores it.
+    Drifted,
 }
 
 impl PlacementState {
@@ -503,12 +516,16 @@ impl PlacementState {
             PlacementState::Transferring => "transferring",
             PlacementState::Published => "published",
             PlacementState::Failed => "failed",
+            PlacementState::Drifted => "drifted",
         }
     }
 
-    /// Published or failed: nothing more will happen without a new request.
+    /// Published, failed or drifted: nothing more will happen without a new request.
     pub fn is_final(&self) -> bool {
-        matches!(self, PlacementState::Published | PlacementState::Failed)
+        matches!(
+            self,
+            PlacementState::Published | PlacementState::Failed | PlacementState::Drifted
+        )
     }
 }
 
@@ -542,10 +559,10 @@ mod tests {
                 admin_secret: "s".into(),
             },
         };
-        // 03        protocol = 3 (varint)
+        // 04        protocol = 4 (varint)
         // 00        Role::Client (variant 0)
         // 01 73     admin_secret = "s" (len 1, 's')
-        assert_eq!(hex(&h), "03000173");
+        assert_eq!(hex(&h), "04000173");
         let a = Role::Agent {
             site: "a".into(),
             adapter: "dir".into(),
@@ -728,6 +745,11 @@ mod tests {
                     unavailable: vec![],
                 },
                 AgentMsg::Renew { csr_der: vec![] },
+                AgentMsg::Drifted {
+                    global_id: GlobalId([0; 12]),
+                    version: 1,
+                    detail: String::new(),
+                },
             ],
             |v| match v {
                 AgentMsg::Inventory { .. } => 0,
@@ -736,6 +758,7 @@ mod tests {
                 AgentMsg::Failed { .. } => 3,
                 AgentMsg::NeedFrom { .. } => 4,
                 AgentMsg::Renew { .. } => 5,
+                AgentMsg::Drifted { .. } => 6,
             },
         );
         let held = HeldVersion {
@@ -965,12 +988,14 @@ mod tests {
                 PlacementState::Transferring,
                 PlacementState::Published,
                 PlacementState::Failed,
+                PlacementState::Drifted,
             ],
             |v| match v {
                 PlacementState::Pending => 0,
                 PlacementState::Transferring => 1,
                 PlacementState::Published => 2,
                 PlacementState::Failed => 3,
+                PlacementState::Drifted => 4,
             },
         );
     }

@@ -180,6 +180,7 @@ fn name(m: &AgentMsg) -> &'static str {
         AgentMsg::Failed { .. } => "Failed",
         AgentMsg::NeedFrom { .. } => "NeedFrom",
         AgentMsg::Renew { .. } => "Renew",
+        AgentMsg::Drifted { .. } => "Drifted",
     }
 }
 
@@ -259,6 +260,8 @@ impl Sender {
         let transfer = match &msg {
             AgentMsg::Inventory { .. } => return Ok(Handled::Inventory),
             AgentMsg::Renew { .. } => return Err(Violation::WrongStream("Renew").into()),
+            // The session handles drift reports; one reaching a deployment is misrouted.
+            AgentMsg::Drifted { .. } => return Err(Violation::WrongStream("Drifted").into()),
             AgentMsg::Need { transfer, .. }
             | AgentMsg::NeedFrom { transfer, .. }
             | AgentMsg::Published { transfer, .. }

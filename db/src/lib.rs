@@ -28,6 +28,9 @@ pub const RECORD_FORMAT: u8 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
+    /// Another process (a running engine or agent) holds the database.
+    #[error("database {path} is in use by another process (a running engine or agent)")]
+    InUse { path: PathBuf },
     #[error("database {path}: {source}")]
     Rocks {
         path: PathBuf,
@@ -116,6 +119,32 @@ fn synced() -> WriteOptions {
     wo
 }
 
+/// The column families of `spec`, each with a bloom filter and the shared block cache.
+fn descriptors(spec: &Spec) -> impl Iterator<Item = ColumnFamilyDescriptor> + '_ {
+    let cache = Cache::new_lru_cache(spec.cache_bytes);
+    spec.families.iter().map(move |(name, layout)| {
+        let mut bbo = BlockBasedOptions::default();
+        bbo.set_bloom_filter(10.0, false);
+        bbo.set_block_cache(&cache);
+        bbo.set_cache_index_and_filter_blocks(true);
+        let mut o = Options::default();
+        o.set_block_based_table_factory(&bbo);
+        if *layout == Layout::Blobs {
+            o.set_enable_blob_files(true);
+            o.set_min_blob_size(1024);
+            o.set_enable_blob_gc(true);
+        }
+        ColumnFamilyDescriptor::new(*name, o)
+    })
+}
+
+impl DbError {
+    /// RocksDB found stored bytes that fail its checksums.
+    pub fn is_corruption(&self) -> bool {
+        matches!(self, DbError::Rocks { source, .. } if source.kind() == rocksdb::ErrorKind::Corruption)
+    }
+}
+
 impl Db {
     /// Open (or create) the database at `path` laid out as `spec` says.
     pub fn open(path: &Path, spec: &Spec) -> Result<Db, DbError> {
@@ -126,22 +155,16 @@ impl Db {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
-        let cache = Cache::new_lru_cache(spec.cache_bytes);
-        let cfs = spec.families.iter().map(|(name, layout)| {
-            let mut bbo = BlockBasedOptions::default();
-            bbo.set_bloom_filter(10.0, false);
-            bbo.set_block_cache(&cache);
-            bbo.set_cache_index_and_filter_blocks(true);
-            let mut o = Options::default();
-            o.set_block_based_table_factory(&bbo);
-            if *layout == Layout::Blobs {
-                o.set_enable_blob_files(true);
-                o.set_min_blob_size(1024);
-                o.set_enable_blob_gc(true);
+        let db = DB::open_cf_descriptors(&opts, path, descriptors(spec)).map_err(|e| {
+            // RocksDB's LOCK file: the database is open elsewhere.
+            if e.kind() == rocksdb::ErrorKind::IOError && e.to_string().contains("LOCK") {
+                DbError::InUse {
+                    path: path.to_path_buf(),
+                }
+            } else {
+                rocks(e)
             }
-            ColumnFamilyDescriptor::new(*name, o)
-        });
-        let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(rocks)?;
+        })?;
         let me = Db {
             db,
             path: path.to_path_buf(),
@@ -168,8 +191,68 @@ impl Db {
         Ok(me)
     }
 
+    /// Open the database at `path` to read beside the process that has it open (RocksDB's
+    /// secondary mode: no lock taken, nothing written to `path`; the secondary's own logs go
+    /// to `scratch`). What it sees is the primary's state when opened. Refuses a database
+    /// of another layout, as [`Db::open`] does, without upgrading it.
+    pub fn open_secondary(path: &Path, scratch: &Path, spec: &Spec) -> Result<Db, DbError> {
+        let rocks = |source| DbError::Rocks {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut opts = Options::default();
+        // Secondaries must keep every table file open: the primary may delete them.
+        opts.set_max_open_files(-1);
+        let db = DB::open_cf_descriptors_as_secondary(&opts, path, scratch, descriptors(spec))
+            .map_err(rocks)?;
+        let me = Db {
+            db,
+            path: path.to_path_buf(),
+        };
+        let format = me
+            .get_raw(spec.meta_family, spec.format_key)?
+            .map(|v| v.to_vec());
+        match format {
+            Some(v)
+                if v.as_ref() == [spec.format]
+                    || (v.len() == 1 && spec.upgrades_from.contains(&v[0])) =>
+            {
+                Ok(me)
+            }
+            v => Err(DbError::Format {
+                path: path.to_path_buf(),
+                found: v.and_then(|v| v.first().copied()).unwrap_or(0),
+                expected: spec.format,
+            }),
+        }
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// A value's bytes without checking RocksDB's own checksums, for a scrub that hashes
+    /// what it reads itself: a damaged value is then named by its key instead of failing
+    /// the whole scan.
+    pub fn scan_raw_unchecked<'a>(
+        &'a self,
+        cf: &str,
+    ) -> impl Iterator<Item = Result<KeyValue, DbError>> + 'a {
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_verify_checksums(false);
+        ro.fill_cache(false);
+        self.db
+            .iterator_cf_opt(self.cf(cf), ro, IteratorMode::Start)
+            .map(|r| r.map_err(|e| self.rocks(e)))
+    }
+
+    /// Delete keys of one family, synced.
+    pub fn delete_synced(&self, cf: &str, keys: &[&[u8]]) -> Result<(), DbError> {
+        let mut b = Batch::default();
+        for k in keys {
+            b.delete_cf(self.cf(cf), k);
+        }
+        self.write(b, Durability::Synced)
     }
 
     fn rocks(&self, source: rocksdb::Error) -> DbError {
@@ -363,5 +446,25 @@ mod tests {
             ),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_second_reader_opens_beside_the_writer_and_a_second_writer_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("db");
+        let db = Db::open(&p, &SPEC).unwrap();
+        db.put_synced("notes", b"a", &Note("one".into())).unwrap();
+        let e = Db::open(&p, &SPEC).unwrap_err();
+        assert!(matches!(e, DbError::InUse { .. }), "{e}");
+        let scratch = tempfile::tempdir().unwrap();
+        let ro = Db::open_secondary(&p, scratch.path(), &SPEC).unwrap();
+        let n: Option<Note> = ro.get("notes", b"a", || "a".into()).unwrap();
+        assert_eq!(n, Some(Note("one".into())));
+        assert_eq!(ro.scan_raw_unchecked("notes").count(), 1);
+        drop(ro);
+        db.delete_synced("notes", &[b"a"]).unwrap();
+        assert!(db.get_raw("notes", b"a").unwrap().is_none());
+        let e = Db::open_secondary(&dir.path().join("none"), scratch.path(), &SPEC).unwrap_err();
+        assert!(e.to_string().contains("none"), "{e}");
     }
 }

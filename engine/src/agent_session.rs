@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::{Connection, RecvStream, SendStream, VarInt};
+use seedcast_core::GlobalId;
 use seedcast_core::protocol::{AgentMsg, EngineMsg, HeldImage, PlacementState, close};
 use seedcast_core::sender::Held;
 use seedcast_net::{FramedError, read_msg, read_msg_required, write_msg};
@@ -188,6 +189,15 @@ async fn serve(
             let Some(m) = read_msg::<AgentMsg>(&mut recv).await? else {
                 return Ok::<(), FramedError>(());
             };
+            if let AgentMsg::Drifted {
+                global_id,
+                version,
+                detail,
+            } = m
+            {
+                record_drift(shared, site, &global_id, version, detail);
+                continue;
+            }
             if tx.send(m).await.is_err() {
                 return Ok(());
             }
@@ -222,6 +232,35 @@ async fn serve(
                 warn!(site, "site session ended: {e}");
             }
         }
+    }
+}
+
+/// The site says its published copy of `g` at `version` changed underneath it: show the
+/// placement as drifted, if that is the version the catalog has published there (a report
+/// about anything else — another version, an image not placed here — is only logged). Not
+/// redeployed by the engine: a VM may be running from that copy; `seedcast check --repair`
+/// at the site restores it.
+fn record_drift(shared: &Shared, site: &str, g: &GlobalId, version: u32, mut detail: String) {
+    if seedcast_core::protocol::cut_text(&mut detail, seedcast_core::protocol::MAX_ERROR_TEXT) {
+        detail.push('…');
+    }
+    // The lock commits hold: a new version's placement is not overwritten by this one.
+    let _versions = shared.versions.lock();
+    let p = match shared.catalog.placement(g, site) {
+        Ok(Some(p)) => p,
+        Ok(None) => return warn!(site, global_id = %g, "drift report for an image not placed here; ignored"),
+        Err(e) => return warn!(site, "reading a placement: {e}"),
+    };
+    if p.state != PlacementState::Published || p.published_version != Some(version) {
+        return info!(site, global_id = %g, version, "drift report about a version not published there now; ignored");
+    }
+    warn!(site, global_id = %g, version, "the site's copy has drifted: {detail}");
+    let mut p = p;
+    p.state = PlacementState::Drifted;
+    p.error = Some(detail);
+    match shared.catalog.put_placement(g, site, &p) {
+        Ok(()) => shared.changed(),
+        Err(e) => warn!(site, "recording drift: {e}"),
     }
 }
 
@@ -271,7 +310,7 @@ fn reconcile_inventory(shared: &Shared, site: &str, images: &[HeldImage]) {
     // wiped, its database restored from an older copy) is deployed again.
     if let Ok(placements) = shared.catalog.placements_at(site) {
         for (g, mut p) in placements {
-            if p.state != PlacementState::Published {
+            if !matches!(p.state, PlacementState::Published | PlacementState::Drifted) {
                 continue;
             }
             let held = images.iter().find(|h| h.global_id == g);
@@ -298,7 +337,11 @@ fn reconcile_inventory(shared: &Shared, site: &str, images: &[HeldImage]) {
         if p.version != held.version || m.manifest_id != held.manifest_id {
             continue;
         }
-        if p.state == PlacementState::Published && p.local_id.as_deref() == Some(&held.local_id) {
+        // Still the same copy: published stays published, and drifted stays drifted until
+        // the site replaces the copy (a repair publishes it under a new local id).
+        if matches!(p.state, PlacementState::Published | PlacementState::Drifted)
+            && p.local_id.as_deref() == Some(&held.local_id)
+        {
             continue;
         }
         p.state = PlacementState::Published;

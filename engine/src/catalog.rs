@@ -279,6 +279,18 @@ pub struct Catalog {
     db: Db,
 }
 
+/// The catalog as [`Catalog::audit`] read it.
+#[derive(Debug, Default)]
+pub struct Audit {
+    /// Records looked at.
+    pub records: u64,
+    pub chunks: Vec<(ChunkId, ChunkRecord)>,
+    pub images: Vec<(GlobalId, ImageRecord)>,
+    pub manifests: Vec<(GlobalId, u32, ManifestRecord)>,
+    /// `family/key (hex)` and why, for each record that did not read.
+    pub bad: Vec<(String, String)>,
+}
+
 impl std::fmt::Debug for Catalog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Catalog({})", self.db.path().display())
@@ -305,6 +317,82 @@ impl Catalog {
         Ok(Catalog {
             db: Db::open(path, &SPEC)?,
         })
+    }
+
+    /// Open the catalog of a running engine to read it (`seedcast check`): nothing is
+    /// written to `path`; `scratch` holds the reader's own files.
+    pub fn open_secondary(path: &Path, scratch: &Path) -> Result<Self, CatalogError> {
+        Ok(Catalog {
+            db: Db::open_secondary(path, scratch, &SPEC)?,
+        })
+    }
+
+    /// Every record decoded one by one (for `seedcast check`): what decodes, and the key
+    /// and error of each record that does not, instead of failing at the first.
+    pub fn audit(&self) -> Audit {
+        let mut a = Audit::default();
+        self.audit_family::<ChunkRecord>(CF_CHUNKS, &mut a, |a, k, r| {
+            let id: [u8; 32] = k.try_into().map_err(|_| "key is not a chunk id")?;
+            a.chunks.push((ChunkId(id), r));
+            Ok(())
+        });
+        self.audit_family::<ImageRecord>(CF_IMAGES, &mut a, |a, k, r| {
+            let g: [u8; 12] = k.try_into().map_err(|_| "key is not a global id")?;
+            a.images.push((GlobalId(g), r));
+            Ok(())
+        });
+        self.audit_family::<ManifestRecord>(CF_MANIFESTS, &mut a, |a, k, r| {
+            if k.len() != 16 {
+                return Err("key is not a global id and version");
+            }
+            let g = GlobalId(k[..12].try_into().expect("12 bytes"));
+            let v = u32::from_be_bytes(k[12..].try_into().expect("4 bytes"));
+            if (r.manifest.global_id, r.manifest.version) != (g, v) {
+                return Err("the manifest names another image or version than its key");
+            }
+            a.manifests.push((g, v, r));
+            Ok(())
+        });
+        self.audit_family::<SiteRecord>(CF_SITES, &mut a, |_, _, _| Ok(()));
+        self.audit_family::<PlacementRecord>(CF_PLACEMENTS, &mut a, |_, _, _| Ok(()));
+        self.audit_family::<VersionNote>(CF_NOTES, &mut a, |_, _, _| Ok(()));
+        self.audit_family::<EnrollmentRecord>(CF_ENROLLMENTS, &mut a, |_, _, _| Ok(()));
+        a
+    }
+
+    fn audit_family<T: Record>(
+        &self,
+        cf: &str,
+        a: &mut Audit,
+        mut keep: impl FnMut(&mut Audit, &[u8], T) -> Result<(), &'static str>,
+    ) {
+        for item in self.db.scan_raw(cf, &[]) {
+            a.records += 1;
+            let (k, v) = match item {
+                Ok(kv) => kv,
+                Err(e) => {
+                    a.bad.push((format!("{cf}/…"), format!("cannot read on: {e}")));
+                    return;
+                }
+            };
+            let what = || format!("{cf}/{}", hex::encode(&k));
+            match T::decode(&v) {
+                Ok(r) => {
+                    if let Err(e) = keep(a, &k, r) {
+                        a.bad.push((what(), e.to_string()));
+                    }
+                }
+                Err(e) => a.bad.push((what(), e.to_string())),
+            }
+        }
+    }
+
+    /// Drop the records of chunks whose stored bytes are damaged (`seedcast check
+    /// --repair`): the store then lacks them, so the next push of the same content uploads
+    /// them again instead of being told they are held.
+    pub fn forget_chunks(&self, ids: &[ChunkId]) -> Result<(), CatalogError> {
+        let keys: Vec<&[u8]> = ids.iter().map(|id| id.as_bytes().as_slice()).collect();
+        self.db.delete_synced(CF_CHUNKS, &keys)
     }
 
     /// A stable random id for this engine, made on first open.

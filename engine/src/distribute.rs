@@ -138,7 +138,11 @@ fn pending_work(
     placements
         .into_iter()
         .filter(|(g, p)| match p.state {
-            PlacementState::Published => p.published_version != Some(p.version),
+            // A drifted copy is left for the operator (`seedcast check --repair` at the site):
+            // a VM may be running from it. A newer version replaces it as usual.
+            PlacementState::Published | PlacementState::Drifted => {
+                p.published_version != Some(p.version)
+            }
             PlacementState::Failed => retries.due(g, p.version, now),
             PlacementState::Pending | PlacementState::Transferring => true,
         })

@@ -20,6 +20,7 @@
 pub mod adapt;
 pub mod agent_session;
 pub mod catalog;
+pub mod check;
 pub mod client_api;
 pub mod config;
 pub mod data_streams;

@@ -118,6 +118,70 @@ fn open_pack(path: &Path, create: bool) -> Result<(Arc<File>, u64), StoreError> 
     Ok((Arc::new(file), len))
 }
 
+/// Read the entry `rec` points at in `file` and check its header names `id` with the
+/// recorded lengths. Without `payload` only the header is read (a structure check), and
+/// the chunk returned has an empty payload.
+pub(crate) fn read_entry(
+    file: &File,
+    path: &Path,
+    id: &ChunkId,
+    rec: &ChunkRecord,
+    payload: bool,
+) -> Result<CompressedChunk, StoreError> {
+    let len = ENTRY_HEADER + if payload { rec.stored_len as usize } else { 0 };
+    let mut buf = vec![0u8; len];
+    file.read_exact_at(&mut buf, rec.offset)
+        .map_err(io_err(path))?;
+    let corrupt = |why: &str| StoreError::Corrupt {
+        path: path.to_path_buf(),
+        why: format!("entry at {} for chunk {id}: {why}", rec.offset),
+    };
+    if &buf[..4] != ENTRY_MAGIC || &buf[4..36] != id.as_bytes() {
+        return Err(corrupt("header does not match the index"));
+    }
+    let encoding = Encoding::from_u8(buf[36]).ok_or_else(|| corrupt("unknown encoding"))?;
+    let raw_len = u32::from_le_bytes(buf[37..41].try_into().expect("4 bytes"));
+    let stored_len = u32::from_le_bytes(buf[41..45].try_into().expect("4 bytes"));
+    if raw_len != rec.raw_len || stored_len != rec.stored_len {
+        return Err(corrupt("lengths do not match the index"));
+    }
+    let payload = Bytes::from(buf).slice(ENTRY_HEADER..);
+    Ok(CompressedChunk {
+        id: *id,
+        raw_len,
+        encoding,
+        payload,
+    })
+}
+
+/// The pack files in `dir`, in order, opened read-only with their lengths (for `seedcast
+/// check`, which must not create or change anything).
+pub(crate) fn open_packs_read_only(dir: &Path) -> Result<Vec<(PathBuf, File, u64)>, StoreError> {
+    let mut out = Vec::new();
+    loop {
+        let p = pack_path(dir, out.len() as u32);
+        let file = match File::open(&p) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(io_err(&p)(e)),
+        };
+        let len = file.metadata().map_err(io_err(&p))?.len();
+        let mut magic = [0u8; 8];
+        if file.read_exact_at(&mut magic, 0).is_err() || magic[..7] != PACK_MAGIC[..7] {
+            return Err(StoreError::Corrupt {
+                path: p,
+                why: "not a seedcast pack (bad magic or shorter than its header)".into(),
+            });
+        }
+        out.push((p, file, len));
+    }
+}
+
+/// Where an entry of `rec` ends in its pack.
+pub(crate) fn entry_end(rec: &ChunkRecord) -> u64 {
+    rec.offset + ENTRY_HEADER as u64 + rec.stored_len as u64
+}
+
 impl PackStore {
     /// Open the packs in `dir` and index the chunks the catalog records. Records that point
     /// past the end of their pack (a pack cut short outside seedcast) are dropped, with a
@@ -142,7 +206,7 @@ impl PackStore {
         }
         let mut index = HashMap::new();
         for (id, rec) in catalog.all_chunks()? {
-            let end = rec.offset + ENTRY_HEADER as u64 + rec.stored_len as u64;
+            let end = entry_end(&rec);
             match lens.get(rec.pack as usize) {
                 Some(&len) if end <= len => {
                     index.insert(id, rec);
@@ -245,33 +309,7 @@ impl PackStore {
             return Ok(None);
         };
         let file = self.packs.read()[rec.pack as usize].clone();
-        let path = || pack_path(&self.dir, rec.pack);
-        let mut buf = vec![0u8; ENTRY_HEADER + rec.stored_len as usize];
-        file.read_exact_at(&mut buf, rec.offset)
-            .map_err(|e| StoreError::Io {
-                path: path(),
-                source: e,
-            })?;
-        let corrupt = |why: &str| StoreError::Corrupt {
-            path: path(),
-            why: format!("entry at {} for chunk {id}: {why}", rec.offset),
-        };
-        if &buf[..4] != ENTRY_MAGIC || &buf[4..36] != id.as_bytes() {
-            return Err(corrupt("header does not match the index"));
-        }
-        let encoding = Encoding::from_u8(buf[36]).ok_or_else(|| corrupt("unknown encoding"))?;
-        let raw_len = u32::from_le_bytes(buf[37..41].try_into().expect("4 bytes"));
-        let stored_len = u32::from_le_bytes(buf[41..45].try_into().expect("4 bytes"));
-        if raw_len != rec.raw_len || stored_len != rec.stored_len {
-            return Err(corrupt("lengths do not match the index"));
-        }
-        let payload = Bytes::from(buf).slice(ENTRY_HEADER..);
-        Ok(Some(CompressedChunk {
-            id: *id,
-            raw_len,
-            encoding,
-            payload,
-        }))
+        read_entry(&file, &pack_path(&self.dir, rec.pack), id, &rec, true).map(Some)
     }
 
     /// The chunk records of `ids` with one more reference each, for a commit batch.
