@@ -386,6 +386,31 @@ enum Cmd {
     Site(SiteCmd),
     /// Run an engine and three agents on loopback, push a generated image, check every copy.
     Demo(DemoArgs),
+    /// Verify an engine's or an agent's data directory (it may be running); exits 1 when
+    /// anything is damaged. --repair (with it stopped) fixes what can be fixed.
+    Check(CheckArgs),
+}
+
+#[derive(Args, Debug)]
+struct CheckArgs {
+    /// The engine's or the agent's data directory.
+    #[arg(long)]
+    data: PathBuf,
+    /// Re-hash every stored chunk and read every published copy whole (without it:
+    /// structure, indexes and sizes only).
+    #[arg(long)]
+    read_data: bool,
+    /// Fix what was found (the engine or agent must be stopped). Engine: forget damaged
+    /// chunks, so the next push of that content uploads them again. Agent: restore damaged
+    /// cache chunks from intact copies, and fetch from the engine what it still lacks and
+    /// every drifted or missing image.
+    #[arg(long)]
+    repair: bool,
+    /// How long an agent's repair may wait for the engine.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
+    #[arg(long)]
+    json: bool,
 }
 
 /// Logs go to stderr, with colour only when stderr is a terminal (a file or a pipe gets
@@ -503,6 +528,8 @@ async fn cmd_agent(args: AgentArgs) -> Result<ExitCode> {
     let limits = args.limits.limits();
     let (mut cfg, adapter) = args.site_config()?.resolve()?;
     cfg.limits = limits;
+    // Kept beside the database so `seedcast check --data DIR` reaches the same service.
+    SiteConfig::save(&cfg, &adapter)?;
     let adapter = adapter.build(&cfg.data)?;
     let agent = seedcast_agents::Agent::open(cfg, adapter)?;
     agent.run(shutdown_signal()).await?;
@@ -651,6 +678,39 @@ async fn cmd_demo(a: DemoArgs) -> Result<ExitCode> {
     })
 }
 
+async fn cmd_check(a: CheckArgs) -> Result<ExitCode> {
+    let report = if a.data.join("catalog").exists() {
+        let opts = seedcast_engine::check::CheckOptions {
+            read_data: a.read_data,
+            repair: a.repair,
+        };
+        let data = a.data.clone();
+        tokio::task::spawn_blocking(move || seedcast_engine::check::check(&data, opts)).await??
+    } else if a.data.join("db").exists() {
+        let opts = seedcast_agents::check::CheckOptions {
+            read_data: a.read_data,
+            repair: a.repair,
+            repair_timeout: a.timeout,
+        };
+        seedcast_agents::check::check(&a.data, opts).await?
+    } else {
+        anyhow::bail!(
+            "{} is neither an engine's data directory (catalog/) nor an agent's (db/)",
+            a.data.display()
+        );
+    };
+    if a.json {
+        print_json(&output::check_json(&report));
+    } else {
+        print!("{}", output::check_text(&report));
+    }
+    Ok(if report.unrepaired() == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 async fn run(cli: Cli) -> Result<ExitCode> {
     // Servers log what they do; commands only what went wrong.
     let default_log = match cli.cmd {
@@ -671,6 +731,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Site(SiteCmd::Add(a)) => cmd_site_add(a).await,
         Cmd::Site(SiteCmd::Reset(a)) => cmd_site_reset(a).await,
         Cmd::Demo(a) => cmd_demo(a).await,
+        Cmd::Check(a) => cmd_check(a).await,
     }
 }
 

@@ -221,3 +221,62 @@ mod tests {
         assert!(!image_table(&st).contains('\u{1b}'));
     }
 }
+
+/// `check --json`: the report as it is (its field names are the contract).
+pub fn check_json(r: &seedcast_core::check::Report) -> Value {
+    let mut v = serde_json::to_value(r).unwrap_or(Value::Null);
+    v["ok"] = json!(r.unrepaired() == 0);
+    v
+}
+
+/// `check`, for people: what was looked at, each problem with what it touches, what a
+/// repair did.
+pub fn check_text(r: &seedcast_core::check::Report) -> String {
+    let role = match r.role {
+        seedcast_core::check::Role::Engine => "engine",
+        seedcast_core::check::Role::Agent => "agent",
+    };
+    let c = &r.checked;
+    let mut out = format!(
+        "{role} data {}: {} records, {} images, {} versions, {} chunks{}\n",
+        r.data,
+        c.records,
+        c.images,
+        c.versions,
+        c.chunks,
+        if r.read_data {
+            format!(", {} read and hashed", human_bytes(c.bytes_read))
+        } else {
+            " (structure only; --read-data re-hashes every byte)".into()
+        }
+    );
+    for p in &r.problems {
+        out += &format!(
+            "{} {:<16} {}: {}\n",
+            if p.repaired { "repaired" } else { "PROBLEM " },
+            p.kind.as_str(),
+            printable(&p.item),
+            printable(&p.detail)
+        );
+        for t in &p.images {
+            let versions: Vec<String> = t.versions.iter().map(|v| format!("v{v}")).collect();
+            out += &format!(
+                "           touches {} {:?} {}\n",
+                t.global_id,
+                printable(&t.name),
+                versions.join(", ")
+            );
+        }
+    }
+    for a in &r.actions {
+        out += &format!("repair: {}\n", printable(a));
+    }
+    let left = r.unrepaired();
+    out += &match (r.problems.len(), left) {
+        (0, _) => "no problems found\n".to_string(),
+        (n, 0) => format!("{n} problems found, all repaired\n"),
+        (n, left) if r.repair => format!("{n} problems found, {left} not repaired\n"),
+        (n, _) => format!("{n} problems found (--repair fixes what it can)\n"),
+    };
+    out
+}

@@ -1,140 +1,15 @@
 //! The command line as scripts use it: real `seedcast engine` and `seedcast agent`
 //! processes on 127.0.0.1, `push --json --wait`, `status --json`, `sites --json`.
 
-use std::net::UdpSocket;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_seedcast");
+mod common;
 
-/// Kills the child when the test ends, pass or fail.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn spawn(args: &[&str]) -> Result<Proc> {
-    Ok(Proc(
-        Command::new(BIN)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-    ))
-}
-
-fn run(args: &[&str], env: &[(&str, &str)]) -> Result<Output> {
-    let mut c = Command::new(BIN);
-    c.args(args);
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    Ok(c.output()?)
-}
-
-fn json(out: &Output) -> Result<Value> {
-    ensure!(
-        out.status.success(),
-        "exit {:?}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout)
-        .with_context(|| String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// An engine process on 127.0.0.1 with its data under `d/engine`, started and waited for
-/// (its admin token written); killed when dropped.
-struct TestEngine {
-    proc: Option<Proc>,
-    addr: String,
-    data: std::path::PathBuf,
-    admin: String,
-    extra: Vec<String>,
-}
-
-impl TestEngine {
-    fn start(d: &Path, extra: &[&str]) -> Result<TestEngine> {
-        let data = d.join("engine");
-        let admin = data.join("admin.token").to_string_lossy().into_owned();
-        let mut e = TestEngine {
-            proc: None,
-            addr: format!("127.0.0.1:{}", free_port()?),
-            data,
-            admin,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-        };
-        e.restart()?;
-        wait_for_file(Path::new(&e.admin))?;
-        Ok(e)
-    }
-
-    /// SIGKILL the engine and start it again on the same data and address.
-    fn restart(&mut self) -> Result<()> {
-        self.kill()?;
-        let mut args = vec!["engine", "--data", self.data.to_str().unwrap()];
-        args.extend(["--listen", &self.addr]);
-        args.extend(self.extra.iter().map(String::as_str));
-        self.proc = Some(spawn(&args)?);
-        Ok(())
-    }
-
-    fn kill(&mut self) -> Result<()> {
-        if let Some(mut p) = self.proc.take() {
-            p.0.kill()?;
-            p.0.wait()?;
-        }
-        Ok(())
-    }
-
-    /// The environment a client of this engine runs with.
-    fn env(&self) -> [(&'static str, &str); 2] {
-        [
-            ("SEEDCAST_ENGINE", self.addr.as_str()),
-            ("SEEDCAST_TOKEN", self.admin.as_str()),
-        ]
-    }
-}
-
-/// `seedcast site add SITE` (retried while the engine starts): the token's text.
-fn site_token(env: &[(&str, &str)], site: &str) -> Result<String> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = run(&["site", "add", site], env)?;
-        if out.status.success() {
-            let text = String::from_utf8(out.stdout)?;
-            ensure!(text.lines().count() == 1, "{text:?}");
-            return Ok(text.trim().to_string());
-        }
-        if Instant::now() > deadline {
-            bail!("site add: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn wait_for_file(p: &Path) -> Result<String> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if let Ok(s) = std::fs::read_to_string(p) {
-            return Ok(s.trim().to_string());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    bail!("{} never appeared", p.display())
-}
+use common::procs::*;
 
 #[test]
 fn engine_agents_push_status_sites_through_the_cli() -> Result<()> {

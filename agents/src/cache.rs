@@ -7,6 +7,7 @@
 //! | `manifests` | global id + version | the published manifest (record) |
 //! | `meta` | name | cache format |
 //! | `meta` | `floor` + global id | [`Floor`]: the newest version applied, never lowered |
+//! | `meta` | `repair` + global id | [`Repair`]: set by `seedcast check --repair`, cleared when done |
 //!
 //! Only a [`VerifiedChunk`] can be put in the cache. Chunk writes skip the write-ahead log
 //! (a chunk lost in a crash is simply asked for again) and are flushed once a transfer is
@@ -85,6 +86,23 @@ pub struct Floor {
 
 impl Record for Floor {}
 
+/// What `seedcast check --repair` found wrong with a held image, until the engine has sent
+/// it again. A marked image is left out of the inventory, so the engine deploys it again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Repair {
+    /// The published copy is intact; chunks of it were lost from the cache: fetch them.
+    Refetch,
+    /// The published copy drifted or is gone: publish the version again (whole, never as
+    /// an overlay on the damaged copy).
+    Republish,
+}
+
+impl Record for Repair {}
+
+fn repair_key(g: &GlobalId) -> Vec<u8> {
+    [b"repair".as_slice(), g.as_bytes()].concat()
+}
+
 fn floor_key(g: &GlobalId) -> Vec<u8> {
     [b"floor".as_slice(), g.as_bytes()].concat()
 }
@@ -117,6 +135,79 @@ impl AgentDb {
         })
     }
 
+    /// Open the database of a running agent to read it (`seedcast check`); nothing is
+    /// written to `path`, `scratch` holds the reader's own files.
+    pub fn open_secondary(path: &Path, scratch: &Path) -> Result<Self, CacheError> {
+        let db = Db::open_secondary(path, scratch, &SPEC)?;
+        Ok(AgentDb {
+            db,
+            received: parking_lot::Mutex::new(0),
+        })
+    }
+
+    /// Every cached chunk as stored, without RocksDB's checksums (the caller hashes each):
+    /// a damaged one is named by its id rather than ending the scan.
+    pub fn scan_chunks_unchecked(
+        &self,
+    ) -> impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>), CacheError>> + '_ {
+        self.db.scan_raw_unchecked(CF_CHUNKS)
+    }
+
+    /// Drop cached chunks (damaged ones found by `seedcast check --repair`), synced.
+    pub fn delete_chunks(&self, ids: &[ChunkId]) -> Result<(), CacheError> {
+        let keys: Vec<&[u8]> = ids.iter().map(|id| id.as_bytes().as_slice()).collect();
+        self.db.delete_synced(CF_CHUNKS, &keys)
+    }
+
+    /// Mark a held image for repair (synced).
+    pub fn mark_repair(&self, g: &GlobalId, r: Repair) -> Result<(), CacheError> {
+        self.db.put_synced(CF_META, &repair_key(g), &r)
+    }
+
+    pub fn repair(&self, g: &GlobalId) -> Result<Option<Repair>, CacheError> {
+        self.db
+            .get(CF_META, &repair_key(g), || format!("repair/{g}"))
+    }
+
+    /// The refetch of `g` is done (a republish clears its mark with the record).
+    pub fn clear_repair(&self, g: &GlobalId) -> Result<(), CacheError> {
+        self.db.delete_synced(CF_META, &[&repair_key(g)])
+    }
+
+    /// Images still marked for repair.
+    pub fn repairs_pending(&self) -> Result<usize, CacheError> {
+        Ok(self.db.scan_raw(CF_META, b"repair").count())
+    }
+
+    /// Every record of the images and manifests families decoded one by one (for `seedcast
+    /// check`): each that does not decode, by key, with why.
+    pub fn audit_records(&self) -> (u64, Vec<(String, String)>) {
+        let mut n = 0;
+        let mut bad = Vec::new();
+        for (cf, is_manifest) in [(CF_IMAGES, false), (CF_MANIFESTS, true)] {
+            for item in self.db.scan_raw(cf, &[]) {
+                n += 1;
+                match item {
+                    Ok((k, v)) => {
+                        let r = if is_manifest {
+                            ManifestRec::decode(&v).map(drop)
+                        } else {
+                            HeldRecord::decode(&v).map(drop)
+                        };
+                        if let Err(e) = r {
+                            bad.push((format!("{cf}/{}", hex::encode(&k)), e.to_string()));
+                        }
+                    }
+                    Err(e) => {
+                        bad.push((format!("{cf}/…"), format!("cannot read on: {e}")));
+                        break;
+                    }
+                }
+            }
+        }
+        (n, bad)
+    }
+
     /// Cache chunks that arrived from the engine in `payload_len` bytes, counting them
     /// in the same write (no WAL: a crash loses both together).
     pub fn put_received(
@@ -142,12 +233,21 @@ impl AgentDb {
     }
 
     pub fn has_chunk(&self, id: &ChunkId) -> Result<bool, CacheError> {
-        Ok(self.db.get_raw(CF_CHUNKS, id.as_bytes())?.is_some())
+        Ok(self.chunk(id)?.is_some())
     }
 
-    /// A cached chunk's raw bytes.
+    /// A cached chunk's raw bytes. One whose stored bytes fail RocksDB's checksums (a
+    /// flipped bit on disk) is dropped and reported absent, so it is fetched again instead
+    /// of failing every deployment that needs it.
     pub fn chunk(&self, id: &ChunkId) -> Result<Option<DBPinnableSlice<'_>>, CacheError> {
-        self.db.get_raw(CF_CHUNKS, id.as_bytes())
+        match self.db.get_raw(CF_CHUNKS, id.as_bytes()) {
+            Err(e) if e.is_corruption() => {
+                tracing::warn!(chunk = %id, "cached chunk damaged on disk; dropped, to be fetched again: {e}");
+                self.delete_chunks(std::slice::from_ref(id))?;
+                Ok(None)
+            }
+            r => r,
+        }
     }
 
     /// Cache verified chunks (no WAL: see the module docs).
@@ -210,6 +310,8 @@ impl AgentDb {
             version_key(g, manifest.version),
             seedcast_core::codec::encode_record(ManifestRec::FORMAT, manifest)?,
         );
+        // A version published (again) is whole: any repair of the image is done.
+        batch.delete_cf(self.db.cf(CF_META), repair_key(g));
         self.db.write(batch, Durability::Synced)
     }
 
@@ -234,7 +336,20 @@ impl AgentDb {
             .map(|m| m.0))
     }
 
-    /// Everything held, as reported to the engine on connect.
+    /// What to report to the engine on connect: everything held but the images marked for
+    /// repair, which the engine then deploys again.
+    pub fn reported_inventory(&self) -> Result<Vec<HeldImage>, CacheError> {
+        let mut out = self.inventory()?;
+        let mut keep = Vec::with_capacity(out.len());
+        for h in out.drain(..) {
+            if self.repair(&h.global_id)?.is_none() {
+                keep.push(h);
+            }
+        }
+        Ok(keep)
+    }
+
+    /// Everything held.
     pub fn inventory(&self) -> Result<Vec<HeldImage>, CacheError> {
         let mut out = Vec::new();
         for (k, rec) in self.db.scan::<HeldRecord>(CF_IMAGES, &[])? {

@@ -65,7 +65,7 @@ impl AgentConfig {
 /// A site's settings as a file or the command line give them; every field optional so the
 /// two can be layered ([`SiteConfig::overlay`]) before [`SiteConfig::resolve`] checks that
 /// nothing is missing.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SiteConfig {
     pub site: Option<String>,
@@ -76,7 +76,39 @@ pub struct SiteConfig {
     pub adapter: Option<AdapterConfig>,
 }
 
+/// The settings an agent ran with (site, engine, data, adapter; never a token), kept in its
+/// data directory at each start so `seedcast check --data DIR` reaches the same service.
+pub const SAVED_CONFIG: &str = "agent.toml";
+
 impl SiteConfig {
+    /// Keep the resolved settings in `cfg.data` ([`SAVED_CONFIG`]).
+    pub fn save(cfg: &AgentConfig, adapter: &AdapterConfig) -> Result<(), AgentError> {
+        let saved = SiteConfig {
+            site: Some(cfg.site.clone()),
+            engine: Some(cfg.engine.clone()),
+            data: Some(cfg.data.clone()),
+            token: None,
+            adapter: Some(adapter.clone()),
+        };
+        let text = toml::to_string(&saved).map_err(|e| AgentError::Config(e.to_string()))?;
+        let text = format!(
+            "# Written by `seedcast agent` at each start; read by `seedcast check`.\n{text}"
+        );
+        std::fs::create_dir_all(&cfg.data)
+            .map_err(|e| AgentError::Config(format!("{}: {e}", cfg.data.display())))?;
+        seedcast_net::pki::write_private(&cfg.data.join(SAVED_CONFIG), text.as_bytes(), 0o600)?;
+        Ok(())
+    }
+
+    /// The settings an agent saved in `data`, if it ever started there.
+    pub fn saved(data: &Path) -> Result<Option<SiteConfig>, AgentError> {
+        let p = data.join(SAVED_CONFIG);
+        if !p.exists() {
+            return Ok(None);
+        }
+        Self::load(&p).map(Some)
+    }
+
     /// Parse a site config file's text.
     pub fn from_toml(text: &str) -> Result<Self, AgentError> {
         toml::from_str(text).map_err(|e| AgentError::Config(e.to_string()))
@@ -162,6 +194,20 @@ pool = "/srv/images"
             (cfg.site.as_str(), cfg.engine.as_str()),
             ("site-b", "127.0.0.1:7447")
         );
+    }
+
+    #[test]
+    fn saved_settings_read_back_without_the_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = SiteConfig::from_toml(FILE).unwrap();
+        let (mut cfg, adapter) = file.resolve().unwrap();
+        cfg.data = dir.path().to_path_buf();
+        SiteConfig::save(&cfg, &adapter).unwrap();
+        let back = SiteConfig::saved(dir.path()).unwrap().unwrap();
+        assert_eq!(back.adapter, Some(adapter));
+        assert_eq!(back.site.as_deref(), Some("site-a"));
+        assert_eq!(back.token, None);
+        assert!(SiteConfig::saved(&dir.path().join("none")).unwrap().is_none());
     }
 
     #[test]

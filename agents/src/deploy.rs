@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 
 use crate::agent::Agent;
 use crate::assemble::assemble;
-use crate::cache::{AgentDb, HeldRecord};
+use crate::cache::{AgentDb, HeldRecord, Repair};
 use crate::error::{AgentError, ReceiveError};
 use crate::receive::Active;
 use crate::seeds::SeedIndex;
@@ -193,21 +193,39 @@ impl Agent {
         manifest: Manifest,
         manifest_id: [u8; 32],
     ) -> Result<(String, u64), AgentError> {
-        let held = self.db.held(&manifest.global_id)?;
-        // Already published here (a repeated deployment): nothing to move.
+        let g = manifest.global_id;
+        let held = self.db.held(&g)?;
+        let repair = self.db.repair(&g)?;
+        // Already published here (a repeated deployment): nothing to move — unless
+        // `seedcast check --repair` marked it.
         if let Some(h) = &held
             && h.version == manifest.version
             && h.manifest_id == manifest_id
+            && repair != Some(Repair::Republish)
             && self.adapter.exists(&h.local_id).await.unwrap_or(false)
         {
-            write_msg(ctl.send, &need_nothing(transfer_id)).await?;
-            return Ok((h.local_id.clone(), 0));
+            if repair != Some(Repair::Refetch) {
+                write_msg(ctl.send, &need_nothing(transfer_id)).await?;
+                return Ok((h.local_id.clone(), 0));
+            }
+            // The copy is intact; the cache lost chunks of it: fetch them, keep the copy.
+            let transfer = self.receive(ctl, transfer_id, manifest).await?;
+            let db = self.db.clone();
+            tokio::task::spawn_blocking(move || {
+                db.flush_chunks()?;
+                db.clear_repair(&g)
+            })
+            .await??;
+            info!(global_id = %g, "chunks lost from the cache fetched again");
+            return Ok((h.local_id.clone(), transfer.bytes_received()));
         }
         let transfer = self.receive(ctl, transfer_id, manifest).await?;
         let bytes_received = transfer.bytes_received();
         let manifest = transfer.into_manifest();
+        // A republish is whole: never an overlay on (or an update of) a damaged copy.
+        let held = held.filter(|_| repair != Some(Repair::Republish));
         let local_id = self
-            .publish(transfer_id, manifest, manifest_id, held)
+            .publish(transfer_id, manifest, manifest_id, held, repair.is_some())
             .await?;
         Ok((local_id, bytes_received))
     }
@@ -235,6 +253,16 @@ impl Agent {
             need = plan.transfer.need().len(),
             "asking for missing chunks"
         );
+        // Copies found changed while reading seeds: the engine shows them drifted.
+        for (hv, detail) in seeds.take_drifted() {
+            warn!(global_id = %hv.global_id, version = hv.version, "published copy drifted: {detail}");
+            let msg = AgentMsg::Drifted {
+                global_id: hv.global_id,
+                version: hv.version,
+                detail,
+            };
+            write_msg(ctl.send, &msg).await?;
+        }
         let ask = plan.need_from();
         let complete = plan.transfer.is_complete();
         let (active, done) = Active::new(plan.transfer, seeds);
@@ -257,8 +285,15 @@ impl Agent {
         manifest: Manifest,
         manifest_id: [u8; 32],
         held: Option<HeldRecord>,
+        repairing: bool,
     ) -> Result<String, AgentError> {
         let g = manifest.global_id;
+        // The copy being repaired, retired once its replacement is recorded.
+        let damaged = if repairing && held.is_none() {
+            self.db.held(&g)?.map(|h| h.local_id)
+        } else {
+            None
+        };
         let db = self.db.clone();
         let staging = self
             .adapter
@@ -278,7 +313,11 @@ impl Agent {
                 let next = self.adapter.publish_next(&h.local_id, image).await?;
                 (next.local_id, next.retire)
             }
-            None => (self.adapter.publish(image).await?, None),
+            None => {
+                let local_id = self.adapter.publish(image).await?;
+                let retire = damaged.filter(|old| *old != local_id);
+                (local_id, retire)
+            }
         };
         let rec = HeldRecord {
             version: manifest.version,

@@ -3,18 +3,21 @@
 //!
 //! The index maps every chunk of every held version to where it sits in the published
 //! files. Bytes read from a seed are hashed before use: a seed that was changed outside
-//! seedcast simply stops providing those chunks.
+//! seedcast stops providing those chunks, and the version it belongs to is noted as
+//! drifted (the agent reports it, so `status` shows it for the site).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use parking_lot::Mutex;
+use seedcast_core::protocol::HeldVersion;
 use seedcast_core::{ChunkId, GlobalId, VerifiedChunk};
 use tracing::debug;
 
-use crate::adapter::{Adapter, ReadBack};
+use crate::adapter::{Adapter, AdapterError, ReadBack};
 use crate::cache::{AgentDb, CacheError};
 
 #[derive(Debug, Clone)]
@@ -24,14 +27,24 @@ struct Loc {
     len: u32,
 }
 
+/// An open published file (kept with its read-back handle alive) and whose it is.
+#[derive(Debug)]
+struct SeedFile {
+    file: Arc<File>,
+    _handle: ReadBack,
+    owner: HeldVersion,
+    path: String,
+}
+
 /// Where each chunk of the held images can be read.
 #[derive(Debug, Default)]
 pub struct SeedIndex {
     locs: HashMap<ChunkId, Loc>,
-    /// Open published files (kept with their read-back handles alive).
-    files: Vec<(Arc<File>, ReadBack)>,
+    files: Vec<SeedFile>,
     /// The held version of each image.
     held: HashMap<GlobalId, u32>,
+    /// Held versions whose published copy was found changed, with what differs.
+    drifted: Mutex<BTreeMap<(GlobalId, u32), String>>,
 }
 
 impl SeedIndex {
@@ -48,9 +61,17 @@ impl SeedIndex {
             if !adapter.keeps_copies() {
                 continue;
             }
+            let owner = HeldVersion {
+                global_id: held.global_id,
+                version: held.version,
+            };
             for f in &m.files {
                 let rb = match adapter.read_back(&held.local_id, &f.path).await {
                     Ok(rb) => rb,
+                    Err(e @ AdapterError::NoSuchFile { .. }) => {
+                        ix.drift(owner, e.to_string());
+                        continue;
+                    }
                     Err(e) => {
                         debug!(local_id = %held.local_id, file = %f.path, "no seed: {e}");
                         continue;
@@ -59,11 +80,27 @@ impl SeedIndex {
                 let Ok(file) = File::open(rb.path()) else {
                     continue;
                 };
-                if file.metadata().map(|m| m.len()).ok() != Some(f.recipe.len) {
-                    continue;
+                match file.metadata().map(|m| m.len()) {
+                    Ok(len) if len == f.recipe.len => {}
+                    Ok(len) => {
+                        ix.drift(
+                            owner,
+                            format!(
+                                "file {:?} is {len} bytes; version {} has {}",
+                                f.path, held.version, f.recipe.len
+                            ),
+                        );
+                        continue;
+                    }
+                    Err(_) => continue,
                 }
                 let fi = ix.files.len();
-                ix.files.push((Arc::new(file), rb));
+                ix.files.push(SeedFile {
+                    file: Arc::new(file),
+                    _handle: rb,
+                    owner,
+                    path: f.path.clone(),
+                });
                 for (offset, id, len) in f.recipe.chunks_at() {
                     ix.locs.entry(id).or_insert(Loc {
                         file: fi,
@@ -86,15 +123,55 @@ impl SeedIndex {
         self.locs.contains_key(id)
     }
 
-    /// Read `id` from a seed and check it. Blocking (a positioned read).
+    /// Read `id` from a seed and check it. Blocking (a positioned read). Bytes that no
+    /// longer match mark their version drifted.
     pub fn read(&self, id: &ChunkId) -> Option<VerifiedChunk> {
         let loc = self.locs.get(id)?;
+        let seed = &self.files[loc.file];
         let mut buf = vec![0u8; loc.len as usize];
-        self.files[loc.file]
-            .0
+        let checked = seed
+            .file
             .read_exact_at(&mut buf, loc.offset)
-            .ok()?;
-        VerifiedChunk::check(*id, Bytes::from(buf)).ok()
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                VerifiedChunk::check(*id, Bytes::from(buf)).map_err(|_| "changed".to_string())
+            });
+        match checked {
+            Ok(c) => Some(c),
+            Err(why) => {
+                self.drift(
+                    seed.owner,
+                    format!(
+                        "file {:?}: the chunk at byte {} no longer matches ({why})",
+                        seed.path, loc.offset
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn drift(&self, owner: HeldVersion, detail: String) {
+        self.drifted
+            .lock()
+            .entry((owner.global_id, owner.version))
+            .or_insert(detail);
+    }
+
+    /// The held versions found drifted so far (each once), with what differs.
+    pub fn take_drifted(&self) -> Vec<(HeldVersion, String)> {
+        std::mem::take(&mut *self.drifted.lock())
+            .into_iter()
+            .map(|((global_id, version), d)| {
+                (
+                    HeldVersion {
+                        global_id,
+                        version,
+                    },
+                    d,
+                )
+            })
+            .collect()
     }
 }
 
@@ -161,6 +238,14 @@ mod tests {
             "…but refused when its bytes do not match"
         );
         assert!(ix.read(&chunks[3].1).is_some());
+        let drifted = ix.take_drifted();
+        assert_eq!(drifted.len(), 1, "{drifted:?}");
+        assert_eq!(
+            (drifted[0].0.global_id, drifted[0].0.version),
+            (m.global_id, 3)
+        );
+        assert!(drifted[0].1.contains("disk.raw"), "{}", drifted[0].1);
+        assert!(ix.take_drifted().is_empty(), "reported once");
     }
 
     #[tokio::test]

@@ -39,7 +39,7 @@ impl Agent {
         let signing_key = self.pin_signing_key(creds, presented).await?;
         *welcomed = true;
         let db = self.db.clone();
-        let inventory = tokio::task::spawn_blocking(move || db.inventory()).await??;
+        let inventory = tokio::task::spawn_blocking(move || db.reported_inventory()).await??;
         write_msg(&mut send, &AgentMsg::Inventory { images: inventory }).await?;
 
         let slot = Slot::default();

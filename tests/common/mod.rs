@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod impostor;
+pub mod procs;
 
 use std::os::unix::fs::MetadataExt;
 use std::panic::AssertUnwindSafe;

@@ -35,7 +35,7 @@ pub use qcow2::{Compress, Qcow2Options};
 pub use s3::S3Options;
 
 /// Options of the `dir` adapter.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DirOptions {
     /// The pool directory (created if missing). Images are staged in `POOL/.staging`, on
@@ -44,7 +44,7 @@ pub struct DirOptions {
 }
 
 /// A site's local image service and its options.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum AdapterConfig {
     Dir(DirOptions),

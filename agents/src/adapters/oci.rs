@@ -51,7 +51,7 @@ const QEMU_UID: u64 = 107;
 const UPLOAD_CHUNK: usize = 8 << 20;
 
 /// Options of the `oci` adapter.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OciOptions {
     /// `http://host:port` (plain HTTP) or `https://host[:port]`.

@@ -32,7 +32,7 @@ use crate::adapters::local::{self, Sidecar, Stored, sync_dir};
 const CLUSTER: u64 = 64 * 1024;
 
 /// Options of the `qcow2` adapter.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Qcow2Options {
     /// The pool directory (created if missing).
@@ -46,7 +46,7 @@ pub struct Qcow2Options {
 }
 
 /// Cluster compression of written images.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Compress {
     Zstd,

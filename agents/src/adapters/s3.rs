@@ -33,7 +33,7 @@ const PART: usize = 16 << 20;
 const MANIFEST: &str = ".seedcast.json";
 
 /// Options of the `s3` adapter.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct S3Options {
     /// The service's URL, e.g. `https://s3.example.net` or `http://127.0.0.1:8080`.

@@ -37,7 +37,7 @@ const UPLOAD_CHUNK: usize = 4 << 20;
 const ACTIVE_WITHIN: Duration = Duration::from_secs(120);
 
 /// The format a disk is uploaded in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DiskFormat {
     Raw,
@@ -59,7 +59,7 @@ impl std::str::FromStr for DiskFormat {
 }
 
 /// Options of the `glance` adapter.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct GlanceOptions {
     /// Glance's URL (default: from the service catalog).

@@ -1,0 +1,214 @@
+//! Real `seedcast` processes for the command-line tests: an engine started and waited for,
+//! site tokens, commands run as scripts run them. Each child is killed when dropped.
+
+use std::net::UdpSocket;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_seedcast");
+
+/// Kills the child when the test ends, pass or fail.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn free_port() -> Result<u16> {
+    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+pub fn spawn(args: &[&str]) -> Result<Proc> {
+    Ok(Proc(
+        Command::new(BIN)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    ))
+}
+
+pub fn run(args: &[&str], env: &[(&str, &str)]) -> Result<Output> {
+    let mut c = Command::new(BIN);
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    Ok(c.output()?)
+}
+
+pub fn json(out: &Output) -> Result<Value> {
+    ensure!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// An engine process on 127.0.0.1 with its data under `d/engine`, started and waited for
+/// (its admin token written); killed when dropped.
+pub struct TestEngine {
+    proc: Option<Proc>,
+    pub addr: String,
+    pub data: std::path::PathBuf,
+    pub admin: String,
+    extra: Vec<String>,
+}
+
+impl TestEngine {
+    pub fn start(d: &Path, extra: &[&str]) -> Result<TestEngine> {
+        let data = d.join("engine");
+        let admin = data.join("admin.token").to_string_lossy().into_owned();
+        let mut e = TestEngine {
+            proc: None,
+            addr: format!("127.0.0.1:{}", free_port()?),
+            data,
+            admin,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        e.restart()?;
+        wait_for_file(Path::new(&e.admin))?;
+        Ok(e)
+    }
+
+    /// SIGKILL the engine and start it again on the same data and address.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill()?;
+        let mut args = vec!["engine", "--data", self.data.to_str().unwrap()];
+        args.extend(["--listen", &self.addr]);
+        args.extend(self.extra.iter().map(String::as_str));
+        self.proc = Some(spawn(&args)?);
+        Ok(())
+    }
+
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut p) = self.proc.take() {
+            p.0.kill()?;
+            p.0.wait()?;
+        }
+        Ok(())
+    }
+
+    /// The environment a client of this engine runs with.
+    pub fn env(&self) -> [(&'static str, &str); 2] {
+        [
+            ("SEEDCAST_ENGINE", self.addr.as_str()),
+            ("SEEDCAST_TOKEN", self.admin.as_str()),
+        ]
+    }
+}
+
+/// `seedcast site add SITE` (retried while the engine starts): the token's text.
+pub fn site_token(env: &[(&str, &str)], site: &str) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = run(&["site", "add", site], env)?;
+        if out.status.success() {
+            let text = String::from_utf8(out.stdout)?;
+            ensure!(text.lines().count() == 1, "{text:?}");
+            return Ok(text.trim().to_string());
+        }
+        if Instant::now() > deadline {
+            bail!("site add: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn wait_for_file(p: &Path) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(s) = std::fs::read_to_string(p) {
+            return Ok(s.trim().to_string());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("{} never appeared", p.display())
+}
+
+
+/// An agent process for site `site` of `engine`, data under `d/agent-SITE`, with the
+/// adapter arguments given; enrolled with a fresh site token at first start.
+pub struct TestAgent {
+    proc: Option<Proc>,
+    pub data: std::path::PathBuf,
+    args: Vec<String>,
+}
+
+impl TestAgent {
+    pub fn start(d: &Path, engine: &TestEngine, site: &str, adapter: &[&str]) -> Result<Self> {
+        let token = d.join(format!("{site}.token"));
+        std::fs::write(&token, site_token(&engine.env(), site)?)?;
+        let data = d.join(format!("agent-{site}"));
+        let mut args: Vec<String> = [
+            "agent",
+            "--data",
+            data.to_str().context("path")?,
+            "--engine",
+            &engine.addr,
+            "--site",
+            site,
+            "--token",
+            token.to_str().context("path")?,
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(adapter.iter().map(|s| s.to_string()));
+        let mut a = TestAgent {
+            proc: None,
+            data,
+            args,
+        };
+        a.restart()?;
+        Ok(a)
+    }
+
+    /// (Re)start the agent process (SIGKILLing a running one).
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop()?;
+        self.proc = Some(Proc(
+            Command::new(BIN)
+                .args(&self.args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?,
+        ));
+        Ok(())
+    }
+
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some(mut p) = self.proc.take() {
+            p.0.kill()?;
+            p.0.wait()?;
+        }
+        Ok(())
+    }
+}
+
+/// `status GID --json`, polled until `done` holds for it (or `secs` pass).
+pub fn wait_status(
+    env: &[(&str, &str)],
+    gid: &str,
+    secs: u64,
+    done: impl Fn(&Value) -> bool,
+) -> Result<Value> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let st = json(&run(&["status", gid, "--json"], env)?)?;
+        if done(&st) {
+            return Ok(st);
+        }
+        ensure!(Instant::now() < deadline, "status never reached: {st}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
