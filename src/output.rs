@@ -183,45 +183,6 @@ pub fn sites_table(v: &[SiteInfo]) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn control_characters_from_peers_never_reach_the_terminal() {
-        assert_eq!(printable("sc-1/v2"), "sc-1/v2");
-        let hostile = "id\u{1b}]0;owned\u{7}\r\n";
-        let shown = printable(hostile);
-        assert!(!shown.chars().any(char::is_control), "{shown}");
-        assert!(shown.contains("\\u{1b}"), "{shown}");
-        let mut st = ImageStatus {
-            global_id: GlobalId([1; 12]),
-            name: "n\u{1b}[2J".into(),
-            version: 1,
-            bytes_uploaded: 0,
-            total_len: 0,
-            data_len: 0,
-            sites: vec![SitePlacement {
-                site: "a".into(),
-                local_id: Some(hostile.into()),
-                version: 1,
-                state: seedcast_core::protocol::PlacementState::Failed,
-                bytes_sent: 0,
-                bytes_needed: 0,
-                error: Some("bad\u{1b}[31m".into()),
-                wire_bytes: 0,
-            }],
-        };
-        let t = image_table(&st);
-        assert!(
-            !t.contains('\u{1b}') && !t.contains('\r') && !t.contains('\u{7}'),
-            "{t}"
-        );
-        st.sites.clear();
-        assert!(!image_table(&st).contains('\u{1b}'));
-    }
-}
-
 /// `check --json`: the report as it is (its field names are the contract).
 pub fn check_json(r: &seedcast_core::check::Report) -> Value {
     let mut v = serde_json::to_value(r).unwrap_or(Value::Null);
@@ -279,4 +240,43 @@ pub fn check_text(r: &seedcast_core::check::Report) -> String {
         (n, _) => format!("{n} problems found (--repair fixes what it can)\n"),
     };
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_from_peers_never_reach_the_terminal() {
+        assert_eq!(printable("sc-1/v2"), "sc-1/v2");
+        let hostile = "id\u{1b}]0;owned\u{7}\r\n";
+        let shown = printable(hostile);
+        assert!(!shown.chars().any(char::is_control), "{shown}");
+        assert!(shown.contains("\\u{1b}"), "{shown}");
+        let mut st = ImageStatus {
+            global_id: GlobalId([1; 12]),
+            name: "n\u{1b}[2J".into(),
+            version: 1,
+            bytes_uploaded: 0,
+            total_len: 0,
+            data_len: 0,
+            sites: vec![SitePlacement {
+                site: "a".into(),
+                local_id: Some(hostile.into()),
+                version: 1,
+                state: seedcast_core::protocol::PlacementState::Failed,
+                bytes_sent: 0,
+                bytes_needed: 0,
+                error: Some("bad\u{1b}[31m".into()),
+                wire_bytes: 0,
+            }],
+        };
+        let t = image_table(&st);
+        assert!(
+            !t.contains('\u{1b}') && !t.contains('\r') && !t.contains('\u{7}'),
+            "{t}"
+        );
+        st.sites.clear();
+        assert!(!image_table(&st).contains('\u{1b}'));
+    }
 }

@@ -149,7 +149,7 @@ impl AgentDb {
     /// a damaged one is named by its id rather than ending the scan.
     pub fn scan_chunks_unchecked(
         &self,
-    ) -> impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>), CacheError>> + '_ {
+    ) -> impl Iterator<Item = Result<seedcast_db::KeyValue, CacheError>> + '_ {
         self.db.scan_raw_unchecked(CF_CHUNKS)
     }
 

@@ -89,7 +89,12 @@ pub async fn check(data: &Path, opts: CheckOptions) -> Result<Report, AgentError
     let (records, bad) = db.audit_records();
     report.checked.records = records;
     for (what, why) in bad {
-        report.add(ProblemKind::BadRecord, format!("agent db {what}"), why, vec![]);
+        report.add(
+            ProblemKind::BadRecord,
+            format!("agent db {what}"),
+            why,
+            vec![],
+        );
     }
     let held = held_copies(&db, &mut report);
     report.checked.images = held.len() as u64;
@@ -190,7 +195,16 @@ pub async fn check(data: &Path, opts: CheckOptions) -> Result<Report, AgentError
     }
 
     if opts.repair {
-        repair(&db, adapter, &held, &users, damaged, &mut marks, &mut report).await?;
+        repair(
+            &db,
+            adapter,
+            &held,
+            &users,
+            damaged,
+            &mut marks,
+            &mut report,
+        )
+        .await?;
         drop(db);
         if !marks.is_empty() {
             let saved = saved.ok_or_else(|| {

@@ -207,7 +207,11 @@ pool = "/srv/images"
         assert_eq!(back.adapter, Some(adapter));
         assert_eq!(back.site.as_deref(), Some("site-a"));
         assert_eq!(back.token, None);
-        assert!(SiteConfig::saved(&dir.path().join("none")).unwrap().is_none());
+        assert!(
+            SiteConfig::saved(&dir.path().join("none"))
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]

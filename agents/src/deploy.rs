@@ -546,7 +546,7 @@ mod tests {
         let (m1, c1) = manifest(1, &v1);
         agent.db.put_chunks(&c1).unwrap();
         let id1 = agent
-            .publish(1, m1.clone(), m1.id().unwrap(), None)
+            .publish(1, m1.clone(), m1.id().unwrap(), None, false)
             .await
             .unwrap();
         let mut v2 = v1.clone();
@@ -556,7 +556,7 @@ mod tests {
         agent.db.put_chunks(&c2).unwrap();
         let held = agent.db.held(&m2.global_id).unwrap();
         let id2 = agent
-            .publish(2, m2.clone(), m2.id().unwrap(), held)
+            .publish(2, m2.clone(), m2.id().unwrap(), held, false)
             .await
             .unwrap();
         assert_ne!(id1, id2);
@@ -575,7 +575,7 @@ mod tests {
         let (m1, c1) = manifest(1, &noise("sweep", 1 << 20));
         agent.db.put_chunks(&c1).unwrap();
         let kept = agent
-            .publish(1, m1.clone(), m1.id().unwrap(), None)
+            .publish(1, m1.clone(), m1.id().unwrap(), None, false)
             .await
             .unwrap();
         // Version 2 reached the pool, then the agent died before recording it.

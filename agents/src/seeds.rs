@@ -162,15 +162,7 @@ impl SeedIndex {
     pub fn take_drifted(&self) -> Vec<(HeldVersion, String)> {
         std::mem::take(&mut *self.drifted.lock())
             .into_iter()
-            .map(|((global_id, version), d)| {
-                (
-                    HeldVersion {
-                        global_id,
-                        version,
-                    },
-                    d,
-                )
-            })
+            .map(|((global_id, version), d)| (HeldVersion { global_id, version }, d))
             .collect()
     }
 }

@@ -248,7 +248,9 @@ fn record_drift(shared: &Shared, site: &str, g: &GlobalId, version: u32, mut det
     let _versions = shared.versions.lock();
     let p = match shared.catalog.placement(g, site) {
         Ok(Some(p)) => p,
-        Ok(None) => return warn!(site, global_id = %g, "drift report for an image not placed here; ignored"),
+        Ok(None) => {
+            return warn!(site, global_id = %g, "drift report for an image not placed here; ignored");
+        }
         Err(e) => return warn!(site, "reading a placement: {e}"),
     };
     if p.state != PlacementState::Published || p.published_version != Some(version) {

@@ -371,7 +371,8 @@ impl Catalog {
             let (k, v) = match item {
                 Ok(kv) => kv,
                 Err(e) => {
-                    a.bad.push((format!("{cf}/…"), format!("cannot read on: {e}")));
+                    a.bad
+                        .push((format!("{cf}/…"), format!("cannot read on: {e}")));
                     return;
                 }
             };

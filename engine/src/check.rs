@@ -128,7 +128,12 @@ pub fn check(data: &Path, opts: CheckOptions) -> Result<Report, CheckError> {
         }
     }
     for (g, img) in &audit.images {
-        let has = |v: u32| audit.manifests.iter().any(|(mg, mv, _)| mg == g && *mv == v);
+        let has = |v: u32| {
+            audit
+                .manifests
+                .iter()
+                .any(|(mg, mv, _)| mg == g && *mv == v)
+        };
         if !has(img.current_version) {
             report.add(
                 ProblemKind::MissingManifest,
@@ -215,7 +220,9 @@ pub fn check(data: &Path, opts: CheckOptions) -> Result<Report, CheckError> {
         catalog.forget_chunks(&forget.iter().map(|(id, _)| *id).collect::<Vec<_>>())?;
         for (id, problem) in forget {
             report.problems[problem].repaired = true;
-            report.actions.push(format!("forgot the damaged copy of chunk {id}"));
+            report
+                .actions
+                .push(format!("forgot the damaged copy of chunk {id}"));
             // The chunk is now missing until it is pushed again: say so, if anything needs it.
             if users.by_chunk.contains_key(&id) {
                 report.add(

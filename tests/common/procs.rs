@@ -136,7 +136,6 @@ pub fn wait_for_file(p: &Path) -> Result<String> {
     bail!("{} never appeared", p.display())
 }
 
-
 /// An agent process for site `site` of `engine`, data under `d/agent-SITE`, with the
 /// adapter arguments given; enrolled with a fresh site token at first start.
 pub struct TestAgent {
