@@ -588,39 +588,120 @@ fn push_cut_then_resumed(kill_engine: bool) -> Result<()> {
     Ok(())
 }
 
-/// What an observer of a dir pool may see: image directories, each exactly one version.
-/// Returns the number of distinct images seen; fails on anything else (a partial image).
-fn observe_pool(
-    pool: &Path,
-    versions: &[blake3::Hash],
+/// A site's image service as an observer outside seedcast sees it, polled through an
+/// agent's update.
+trait SiteView: Sync {
+    /// The images the service shows now.
+    fn list(&self) -> Vec<String>;
+    /// Which of `versions` image `name` is, whole: `Ok(None)` when it is gone meanwhile (an
+    /// old version retired); an error when it is neither (a third state).
+    fn version_of(&self, name: &str, versions: &[&Path; 2]) -> Result<Option<usize>>;
+}
+
+/// A dir pool: each image a directory holding a sidecar and `disk.raw`.
+struct DirPool(std::path::PathBuf);
+
+impl SiteView for DirPool {
+    fn list(&self) -> Vec<String> {
+        std::fs::read_dir(self.0)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with('.'))
+            .collect()
+    }
+
+    fn version_of(&self, name: &str, versions: &[&Path; 2]) -> Result<Option<usize>> {
+        let dir = self.0.join(name);
+        let sidecar = std::fs::read(dir.join(".seedcast.json"));
+        let disk = seedcast::cluster::file_hash(&dir.join("disk.raw"));
+        match (sidecar, disk) {
+            (Ok(_), Ok(h)) => {
+                for (i, v) in versions.iter().enumerate() {
+                    if seedcast::cluster::file_hash(v)? == h {
+                        return Ok(Some(i));
+                    }
+                }
+                bail!("{name}: a disk of neither version")
+            }
+            // Removed while we looked (an old version retired): fine.
+            _ if !dir.exists() => Ok(None),
+            (s, d) => bail!(
+                "a third state in the pool: {name}: sidecar {:?}, disk {:?}",
+                s.map(|_| ()),
+                d.map(|h| h.to_hex().to_string())
+            ),
+        }
+    }
+}
+
+/// A qcow2 pool: each version a directory `<global id>/v<N>` holding a sidecar and
+/// `disk.qcow2`, compared with each version by `qemu-img compare` (guest content).
+struct Qcow2Pool(std::path::PathBuf);
+
+impl SiteView for Qcow2Pool {
+    fn list(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for g in std::fs::read_dir(self.0).into_iter().flatten().flatten() {
+            let gname = g.file_name().to_string_lossy().into_owned();
+            if gname.starts_with('.') {
+                continue;
+            }
+            for v in std::fs::read_dir(g.path()).into_iter().flatten().flatten() {
+                let vname = v.file_name().to_string_lossy().into_owned();
+                if !vname.starts_with('.') {
+                    out.push(format!("{gname}/{vname}"));
+                }
+            }
+        }
+        out
+    }
+
+    fn version_of(&self, name: &str, versions: &[&Path; 2]) -> Result<Option<usize>> {
+        let dir = self.0.join(name);
+        let disk = dir.join("disk.qcow2");
+        if !dir.join(".seedcast.json").is_file() || !disk.is_file() {
+            if !dir.exists() {
+                return Ok(None);
+            }
+            bail!("a third state in the pool: {name} without its sidecar or disk");
+        }
+        for (i, v) in versions.iter().enumerate() {
+            let st = Command::new("qemu-img")
+                .args(["compare", "-q", "-U", "-f", "qcow2", "-F", "raw"])
+                .arg(&disk)
+                .arg(v)
+                .status()?;
+            match st.code() {
+                Some(0) => return Ok(Some(i)),
+                Some(1) => {}
+                _ if !dir.exists() => return Ok(None),
+                _ => bail!("qemu-img compare {name}: {st}"),
+            }
+        }
+        if !dir.exists() {
+            return Ok(None);
+        }
+        bail!("{name}: a disk of neither version")
+    }
+}
+
+/// Poll `view` until `stop`, checking each image once (published images are immutable).
+/// Returns how many distinct images were seen.
+fn observe(
+    view: &dyn SiteView,
+    versions: &[&Path; 2],
     stop: &std::sync::atomic::AtomicBool,
 ) -> Result<usize> {
     let mut verified = std::collections::HashSet::new();
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        let Ok(entries) = std::fs::read_dir(pool) else {
-            std::thread::sleep(Duration::from_millis(20));
-            continue;
-        };
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') || verified.contains(&name) {
+        for name in view.list() {
+            if verified.contains(&name) {
                 continue;
             }
-            let dir = e.path();
-            // Published directories are complete and immutable: check each once.
-            let sidecar = std::fs::read(dir.join(".seedcast.json"));
-            let disk = seedcast::cluster::file_hash(&dir.join("disk.raw"));
-            match (sidecar, disk) {
-                (Ok(_), Ok(h)) if versions.contains(&h) => {
-                    verified.insert(name);
-                }
-                // Removed while we looked (an old version retired): fine.
-                _ if !dir.exists() => {}
-                (s, d) => bail!(
-                    "a third state in the pool: {name}: sidecar {:?}, disk {:?}",
-                    s.map(|_| ()),
-                    d.map(|h| h.to_hex().to_string())
-                ),
+            if view.version_of(&name, versions)?.is_some() {
+                verified.insert(name);
             }
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -628,41 +709,26 @@ fn observe_pool(
     Ok(verified.len())
 }
 
-#[test]
-fn agent_killed_mid_update_shows_only_old_or_new_and_converges() -> Result<()> {
+/// The agent (the `adapter` given) is SIGKILLed six times at pseudo-random moments while a
+/// 12 MiB change of a 48 MiB image is deployed; an observer polls the site's service for
+/// the whole update. Only whole images of version 1 or 2 are ever seen; the site converges
+/// to version 2 and exactly that is left.
+fn agent_killed_mid_update(
+    adapter: &[&str],
+    agent_env: &[(&str, &str)],
+    view: &dyn Fn(&Path) -> Box<dyn SiteView>,
+) -> Result<()> {
     use std::sync::atomic::{AtomicBool, Ordering};
     let dir = tempfile::tempdir()?;
     let d = dir.path();
     let engine = TestEngine::start(d, &[])?;
-    let (env, addr) = (engine.env(), engine.addr.as_str());
-    let token = d.join("site.token");
-    std::fs::write(&token, site_token(&env, "kill")?)?;
+    let env = engine.env();
     let pool = d.join("pool");
-    let agent_args = [
-        "agent",
-        "--data",
-        d.join("agent").to_str().unwrap(),
-        "--engine",
-        addr,
-        "--site",
-        "kill",
-        "--token",
-        token.to_str().unwrap(),
-        "--adapter",
-        "dir",
-        "--pool",
-        pool.to_str().unwrap(),
-    ]
-    .map(String::from);
-    let agent = || -> Result<Proc> {
-        Ok(Proc(
-            Command::new(BIN)
-                .args(&agent_args)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()?,
-        ))
-    };
+    let mut args = adapter.to_vec();
+    if !args.contains(&"--bucket") {
+        args.extend(["--pool", pool.to_str().unwrap()]);
+    }
+    let mut agent = TestAgent::start_with_env(d, &engine, "kill", &args, agent_env)?;
 
     // Version 1: 48 MiB, half random; version 2 rewrites 12 MiB of it.
     std::fs::create_dir_all(d.join("v1"))?;
@@ -679,10 +745,9 @@ fn agent_killed_mid_update_shows_only_old_or_new_and_converges() -> Result<()> {
         .fill(&mut bytes[20 << 20..32 << 20]);
     let v2 = d.join("v2.raw");
     std::fs::write(&v2, &bytes)?;
-    let hashes = [blake3::hash(&std::fs::read(&v1)?), blake3::hash(&bytes)];
     drop(bytes);
+    let versions = [v1.as_path(), v2.as_path()];
 
-    let first = agent()?;
     let out = run(
         &[
             "push",
@@ -698,12 +763,12 @@ fn agent_killed_mid_update_shows_only_old_or_new_and_converges() -> Result<()> {
         .as_str()
         .context("global_id")?
         .to_string();
-    drop(first);
+    agent.stop()?;
 
-    // An observer polls the pool for the whole update.
+    let view = view(&pool);
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| -> Result<()> {
-        let watcher = s.spawn(|| observe_pool(&pool, &hashes, &stop));
+        let watcher = s.spawn(|| observe(view.as_ref(), &versions, &stop));
         let file = format!("disk.raw={}", v2.display());
         let out = run(&["adapt", &gid, "--file", &file, "--json"], &env)?;
         ensure!(
@@ -717,21 +782,14 @@ fn agent_killed_mid_update_shows_only_old_or_new_and_converges() -> Result<()> {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            let p = agent()?;
+            agent.restart()?;
             std::thread::sleep(Duration::from_millis(150 + x % 900));
-            drop(p);
+            agent.stop()?;
         }
-        let _last = agent()?;
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
-            let st = json(&run(&["status", &gid, "--json"], &env)?)?;
-            let p = &st["sites"][0];
-            if p["version"] == 2 && p["state"] == "published" {
-                break;
-            }
-            ensure!(Instant::now() < deadline, "not converged: {st}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        agent.restart()?;
+        wait_status(&env, &gid, 120, |st| {
+            st["sites"][0]["version"] == 2 && st["sites"][0]["state"] == "published"
+        })?;
         std::thread::sleep(Duration::from_millis(300));
         stop.store(true, Ordering::Relaxed);
         let seen = watcher.join().expect("observer")?;
@@ -739,15 +797,103 @@ fn agent_killed_mid_update_shows_only_old_or_new_and_converges() -> Result<()> {
         Ok(())
     })?;
     // Exactly version 2 is left, and nothing half-made.
-    let left: Vec<_> = std::fs::read_dir(&pool)?
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| !n.starts_with('.'))
-        .collect();
+    let left = view.list();
     ensure!(left.len() == 1, "{left:?}");
-    let disk = pool.join(&left[0]).join("disk.raw");
-    ensure!(seedcast::cluster::file_hash(&disk)? == hashes[1]);
+    ensure!(view.version_of(&left[0], &versions)? == Some(1), "{left:?}");
     Ok(())
+}
+
+/// An S3 bucket: each version the prefix `images/<global id>/v<N>`, an image once its
+/// `.seedcast.json` is there (the adapter writes it last); its `disk.raw` read with the
+/// AWS CLI.
+struct Bucket(std::sync::Arc<seedcast::services::swift::Swift>, std::path::PathBuf);
+
+impl SiteView for Bucket {
+    fn list(&self) -> Vec<String> {
+        let Ok(out) = self.0.aws(&[
+            "s3api",
+            "list-objects-v2",
+            "--bucket",
+            "vms",
+            "--prefix",
+            "images/",
+        ]) else {
+            return vec![];
+        };
+        let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+        v["Contents"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|o| o["Key"].as_str()?.strip_suffix("/.seedcast.json"))
+            .map(String::from)
+            .collect()
+    }
+
+    fn version_of(&self, name: &str, versions: &[&Path; 2]) -> Result<Option<usize>> {
+        let got = self.1.join(name.replace('/', "_"));
+        let copied = self.0.aws(&[
+            "s3",
+            "cp",
+            &format!("s3://vms/{name}/disk.raw"),
+            got.to_str().unwrap(),
+        ]);
+        if copied.is_err() && !self.list().iter().any(|n| n == name) {
+            return Ok(None);
+        }
+        copied?;
+        let h = seedcast::cluster::file_hash(&got)?;
+        std::fs::remove_file(&got)?;
+        for (i, v) in versions.iter().enumerate() {
+            if seedcast::cluster::file_hash(v)? == h {
+                return Ok(Some(i));
+            }
+        }
+        bail!("{name}: an image whose disk.raw is neither version")
+    }
+}
+
+#[test]
+fn agent_killed_mid_update_shows_only_old_or_new_and_converges() -> Result<()> {
+    agent_killed_mid_update(&["--adapter", "dir"], &[], &|p| {
+        Box::new(DirPool(p.to_path_buf()))
+    })
+}
+
+#[test]
+fn qcow2_agent_killed_mid_update_shows_only_old_or_new_and_converges() -> Result<()> {
+    agent_killed_mid_update(&["--adapter", "qcow2"], &[], &|p| {
+        Box::new(Qcow2Pool(p.to_path_buf()))
+    })
+}
+
+#[test]
+fn s3_agent_killed_mid_update_shows_only_old_or_new_and_converges() -> Result<()> {
+    let swift = std::sync::Arc::new(seedcast::services::swift::Swift::start()?);
+    swift.create_bucket("vms")?;
+    let endpoint = swift.endpoint();
+    let (key, secret) = swift.credentials();
+    let scratch = tempfile::tempdir()?;
+    let s = swift.clone();
+    let dl = scratch.path().to_path_buf();
+    agent_killed_mid_update(
+        &[
+            "--adapter",
+            "s3",
+            "--endpoint",
+            &endpoint,
+            "--bucket",
+            "vms",
+            "--prefix",
+            "images",
+        ],
+        &[
+            ("AWS_ACCESS_KEY_ID", key),
+            ("AWS_SECRET_ACCESS_KEY", secret),
+            ("AWS_DEFAULT_REGION", "us-east-1"),
+        ],
+        &move |_| Box::new(Bucket(s.clone(), dl.clone())),
+    )
 }
 
 #[test]

@@ -142,10 +142,23 @@ pub struct TestAgent {
     proc: Option<Proc>,
     pub data: std::path::PathBuf,
     args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl TestAgent {
     pub fn start(d: &Path, engine: &TestEngine, site: &str, adapter: &[&str]) -> Result<Self> {
+        Self::start_with_env(d, engine, site, adapter, &[])
+    }
+
+    /// As [`TestAgent::start`], the agent run with `env` added to its environment (a
+    /// service's credentials).
+    pub fn start_with_env(
+        d: &Path,
+        engine: &TestEngine,
+        site: &str,
+        adapter: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let token = d.join(format!("{site}.token"));
         std::fs::write(&token, site_token(&engine.env(), site)?)?;
         let data = d.join(format!("agent-{site}"));
@@ -167,6 +180,10 @@ impl TestAgent {
             proc: None,
             data,
             args,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         a.restart()?;
         Ok(a)
@@ -178,6 +195,7 @@ impl TestAgent {
         self.proc = Some(Proc(
             Command::new(BIN)
                 .args(&self.args)
+                .envs(self.env.iter().map(|(k, v)| (k, v)))
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()?,

@@ -374,6 +374,30 @@ impl Adapter for Qcow2Adapter {
         })
     }
 
+    /// Every `<global id>/v<N>` directory with a sidecar: only what this adapter makes.
+    fn list(&self) -> BoxFuture<'_, Result<Option<Vec<String>>, AdapterError>> {
+        Box::pin(async move {
+            let pool = &self.opts.pool;
+            let mut ids = Vec::new();
+            for e in fs::read_dir(pool).map_err(AdapterError::io("list", pool))? {
+                let e = e.map_err(AdapterError::io("list", pool))?;
+                let g = e.file_name().to_string_lossy().into_owned();
+                if g.parse::<GlobalId>().is_err() || !e.path().is_dir() {
+                    continue;
+                }
+                let image = e.path();
+                for v in fs::read_dir(&image).map_err(AdapterError::io("list", &image))? {
+                    let v = v.map_err(AdapterError::io("list", &image))?;
+                    let id = format!("{g}/{}", v.file_name().to_string_lossy());
+                    if parse_local_id(&id).is_ok() && v.path().join(local::SIDECAR).is_file() {
+                        ids.push(id);
+                    }
+                }
+            }
+            Ok(Some(ids))
+        })
+    }
+
     fn read_back<'a>(
         &'a self,
         local_id: &'a str,
