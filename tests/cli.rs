@@ -603,7 +603,7 @@ struct DirPool(std::path::PathBuf);
 
 impl SiteView for DirPool {
     fn list(&self) -> Vec<String> {
-        std::fs::read_dir(self.0)
+        std::fs::read_dir(&self.0)
             .into_iter()
             .flatten()
             .flatten()
@@ -643,7 +643,7 @@ struct Qcow2Pool(std::path::PathBuf);
 impl SiteView for Qcow2Pool {
     fn list(&self) -> Vec<String> {
         let mut out = Vec::new();
-        for g in std::fs::read_dir(self.0).into_iter().flatten().flatten() {
+        for g in std::fs::read_dir(&self.0).into_iter().flatten().flatten() {
             let gname = g.file_name().to_string_lossy().into_owned();
             if gname.starts_with('.') {
                 continue;
@@ -806,7 +806,10 @@ fn agent_killed_mid_update(
 /// An S3 bucket: each version the prefix `images/<global id>/v<N>`, an image once its
 /// `.seedcast.json` is there (the adapter writes it last); its `disk.raw` read with the
 /// AWS CLI.
-struct Bucket(std::sync::Arc<seedcast::services::swift::Swift>, std::path::PathBuf);
+struct Bucket(
+    std::sync::Arc<seedcast::services::swift::Swift>,
+    std::path::PathBuf,
+);
 
 impl SiteView for Bucket {
     fn list(&self) -> Vec<String> {
@@ -820,7 +823,7 @@ impl SiteView for Bucket {
         ]) else {
             return vec![];
         };
-        let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
         v["Contents"]
             .as_array()
             .into_iter()
