@@ -725,7 +725,7 @@ fn agent_killed_mid_update(
     let env = engine.env();
     let pool = d.join("pool");
     let mut args = adapter.to_vec();
-    if !args.contains(&"--bucket") {
+    if !args.contains(&"--bucket") && !args.contains(&"--registry") {
         args.extend(["--pool", pool.to_str().unwrap()]);
     }
     let mut agent = TestAgent::start_with_env(d, &engine, "kill", &args, agent_env)?;
@@ -856,6 +856,92 @@ impl SiteView for Bucket {
     }
 }
 
+/// An OCI registry: each version a tag `kill-v<N>` (pushed last), its disk layer
+/// (`disk/<stem>.qcow2`, KubeVirt's containerDisk) pulled with `skopeo` and compared by `qemu-img compare`.
+struct Registry(
+    std::sync::Arc<seedcast::services::registry::Registry>,
+    std::path::PathBuf,
+);
+
+impl Registry {
+    fn skopeo(&self, args: &[&str]) -> Result<std::process::Output> {
+        Ok(Command::new("skopeo").args(args).output()?)
+    }
+}
+
+impl SiteView for Registry {
+    fn list(&self) -> Vec<String> {
+        let repo = format!("docker://{}/vms/kill", self.0.host());
+        let Ok(out) = self.skopeo(&["list-tags", "--tls-verify=false", &repo]) else {
+            return vec![];
+        };
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v["Tags"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t.as_str().map(String::from))
+            .collect()
+    }
+
+    fn version_of(&self, tag: &str, versions: &[&Path; 2]) -> Result<Option<usize>> {
+        let out = self.1.join(format!("pull-{tag}"));
+        let _ = std::fs::remove_dir_all(&out);
+        let pulled = self.skopeo(&[
+            "copy",
+            "--src-tls-verify=false",
+            &format!("docker://{}/vms/kill:{tag}", self.0.host()),
+            &format!("dir:{}", out.display()),
+        ])?;
+        if !pulled.status.success() {
+            if !self.list().iter().any(|t| t == tag) {
+                return Ok(None);
+            }
+            bail!(
+                "tag {tag} listed but not pullable: {}",
+                String::from_utf8_lossy(&pulled.stderr)
+            );
+        }
+        let m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("manifest.json"))?)?;
+        let layer = m["layers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|l| l["annotations"]["io.seedcast.file"] == "disk.raw")
+            .with_context(|| format!("tag {tag}: no disk layer in {m}"))?;
+        let blob = out.join(
+            layer["digest"]
+                .as_str()
+                .context("digest")?
+                .trim_start_matches("sha256:"),
+        );
+        let disk = out.join("disk.qcow2");
+        let mut a = tar::Archive::new(std::fs::File::open(&blob)?);
+        let mut found = false;
+        for e in a.entries()? {
+            let mut e = e?;
+            if e.path()?.to_string_lossy().starts_with("disk/") {
+                std::io::copy(&mut e, &mut std::fs::File::create(&disk)?)?;
+                found = true;
+            }
+        }
+        ensure!(found, "tag {tag}: no disk/ in its disk layer");
+        for (i, v) in versions.iter().enumerate() {
+            let st = Command::new("qemu-img")
+                .args(["compare", "-q", "-f", "qcow2", "-F", "raw"])
+                .arg(&disk)
+                .arg(v)
+                .status()?;
+            if st.code() == Some(0) {
+                std::fs::remove_dir_all(&out)?;
+                return Ok(Some(i));
+            }
+        }
+        bail!("tag {tag}: a disk of neither version")
+    }
+}
+
 #[test]
 fn agent_killed_mid_update_shows_only_old_or_new_and_converges() -> Result<()> {
     agent_killed_mid_update(&["--adapter", "dir"], &[], &|p| {
@@ -868,6 +954,26 @@ fn qcow2_agent_killed_mid_update_shows_only_old_or_new_and_converges() -> Result
     agent_killed_mid_update(&["--adapter", "qcow2"], &[], &|p| {
         Box::new(Qcow2Pool(p.to_path_buf()))
     })
+}
+
+#[test]
+fn oci_agent_killed_mid_update_shows_only_old_or_new_and_converges() -> Result<()> {
+    let reg = std::sync::Arc::new(seedcast::services::registry::Registry::start(false)?);
+    let url = reg.url();
+    let scratch = tempfile::tempdir()?;
+    let (r, dl) = (reg.clone(), scratch.path().to_path_buf());
+    agent_killed_mid_update(
+        &[
+            "--adapter",
+            "oci",
+            "--registry",
+            &url,
+            "--repository",
+            "vms/kill",
+        ],
+        &[],
+        &move |_| Box::new(Registry(r.clone(), dl.clone())),
+    )
 }
 
 #[test]
