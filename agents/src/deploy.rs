@@ -305,6 +305,7 @@ impl Agent {
             Ok::<_, AgentError>(assemble(&db, &m2, staging)?)
         })
         .await??;
+        info!(global_id = %g, version = manifest.version, adapter = self.adapter.kind(), "assembled and verified; publishing");
         // The new version is published beside the old, recorded (synced), and only then is
         // the old one retired: a crash at any point leaves the record naming an image that
         // exists.

@@ -141,6 +141,8 @@ pub fn wait_for_file(p: &Path) -> Result<String> {
 pub struct TestAgent {
     proc: Option<Proc>,
     pub data: std::path::PathBuf,
+    /// Every run's log (stderr), appended.
+    pub log: std::path::PathBuf,
     args: Vec<String>,
     env: Vec<(String, String)>,
 }
@@ -178,6 +180,7 @@ impl TestAgent {
         args.extend(adapter.iter().map(|s| s.to_string()));
         let mut a = TestAgent {
             proc: None,
+            log: d.join(format!("agent-{site}.log")),
             data,
             args,
             env: env
@@ -197,10 +200,36 @@ impl TestAgent {
                 .args(&self.args)
                 .envs(self.env.iter().map(|(k, v)| (k, v)))
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&self.log)?,
+                )
                 .spawn()?,
         ));
         Ok(())
+    }
+
+    /// Wait until the log, past its first `from` bytes, shows `needle` (polling every
+    /// millisecond, so a kill can follow the moment it does); false after `secs`.
+    pub fn wait_log(&self, from: u64, needle: &str, secs: u64) -> Result<bool> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < deadline {
+            let text = std::fs::read(&self.log).unwrap_or_default();
+            if text.len() as u64 > from
+                && String::from_utf8_lossy(&text[from as usize..]).contains(needle)
+            {
+                return Ok(true);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(false)
+    }
+
+    /// The log's length now.
+    pub fn log_len(&self) -> u64 {
+        std::fs::metadata(&self.log).map_or(0, |m| m.len())
     }
 
     pub fn stop(&mut self) -> Result<()> {
