@@ -110,9 +110,15 @@ fn floor_key(g: &GlobalId) -> Vec<u8> {
 pub struct AgentDb {
     db: Db,
     /// Chunk payload bytes received from the engine over this database's life (what a
-    /// site's link carried, re-sends included), kept with the chunks they brought.
-    received: parking_lot::Mutex<u64>,
+    /// site's link carried, re-sends included), kept with the chunks they brought; and
+    /// how many of them are not flushed yet.
+    received: parking_lot::Mutex<(u64, u64)>,
 }
+
+/// Received chunk bytes are flushed at least this often during a transfer, so an agent
+/// killed mid-transfer keeps all but the last few MiB of what it had verified (chunk writes
+/// skip the write-ahead log, which would write every byte twice).
+const FLUSH_EVERY: u64 = 8 << 20;
 
 const RECEIVED_KEY: &[u8] = b"received_bytes";
 
@@ -131,7 +137,7 @@ impl AgentDb {
             .map_or(0, u64::from_le_bytes);
         Ok(AgentDb {
             db,
-            received: parking_lot::Mutex::new(received),
+            received: parking_lot::Mutex::new((received, 0)),
         })
     }
 
@@ -141,7 +147,7 @@ impl AgentDb {
         let db = Db::open_secondary(path, scratch, &SPEC)?;
         Ok(AgentDb {
             db,
-            received: parking_lot::Mutex::new(0),
+            received: parking_lot::Mutex::new((0, 0)),
         })
     }
 
@@ -209,27 +215,34 @@ impl AgentDb {
     }
 
     /// Cache chunks that arrived from the engine in `payload_len` bytes, counting them
-    /// in the same write (no WAL: a crash loses both together).
+    /// in the same write (no WAL: a crash loses both together), flushed every
+    /// [`FLUSH_EVERY`] bytes.
     pub fn put_received(
         &self,
         chunks: &[VerifiedChunk],
         payload_len: u64,
     ) -> Result<(), CacheError> {
-        let mut total = self.received.lock();
+        let mut r = self.received.lock();
         let mut batch = Batch::default();
+        let mut raw = 0u64;
         for c in chunks {
             batch.put_cf(self.db.cf(CF_CHUNKS), c.id().as_bytes(), c.raw());
+            raw += c.raw().len() as u64;
         }
-        let next = *total + payload_len;
-        batch.put_cf(self.db.cf(CF_META), RECEIVED_KEY, next.to_le_bytes());
+        let total = r.0 + payload_len;
+        batch.put_cf(self.db.cf(CF_META), RECEIVED_KEY, total.to_le_bytes());
         self.db.write(batch, Durability::NoWal)?;
-        *total = next;
+        *r = (total, r.1 + raw);
+        if r.1 >= FLUSH_EVERY {
+            self.flush_chunks()?;
+            r.1 = 0;
+        }
         Ok(())
     }
 
     /// Chunk payload bytes received from the engine over this database's life.
     pub fn received_bytes(&self) -> u64 {
-        *self.received.lock()
+        self.received.lock().0
     }
 
     pub fn has_chunk(&self, id: &ChunkId) -> Result<bool, CacheError> {
