@@ -537,6 +537,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn it_lists_only_the_versions_it_published() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pool = tmp.path().join("pool");
+        let a = Qcow2Adapter::new(Qcow2Options {
+            pool: pool.clone(),
+            compress: None,
+            overlays: false,
+        })
+        .unwrap();
+        assert_eq!(a.list().await.unwrap(), Some(vec![]));
+        let id = a.publish(staged(&a, 1, &disk_v1())).await.unwrap();
+        // An operator's files, and a version directory without its sidecar, are not ours.
+        std::fs::create_dir_all(pool.join("not-an-image")).unwrap();
+        let g = id.split_once('/').unwrap().0;
+        std::fs::create_dir_all(pool.join(g).join("v9")).unwrap();
+        assert_eq!(a.list().await.unwrap(), Some(vec![id]));
+    }
+
+    #[tokio::test]
     async fn without_overlays_an_update_replaces_the_old_version() {
         let tmp = tempfile::tempdir().unwrap();
         let a = Qcow2Adapter::new(Qcow2Options {
