@@ -17,9 +17,14 @@ use serde_json::Value;
 
 /// `check --json` with `args`: its exit status and report.
 fn check(data: &Path, args: &[&str]) -> Result<(bool, Value)> {
+    check_with_env(data, args, &[])
+}
+
+/// As [`check`], with `env` (a service's credentials) in its environment.
+fn check_with_env(data: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<(bool, Value)> {
     let mut a = vec!["check", "--data", data.to_str().context("path")?, "--json"];
     a.extend(args);
-    let out: Output = run(&a, &[])?;
+    let out: Output = run(&a, env)?;
     let v: Value = serde_json::from_slice(&out.stdout).with_context(|| {
         format!(
             "stdout {:?} stderr {:?}",
@@ -351,6 +356,82 @@ fn agent_check_finds_cache_damage_and_drift_status_shows_it_and_repair_restores(
 
     agent.restart()?;
     let (ok, v) = check(&data, &["--read-data"])?;
+    ensure!(ok, "{v}");
+    Ok(())
+}
+
+/// A site whose service keeps no local copy (an S3 bucket): a damaged cache chunk cannot be
+/// restored from the published image, so `check --repair` fetches it from the engine, and
+/// leaves the (intact) published version as it is.
+#[test]
+fn agent_repair_fetches_lost_cache_chunks_from_the_engine_without_republishing() -> Result<()> {
+    let swift = seedcast::services::swift::Swift::start()?;
+    swift.create_bucket("vms")?;
+    let (key, secret) = swift.credentials();
+    let aws = [
+        ("AWS_ACCESS_KEY_ID", key),
+        ("AWS_SECRET_ACCESS_KEY", secret),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ];
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let engine = TestEngine::start(d, &[])?;
+    let env = engine.env();
+    let endpoint = swift.endpoint();
+    let site = [
+        "--adapter",
+        "s3",
+        "--endpoint",
+        &endpoint,
+        "--bucket",
+        "vms",
+    ];
+    let mut agent = TestAgent::start_with_env(d, &engine, "s3", &site, &aws)?;
+    let a = image(d, "alpha")?;
+    let content = std::fs::read(&a)?;
+    let ga = push(&env, "alpha", &a)?["global_id"]
+        .as_str()
+        .context("gid")?
+        .to_string();
+    let local = json(&run(&["status", &ga, "--json"], &env)?)?["sites"][0]["local_id"]
+        .as_str()
+        .context("local id")?
+        .to_string();
+    let data = agent.data.clone();
+
+    flip_in_cache(&data.join("db"), &content)?;
+    let (ok, v) = check_with_env(&data, &["--read-data"], &aws)?;
+    ensure!(!ok, "{v}");
+    ensure!(problems(&v, "damaged_chunk").len() == 1, "{v}");
+    ensure!(
+        problems(&v, "drifted").is_empty(),
+        "the copy in the bucket is intact: {v}"
+    );
+
+    agent.stop()?;
+    let (ok, v) = check_with_env(
+        &data,
+        &["--read-data", "--repair", "--timeout", "90s"],
+        &aws,
+    )?;
+    ensure!(ok, "{v}");
+    let actions = v["actions"].to_string();
+    ensure!(
+        actions.contains("dropped damaged cache chunk") && actions.contains("fetched the chunks"),
+        "{v}"
+    );
+    let st = json(&run(&["status", &ga, "--json"], &env)?)?;
+    ensure!(st["sites"][0]["state"] == "published", "{st}");
+    ensure!(
+        st["sites"][0]["local_id"] == local.as_str(),
+        "not republished: {st}"
+    );
+    ensure!(
+        st["sites"][0]["bytes_sent"].as_u64() < Some(1 << 20),
+        "only the lost chunk travels: {st}"
+    );
+    agent.restart()?;
+    let (ok, v) = check_with_env(&data, &["--read-data"], &aws)?;
     ensure!(ok, "{v}");
     Ok(())
 }

@@ -57,7 +57,12 @@ impl SeedIndex {
             let Some(m) = db.manifest(&held.global_id, held.version)? else {
                 continue;
             };
-            ix.held.insert(held.global_id, held.version);
+            // An image marked for repair is left out of what the engine is told the site
+            // holds, so it cannot be offered as delta bases either (its verified bytes
+            // may still seed).
+            if db.repair(&held.global_id)?.is_none() {
+                ix.held.insert(held.global_id, held.version);
+            }
             if !adapter.keeps_copies() {
                 continue;
             }
