@@ -192,3 +192,114 @@ fn a_full_engine_store_refuses_the_push_and_takes_it_once_space_is_freed() -> Re
     drop(fs);
     r
 }
+
+/// The engine's catalog alone on a filesystem that fills (its packs elsewhere): RocksDB
+/// refuses the write-ahead-log append and would refuse every write after it until
+/// reopened; the engine reopens it by itself, so once space is freed the same process
+/// takes the push, and its data checks clean.
+#[test]
+fn a_full_catalog_refuses_the_push_and_the_same_engine_takes_it_once_space_is_freed() -> Result<()>
+{
+    const BIN: &str = env!("CARGO_BIN_EXE_seedcast");
+    let tmp = tempfile::tempdir()?;
+    let data = tmp.path().join("data");
+    let fs = SmallFs::mount(&data.join("catalog"), "16m")?;
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut engine = Command::new(BIN)
+        .args([
+            "engine",
+            "--data",
+            data.to_str().unwrap(),
+            "--listen",
+            &addr,
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let token = data.join("admin.token");
+    let push = |disk: &Path| -> Result<std::process::Output> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = Command::new(BIN)
+                .args(["push", "--name", "full", "--json"])
+                .arg(disk)
+                .env("SEEDCAST_ENGINE", &addr)
+                .env("SEEDCAST_TOKEN", &token)
+                .output()?;
+            let err = String::from_utf8_lossy(&out.stderr);
+            if !(err.contains("cannot reach") || err.contains("No such file"))
+                || std::time::Instant::now() > deadline
+            {
+                return Ok(out);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let disk = tmp.path().join("disk.raw");
+    let mut bytes = vec![0u8; 32 << 20];
+    blake3::Hasher::new()
+        .update(b"full catalog")
+        .finalize_xof()
+        .fill(&mut bytes);
+    std::fs::write(&disk, &bytes)?;
+    let r = (|| {
+        // The engine is up (its token written); then its catalog's filesystem is filled.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !token.exists() {
+            ensure!(std::time::Instant::now() < deadline, "engine did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let filler = fs.0.join("filler");
+        let st = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "avail=$(df -k --output=avail {0} | tail -1); fallocate -l $(( (avail - 16) * 1024 )) {1}",
+                fs.0.display(),
+                filler.display()
+            ))
+            .status()?;
+        ensure!(st.success(), "fill the catalog's filesystem");
+        let out = push(&disk)?;
+        ensure!(
+            !out.status.success(),
+            "a push into a full catalog succeeded"
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            err.contains("No space left on device") && err.contains("catalog"),
+            "{err}"
+        );
+        // Space is freed: the same engine (not restarted) takes the push.
+        std::fs::remove_file(&filler)?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = push(&disk)?;
+            if out.status.success() {
+                break;
+            }
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "never recovered: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let out = Command::new(BIN)
+            .args(["check", "--read-data", "--data"])
+            .arg(&data)
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        Ok(())
+    })();
+    let _ = engine.kill();
+    let _ = engine.wait();
+    drop(fs);
+    r
+}

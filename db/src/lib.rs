@@ -28,6 +28,9 @@ pub const RECORD_FORMAT: u8 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
+    /// The database cannot be used now (it is being reopened after a failed write).
+    #[error("database {path}: {why}")]
+    Unavailable { path: PathBuf, why: String },
     /// Another process (a running engine or agent) holds the database.
     #[error("database {path} is in use by another process (a running engine or agent)")]
     InUse { path: PathBuf },
@@ -225,6 +228,21 @@ impl Db {
                 expected: spec.format,
             }),
         }
+    }
+
+    /// Open the database at `path` read-only in this process: no lock taken and nothing
+    /// written (it works on a full disk), the write-ahead log replayed in memory.
+    pub fn open_read_only(path: &Path, spec: &Spec) -> Result<Db, DbError> {
+        let db =
+            DB::open_cf_descriptors_read_only(&Options::default(), path, descriptors(spec), false)
+                .map_err(|source| DbError::Rocks {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+        Ok(Db {
+            db,
+            path: path.to_path_buf(),
+        })
     }
 
     pub fn path(&self) -> &Path {

@@ -16,7 +16,12 @@
 //! are durable, and the chunk index is read once at start into memory (see `store`).
 //! Commits of images are one synced `WriteBatch`, so a crash leaves all of a commit or none.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, RwLock};
 
 use seedcast_core::codec::RecordError;
 use seedcast_core::protocol::PlacementState;
@@ -276,8 +281,18 @@ pub struct ImageCommit<'a> {
 }
 
 pub struct Catalog {
-    db: Db,
+    path: PathBuf,
+    db: RwLock<Arc<Db>>,
+    /// A write failed. RocksDB then refuses every later write (a write-ahead-log append that
+    /// hit a full disk switches it to read-only until it is reopened, and its C API has no
+    /// `Resume`), so the next write reopens it first: the engine recovers by itself once
+    /// space is freed.
+    failed: AtomicBool,
+    last_reopen: Mutex<Option<Instant>>,
 }
+
+/// Reopen attempts after a failed write are at least this far apart.
+const REOPEN_EVERY: Duration = Duration::from_secs(1);
 
 /// The catalog as [`Catalog::audit`] read it.
 #[derive(Debug, Default)]
@@ -293,7 +308,7 @@ pub struct Audit {
 
 impl std::fmt::Debug for Catalog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Catalog({})", self.db.path().display())
+        write!(f, "Catalog({})", self.path.display())
     }
 }
 
@@ -314,17 +329,79 @@ pub fn unix_now() -> u64 {
 impl Catalog {
     /// Open (or create) the catalog at `path`.
     pub fn open(path: &Path) -> Result<Self, CatalogError> {
-        Ok(Catalog {
-            db: Db::open(path, &SPEC)?,
-        })
+        Ok(Self::with(path, Db::open(path, &SPEC)?))
     }
 
     /// Open the catalog of a running engine to read it (`seedcast check`): nothing is
     /// written to `path`; `scratch` holds the reader's own files.
     pub fn open_secondary(path: &Path, scratch: &Path) -> Result<Self, CatalogError> {
-        Ok(Catalog {
-            db: Db::open_secondary(path, scratch, &SPEC)?,
-        })
+        Ok(Self::with(path, Db::open_secondary(path, scratch, &SPEC)?))
+    }
+
+    fn with(path: &Path, db: Db) -> Self {
+        Catalog {
+            path: path.to_path_buf(),
+            db: RwLock::new(Arc::new(db)),
+            failed: AtomicBool::new(false),
+            last_reopen: Mutex::new(None),
+        }
+    }
+
+    /// The database, for a read.
+    fn db(&self) -> Arc<Db> {
+        self.db.read().clone()
+    }
+
+    /// The database, for a write: reopened first if a write failed.
+    fn writer(&self) -> Result<Arc<Db>, CatalogError> {
+        if self.failed.load(Ordering::Acquire) {
+            self.reopen()?;
+        }
+        Ok(self.db())
+    }
+
+    /// Note a failed write (see [`Catalog::failed`]).
+    fn wrote<T>(&self, r: Result<T, CatalogError>) -> Result<T, CatalogError> {
+        if let Err(e @ CatalogError::Rocks { .. }) = &r {
+            tracing::warn!("catalog write failed; it is reopened before the next write: {e}");
+            self.failed.store(true, Ordering::Release);
+        }
+        r
+    }
+
+    /// Close the database that refused a write and open it again (at most once per
+    /// [`REOPEN_EVERY`]). Meanwhile it is open read-only, which writes nothing: reads go on
+    /// while the disk is still full.
+    fn reopen(&self) -> Result<(), CatalogError> {
+        let unavailable = |why: String| CatalogError::Unavailable {
+            path: self.path.clone(),
+            why,
+        };
+        let mut last = self.last_reopen.lock();
+        if last.is_some_and(|t| t.elapsed() < REOPEN_EVERY) {
+            return Err(unavailable(
+                "a write failed and reopening did not succeed yet (is the disk full?)".into(),
+            ));
+        }
+        *last = Some(Instant::now());
+        let mut db = self.db.write();
+        if !self.failed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        // Operations in flight hold the old handle for a moment.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Arc::strong_count(&db) > 1 {
+            if Instant::now() > deadline {
+                return Err(unavailable("still in use; not reopened".into()));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Read-only first: it takes no lock, so the failed instance can close under it.
+        *db = Arc::new(Db::open_read_only(&self.path, &SPEC)?);
+        *db = Arc::new(Db::open(&self.path, &SPEC)?);
+        self.failed.store(false, Ordering::Release);
+        tracing::info!(path = %self.path.display(), "catalog reopened after a failed write");
+        Ok(())
     }
 
     /// Every record decoded one by one (for `seedcast check`): what decodes, and the key
@@ -366,7 +443,8 @@ impl Catalog {
         a: &mut Audit,
         mut keep: impl FnMut(&mut Audit, &[u8], T) -> Result<(), &'static str>,
     ) {
-        for item in self.db.scan_raw(cf, &[]) {
+        let db = self.db();
+        for item in db.scan_raw(cf, &[]) {
             a.records += 1;
             let (k, v) = match item {
                 Ok(kv) => kv,
@@ -393,17 +471,18 @@ impl Catalog {
     /// them again instead of being told they are held.
     pub fn forget_chunks(&self, ids: &[ChunkId]) -> Result<(), CatalogError> {
         let keys: Vec<&[u8]> = ids.iter().map(|id| id.as_bytes().as_slice()).collect();
-        self.db.delete_synced(CF_CHUNKS, &keys)
+        let db = self.writer()?;
+        self.wrote(db.delete_synced(CF_CHUNKS, &keys))
     }
 
     /// A stable random id for this engine, made on first open.
     pub fn engine_id(&self) -> Result<String, CatalogError> {
-        if let Some(v) = self.db.get_raw(CF_META, b"engine_id")? {
+        if let Some(v) = self.db().get_raw(CF_META, b"engine_id")? {
             return Ok(String::from_utf8_lossy(&v).into_owned());
         }
         let id = format!("engine-{}", hex::encode(rand::random::<[u8; 6]>()));
-        self.db
-            .put_raw_synced(CF_META, b"engine_id", id.as_bytes())?;
+        let db = self.writer()?;
+        self.wrote(db.put_raw_synced(CF_META, b"engine_id", id.as_bytes()))?;
         Ok(id)
     }
 
@@ -412,7 +491,7 @@ impl Catalog {
     /// Every chunk record, for building the in-memory index at start.
     pub fn all_chunks(&self) -> Result<Vec<(ChunkId, ChunkRecord)>, CatalogError> {
         let mut out = Vec::new();
-        for (k, rec) in self.db.scan::<ChunkRecord>(CF_CHUNKS, &[])? {
+        for (k, rec) in self.db().scan::<ChunkRecord>(CF_CHUNKS, &[])? {
             let id: [u8; 32] = k.as_slice().try_into().map_err(|_| CatalogError::Record {
                 what: format!("chunks/{}", hex::encode(&k)),
                 source: RecordError::Empty,
@@ -425,20 +504,22 @@ impl Catalog {
     /// Record chunks whose pack bytes are already durable. Not synced: if the write is lost
     /// in a crash the chunks are simply uploaded again; a later synced commit orders it.
     pub fn put_chunks(&self, chunks: &[(ChunkId, ChunkRecord)]) -> Result<(), CatalogError> {
+        let db = self.writer()?;
         let mut batch = Batch::default();
         for (id, rec) in chunks {
-            batch.put_cf(self.db.cf(CF_CHUNKS), id.as_bytes(), rec.encode()?);
+            batch.put_cf(db.cf(CF_CHUNKS), id.as_bytes(), rec.encode()?);
         }
-        self.db.write(batch, Durability::Unsynced)
+        self.wrote(db.write(batch, Durability::Unsynced))
     }
 
     // ---- images and manifests ----
 
     /// Write an image's version, its placements and chunk references as one synced batch.
     pub fn commit_image(&self, c: ImageCommit<'_>) -> Result<(), CatalogError> {
+        let db = self.writer()?;
         let mut batch = Batch::default();
         let g = &c.global_id;
-        let cf = |name| self.db.cf(name);
+        let cf = |name| db.cf(name);
         let vkey = version_key(g, c.manifest.manifest.version);
         batch.put_cf(cf(CF_IMAGES), g.as_bytes(), c.image.encode()?);
         batch.put_cf(cf(CF_MANIFESTS), vkey, c.manifest.encode()?);
@@ -449,17 +530,17 @@ impl Catalog {
         for (id, rec) in &c.chunk_refs {
             batch.put_cf(cf(CF_CHUNKS), id.as_bytes(), rec.encode()?);
         }
-        self.db.write(batch, Durability::Synced)
+        self.wrote(db.write(batch, Durability::Synced))
     }
 
     pub fn image(&self, g: &GlobalId) -> Result<Option<ImageRecord>, CatalogError> {
-        self.db
+        self.db()
             .get(CF_IMAGES, g.as_bytes(), || format!("images/{g}"))
     }
 
     pub fn images(&self) -> Result<Vec<(GlobalId, ImageRecord)>, CatalogError> {
         Ok(self
-            .db
+            .db()
             .scan::<ImageRecord>(CF_IMAGES, &[])?
             .into_iter()
             .filter_map(|(k, r)| Some((GlobalId(k.as_slice().try_into().ok()?), r)))
@@ -471,13 +552,13 @@ impl Catalog {
         g: &GlobalId,
         version: u32,
     ) -> Result<Option<ManifestRecord>, CatalogError> {
-        self.db.get(CF_MANIFESTS, &version_key(g, version), || {
+        self.db().get(CF_MANIFESTS, &version_key(g, version), || {
             format!("manifests/{g}@{version}")
         })
     }
 
     pub fn note(&self, g: &GlobalId, version: u32) -> Result<Option<VersionNote>, CatalogError> {
-        self.db.get(CF_NOTES, &version_key(g, version), || {
+        self.db().get(CF_NOTES, &version_key(g, version), || {
             format!("notes/{g}@{version}")
         })
     }
@@ -485,7 +566,7 @@ impl Catalog {
     /// Every version's manifest record of an image, oldest first.
     pub fn manifests(&self, g: &GlobalId) -> Result<Vec<ManifestRecord>, CatalogError> {
         Ok(self
-            .db
+            .db()
             .scan::<ManifestRecord>(CF_MANIFESTS, g.as_bytes())?
             .into_iter()
             .map(|(_, r)| r)
@@ -493,23 +574,24 @@ impl Catalog {
     }
 
     pub fn image_exists(&self, g: &GlobalId) -> Result<bool, CatalogError> {
-        Ok(self.db.get_raw(CF_IMAGES, g.as_bytes())?.is_some())
+        Ok(self.db().get_raw(CF_IMAGES, g.as_bytes())?.is_some())
     }
 
     // ---- sites ----
 
     pub fn site(&self, name: &str) -> Result<Option<SiteRecord>, CatalogError> {
-        self.db
+        self.db()
             .get(CF_SITES, name.as_bytes(), || format!("sites/{name}"))
     }
 
     pub fn put_site(&self, name: &str, rec: &SiteRecord) -> Result<(), CatalogError> {
-        self.db.put_synced(CF_SITES, name.as_bytes(), rec)
+        let db = self.writer()?;
+        self.wrote(db.put_synced(CF_SITES, name.as_bytes(), rec))
     }
 
     pub fn sites(&self) -> Result<Vec<(String, SiteRecord)>, CatalogError> {
         Ok(self
-            .db
+            .db()
             .scan::<SiteRecord>(CF_SITES, &[])?
             .into_iter()
             .map(|(k, r)| (String::from_utf8_lossy(&k).into_owned(), r))
@@ -539,18 +621,20 @@ impl Catalog {
         key: &[u8; 32],
         rec: &EnrollmentRecord,
     ) -> Result<(), CatalogError> {
-        self.db.put_synced(CF_ENROLLMENTS, key, rec)
+        let db = self.writer()?;
+        self.wrote(db.put_synced(CF_ENROLLMENTS, key, rec))
     }
 
     pub fn enrollment(&self, key: &[u8; 32]) -> Result<Option<EnrollmentRecord>, CatalogError> {
-        self.db
+        self.db()
             .get(CF_ENROLLMENTS, key, || "enrollments/(token)".to_string())
     }
 
     pub fn delete_enrollment(&self, key: &[u8; 32]) -> Result<(), CatalogError> {
+        let db = self.writer()?;
         let mut b = Batch::default();
-        b.delete_cf(self.db.cf(CF_ENROLLMENTS), key);
-        self.db.write(b, Durability::Synced)
+        b.delete_cf(db.cf(CF_ENROLLMENTS), key);
+        self.wrote(db.write(b, Durability::Synced))
     }
 
     /// Enroll `site`: write its record and, when it came with a site token, use the token
@@ -561,12 +645,13 @@ impl Catalog {
         rec: &SiteRecord,
         token_key: Option<&[u8; 32]>,
     ) -> Result<(), CatalogError> {
+        let db = self.writer()?;
         let mut b = Batch::default();
-        b.put_cf(self.db.cf(CF_SITES), site.as_bytes(), rec.encode()?);
+        b.put_cf(db.cf(CF_SITES), site.as_bytes(), rec.encode()?);
         if let Some(k) = token_key {
-            b.delete_cf(self.db.cf(CF_ENROLLMENTS), k);
+            b.delete_cf(db.cf(CF_ENROLLMENTS), k);
         }
-        self.db.write(b, Durability::Synced)
+        self.wrote(db.write(b, Durability::Synced))
     }
 
     /// Every unused token of `site` (with its key), expired ones too.
@@ -575,7 +660,7 @@ impl Catalog {
         site: &str,
     ) -> Result<Vec<([u8; 32], EnrollmentRecord)>, CatalogError> {
         Ok(self
-            .db
+            .db()
             .scan::<EnrollmentRecord>(CF_ENROLLMENTS, &[])?
             .into_iter()
             .filter(|(_, r)| r.site == site)
@@ -589,19 +674,21 @@ impl Catalog {
         site: &str,
         rec: &SiteRecord,
     ) -> Result<(), CatalogError> {
+        let tokens = self.enrollments_of(site)?;
+        let db = self.writer()?;
         let mut b = Batch::default();
-        b.put_cf(self.db.cf(CF_SITES), site.as_bytes(), rec.encode()?);
-        for (k, _) in self.enrollments_of(site)? {
-            b.delete_cf(self.db.cf(CF_ENROLLMENTS), k);
+        b.put_cf(db.cf(CF_SITES), site.as_bytes(), rec.encode()?);
+        for (k, _) in tokens {
+            b.delete_cf(db.cf(CF_ENROLLMENTS), k);
         }
-        self.db.write(b, Durability::Synced)
+        self.wrote(db.write(b, Durability::Synced))
     }
 
     // ---- placements ----
 
     pub fn placements(&self, g: &GlobalId) -> Result<Vec<(String, PlacementRecord)>, CatalogError> {
         Ok(self
-            .db
+            .db()
             .scan::<PlacementRecord>(CF_PLACEMENTS, g.as_bytes())?
             .into_iter()
             .map(|(k, r)| (String::from_utf8_lossy(&k[12..]).into_owned(), r))
@@ -613,7 +700,7 @@ impl Catalog {
         g: &GlobalId,
         site: &str,
     ) -> Result<Option<PlacementRecord>, CatalogError> {
-        self.db.get(CF_PLACEMENTS, &placement_key(g, site), || {
+        self.db().get(CF_PLACEMENTS, &placement_key(g, site), || {
             format!("placements/{g}/{site}")
         })
     }
@@ -624,7 +711,7 @@ impl Catalog {
         site: &str,
     ) -> Result<Vec<(GlobalId, PlacementRecord)>, CatalogError> {
         Ok(self
-            .db
+            .db()
             .scan::<PlacementRecord>(CF_PLACEMENTS, &[])?
             .into_iter()
             .filter(|(k, _)| k.len() > 12 && &k[12..] == site.as_bytes())
@@ -638,8 +725,8 @@ impl Catalog {
         site: &str,
         p: &PlacementRecord,
     ) -> Result<(), CatalogError> {
-        self.db
-            .put_synced(CF_PLACEMENTS, &placement_key(g, site), p)
+        let db = self.writer()?;
+        self.wrote(db.put_synced(CF_PLACEMENTS, &placement_key(g, site), p))
     }
 }
 
@@ -775,10 +862,11 @@ mod tests {
             assert_eq!(c.site("a").unwrap().unwrap().adapter, "dir");
             assert_eq!(c.sites().unwrap().len(), 1);
             // A record of a format this build does not know is refused, not misread.
-            c.db.put_raw_synced(CF_SITES, b"b", &[9u8, 1, 2]).unwrap();
+            c.db().put_raw_synced(CF_SITES, b"b", &[9u8, 1, 2]).unwrap();
             let e = c.site("b").unwrap_err().to_string();
             assert!(e.contains("format 9"), "{e}");
-            c.db.put_raw_synced(CF_META, b"catalog_format", &[7u8])
+            c.db()
+                .put_raw_synced(CF_META, b"catalog_format", &[7u8])
                 .unwrap();
         }
         let e = Catalog::open(&p).unwrap_err().to_string();
