@@ -202,7 +202,7 @@ impl LocalCluster {
         site: &str,
         adapter: &AdapterConfig,
     ) -> Result<(), ClusterError> {
-        let adapter = adapter.build(&self.root.join("agents").join(site))?;
+        let adapter = adapter.build(&self.root.join("agents").join(site), site)?;
         self.add_agent_using(site, adapter).await
     }
 

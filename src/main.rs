@@ -530,7 +530,7 @@ async fn cmd_agent(args: AgentArgs) -> Result<ExitCode> {
     cfg.limits = limits;
     // Kept beside the database so `seedcast check --data DIR` reaches the same service.
     SiteConfig::save(&cfg, &adapter)?;
-    let adapter = adapter.build(&cfg.data)?;
+    let adapter = adapter.build(&cfg.data, &cfg.site)?;
     let agent = seedcast_agents::Agent::open(cfg, adapter)?;
     agent.run(shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)

@@ -260,11 +260,12 @@ impl SiteServices {
                     },
                     AuthConfig::from_vars(k.agent_env())?,
                     staging,
-                )?;
+                )?
+                .for_site(site);
                 return Ok(Arc::new(glance));
             }
         };
-        Ok(config.build(data)?)
+        Ok(config.build(data, site)?)
     }
 
     /// The directory the service of a site of `kind` keeps its data in (`pool` for the

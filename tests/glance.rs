@@ -177,3 +177,78 @@ async fn a_noauth_glance_takes_raw_disks_and_refusals_are_named() -> Result<()> 
     ensure!(e.contains("Keystone at") && e.contains("401"), "{e}");
     Ok(())
 }
+
+/// A site lists (and so sweeps at start) only its own images in a Glance others may share:
+/// each version's image and any file image no version names (a publish cut short), never
+/// another site's or an unmarked one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_lists_its_own_glance_images_and_no_one_elses() -> Result<()> {
+    let glance = Glance::start_noauth()?;
+    let dir = tempfile::tempdir()?;
+    let opts = || GlanceOptions {
+        url: Some(glance.url()),
+        os_cloud: None,
+        disk_format: DiskFormat::Qcow2,
+    };
+    let east = GlanceAdapter::with_auth(opts(), None, dir.path().join("s1"))?.for_site("east");
+    let url = glance.url();
+    // Images made through Glance's API (left `queued`: no data needed to be listed).
+    let create = |props: serde_json::Value| -> Result<String> {
+        let out = std::process::Command::new("curl")
+            .args([
+                "-sf",
+                "-X",
+                "POST",
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+            ])
+            .arg(props.to_string())
+            .arg(format!("{url}/v2/images"))
+            .output()?;
+        ensure!(out.status.success(), "create: {:?}", out);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        Ok(v["id"].as_str().context("id")?.to_string())
+    };
+    let mark = |site: &str, file: &str| {
+        serde_json::json!({
+            "name": format!("img {file}"),
+            "seedcast_site": site,
+            "seedcast_global_id": "sc-000000000000000000000001",
+            "seedcast_version": "1",
+            "seedcast_file": file,
+        })
+    };
+    let file = create(mark("east", "vmlinuz"))?;
+    let mut main = mark("east", "disk.raw");
+    main["seedcast_files"] = serde_json::json!(format!("{{\"vmlinuz\":\"{file}\"}}"));
+    let main = create(main)?;
+    let orphan = create(mark("east", "initrd"))?;
+    let mut foreign = mark("west", "disk.raw");
+    foreign["seedcast_files"] = serde_json::json!("{}");
+    let foreign = create(foreign)?;
+    let unmarked = create(serde_json::json!({"name": "someone else's"}))?;
+
+    let mut listed = east.list().await?.context("a site lists its images")?;
+    listed.sort();
+    let mut want = vec![main.clone(), orphan.clone()];
+    want.sort();
+    ensure!(listed == want, "{listed:?} != {want:?}");
+    let anonymous = GlanceAdapter::with_auth(opts(), None, dir.path().join("s2"))?;
+    ensure!(anonymous.list().await?.is_none(), "no site, no listing");
+
+    // Retiring them (as the sweep does) removes the version with its file image, and the
+    // orphan; the other site's and the unmarked image stay.
+    east.retire(&orphan).await;
+    east.retire(&main).await;
+    ensure!(east.list().await?.context("list")?.is_empty());
+    for (id, left) in [(&file, false), (&foreign, true), (&unmarked, true)] {
+        let st = std::process::Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+            .arg(format!("{url}/v2/images/{id}"))
+            .output()?;
+        let code = String::from_utf8_lossy(&st.stdout).into_owned();
+        ensure!((code == "200") == left, "{id}: {code}");
+    }
+    Ok(())
+}

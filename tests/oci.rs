@@ -202,7 +202,7 @@ async fn a_registry_that_refuses_the_credentials_stops_the_agent_with_the_reason
         repository: "vms/site".into(),
         auth_file: Some(wrong),
     });
-    let adapter = cfg.build(dir.path())?;
+    let adapter = cfg.build(dir.path(), "registry")?;
     let agent = seedcast_agents::Agent::open(
         seedcast_agents::AgentConfig::new(dir.path().join("agent"), "127.0.0.1:9", "site", None),
         adapter,
@@ -220,7 +220,7 @@ async fn a_registry_that_refuses_the_credentials_stops_the_agent_with_the_reason
         repository: "vms/site".into(),
         auth_file: None,
     })
-    .build(dir.path())?;
+    .build(dir.path(), "registry")?;
     ensure!(gone.check().await.is_err());
     Ok(())
 }

@@ -69,8 +69,11 @@ pub async fn check(data: &Path, opts: CheckOptions) -> Result<Report, AgentError
         )));
     }
     let saved = SiteConfig::saved(data)?;
-    let adapter = match saved.as_ref().and_then(|s| s.adapter.clone()) {
-        Some(a) => Some(a.build(data)?),
+    let adapter = match saved
+        .as_ref()
+        .and_then(|s| Some((s.adapter.clone()?, s.site.clone()?)))
+    {
+        Some((a, site)) => Some(a.build(data, &site)?),
         None => None,
     };
     let scratch = tempfile::tempdir().map_err(|e| AgentError::Config(format!("scratch: {e}")))?;
@@ -425,7 +428,7 @@ async fn refetch(
     report: &mut Report,
 ) -> Result<(), AgentError> {
     let (cfg, adapter_cfg) = saved.resolve()?;
-    let adapter = adapter_cfg.build(&cfg.data)?;
+    let adapter = adapter_cfg.build(&cfg.data, &cfg.site)?;
     let agent = Agent::open(cfg, adapter)?;
     let db = agent.db().clone();
     let watch = db.clone();

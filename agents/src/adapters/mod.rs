@@ -174,15 +174,18 @@ impl AdapterConfig {
     }
 
     /// Build the adapter (creating its pool, sweeping interrupted stagings). Services that
-    /// keep images elsewhere stage them under `data` (the agent's data directory).
-    pub fn build(&self, data: &Path) -> Result<Arc<dyn Adapter>, AdapterError> {
+    /// keep images elsewhere stage them under `data` (the agent's data directory); `site`
+    /// marks what a shared service holds for this site (Glance).
+    pub fn build(&self, data: &Path, site: &str) -> Result<Arc<dyn Adapter>, AdapterError> {
         let staging = data.join("staging").join(self.kind());
         Ok(match self {
             AdapterConfig::Dir(o) => Arc::new(dir::DirAdapter::new(o.pool.clone())?),
             AdapterConfig::Qcow2(o) => Arc::new(qcow2::Qcow2Adapter::new(o.clone())?),
             AdapterConfig::Oci(o) => Arc::new(oci::OciAdapter::new(o.clone(), staging)?),
             AdapterConfig::S3(o) => Arc::new(s3::S3Adapter::new(o.clone(), staging)?),
-            AdapterConfig::Glance(o) => Arc::new(glance::GlanceAdapter::new(o.clone(), staging)?),
+            AdapterConfig::Glance(o) => {
+                Arc::new(glance::GlanceAdapter::new(o.clone(), staging)?.for_site(site))
+            }
         })
     }
 }
@@ -258,7 +261,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let pool = tmp.path().join("pool");
         let a = AdapterConfig::Dir(DirOptions { pool: pool.clone() })
-            .build(tmp.path())
+            .build(tmp.path(), "s")
             .unwrap();
         assert_eq!(a.kind(), "dir");
         assert!(pool.join(".staging").is_dir());

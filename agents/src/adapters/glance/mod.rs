@@ -78,6 +78,9 @@ pub struct GlanceAdapter {
     session: Option<Session>,
     http: reqwest::Client,
     staging: PathBuf,
+    /// The site whose images these are (`seedcast_site` on each): what lets the agent
+    /// list, and sweep, its own images in a Glance others may use too.
+    site: Option<String>,
 }
 
 /// What Glance says of one image.
@@ -144,7 +147,48 @@ impl GlanceAdapter {
             opts,
             http,
             staging,
+            site: None,
         })
+    }
+
+    /// Mark every image published with `site`'s name, so the agent can list its own (and
+    /// retire those a crash left unrecorded) without touching anyone else's.
+    pub fn for_site(mut self, site: &str) -> Self {
+        self.site = Some(site.to_string());
+        self
+    }
+
+    /// Every image carrying this site's mark, following Glance's pages.
+    async fn own_images(&self, site: &str) -> Result<Vec<ImageInfo>, AdapterError> {
+        let mut out = Vec::new();
+        let mut path = format!("/v2/images?limit=200&seedcast_site={site}");
+        for _ in 0..10_000 {
+            let r = self.request(Method::GET, &path).await?;
+            let page: Value = self
+                .send(r, "list images", &[StatusCode::OK])
+                .await?
+                .json()
+                .await
+                .map_err(|e| self.err("list images", e))?;
+            for i in page["images"].as_array().into_iter().flatten() {
+                let info: ImageInfo =
+                    serde_json::from_value(i.clone()).map_err(|e| self.err("list images", e))?;
+                // Glance filters by the property; check it anyway.
+                if info
+                    .properties
+                    .get("seedcast_site")
+                    .and_then(|v| v.as_str())
+                    == Some(site)
+                {
+                    out.push(info);
+                }
+            }
+            match page["next"].as_str() {
+                Some(next) => path = next.to_string(),
+                None => return Ok(out),
+            }
+        }
+        Err(self.err("list images", "more than 10000 pages"))
     }
 
     fn err(&self, what: &str, e: impl std::fmt::Display) -> AdapterError {
@@ -366,13 +410,17 @@ impl GlanceAdapter {
         // The version's image: the first disk, else the first file.
         let main = image.files.iter().position(|f| f.disk).unwrap_or(0);
         let props = |f: &AssembledFile| {
-            serde_json::json!({
+            let mut p = serde_json::json!({
                 "seedcast_global_id": image.global_id.to_string(),
                 "seedcast_version": image.version.to_string(),
                 "seedcast_manifest_id": hex::encode(image.manifest_id),
                 "seedcast_file": f.name,
                 "seedcast_format": f.format.as_str(),
-            })
+            });
+            if let Some(site) = &self.site {
+                p["seedcast_site"] = Value::String(site.clone());
+            }
+            p
         };
         let mut made: BTreeMap<String, String> = BTreeMap::new();
         let result = async {
@@ -525,6 +573,33 @@ impl Adapter for GlanceAdapter {
         file: &'a str,
     ) -> BoxFuture<'a, Result<ReadBack, AdapterError>> {
         Box::pin(self.read_file(local_id, file))
+    }
+
+    /// With a site: each version's image of this site, and each file image of it that no
+    /// version names (a publish cut short), in any state (an upload cut short leaves one
+    /// `queued` or `saving`). Without a site, `None`: nothing tells ours from others'.
+    fn list(&self) -> BoxFuture<'_, Result<Option<Vec<String>>, AdapterError>> {
+        Box::pin(async move {
+            let Some(site) = &self.site else {
+                return Ok(None);
+            };
+            let images = self.own_images(site).await?;
+            let files_of = |i: &ImageInfo| -> Option<BTreeMap<String, String>> {
+                serde_json::from_str(i.properties.get("seedcast_files")?.as_str()?).ok()
+            };
+            let named: std::collections::HashSet<String> = images
+                .iter()
+                .filter_map(files_of)
+                .flat_map(|m| m.into_values())
+                .collect();
+            Ok(Some(
+                images
+                    .iter()
+                    .filter(|i| files_of(i).is_some() || !named.contains(&i.id))
+                    .map(|i| i.id.clone())
+                    .collect(),
+            ))
+        })
     }
 
     fn delete<'a>(&'a self, local_id: &'a str) -> BoxFuture<'a, Result<(), AdapterError>> {
