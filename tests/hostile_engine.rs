@@ -371,3 +371,38 @@ async fn damaged_substituted_and_oversized_chunks_are_refused_then_asked_for_aga
     })
     .await
 }
+
+/// An engine that closes every session right after welcoming it (as it does when the agent
+/// breaks the protocol) is redialled with a growing backoff, not ten times a second: a
+/// session resets the backoff only once it has lasted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_that_keeps_closing_sessions_is_redialled_with_growing_backoff() -> Result<()> {
+    with_cluster(&SITES[..1], async |cluster| {
+        let site = SITES[0];
+        let data = cluster.agent(site).data.clone();
+        cluster.remove_agent(site).await;
+        let imp = Impostor::new(cluster)?;
+        let adapter = Arc::new(DirAdapter::new(cluster.pool_dir(site))?);
+        let cfg = AgentConfig::new(&data, imp.addr()?.to_string(), site, None);
+        let run = tokio::spawn(Agent::open(cfg, adapter)?.run(std::future::pending()));
+        let window = Duration::from_secs(4);
+        let start = std::time::Instant::now();
+        let mut sessions = 0;
+        while let Some(left) = window.checked_sub(start.elapsed()) {
+            match tokio::time::timeout(left, imp.accept(imp.genuine.public_key())).await {
+                Ok(Ok(mut s)) => {
+                    // Welcomed: the agent sends its inventory; then the session is closed.
+                    ensure!(matches!(s.next().await?, AgentMsg::Inventory { .. }));
+                    sessions += 1;
+                    s.conn.close(3u32.into(), b"a protocol violation");
+                }
+                _ => break,
+            }
+        }
+        run.abort();
+        // 100, 200, 400, 800, 1600 ms apart: about five in 4 s (before: one every ~150 ms).
+        ensure!((3..=8).contains(&sessions), "{sessions} sessions in 4 s");
+        Ok(())
+    })
+    .await
+}

@@ -19,6 +19,10 @@ use crate::error::AgentError;
 
 /// The first wait before reconnecting; it doubles up to `AgentConfig::reconnect_max`.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// A welcomed session that lasted this long resets the backoff; one that ends sooner (the
+/// engine closing it over and over, e.g. for a protocol violation) backs off as a failed
+/// dial does, instead of reconnecting ten times a second for ever.
+const STABLE_SESSION: Duration = Duration::from_secs(10);
 /// Largest renewal answer (a certificate is about a kilobyte).
 const MAX_RENEWED_FRAME: usize = 64 * 1024;
 
@@ -118,6 +122,7 @@ impl Agent {
                 c = self.credentials() => c?,
             };
             let mut welcomed = false;
+            let started = std::time::Instant::now();
             let r = tokio::select! {
                 _ = &mut shutdown => return Ok(()),
                 r = self.connection(&creds, &mut welcomed) => r,
@@ -130,7 +135,7 @@ impl Agent {
                 }
                 Err(e) => warn!("session lost: {e}; reconnecting"),
             }
-            if welcomed {
+            if welcomed && started.elapsed() >= STABLE_SESSION {
                 backoff = MIN_BACKOFF;
             }
             tokio::select! {
