@@ -26,6 +26,10 @@ struct Args {
     /// Engine send windows to compare (each a separate engine and set of agents).
     #[arg(long = "send-window", default_values_t = ["32MiB".to_string(), "8MiB".to_string()])]
     send_windows: Vec<String>,
+    /// Also run each window with this in the engine's environment (e.g.
+    /// `MALLOC_ARENA_MAX=2`, to tell allocator arenas from live data).
+    #[arg(long)]
+    engine_env: Option<String>,
 }
 
 struct Kill(Child);
@@ -72,7 +76,13 @@ fn run(bin: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<String> {
 }
 
 /// One configuration: (peak engine RSS before the push, peak after, seconds to seed).
-fn measure(bin: &Path, image: &Path, sites: usize, window: &str) -> Result<(u64, u64, f64)> {
+fn measure(
+    bin: &Path,
+    image: &Path,
+    sites: usize,
+    window: &str,
+    engine_env: Option<(&str, &str)>,
+) -> Result<(u64, u64, f64)> {
     let dir = tempfile::tempdir()?;
     let d = dir.path();
     let port = std::net::UdpSocket::bind("127.0.0.1:0")?
@@ -90,6 +100,7 @@ fn measure(bin: &Path, image: &Path, sites: usize, window: &str) -> Result<(u64,
                 &addr,
             ])
             .args(["--send-window", window])
+            .envs(engine_env)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?,
@@ -196,17 +207,25 @@ fn main() -> Result<()> {
         a.sites, a.mib
     );
     println!(
-        "| send window | peak before push | peak after seeding | per site | seconds to seed all |"
+        "| send window | engine environment | peak before push | peak after seeding | per site | seconds to seed all |"
     );
-    println!("| --- | ---: | ---: | ---: | ---: |");
+    println!("| --- | --- | ---: | ---: | ---: | ---: |");
+    let extra = a.engine_env.as_deref().and_then(|e| e.split_once('='));
+    let envs: Vec<Option<(&str, &str)>> = match extra {
+        Some(e) => vec![None, Some(e)],
+        None => vec![None],
+    };
     for w in &a.send_windows {
-        let (before, after, secs) = measure(&bin, &image, a.sites, w)?;
-        println!(
-            "| {w} | {:.0} MiB | {:.0} MiB | {:.1} MiB | {secs:.1} |",
-            before as f64 / 1024.0,
-            after as f64 / 1024.0,
-            (after as f64 - before as f64) / 1024.0 / a.sites as f64
-        );
+        for env in &envs {
+            let (before, after, secs) = measure(&bin, &image, a.sites, w, *env)?;
+            println!(
+                "| {w} | {} | {:.0} MiB | {:.0} MiB | {:.1} MiB | {secs:.1} |",
+                env.map_or("-".to_string(), |(k, v)| format!("{k}={v}")),
+                before as f64 / 1024.0,
+                after as f64 / 1024.0,
+                (after as f64 - before as f64) / 1024.0 / a.sites as f64
+            );
+        }
     }
     Ok(())
 }
