@@ -667,24 +667,32 @@ impl SiteView for Qcow2Pool {
             }
             bail!("a third state in the pool: {name} without its sidecar or disk");
         }
-        for (i, v) in versions.iter().enumerate() {
-            let st = Command::new("qemu-img")
-                .args(["compare", "-q", "-U", "-f", "qcow2", "-F", "raw"])
-                .arg(&disk)
-                .arg(v)
-                .status()?;
-            match st.code() {
-                Some(0) => return Ok(Some(i)),
-                Some(1) => {}
-                _ if !dir.exists() => return Ok(None),
-                _ => bail!("qemu-img compare {name}: {st}"),
-            }
+        match qcow2_version(&disk, versions)? {
+            Some(i) => Ok(Some(i)),
+            // Retired while we compared it: fine.
+            None if !dir.exists() => Ok(None),
+            None => bail!("{name}: a disk of neither version"),
         }
-        if !dir.exists() {
-            return Ok(None);
-        }
-        bail!("{name}: a disk of neither version")
     }
+}
+
+/// Which of `versions` (raw files) the qcow2 `disk`'s guest content is, by `qemu-img
+/// compare` (`-U`: the agent may hold the file open); `None` if neither, or if
+/// `qemu-img` could not compare.
+fn qcow2_version(disk: &Path, versions: &[&Path; 2]) -> Result<Option<usize>> {
+    for (i, v) in versions.iter().enumerate() {
+        let st = Command::new("qemu-img")
+            .args(["compare", "-q", "-U", "-f", "qcow2", "-F", "raw"])
+            .arg(disk)
+            .arg(v)
+            .status()?;
+        match st.code() {
+            Some(0) => return Ok(Some(i)),
+            Some(1) => {}
+            _ => return Ok(None),
+        }
+    }
+    Ok(None)
 }
 
 /// Poll `view` until `stop`, checking each image once (published images are immutable).
@@ -947,18 +955,11 @@ impl SiteView for Registry {
             }
         }
         ensure!(found, "tag {tag}: no disk/ in its disk layer");
-        for (i, v) in versions.iter().enumerate() {
-            let st = Command::new("qemu-img")
-                .args(["compare", "-q", "-f", "qcow2", "-F", "raw"])
-                .arg(&disk)
-                .arg(v)
-                .status()?;
-            if st.code() == Some(0) {
-                std::fs::remove_dir_all(&out)?;
-                return Ok(Some(i));
-            }
-        }
-        bail!("tag {tag}: a disk of neither version")
+        let found = qcow2_version(&disk, versions)?;
+        std::fs::remove_dir_all(&out)?;
+        found
+            .map(Some)
+            .with_context(|| format!("tag {tag}: a disk of neither version"))
     }
 }
 
@@ -1026,18 +1027,11 @@ impl SiteView for GlanceView {
         {
             return Ok(None);
         }
-        for (i, v) in versions.iter().enumerate() {
-            let st = Command::new("qemu-img")
-                .args(["compare", "-q", "-f", "qcow2", "-F", "raw"])
-                .arg(&disk)
-                .arg(v)
-                .status()?;
-            if st.code() == Some(0) {
-                std::fs::remove_file(&disk)?;
-                return Ok(Some(i));
-            }
-        }
-        bail!("image {id}: active, and a disk of neither version")
+        let found = qcow2_version(&disk, versions)?;
+        std::fs::remove_file(&disk)?;
+        found
+            .map(Some)
+            .with_context(|| format!("image {id}: active, and a disk of neither version"))
     }
 }
 

@@ -9,6 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
+use common::procs::{TestEngine, run};
 use common::{assert_copies, with_cluster};
 use seedcast::client::PushOptions;
 use seedcast_agents::adapters::{AdapterConfig, DirOptions};
@@ -117,80 +118,62 @@ async fn a_full_pool_fails_cleanly_and_completes_once_space_is_freed() -> Result
     .await
 }
 
-#[test]
-fn a_full_engine_store_refuses_the_push_and_takes_it_once_space_is_freed() -> Result<()> {
-    const BIN: &str = env!("CARGO_BIN_EXE_seedcast");
-    let tmp = tempfile::tempdir()?;
-    let fs = SmallFs::mount(&tmp.path().join("engine"), "24m")?;
-    let data = fs.0.join("data");
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut engine = Command::new(BIN)
-        .args([
-            "engine",
-            "--data",
-            data.to_str().unwrap(),
-            "--listen",
-            &addr,
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()?;
-    let token = data.join("admin.token");
-    let push = |disk: &Path| -> Result<std::process::Output> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let out = Command::new(BIN)
-                .args(["push", "--name", "full", "--json"])
-                .arg(disk)
-                .env("SEEDCAST_ENGINE", &addr)
-                .env("SEEDCAST_TOKEN", &token)
-                .output()?;
-            let err = String::from_utf8_lossy(&out.stderr);
-            if !(err.contains("cannot reach") || err.contains("No such file"))
-                || std::time::Instant::now() > deadline
-            {
-                return Ok(out);
-            }
-            std::thread::sleep(Duration::from_millis(100));
+/// `push --json DISK` to `engine`, retried while the engine is not answering yet.
+fn push(engine: &TestEngine, disk: &Path) -> Result<std::process::Output> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = run(
+            &["push", "--name", "full", "--json", disk.to_str().unwrap()],
+            &engine.env(),
+        )?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        if !err.contains("cannot reach") || std::time::Instant::now() > deadline {
+            return Ok(out);
         }
-    };
-    // 32 MiB that does not compress, into a 24 MiB store.
-    let disk = tmp.path().join("disk.raw");
-    let mut bytes = vec![0u8; 32 << 20];
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `mib` MiB that do not compress, in a file.
+fn incompressible(at: &Path, mib: usize, seed: &str) -> Result<()> {
+    let mut bytes = vec![0u8; mib << 20];
     blake3::Hasher::new()
-        .update(b"full store")
+        .update(seed.as_bytes())
         .finalize_xof()
         .fill(&mut bytes);
-    std::fs::write(&disk, &bytes)?;
-    let out = push(&disk)?;
-    let r = (|| {
-        ensure!(!out.status.success(), "a push into a full store succeeded");
-        let err = String::from_utf8_lossy(&out.stderr);
-        ensure!(
-            err.contains("No space left on device") && err.contains("pack"),
-            "{err}"
-        );
-        // Space is freed; the same engine (no restart) takes the push, and only what it
-        // had not stored is uploaded.
-        fs.grow("128m")?;
-        let out = push(&disk)?;
-        ensure!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-        let uploaded = v["bytes_uploaded"].as_u64().unwrap_or(u64::MAX);
-        ensure!(uploaded < 24 << 20, "uploaded {uploaded} bytes again");
-        Ok(())
-    })();
-    let _ = engine.kill();
-    let _ = engine.wait();
+    Ok(std::fs::write(at, &bytes)?)
+}
+
+#[test]
+fn a_full_engine_store_refuses_the_push_and_takes_it_once_space_is_freed() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    // The engine's whole data directory on a 24 MiB filesystem; 32 MiB pushed into it.
+    let fs = SmallFs::mount(&tmp.path().join("engine"), "24m")?;
+    let disk = tmp.path().join("disk.raw");
+    incompressible(&disk, 32, "full store")?;
+    let engine = TestEngine::start(tmp.path(), &[])?;
+    let out = push(&engine, &disk)?;
+    ensure!(!out.status.success(), "a push into a full store succeeded");
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        err.contains("No space left on device") && err.contains("pack"),
+        "{err}"
+    );
+    // Space is freed; the same engine (no restart) takes the push, and only what it had
+    // not stored is uploaded.
+    fs.grow("128m")?;
+    let out = push(&engine, &disk)?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let uploaded = v["bytes_uploaded"].as_u64().unwrap_or(u64::MAX);
+    ensure!(uploaded < 24 << 20, "uploaded {uploaded} bytes again");
+    drop(engine);
     drop(fs);
-    r
+    Ok(())
 }
 
 /// The engine's catalog alone on a filesystem that fills (its packs elsewhere): RocksDB
@@ -200,106 +183,62 @@ fn a_full_engine_store_refuses_the_push_and_takes_it_once_space_is_freed() -> Re
 #[test]
 fn a_full_catalog_refuses_the_push_and_the_same_engine_takes_it_once_space_is_freed() -> Result<()>
 {
-    const BIN: &str = env!("CARGO_BIN_EXE_seedcast");
     let tmp = tempfile::tempdir()?;
-    let data = tmp.path().join("data");
-    let fs = SmallFs::mount(&data.join("catalog"), "16m")?;
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut engine = Command::new(BIN)
-        .args([
-            "engine",
-            "--data",
-            data.to_str().unwrap(),
-            "--listen",
-            &addr,
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()?;
-    let token = data.join("admin.token");
-    let push = |disk: &Path| -> Result<std::process::Output> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let out = Command::new(BIN)
-                .args(["push", "--name", "full", "--json"])
-                .arg(disk)
-                .env("SEEDCAST_ENGINE", &addr)
-                .env("SEEDCAST_TOKEN", &token)
-                .output()?;
-            let err = String::from_utf8_lossy(&out.stderr);
-            if !(err.contains("cannot reach") || err.contains("No such file"))
-                || std::time::Instant::now() > deadline
-            {
-                return Ok(out);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
+    let fs = SmallFs::mount(&tmp.path().join("engine").join("catalog"), "16m")?;
     let disk = tmp.path().join("disk.raw");
-    let mut bytes = vec![0u8; 32 << 20];
-    blake3::Hasher::new()
-        .update(b"full catalog")
-        .finalize_xof()
-        .fill(&mut bytes);
-    std::fs::write(&disk, &bytes)?;
-    let r = (|| {
-        // The engine is up (its token written); then its catalog's filesystem is filled.
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while !token.exists() {
-            ensure!(std::time::Instant::now() < deadline, "engine did not start");
-            std::thread::sleep(Duration::from_millis(50));
+    incompressible(&disk, 32, "full catalog")?;
+    let engine = TestEngine::start(tmp.path(), &[])?;
+    // The engine is up; then its catalog's filesystem is filled to its last 16 KiB.
+    let filler = fs.0.join("filler");
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "avail=$(df -k --output=avail {0} | tail -1); fallocate -l $(( (avail - 16) * 1024 )) {1}",
+            fs.0.display(),
+            filler.display()
+        ))
+        .status()?;
+    ensure!(st.success(), "fill the catalog's filesystem");
+    let out = push(&engine, &disk)?;
+    ensure!(
+        !out.status.success(),
+        "a push into a full catalog succeeded"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        err.contains("No space left on device") && err.contains("catalog"),
+        "{err}"
+    );
+    // Space is freed: the same engine (not restarted) takes the push.
+    std::fs::remove_file(&filler)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = push(&engine, &disk)?;
+        if out.status.success() {
+            break;
         }
-        let filler = fs.0.join("filler");
-        let st = Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "avail=$(df -k --output=avail {0} | tail -1); fallocate -l $(( (avail - 16) * 1024 )) {1}",
-                fs.0.display(),
-                filler.display()
-            ))
-            .status()?;
-        ensure!(st.success(), "fill the catalog's filesystem");
-        let out = push(&disk)?;
         ensure!(
-            !out.status.success(),
-            "a push into a full catalog succeeded"
+            std::time::Instant::now() < deadline,
+            "never recovered: {}",
+            String::from_utf8_lossy(&out.stderr)
         );
-        let err = String::from_utf8_lossy(&out.stderr);
-        ensure!(
-            err.contains("No space left on device") && err.contains("catalog"),
-            "{err}"
-        );
-        // Space is freed: the same engine (not restarted) takes the push.
-        std::fs::remove_file(&filler)?;
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let out = push(&disk)?;
-            if out.status.success() {
-                break;
-            }
-            ensure!(
-                std::time::Instant::now() < deadline,
-                "never recovered: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            std::thread::sleep(Duration::from_millis(500));
-        }
-        let out = Command::new(BIN)
-            .args(["check", "--read-data", "--data"])
-            .arg(&data)
-            .output()?;
-        ensure!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        Ok(())
-    })();
-    let _ = engine.kill();
-    let _ = engine.wait();
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let out = run(
+        &[
+            "check",
+            "--read-data",
+            "--data",
+            engine.data.to_str().unwrap(),
+        ],
+        &[],
+    )?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    drop(engine);
     drop(fs);
-    r
+    Ok(())
 }
