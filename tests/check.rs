@@ -92,41 +92,17 @@ fn image(d: &Path, seed: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
-fn push(env: &[(&str, &str)], name: &str, file: &Path) -> Result<Value> {
-    json(&run(
-        &[
-            "push",
-            "--name",
-            name,
-            file.to_str().context("path")?,
-            "--wait",
-            "--json",
-        ],
-        env,
-    )?)
-}
-
 #[test]
 fn engine_check_names_damage_beside_the_engine_and_repair_then_a_push_restores_it() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let d = dir.path();
-    let mut engine = TestEngine::start(d, &[])?;
-    let (addr, admin) = (engine.addr.clone(), engine.admin.clone());
-    let env = [
-        ("SEEDCAST_ENGINE", addr.as_str()),
-        ("SEEDCAST_TOKEN", admin.as_str()),
-    ];
+    let engine = TestEngine::start(d, &[])?;
+    let env = engine.env();
     let pool = d.join("pool");
     let _agent = TestAgent::start(d, &engine, "s1", &["--pool", pool.to_str().unwrap()])?;
     let (a, b) = (image(d, "alpha")?, image(d, "beta")?);
-    let ga = push(&env, "alpha", &a)?["global_id"]
-        .as_str()
-        .context("gid")?
-        .to_string();
-    let gb = push(&env, "beta", &b)?["global_id"]
-        .as_str()
-        .context("gid")?
-        .to_string();
+    let ga = gid(&push_wait_json(&env, "alpha", &a)?)?;
+    let gb = gid(&push_wait_json(&env, "beta", &b)?)?;
     let data = engine.data.clone();
 
     // Healthy, checked beside the running engine.
@@ -199,7 +175,7 @@ fn engine_check_names_damage_beside_the_engine_and_repair_then_a_push_restores_i
     for (name, f) in [("alpha", &a), ("beta", &b)] {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         let v = loop {
-            match push(&env, name, f) {
+            match push_wait_json(&env, name, f) {
                 Ok(v) => break v,
                 Err(e) if std::time::Instant::now() < deadline => {
                     let _ = e;
@@ -249,10 +225,7 @@ fn agent_check_finds_cache_damage_and_drift_status_shows_it_and_repair_restores(
     let mut agent = TestAgent::start(d, &engine, "s1", &["--pool", pool.to_str().unwrap()])?;
     let a = image(d, "alpha")?;
     let content = std::fs::read(&a)?;
-    let ga = push(&env, "alpha", &a)?["global_id"]
-        .as_str()
-        .context("gid")?
-        .to_string();
+    let ga = gid(&push_wait_json(&env, "alpha", &a)?)?;
     let st = json(&run(&["status", &ga, "--json"], &env)?)?;
     let local = st["sites"][0]["local_id"]
         .as_str()
@@ -302,7 +275,7 @@ fn agent_check_finds_cache_damage_and_drift_status_shows_it_and_repair_restores(
     drop(f);
     let (ok, v) = check(&data, &[])?;
     ensure!(!ok && problems(&v, "drifted").len() == 1, "{v}");
-    push(&env, "beta", &image(d, "beta")?)?;
+    push_wait_json(&env, "beta", &image(d, "beta")?)?;
     let st = wait_status(&env, &ga, 30, |st| st["sites"][0]["state"] == "drifted")?;
     ensure!(
         st["sites"][0]["error"]
@@ -367,32 +340,16 @@ fn agent_check_finds_cache_damage_and_drift_status_shows_it_and_repair_restores(
 fn agent_repair_fetches_lost_cache_chunks_from_the_engine_without_republishing() -> Result<()> {
     let swift = seedcast::services::swift::Swift::start()?;
     swift.create_bucket("vms")?;
-    let (key, secret) = swift.credentials();
-    let aws = [
-        ("AWS_ACCESS_KEY_ID", key),
-        ("AWS_SECRET_ACCESS_KEY", secret),
-        ("AWS_DEFAULT_REGION", "us-east-1"),
-    ];
+    let (site, aws) = s3_site(&swift);
+    let site: Vec<&str> = site.iter().map(String::as_str).collect();
     let dir = tempfile::tempdir()?;
     let d = dir.path();
     let engine = TestEngine::start(d, &[])?;
     let env = engine.env();
-    let endpoint = swift.endpoint();
-    let site = [
-        "--adapter",
-        "s3",
-        "--endpoint",
-        &endpoint,
-        "--bucket",
-        "vms",
-    ];
     let mut agent = TestAgent::start_with_env(d, &engine, "s3", &site, &aws)?;
     let a = image(d, "alpha")?;
     let content = std::fs::read(&a)?;
-    let ga = push(&env, "alpha", &a)?["global_id"]
-        .as_str()
-        .context("gid")?
-        .to_string();
+    let ga = gid(&push_wait_json(&env, "alpha", &a)?)?;
     let local = json(&run(&["status", &ga, "--json"], &env)?)?["sites"][0]["local_id"]
         .as_str()
         .context("local id")?

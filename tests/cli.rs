@@ -500,16 +500,8 @@ fn a_push_cut_by_a_client_kill_resumes_without_uploading_twice() -> Result<()> {
 fn push_cut_then_resumed(kill_engine: bool) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let d = dir.path();
-    let mut engine = TestEngine::start(d, &[])?;
-    let (addr, engine_data, admin) = (
-        engine.addr.clone(),
-        engine.data.clone(),
-        engine.admin.clone(),
-    );
-    let env = [
-        ("SEEDCAST_ENGINE", addr.as_str()),
-        ("SEEDCAST_TOKEN", admin.as_str()),
-    ];
+    let engine = TestEngine::start(d, &[])?;
+    let (env, engine_data) = (engine.env(), engine.data.clone());
     // 96 MiB that zstd cannot shrink: the packs grow as fast as the upload goes.
     let total: u64 = 96 << 20;
     let img = d.join("disk.raw");
@@ -756,21 +748,7 @@ fn agent_killed_mid_update(
     drop(bytes);
     let versions = [v1.as_path(), v2.as_path()];
 
-    let out = run(
-        &[
-            "push",
-            "--name",
-            "kill",
-            v1.to_str().unwrap(),
-            "--wait",
-            "--json",
-        ],
-        &env,
-    )?;
-    let gid = json(&out)?["global_id"]
-        .as_str()
-        .context("global_id")?
-        .to_string();
+    let gid = gid(&push_wait_json(&env, "kill", &v1)?)?;
     agent.stop()?;
 
     let view = view(&pool);
@@ -1084,45 +1062,23 @@ fn glance_agent_killed_mid_update_shows_only_old_or_new_and_converges() -> Resul
 fn s3_agent_killed_mid_update_shows_only_old_or_new_and_converges() -> Result<()> {
     let swift = std::sync::Arc::new(seedcast::services::swift::Swift::start()?);
     swift.create_bucket("vms")?;
-    let endpoint = swift.endpoint();
-    let (key, secret) = swift.credentials();
+    let (mut site, aws) = s3_site(&swift);
+    site.extend(["--prefix".to_string(), "images".to_string()]);
+    let site: Vec<&str> = site.iter().map(String::as_str).collect();
     let scratch = tempfile::tempdir()?;
     let s = swift.clone();
     let dl = scratch.path().to_path_buf();
-    agent_killed_mid_update(
-        &[
-            "--adapter",
-            "s3",
-            "--endpoint",
-            &endpoint,
-            "--bucket",
-            "vms",
-            "--prefix",
-            "images",
-        ],
-        &[
-            ("AWS_ACCESS_KEY_ID", key),
-            ("AWS_SECRET_ACCESS_KEY", secret),
-            ("AWS_DEFAULT_REGION", "us-east-1"),
-        ],
-        &move |_| Box::new(Bucket(s.clone(), dl.clone())),
-    )
+    agent_killed_mid_update(&site, &aws, &move |_| {
+        Box::new(Bucket(s.clone(), dl.clone()))
+    })
 }
 
 #[test]
 fn engine_killed_ten_times_while_seeding_three_sites_converges() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let d = dir.path();
-    let mut engine = TestEngine::start(d, &[])?;
-    let (addr, engine_data, admin) = (
-        engine.addr.clone(),
-        engine.data.clone(),
-        engine.admin.clone(),
-    );
-    let env = [
-        ("SEEDCAST_ENGINE", addr.as_str()),
-        ("SEEDCAST_TOKEN", admin.as_str()),
-    ];
+    let engine = TestEngine::start(d, &[])?;
+    let (env, addr, engine_data) = (engine.env(), engine.addr.as_str(), engine.data.clone());
     let sites = ["k1", "k2", "k3"];
     let mut agents = Vec::new();
     for site in sites {
@@ -1131,7 +1087,7 @@ fn engine_killed_ten_times_while_seeding_three_sites_converges() -> Result<()> {
         agents.push(Proc(
             Command::new(BIN)
                 .args(["agent", "--data", d.join(site).to_str().unwrap()])
-                .args(["--engine", &addr, "--site", site])
+                .args(["--engine", addr, "--site", site])
                 .args(["--token", token.to_str().unwrap(), "--adapter", "dir"])
                 .args(["--pool", d.join(format!("pool-{site}")).to_str().unwrap()])
                 .stdout(Stdio::null())

@@ -352,9 +352,8 @@ impl AgentDb {
     /// What to report to the engine on connect: everything held but the images marked for
     /// repair, which the engine then deploys again.
     pub fn reported_inventory(&self) -> Result<Vec<HeldImage>, CacheError> {
-        let mut out = self.inventory()?;
-        let mut keep = Vec::with_capacity(out.len());
-        for h in out.drain(..) {
+        let mut keep = Vec::new();
+        for h in self.inventory()? {
             if self.repair(&h.global_id)?.is_none() {
                 keep.push(h);
             }

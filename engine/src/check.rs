@@ -127,14 +127,10 @@ pub fn check(data: &Path, opts: CheckOptions) -> Result<Report, CheckError> {
             users.by_chunk.entry(*id).or_default().push((*g, *v));
         }
     }
+    let versions: std::collections::HashSet<(GlobalId, u32)> =
+        audit.manifests.iter().map(|(g, v, _)| (*g, *v)).collect();
     for (g, img) in &audit.images {
-        let has = |v: u32| {
-            audit
-                .manifests
-                .iter()
-                .any(|(mg, mv, _)| mg == g && *mv == v)
-        };
-        if !has(img.current_version) {
+        if !versions.contains(&(*g, img.current_version)) {
             report.add(
                 ProblemKind::MissingManifest,
                 format!("image {g} ({})", img.name),

@@ -58,7 +58,8 @@ pub fn json(out: &Output) -> Result<Value> {
 /// An engine process on 127.0.0.1 with its data under `d/engine`, started and waited for
 /// (its admin token written); killed when dropped.
 pub struct TestEngine {
-    proc: Option<Proc>,
+    /// Behind a lock so a test can restart the engine while it holds `env()`.
+    proc: std::sync::Mutex<Option<Proc>>,
     pub addr: String,
     pub data: std::path::PathBuf,
     pub admin: String,
@@ -69,8 +70,8 @@ impl TestEngine {
     pub fn start(d: &Path, extra: &[&str]) -> Result<TestEngine> {
         let data = d.join("engine");
         let admin = data.join("admin.token").to_string_lossy().into_owned();
-        let mut e = TestEngine {
-            proc: None,
+        let e = TestEngine {
+            proc: std::sync::Mutex::new(None),
             addr: format!("127.0.0.1:{}", free_port()?),
             data,
             admin,
@@ -82,17 +83,17 @@ impl TestEngine {
     }
 
     /// SIGKILL the engine and start it again on the same data and address.
-    pub fn restart(&mut self) -> Result<()> {
+    pub fn restart(&self) -> Result<()> {
         self.kill()?;
         let mut args = vec!["engine", "--data", self.data.to_str().unwrap()];
         args.extend(["--listen", &self.addr]);
         args.extend(self.extra.iter().map(String::as_str));
-        self.proc = Some(spawn(&args)?);
+        *self.proc.lock().expect("engine process lock") = Some(spawn(&args)?);
         Ok(())
     }
 
-    pub fn kill(&mut self) -> Result<()> {
-        if let Some(mut p) = self.proc.take() {
+    pub fn kill(&self) -> Result<()> {
+        if let Some(mut p) = self.proc.lock().expect("engine process lock").take() {
             p.0.kill()?;
             p.0.wait()?;
         }
@@ -106,6 +107,52 @@ impl TestEngine {
             ("SEEDCAST_TOKEN", self.admin.as_str()),
         ]
     }
+}
+
+/// `push --name NAME FILE --wait --json`: the image's status.
+pub fn push_wait_json(env: &[(&str, &str)], name: &str, file: &Path) -> Result<Value> {
+    json(&run(
+        &[
+            "push",
+            "--name",
+            name,
+            file.to_str().context("path")?,
+            "--wait",
+            "--json",
+        ],
+        env,
+    )?)
+}
+
+/// The `global_id` of an image's status.
+pub fn gid(status: &Value) -> Result<String> {
+    Ok(status["global_id"]
+        .as_str()
+        .context("global_id")?
+        .to_string())
+}
+
+/// The agent flags and environment of an S3 site storing in bucket `vms` of `swift`.
+pub fn s3_site(
+    swift: &seedcast::services::swift::Swift,
+) -> (Vec<String>, [(&'static str, &'static str); 3]) {
+    let (key, secret) = swift.credentials();
+    let args = [
+        "--adapter",
+        "s3",
+        "--endpoint",
+        &swift.endpoint(),
+        "--bucket",
+        "vms",
+    ]
+    .map(String::from)
+    .to_vec();
+    let env = [
+        ("AWS_ACCESS_KEY_ID", key),
+        ("AWS_SECRET_ACCESS_KEY", secret),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ];
+    (args, env)
 }
 
 /// `seedcast site add SITE` (retried while the engine starts): the token's text.
