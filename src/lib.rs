@@ -8,6 +8,7 @@
 //! the demo and benchmarks) and [`sites`] (a site of each kind built on them). The logic lives in the workspace crates: `seedcast-core` (pure),
 //! `seedcast-net`, `seedcast-engine` and `seedcast-agents`.
 
+pub mod bench;
 pub mod client;
 pub mod cluster;
 pub mod demo;

@@ -394,6 +394,41 @@ enum Cmd {
     /// Verify an engine's or an agent's data directory (it may be running); exits 1 when
     /// anything is damaged. --repair (with it stopped) fixes what can be fixed.
     Check(CheckArgs),
+    /// Measure throughput: `bench local` runs ingest, seeding and reassembly on this machine
+    /// beside their limits and peers.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCmd {
+    /// An engine and agents on 127.0.0.1 (separate processes): ingest, seeding to 1, 2, 4 …
+    /// sites and reassembly from a site's cache, each beside the machine's stage limits, a
+    /// plain QUIC transfer of the same bytes, and casync / rsync when installed.
+    Local(BenchLocalArgs),
+}
+
+#[derive(Args, Debug)]
+struct BenchLocalArgs {
+    /// Size of the generated image (sparse, ~60 % data: text-like, random and repeated
+    /// regions).
+    #[arg(long, default_value = "4GiB", value_parser = parse_size)]
+    size: u64,
+    /// Seeding rounds go 1, 2, 4 … up to this many sites.
+    #[arg(long, default_value_t = 4)]
+    sites: usize,
+    /// Use this image (raw or qcow2) instead of a generated one.
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// Keep the work (engine, agents, pools, logs) here instead of a temporary directory.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Do not run casync and rsync.
+    #[arg(long)]
+    no_peers: bool,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -717,6 +752,40 @@ async fn cmd_check(a: CheckArgs) -> Result<ExitCode> {
     })
 }
 
+async fn cmd_bench_local(a: BenchLocalArgs) -> Result<ExitCode> {
+    if a.sites == 0 {
+        bail!("--sites must be at least 1");
+    }
+    let opts = seedcast::bench::LocalOptions {
+        bin: std::env::current_exe().context("finding the seedcast binary")?,
+        size: a.size,
+        image: a.image,
+        sites: a.sites,
+        dir: a.dir,
+        peers: !a.no_peers,
+    };
+    let bar = ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{pos}/{len}] {msg} ({elapsed})")
+            .expect("template"),
+    );
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    let report = seedcast::bench::run_local(&opts, |s| {
+        bar.set_length(s.total as u64);
+        bar.set_position(s.index as u64);
+        bar.set_message(s.what);
+    })
+    .await;
+    bar.finish_and_clear();
+    let report = report?;
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", seedcast::bench::text::render(&report));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn run(cli: Cli) -> Result<ExitCode> {
     // Servers log what they do; commands only what went wrong.
     let default_log = match cli.cmd {
@@ -738,6 +807,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Site(SiteCmd::Reset(a)) => cmd_site_reset(a).await,
         Cmd::Demo(a) => cmd_demo(a).await,
         Cmd::Check(a) => cmd_check(a).await,
+        Cmd::Bench(BenchCmd::Local(a)) => cmd_bench_local(a).await,
     }
 }
 
