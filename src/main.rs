@@ -406,6 +406,25 @@ enum BenchCmd {
     /// sites and reassembly from a site's cache, each beside the machine's stage limits, a
     /// plain QUIC transfer of the same bytes, and casync / rsync when installed.
     Local(BenchLocalArgs),
+    /// Measure the real path to one connected site through a running engine: round trip,
+    /// raw throughput of its connection, and the chunk pipeline's rate (stored chunks sent,
+    /// verified and written at the agent, then discarded) — a slow link or a slow site.
+    /// Nothing is published.
+    Site(BenchSiteArgs),
+}
+
+#[derive(Args, Debug)]
+struct BenchSiteArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// The site.
+    site: String,
+    /// About how long to measure (at most 50 s).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=50))]
+    seconds: u32,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -752,6 +771,26 @@ async fn cmd_check(a: CheckArgs) -> Result<ExitCode> {
     })
 }
 
+async fn cmd_bench_site(a: BenchSiteArgs) -> Result<ExitCode> {
+    let client = connect(&a.conn).await?;
+    let bar = ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} measuring {msg} ({elapsed})").expect("template"),
+    );
+    bar.set_message(a.site.clone());
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    let r = client.bench_site(&a.site, a.seconds).await;
+    bar.finish_and_clear();
+    client.close().await;
+    let b = r?;
+    if a.json {
+        print_json(&output::site_bench_json(&b));
+    } else {
+        print!("{}", output::site_bench_text(&b));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn cmd_bench_local(a: BenchLocalArgs) -> Result<ExitCode> {
     if a.sites == 0 {
         bail!("--sites must be at least 1");
@@ -808,6 +847,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Demo(a) => cmd_demo(a).await,
         Cmd::Check(a) => cmd_check(a).await,
         Cmd::Bench(BenchCmd::Local(a)) => cmd_bench_local(a).await,
+        Cmd::Bench(BenchCmd::Site(a)) => cmd_bench_site(a).await,
     }
 }
 

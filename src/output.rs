@@ -242,6 +242,82 @@ pub fn check_text(r: &seedcast_core::check::Report) -> String {
     out
 }
 
+fn secs(us: u64) -> f64 {
+    us as f64 / 1e6
+}
+
+fn per_sec(bytes: u64, us: u64) -> u64 {
+    if us == 0 {
+        0
+    } else {
+        (bytes as f64 / secs(us)) as u64
+    }
+}
+
+/// `bench site --json`.
+pub fn site_bench_json(b: &seedcast_core::protocol::SiteBench) -> Value {
+    json!({
+        "site": b.site,
+        "rtt_quic_ms": b.rtt_quic_us as f64 / 1e3,
+        "rtt_ping_ms": b.rtt_ping_us as f64 / 1e3,
+        "raw_bytes": b.raw_bytes,
+        "raw_seconds": secs(b.raw_us),
+        "raw_bytes_per_sec": per_sec(b.raw_bytes, b.raw_us),
+        "chunks": b.chunks,
+        "chunk_payload_bytes": b.chunk_payload_bytes,
+        "chunk_data_bytes": b.chunk_raw_bytes,
+        "chunk_seconds": secs(b.chunk_us),
+        "chunk_payload_bytes_per_sec": per_sec(b.chunk_payload_bytes, b.chunk_us),
+        "chunk_data_bytes_per_sec": per_sec(b.chunk_raw_bytes, b.chunk_us),
+        "verify_seconds": secs(b.verify_us),
+        "write_seconds": secs(b.write_us),
+        "limit": site_bench_limit(b),
+    })
+}
+
+/// What holds the site back: `link` when the chunk pipeline moves its payload about as fast
+/// as raw bytes go (the network is the limit), `site` when it is well below (the agent's
+/// CPU verifying or its disk writing), and which of the two it spent longer on.
+pub fn site_bench_limit(b: &seedcast_core::protocol::SiteBench) -> &'static str {
+    let raw = per_sec(b.raw_bytes, b.raw_us) as f64;
+    let pipe = per_sec(b.chunk_payload_bytes, b.chunk_us) as f64;
+    if raw == 0.0 || pipe >= 0.8 * raw {
+        "link"
+    } else if b.write_us > b.verify_us {
+        "site disk"
+    } else {
+        "site cpu"
+    }
+}
+
+/// `bench site` as text.
+pub fn site_bench_text(b: &seedcast_core::protocol::SiteBench) -> String {
+    let rate = |bytes, us| format!("{}/s", human_bytes(per_sec(bytes, us)));
+    format!(
+        "site {}\n\
+         round trip   {:.2} ms (ping through the agent; QUIC's estimate {:.2} ms)\n\
+         raw          {} in {:.1} s: {}\n\
+         chunks       {} chunks, {} on the wire, {} verified and written in {:.1} s: {} on the wire, {} of data\n\
+         at the site  verifying {:.2} s, writing {:.2} s\n\
+         limit        {}\n",
+        printable(&b.site),
+        b.rtt_ping_us as f64 / 1e3,
+        b.rtt_quic_us as f64 / 1e3,
+        human_bytes(b.raw_bytes),
+        secs(b.raw_us),
+        rate(b.raw_bytes, b.raw_us),
+        b.chunks,
+        human_bytes(b.chunk_payload_bytes),
+        human_bytes(b.chunk_raw_bytes),
+        secs(b.chunk_us),
+        rate(b.chunk_payload_bytes, b.chunk_us),
+        rate(b.chunk_raw_bytes, b.chunk_us),
+        secs(b.verify_us),
+        secs(b.write_us),
+        site_bench_limit(b),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,6 +3,8 @@
 //! here (a timed test on a shared host proves nothing); what is checked is that every phase
 //! ran, moved what it must, and was metered.
 
+mod common;
+
 use std::process::Command;
 
 use anyhow::{Result, ensure};
@@ -129,5 +131,108 @@ fn bench_local_prints_a_table_and_refuses_bad_input() -> Result<()> {
         .output()?;
     let err = String::from_utf8_lossy(&out.stderr);
     ensure!(!out.status.success() && err.contains("--sites"), "{err}");
+    Ok(())
+}
+
+/// `bench site` against a running engine and agent (separate processes): every figure
+/// present, nothing published, the scratch file gone; unknown and offline sites refused.
+#[test]
+fn bench_site_measures_a_connected_site_and_publishes_nothing() -> Result<()> {
+    use common::procs::{TestAgent, TestEngine, json, run};
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let engine = TestEngine::start(d, &[])?;
+    let env = engine.env();
+    let pool = d.join("pool");
+    let mut agent = TestAgent::start(d, &engine, "probe-a", &["--pool", pool.to_str().unwrap()])?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let s = json(&run(&["sites", "--json"], &env)?)?;
+        if s["sites"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|s| s["connected"] == true))
+        {
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "agent never connected"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+
+    // An engine with no image yet probes with chunks it makes.
+    let b = json(&run(
+        &["bench", "site", "probe-a", "--seconds", "2", "--json"],
+        &env,
+    )?)?;
+    let u = |k: &str| b[k].as_u64().unwrap_or(0);
+    let f = |k: &str| b[k].as_f64().unwrap_or(-1.0);
+    ensure!(b["site"] == "probe-a", "{b}");
+    ensure!(f("rtt_ping_ms") > 0.0 && f("rtt_quic_ms") > 0.0, "{b}");
+    ensure!(
+        u("raw_bytes") > 1 << 20 && u("raw_bytes_per_sec") > 0,
+        "{b}"
+    );
+    ensure!(
+        u("chunks") > 0 && u("chunk_data_bytes") > u("chunk_payload_bytes"),
+        "{b}"
+    );
+    ensure!(
+        f("chunk_seconds") > 0.0 && f("verify_seconds") > 0.0 && f("write_seconds") > 0.0,
+        "{b}"
+    );
+    ensure!(
+        ["link", "site cpu", "site disk"].contains(&b["limit"].as_str().unwrap_or("")),
+        "{b}"
+    );
+
+    // With an image stored, its chunks are what is sent; still nothing is published.
+    let img = d.join("disk.raw");
+    seedcast::synth::write_disk(&img, 8 << 20, "bench site")?;
+    let pushed = common::procs::push_wait_json(&env, "probe-img", &img)?;
+    let text =
+        String::from_utf8(run(&["bench", "site", "probe-a", "--seconds", "1"], &env)?.stdout)?;
+    for want in ["round trip", "raw", "chunks", "limit"] {
+        ensure!(text.contains(want), "no {want:?} in:\n{text}");
+    }
+    let status = json(&run(&["status", "--json"], &env)?)?;
+    ensure!(
+        status["images"].as_array().map(|a| a.len()) == Some(1),
+        "{status}"
+    );
+    ensure!(
+        std::fs::read_dir(&pool)?
+            .filter(|e| e
+                .as_ref()
+                .is_ok_and(|e| !e.file_name().to_string_lossy().starts_with('.')))
+            .count()
+            == 1
+    );
+    ensure!(!d.join("agent-probe-a/.probe-scratch").exists());
+    ensure!(pushed["sites"][0]["state"] == "published", "{pushed}");
+
+    // Unknown and offline sites are refused by name.
+    let out = run(&["bench", "site", "nosuch", "--seconds", "1"], &env)?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("unknown site") && err.contains("nosuch"),
+        "{err}"
+    );
+    agent.stop()?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while json(&run(&["sites", "--json"], &env)?)?["sites"][0]["connected"] == true {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the stopped agent stays connected"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let out = run(&["bench", "site", "probe-a", "--seconds", "1"], &env)?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("not connected"),
+        "{err}"
+    );
     Ok(())
 }

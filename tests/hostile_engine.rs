@@ -406,3 +406,134 @@ async fn an_engine_that_keeps_closing_sessions_is_redialled_with_growing_backoff
     })
     .await
 }
+
+/// Open a probe stream of `kind`, send `body` records, and read the agent's reply.
+async fn probe(
+    s: &Session,
+    kind: seedcast_core::protocol::Probe,
+    body: &[(ChunkHeader, Vec<u8>)],
+    finish: bool,
+) -> Result<(quinn::SendStream, quinn::RecvStream)> {
+    let (mut send, recv) = s.conn.open_bi().await?;
+    seedcast_net::write_msg(&mut send, &kind).await?;
+    for (h, payload) in body {
+        seedcast_net::write_msg(&mut send, h).await?;
+        send.write_all(payload).await?;
+    }
+    if finish {
+        send.finish()?;
+    }
+    Ok((send, recv))
+}
+
+async fn reply(recv: &mut quinn::RecvStream) -> Result<seedcast_core::protocol::ProbeReply> {
+    Ok(tokio::time::timeout(
+        Duration::from_secs(20),
+        seedcast_net::read_msg_required(recv),
+    )
+    .await??)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_are_verified_bounded_one_at_a_time_and_leave_nothing() -> Result<()> {
+    use seedcast_core::protocol::{Probe, ProbeReply};
+    with_cluster(&SITES[..1], async |cluster| {
+        let (_, data) = seeded_site(cluster).await?;
+        let imp = Impostor::new(cluster)?;
+        let pool = cluster.pool_dir(SITES[0]);
+        let before = pool_listing(&pool)?;
+        let run = restart_against(cluster, &data, &imp)?;
+        let session = imp.accept(imp.genuine.public_key()).await?;
+
+        let good: Vec<u8> = (0..70_000u32).map(|i| (i * 13 % 241) as u8).collect();
+        let chunk = |payload: &[u8], id: ChunkId, raw_len: u32| {
+            let h = ChunkHeader {
+                id,
+                raw_len,
+                encoding: Encoding::Raw,
+                payload_len: payload.len() as u32,
+            };
+            (h, payload.to_vec())
+        };
+        let id = ChunkId::of(&good);
+        let ok = chunk(&good, id, good.len() as u32);
+
+        // Genuine chunks: verified, written, counted.
+        let (_s, mut r) = probe(&session, Probe::Chunks, &[ok.clone(), ok.clone()], true).await?;
+        match reply(&mut r).await? {
+            ProbeReply::Received {
+                chunks, raw_bytes, ..
+            } => ensure!(chunks == 2 && raw_bytes == 2 * good.len() as u64),
+            other => bail!("{other:?}"),
+        }
+
+        // A damaged chunk is refused as a deployment's would be, naming it.
+        let mut bad = good.clone();
+        bad[100] ^= 1;
+        let (_s, mut r) = probe(
+            &session,
+            Probe::Chunks,
+            &[chunk(&bad, id, bad.len() as u32)],
+            true,
+        )
+        .await?;
+        match reply(&mut r).await? {
+            ProbeReply::Refused { message } => ensure!(message.contains("mismatch"), "{message}"),
+            other => bail!("{other:?}"),
+        }
+
+        // A chunk over the site's bounds is refused before its payload is read.
+        let huge = ChunkHeader {
+            id,
+            raw_len: u32::MAX,
+            encoding: Encoding::Raw,
+            payload_len: 16,
+        };
+        let (_s, mut r) = probe(&session, Probe::Chunks, &[(huge, vec![0; 16])], true).await?;
+        match reply(&mut r).await? {
+            ProbeReply::Refused { message } => ensure!(message.contains("bounds"), "{message}"),
+            other => bail!("{other:?}"),
+        }
+
+        // One probe at a time: a second while a raw probe is open is refused; the first
+        // still completes.
+        let (mut first, mut first_r) = probe(&session, Probe::Raw, &[], false).await?;
+        first.write_all(&[7u8; 1 << 20]).await?;
+        let (_s, mut r) = probe(&session, Probe::Ping, &[], true).await?;
+        match reply(&mut r).await? {
+            ProbeReply::Refused { message } => {
+                ensure!(message.contains("another probe"), "{message}")
+            }
+            other => bail!("{other:?}"),
+        }
+        first.finish()?;
+        match reply(&mut first_r).await? {
+            ProbeReply::Received { bytes, .. } => ensure!(bytes == 1 << 20),
+            other => bail!("{other:?}"),
+        }
+        let (_s, mut r) = probe(&session, Probe::Ping, &[], true).await?;
+        ensure!(reply(&mut r).await? == ProbeReply::Pong);
+
+        // Nothing was kept: no scratch file, the pool as it was.
+        ensure!(!data.join(".probe-scratch").exists(), "scratch file left");
+        session.close();
+        run.abort();
+        let _ = run.await;
+        ensure!(pool_listing(&pool)? == before, "the pool changed");
+        // The probe's chunk never reached the cache (the database reopens once the agent's
+        // last task has let go of it).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let db = loop {
+            match AgentDb::open(&data.join("db")) {
+                Ok(db) => break db,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        ensure!(db.chunk(&id)?.is_none(), "probe chunk cached");
+        Ok(())
+    })
+    .await
+}

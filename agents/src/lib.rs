@@ -23,6 +23,7 @@ pub mod config;
 pub mod connect;
 pub mod deploy;
 pub mod error;
+pub mod probe;
 pub mod receive;
 pub mod seeds;
 pub mod session;

@@ -1,5 +1,6 @@
 //! One connection to the engine: say hello as the site, report what it holds, then serve
-//! the engine's deployments one at a time while the data streams are accepted alongside.
+//! the engine's deployments one at a time while the data streams (and the engine's probe
+//! streams, `seedcast bench site`) are accepted alongside.
 
 use quinn::{Connection, RecvStream, SendStream};
 use seedcast_core::ChunkerConfig;
@@ -45,6 +46,7 @@ impl Agent {
         let slot = Slot::default();
         let streams =
             accept_data_streams(conn.clone(), slot.clone(), self.db.clone(), chunking.max);
+        let probes = crate::probe::accept_probes(conn.clone(), self.cfg.data.clone(), chunking.max);
         let mut ctl = Control {
             conn,
             send: &mut send,
@@ -54,6 +56,7 @@ impl Agent {
         tokio::select! {
             r = self.control(&mut ctl, &mut recv) => r,
             r = streams => r,
+            r = probes => r,
         }
     }
 

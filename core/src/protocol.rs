@@ -1,4 +1,4 @@
-//! The seedcast wire protocol, version 3. This module is the specification.
+//! The seedcast wire protocol, version 5. This module is the specification.
 //!
 //! # Transport
 //! QUIC (RFC 9000) with TLS 1.3, ALPN [`ALPN`]. The engine's certificate is issued by its own
@@ -31,6 +31,9 @@
 //!    [`DataRecord::Group`] is several chunks compressed as one zstd frame whose prefix
 //!    ("dictionary", as `zstd --patch-from`) is the concatenation of base chunks the site
 //!    holds. Every chunk is verified against its id after decoding either way.
+//!    The engine may also open bidirectional *probe streams* to an agent (`seedcast bench
+//!    site`): one [`Probe`] frame, then raw bytes or chunk records as on a data stream until
+//!    the stream ends; the agent answers one [`ProbeReply`] and keeps nothing.
 //! 4. **Client** (admin secret): after `Welcome`, each request is one new bidirectional
 //!    stream: one [`Request`] frame (for `Upload`, followed by `count` chunk records as on a
 //!    data stream), then the engine's [`Response`] frame(s). `Watch` answers with `Progress`
@@ -52,12 +55,13 @@ use crate::id::{ChunkId, GlobalId};
 use crate::manifest::{FileEntry, Manifest};
 
 /// ALPN protocol id; a peer without it fails the TLS handshake.
-pub const ALPN: &[u8] = b"seedcast/4";
+pub const ALPN: &[u8] = b"seedcast/5";
 /// Carried in [`Hello`] and checked by the engine. 2: files carry their format
 /// ([`crate::manifest::FileFormat`], manifest format 2). 3: site tokens, certificate
 /// expiry and renewal. 4: agents report images that changed underneath them
-/// ([`AgentMsg::Drifted`], [`PlacementState::Drifted`]).
-pub const PROTOCOL_VERSION: u32 = 4;
+/// ([`AgentMsg::Drifted`], [`PlacementState::Drifted`]). 5: the engine opens probe streams
+/// to agents ([`Probe`], `seedcast bench site`).
+pub const PROTOCOL_VERSION: u32 = 5;
 /// Hard maximum of one frame's body: the codec's decode bound. A manifest of a ~100 GiB
 /// image fits.
 pub const MAX_MESSAGE_SIZE: usize = crate::codec::MAX_ENCODED_LEN;
@@ -374,6 +378,13 @@ pub enum Request {
     SiteReset {
         site: String,
     },
+    /// Measure the path to a connected site for about `seconds` (at most
+    /// [`Probe::MAX_SECS`]): round trip, raw throughput, and the chunk pipeline (send,
+    /// verify, write at the agent). Nothing is published; the agent discards what it gets.
+    BenchSite {
+        site: String,
+        seconds: u32,
+    },
 }
 
 /// An adaptation block: changes to the current version of an image, applied atomically as
@@ -455,6 +466,73 @@ pub enum Response {
     },
     /// The request was carried out.
     Done,
+    SiteBench(SiteBench),
+}
+
+/// What `BenchSite` measured on the path to one site (times in microseconds).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiteBench {
+    pub site: String,
+    /// quinn's smoothed round-trip estimate of the agent's connection, in microseconds.
+    pub rtt_quic_us: u64,
+    /// Round trips of a ping on a fresh stream through the agent's process (the least of
+    /// several): the network plus the agent's scheduling.
+    pub rtt_ping_us: u64,
+    /// Raw bytes the agent read and discarded, and the time it took (first byte to end).
+    pub raw_bytes: u64,
+    pub raw_us: u64,
+    /// Stored chunks sent as a deployment sends them, each verified (decompressed and hashed)
+    /// and written at the agent to a scratch file, then discarded.
+    pub chunks: u64,
+    /// Their payload on the wire and their bytes once verified.
+    pub chunk_payload_bytes: u64,
+    pub chunk_raw_bytes: u64,
+    pub chunk_us: u64,
+    /// Of `chunk_us`, the agent's time verifying and writing (on its threads: the two may
+    /// overlap the reading).
+    pub verify_us: u64,
+    pub write_us: u64,
+}
+
+/// First frame of a bidirectional stream the engine opens to an agent to measure the path
+/// to it (`seedcast bench site`); the agent answers with one [`ProbeReply`]. Nothing a
+/// probe carries is kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Probe {
+    /// Answer `Pong` at once.
+    Ping,
+    /// Raw bytes follow until the stream ends: read and discarded.
+    Raw,
+    /// [`ChunkHeader`] records, each followed by its stored payload, until the stream ends:
+    /// verified as a deployment's chunks are and written to a scratch file, then dropped.
+    Chunks,
+}
+
+impl Probe {
+    /// Longest a probe may last; an agent stops reading one after this.
+    pub const MAX_SECS: u32 = 60;
+    /// Most bytes an agent reads for one probe.
+    pub const MAX_BYTES: u64 = 64 << 30;
+    /// Probes an agent serves at once; more are refused.
+    pub const MAX_CONCURRENT: usize = 1;
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ProbeReply {
+    Pong,
+    /// What the agent received: payload bytes, chunks and their verified bytes, the time
+    /// from the first byte to the end, and within it the time verifying and writing.
+    Received {
+        bytes: u64,
+        chunks: u64,
+        raw_bytes: u64,
+        micros: u64,
+        verify_micros: u64,
+        write_micros: u64,
+    },
+    Refused {
+        message: String,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -559,10 +637,10 @@ mod tests {
                 admin_secret: "s".into(),
             },
         };
-        // 04        protocol = 4 (varint)
+        // 05        protocol = 5 (varint)
         // 00        Role::Client (variant 0)
         // 01 73     admin_secret = "s" (len 1, 's')
-        assert_eq!(hex(&h), "04000173");
+        assert_eq!(hex(&h), "05000173");
         let a = Role::Agent {
             site: "a".into(),
             adapter: "dir".into(),
@@ -876,6 +954,10 @@ mod tests {
                     expires_secs: 1,
                 },
                 Request::SiteReset { site: "a".into() },
+                Request::BenchSite {
+                    site: "a".into(),
+                    seconds: 1,
+                },
             ],
             |v| match v {
                 Request::Missing { .. } => 0,
@@ -890,6 +972,7 @@ mod tests {
                 Request::Rollback { .. } => 9,
                 Request::SiteAdd { .. } => 10,
                 Request::SiteReset { .. } => 11,
+                Request::BenchSite { .. } => 12,
             },
         );
         check(
@@ -952,6 +1035,19 @@ mod tests {
                     expires_unix: 0,
                 },
                 Response::Done,
+                Response::SiteBench(SiteBench {
+                    site: "a".into(),
+                    rtt_quic_us: 0,
+                    rtt_ping_us: 0,
+                    raw_bytes: 0,
+                    raw_us: 0,
+                    chunks: 0,
+                    chunk_payload_bytes: 0,
+                    chunk_raw_bytes: 0,
+                    chunk_us: 0,
+                    verify_us: 0,
+                    write_us: 0,
+                }),
             ],
             |v| match v {
                 Response::Missing { .. } => 0,
@@ -966,6 +1062,7 @@ mod tests {
                 Response::History(_) => 9,
                 Response::SiteToken { .. } => 10,
                 Response::Done => 11,
+                Response::SiteBench(_) => 12,
             },
         );
         check(
@@ -996,6 +1093,32 @@ mod tests {
                 PlacementState::Published => 2,
                 PlacementState::Failed => 3,
                 PlacementState::Drifted => 4,
+            },
+        );
+        check(&[Probe::Ping, Probe::Raw, Probe::Chunks], |v| match v {
+            Probe::Ping => 0,
+            Probe::Raw => 1,
+            Probe::Chunks => 2,
+        });
+        check(
+            &[
+                ProbeReply::Pong,
+                ProbeReply::Received {
+                    bytes: 0,
+                    chunks: 0,
+                    raw_bytes: 0,
+                    micros: 0,
+                    verify_micros: 0,
+                    write_micros: 0,
+                },
+                ProbeReply::Refused {
+                    message: String::new(),
+                },
+            ],
+            |v| match v {
+                ProbeReply::Pong => 0,
+                ProbeReply::Received { .. } => 1,
+                ProbeReply::Refused { .. } => 2,
             },
         );
     }

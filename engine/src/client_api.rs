@@ -118,6 +118,9 @@ async fn request(
             })
         }
         Request::SiteReset { site } => sites::reset(shared, &site).map(|()| Response::Done),
+        Request::BenchSite { site, seconds } => crate::probe::bench_site(shared, &site, seconds)
+            .await
+            .map(Response::SiteBench),
     };
     write_msg(&mut send, &resp.unwrap_or_else(|e| e.response())).await?;
     let _ = send.finish();

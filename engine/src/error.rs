@@ -36,6 +36,9 @@ pub enum EngineError {
     UnknownImage(GlobalId),
     #[error("unknown site {0:?}")]
     UnknownSite(String),
+    /// `bench site` could not measure the site.
+    #[error(transparent)]
+    Probe(#[from] crate::probe::ProbeError),
     #[error("site {0:?} is revoked")]
     RevokedSite(String),
     #[error(
@@ -168,6 +171,7 @@ impl EngineError {
             | EngineError::SiteRevoked(_)
             | EngineError::InvalidSiteName(_)
             | EngineError::TokenLifetime { .. }
+            | EngineError::Probe(crate::probe::ProbeError::NotConnected(_))
             | EngineError::Manifest(_)
             | EngineError::Adapt(_)
             | EngineError::Upload(_)

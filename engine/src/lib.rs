@@ -28,6 +28,7 @@ pub mod delta;
 pub mod distribute;
 pub mod error;
 pub mod handshake;
+pub mod probe;
 pub mod server;
 pub mod sites;
 mod state;

@@ -236,6 +236,12 @@ impl PackStore {
         self.index.read().get(id).copied()
     }
 
+    /// Up to `max` ids of stored chunks, in no particular order (chunks to probe a site's
+    /// path with).
+    pub fn some_ids(&self, max: usize) -> Vec<ChunkId> {
+        self.index.read().keys().take(max).copied().collect()
+    }
+
     /// Store verified chunks not yet held. Blocking (file writes and a sync): call from a
     /// blocking thread. Returns how many were new and their stored bytes.
     fn insert_packed(&self, chunks: &[VerifiedChunk]) -> Result<Inserted, StoreError> {

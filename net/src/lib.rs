@@ -5,7 +5,7 @@
 //!   join / admin tokens that carry the CA fingerprint (kubeadm / k3s style).
 //! - [`signing`]: the engine's manifest signing key (ed25519, apart from TLS) and the
 //!   agents' check.
-//! - [`tls`]: rustls configurations (TLS 1.3 only, ALPN `seedcast/4`, CA pinning).
+//! - [`tls`]: rustls configurations (TLS 1.3 only, ALPN `seedcast/5`, CA pinning).
 //! - [`endpoint`]: quinn endpoints and the transport tuning they share.
 //! - [`dial`]: dialling the engine and the hello exchange (clients and agents alike).
 //! - [`framed`]: read and write [`seedcast_core::frame`]s on quinn streams.

@@ -1,4 +1,4 @@
-//! rustls configurations for the three roles: TLS 1.3 only, ALPN `seedcast/4`, ring as the
+//! rustls configurations for the three roles: TLS 1.3 only, ALPN `seedcast/5`, ring as the
 //! only crypto provider, the engine's CA pinned by fingerprint.
 
 use std::sync::Arc;

@@ -251,6 +251,22 @@ impl Client {
         }
     }
 
+    /// Measure the path to a connected site for about `seconds` (`seedcast bench site`).
+    pub async fn bench_site(
+        &self,
+        site: &str,
+        seconds: u32,
+    ) -> Result<seedcast_core::protocol::SiteBench, ClientError> {
+        let req = Request::BenchSite {
+            site: site.into(),
+            seconds,
+        };
+        match self.request(&req).await? {
+            Response::SiteBench(b) => Ok(b),
+            r => Err(ClientError::Unexpected(format!("{r:?}"))),
+        }
+    }
+
     pub async fn revoke(&self, site: &str) -> Result<(), ClientError> {
         match self.request(&Request::Revoke { site: site.into() }).await? {
             Response::Revoked => Ok(()),
