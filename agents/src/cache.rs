@@ -290,6 +290,9 @@ impl AgentDb {
             batch.delete_cf(self.db.cf(CF_CHUNKS), k);
         }
         self.db.write(batch, Durability::Unsynced)?;
+        // Without blob garbage collection the space comes back when the tables that named
+        // the chunks are compacted away.
+        self.db.compact(CF_CHUNKS)?;
         Ok(keys.len())
     }
 
