@@ -298,7 +298,7 @@ pub fn site_bench_text(b: &seedcast_core::protocol::SiteBench) -> String {
          round trip   {:.2} ms (ping through the agent; QUIC's estimate {:.2} ms)\n\
          raw          {} in {:.1} s: {}\n\
          chunks       {} chunks, {} on the wire, {} verified and written in {:.1} s: {} on the wire, {} of data\n\
-         at the site  verifying {:.2} s, writing {:.2} s\n\
+         at the site  verifying {:.2} s, writing {:.2} s (summed over its threads)\n\
          limit        {}\n",
         printable(&b.site),
         b.rtt_ping_us as f64 / 1e3,

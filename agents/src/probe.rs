@@ -7,6 +7,7 @@
 //! site's service. One probe at a time; each stops after [`Probe::MAX_SECS`] or
 //! [`Probe::MAX_BYTES`], whatever the engine sends.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -35,6 +36,10 @@ enum ProbeFault {
 
 /// The scratch file wraps here, so a probe never takes more disk than this.
 pub const SCRATCH_BYTES: u64 = 256 << 20;
+
+/// Chunks a probe verifies and writes at once: as many as the engine's data streams of one
+/// transfer (4), so the probe measures the pipeline a deployment has.
+const IN_FLIGHT: usize = 4;
 
 /// Accept the engine's probe streams for as long as the connection lives.
 pub(crate) async fn accept_probes(
@@ -178,8 +183,9 @@ async fn chunks(
     let mut bytes = 0u64;
     let mut tally = Tally::default();
     let mut start = None;
-    // One record verified and written while the next is read.
-    let mut pending: Option<Pending> = None;
+    // Up to IN_FLIGHT records verified and written while the next is read, as a
+    // deployment's data streams do.
+    let mut pending: VecDeque<Pending> = VecDeque::new();
     let mut offset = 0u64;
     while let Some(h) = read_msg::<ChunkHeader>(recv).await? {
         start.get_or_insert_with(Instant::now);
@@ -197,13 +203,15 @@ async fn chunks(
         if bytes > Probe::MAX_BYTES {
             return Ok(over_bytes(recv));
         }
-        if let Some(message) = tally.settle(pending.take()).await? {
+        if pending.len() >= IN_FLIGHT
+            && let Some(message) = tally.settle(pending.pop_front()).await?
+        {
             return Ok(refuse(recv, message));
         }
         let at = offset;
         offset = (offset + h.raw_len as u64) % SCRATCH_BYTES;
         let file = file.clone();
-        pending = Some(tokio::task::spawn_blocking(move || {
+        pending.push_back(tokio::task::spawn_blocking(move || {
             let t = Instant::now();
             let c = UnverifiedChunk(CompressedChunk {
                 id: h.id,
@@ -220,8 +228,10 @@ async fn chunks(
             Ok((c.raw().len() as u64, v, t.elapsed()))
         }));
     }
-    if let Some(message) = tally.settle(pending.take()).await? {
-        return Ok(refuse(recv, message));
+    while let Some(p) = pending.pop_front() {
+        if let Some(message) = tally.settle(Some(p)).await? {
+            return Ok(refuse(recv, message));
+        }
     }
     // Written means on disk, as a deployment's chunks are before they count.
     let t = Instant::now();

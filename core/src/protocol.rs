@@ -488,8 +488,9 @@ pub struct SiteBench {
     pub chunk_payload_bytes: u64,
     pub chunk_raw_bytes: u64,
     pub chunk_us: u64,
-    /// Of `chunk_us`, the agent's time verifying and writing (on its threads: the two may
-    /// overlap the reading).
+    /// The agent's time verifying and writing the chunks, summed over the threads doing it
+    /// (up to four chunks at once, overlapping the reading): more than `chunk_us` when the
+    /// site's cores are the limit.
     pub verify_us: u64,
     pub write_us: u64,
 }
