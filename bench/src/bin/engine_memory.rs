@@ -53,13 +53,9 @@ fn seedcast() -> Result<PathBuf> {
     Ok(p)
 }
 
-fn kib(pid: u32, field: &str) -> Result<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = s
-        .lines()
-        .find(|l| l.starts_with(field))
-        .with_context(|| format!("{field} in /proc/{pid}/status"))?;
-    Ok(line.split_whitespace().nth(1).context("value")?.parse()?)
+/// Peak resident set of `pid` in KiB (`VmHWM`).
+fn peak_kib(pid: u32) -> Result<u64> {
+    Ok(seedcast::bench::meter::Pid::Child(pid).peak_rss()? / 1024)
 }
 
 fn run(bin: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<String> {
@@ -162,7 +158,7 @@ fn measure(
         std::thread::sleep(Duration::from_millis(200));
     }
     let pid = engine.0.id();
-    let before = kib(pid, "VmHWM")?;
+    let before = peak_kib(pid)?;
     let start = Instant::now();
     let out = run(
         bin,
@@ -184,7 +180,7 @@ fn measure(
     if published != sites {
         bail!("{published}/{sites} sites published: {v}");
     }
-    let after = kib(pid, "VmHWM")?;
+    let after = peak_kib(pid)?;
     drop(agents);
     drop(engine);
     Ok((before, after, secs))

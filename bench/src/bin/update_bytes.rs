@@ -57,19 +57,7 @@ fn run(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn dir_bytes(p: &Path) -> Result<u64> {
-    let mut n = 0;
-    for e in std::fs::read_dir(p)? {
-        let e = e?;
-        let m = e.metadata()?;
-        n += if m.is_dir() {
-            dir_bytes(&e.path())?
-        } else {
-            m.len()
-        };
-    }
-    Ok(n)
-}
+use seedcast::bench::peers::dir_bytes;
 
 struct Row {
     tool: String,
