@@ -112,6 +112,10 @@ struct EngineArgs {
     /// fastest site link (8 MiB: 1.6 Gbit/s at 40 ms).
     #[arg(long, default_value = "8MiB", value_parser = parse_size)]
     send_window: u64,
+    /// Recently read chunks kept for the next site that is sent them, so sites seeded
+    /// together share one read and one buffer per chunk (0: off).
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    read_cache: u64,
     /// Parallel data streams per transfer to one site.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
     streams: u32,
@@ -565,6 +569,7 @@ async fn cmd_engine(a: EngineArgs) -> Result<ExitCode> {
     cfg.site_cert_lifetime = a.site_cert_lifetime;
     cfg.limits = a.limits.limits();
     cfg.transport.send_window = a.send_window;
+    cfg.read_cache = a.read_cache;
     let engine = seedcast_engine::Engine::open(cfg)
         .with_context(|| format!("opening the engine's data directory {}", a.data.display()))?;
     let ep = engine

@@ -20,6 +20,10 @@ pub struct EngineConfig {
     /// Parallel unidirectional streams per transfer to one site. 4: enough to keep one
     /// connection busy; one connection is driven by one task, so more streams do not add CPU.
     pub streams_per_transfer: usize,
+    /// Bytes of recently read stored chunks kept for the next site that sends them
+    /// ([`crate::shared_reads`]). 64 MiB: sites seeded together stay well within it of each
+    /// other, so every site's send buffers point at one copy of each chunk; 0 turns it off.
+    pub read_cache: u64,
     /// zstd level of delta groups sent to sites that hold an earlier version. 19: updates
     /// are for thin links, the work is done once for every site, and 19 is what
     /// `zstd --patch-from` users pick; 12 is about 7× faster for ~10 % more bytes.
@@ -49,6 +53,7 @@ impl EngineConfig {
             chunking: ChunkerConfig::default(),
             transport: TransportOptions::default(),
             streams_per_transfer: 4,
+            read_cache: 64 << 20,
             delta_level: 19,
             send: SendConfig::default(),
             open_enrollment: false,

@@ -218,7 +218,7 @@ async fn deploy(
     let outbound = Outbound {
         conn: link.conn.clone(),
         transfer,
-        source: shared.store.clone() as Arc<dyn ChunkSource>,
+        source: shared.reads.clone() as Arc<dyn ChunkSource>,
         deltas: None,
         sent: live.counter.clone(),
         streams: shared.cfg.streams_per_transfer,

@@ -30,6 +30,7 @@ pub mod error;
 pub mod handshake;
 pub mod probe;
 pub mod server;
+pub mod shared_reads;
 pub mod sites;
 mod state;
 pub mod status;
@@ -73,6 +74,10 @@ impl Engine {
         let signer = ManifestSigner::load_or_create(&cfg.data.join("signing.key"))?;
         let catalog = Arc::new(Catalog::open(&cfg.data.join("catalog"))?);
         let store = Arc::new(PackStore::open(&cfg.data.join("packs"), catalog.clone())?);
+        let reads = Arc::new(shared_reads::SharedReads::new(
+            store.clone(),
+            cfg.read_cache,
+        ));
         let id = catalog.engine_id()?;
         let (changes, _) = watch::channel(0);
         Ok(Engine {
@@ -81,6 +86,7 @@ impl Engine {
                 cfg,
                 catalog,
                 store,
+                reads,
                 pki,
                 signer,
                 agents: Mutex::new(HashMap::new()),

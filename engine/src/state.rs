@@ -30,6 +30,8 @@ pub(crate) struct Shared {
     pub cfg: EngineConfig,
     pub catalog: Arc<Catalog>,
     pub store: Arc<PackStore>,
+    /// The store as sites' data streams read it: one read per chunk for every site.
+    pub reads: Arc<crate::shared_reads::SharedReads>,
     pub pki: EnginePki,
     /// Signs every manifest sent to a site (`DATA/signing.key`, apart from the TLS keys).
     pub signer: seedcast_net::signing::ManifestSigner,

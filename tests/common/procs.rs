@@ -92,6 +92,15 @@ impl TestEngine {
         Ok(())
     }
 
+    /// The running engine's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc
+            .lock()
+            .expect("engine process lock")
+            .as_ref()
+            .map(|p| p.0.id())
+    }
+
     pub fn kill(&self) -> Result<()> {
         if let Some(mut p) = self.proc.lock().expect("engine process lock").take() {
             p.0.kill()?;

@@ -30,6 +30,13 @@ struct Args {
     /// `MALLOC_ARENA_MAX=2`, to tell allocator arenas from live data).
     #[arg(long)]
     engine_env: Option<String>,
+    /// Engine binaries to compare (default: the `seedcast` built beside this bench), e.g. a
+    /// copy of an earlier build against this one; the agents are always this build's.
+    #[arg(long = "engine-bin")]
+    engine_bins: Vec<PathBuf>,
+    /// Extra engine flags, given to every engine (e.g. `--engine-arg=--read-cache=0`).
+    #[arg(long = "engine-arg", allow_hyphen_values = true)]
+    engine_args: Vec<String>,
 }
 
 struct Kill(Child);
@@ -72,8 +79,11 @@ fn run(bin: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<String> {
 }
 
 /// One configuration: (peak engine RSS before the push, peak after, seconds to seed).
+#[allow(clippy::too_many_arguments)]
 fn measure(
     bin: &Path,
+    engine_bin: &Path,
+    engine_args: &[String],
     image: &Path,
     sites: usize,
     window: &str,
@@ -87,7 +97,7 @@ fn measure(
     let addr = format!("127.0.0.1:{port}");
     let data = d.join("engine");
     let engine = Kill(
-        Command::new(bin)
+        Command::new(engine_bin)
             .args([
                 "engine",
                 "--data",
@@ -96,6 +106,7 @@ fn measure(
                 &addr,
             ])
             .args(["--send-window", window])
+            .args(engine_args)
             .envs(engine_env)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -203,24 +214,33 @@ fn main() -> Result<()> {
         a.sites, a.mib
     );
     println!(
-        "| send window | engine environment | peak before push | peak after seeding | per site | seconds to seed all |"
+        "| engine | send window | engine environment | peak before push | peak after seeding | per site | seconds to seed all |"
     );
-    println!("| --- | --- | ---: | ---: | ---: | ---: |");
+    println!("| --- | --- | --- | ---: | ---: | ---: | ---: |");
     let extra = a.engine_env.as_deref().and_then(|e| e.split_once('='));
     let envs: Vec<Option<(&str, &str)>> = match extra {
         Some(e) => vec![None, Some(e)],
         None => vec![None],
     };
+    let engines = if a.engine_bins.is_empty() {
+        vec![bin.clone()]
+    } else {
+        a.engine_bins.clone()
+    };
     for w in &a.send_windows {
         for env in &envs {
-            let (before, after, secs) = measure(&bin, &image, a.sites, w, *env)?;
-            println!(
-                "| {w} | {} | {:.0} MiB | {:.0} MiB | {:.1} MiB | {secs:.1} |",
-                env.map_or("-".to_string(), |(k, v)| format!("{k}={v}")),
-                before as f64 / 1024.0,
-                after as f64 / 1024.0,
-                (after as f64 - before as f64) / 1024.0 / a.sites as f64
-            );
+            for e in &engines {
+                let (before, after, secs) =
+                    measure(&bin, e, &a.engine_args, &image, a.sites, w, *env)?;
+                println!(
+                    "| {} | {w} | {} | {:.0} MiB | {:.0} MiB | {:.1} MiB | {secs:.1} |",
+                    e.display(),
+                    env.map_or("-".to_string(), |(k, v)| format!("{k}={v}")),
+                    before as f64 / 1024.0,
+                    after as f64 / 1024.0,
+                    (after as f64 - before as f64) / 1024.0 / a.sites as f64
+                );
+            }
         }
     }
     Ok(())
