@@ -1,15 +1,19 @@
-//! Rebuild an image's files from cached chunks and check each against its whole-file hash.
+//! Build an image's files from the chunks a transfer brings (written as they arrive) and
+//! cached ones, and check each against its whole-file hash.
 //!
 //! Files are created at full length (sparse) and only data extents are written, so holes
-//! stay holes on the site's disk. Each file is hashed in order as it is written (holes as
-//! zeros) and compared with the recipe's hash before anything is handed to an adapter.
+//! stay holes on the site's disk. Every chunk written was verified against its id; a file's
+//! recipe is checked against the manifest's hash of it (files of manifests older than
+//! format 3 are hashed as written, in order) before anything is handed to an adapter.
 
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use seedcast_core::manifest::hash_zeros;
-use seedcast_core::{ChunkId, Extent, Manifest};
+use seedcast_core::{ChunkId, Extent, Manifest, VerifiedChunk};
 
 use crate::adapter::{AssembledFile, AssembledImage};
 use crate::cache::{AgentDb, CacheError};
@@ -59,79 +63,185 @@ pub fn assemble(
     manifest: &Manifest,
     staging: PathBuf,
 ) -> Result<AssembledImage, AssembleError> {
-    let manifest_id = manifest.id()?;
-    if staging.exists() {
-        fs::remove_dir_all(&staging).map_err(io("clean", &staging))?;
-    }
-    fs::create_dir_all(&staging).map_err(io("create", &staging))?;
-    // From here the image owns the directory and removes it if we return early.
-    let mut image = AssembledImage::new(
-        staging.clone(),
-        manifest.global_id,
-        manifest.version,
-        manifest_id,
-        manifest.name.clone(),
-        Vec::new(),
-    );
-    for f in &manifest.files {
-        let path = staging.join(&f.path);
-        let file = File::create(&path).map_err(io("create", &path))?;
-        file.set_len(f.recipe.len).map_err(io("size", &path))?;
-        // Format 3: the file's hash is its recipe's, and every chunk written was verified
-        // against its id when it arrived. Older manifests hash the bytes as written.
-        let by_bytes = !manifest.hashes_recipes();
-        if !by_bytes && f.recipe.content_hash() != f.recipe.hash {
-            return Err(AssembleError::FileHash {
-                path: f.path.clone(),
-                expected: hex::encode(f.recipe.hash),
-                actual: hex::encode(f.recipe.content_hash()),
-            });
+    Staging::create(manifest, staging, &[])?.finish(db, manifest)
+}
+
+/// An image being built while its chunks arrive.
+///
+/// The files are created at full length (sparse) before the first chunk is asked for, and
+/// every chunk the transfer brings is written where the manifest places it as soon as it
+/// is verified, on the receiving thread ([`Staging::write`]). Assembly afterwards only fills
+/// in the chunks the site already held. Before, the agent cached every chunk, waited for
+/// the last, then read each back from the cache and wrote the image on one thread: a fifth
+/// of its CPU, and all of it after the transfer (`docs/BENCHMARKS.md`).
+///
+/// Dropping a `Staging` that was not finished removes its directory: a failed transfer
+/// leaves nothing half-written behind.
+#[derive(Debug)]
+pub struct Staging {
+    dir: PathBuf,
+    files: Vec<File>,
+    /// Where each chunk to be received goes: (file, offset, length). Only chunks of the
+    /// transfer, so its size is bounded by what the manifest may hold.
+    places: HashMap<ChunkId, Vec<(u32, u64, u32)>>,
+    /// The directory became an [`AssembledImage`]: no cleanup here.
+    handed_over: AtomicBool,
+}
+
+impl Staging {
+    /// Create the image's files in a fresh directory `dir`; chunks in `receive` will be
+    /// written as they arrive. Manifests older than format 3 hash files by their bytes in
+    /// order, so they are staged whole at [`Staging::finish`] instead. Blocking.
+    pub fn create(
+        manifest: &Manifest,
+        dir: PathBuf,
+        receive: &[ChunkId],
+    ) -> Result<Staging, AssembleError> {
+        if dir.exists() {
+            fs::remove_dir_all(&dir).map_err(io("clean", &dir))?;
         }
-        let mut hasher = blake3::Hasher::new();
-        for (off, e) in f.recipe.extents_at() {
-            match e {
-                Extent::Data { id, len } => {
-                    let data = db.chunk(id)?.ok_or(AssembleError::MissingChunk(*id))?;
-                    if data.len() != *len as usize {
-                        return Err(AssembleError::ChunkLength {
-                            id: *id,
-                            expected: *len,
-                            actual: data.len(),
-                        });
-                    }
-                    file.write_all_at(&data, off).map_err(io("write", &path))?;
-                    if by_bytes {
-                        hasher.update(&data);
+        fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+        let mut staging = Staging {
+            dir,
+            files: Vec::new(),
+            places: HashMap::new(),
+            handed_over: AtomicBool::new(false),
+        };
+        for f in &manifest.files {
+            let path = staging.dir.join(&f.path);
+            let file = File::create(&path).map_err(io("create", &path))?;
+            file.set_len(f.recipe.len).map_err(io("size", &path))?;
+            staging.files.push(file);
+        }
+        if manifest.hashes_recipes() && !receive.is_empty() {
+            let wanted: HashSet<&ChunkId> = receive.iter().collect();
+            for (i, f) in manifest.files.iter().enumerate() {
+                for (off, e) in f.recipe.extents_at() {
+                    if let Extent::Data { id, len } = e
+                        && wanted.contains(id)
+                    {
+                        staging
+                            .places
+                            .entry(*id)
+                            .or_default()
+                            .push((i as u32, off, *len));
                     }
                 }
-                Extent::Hole { len } if by_bytes => hash_zeros(&mut hasher, *len),
-                Extent::Hole { .. } => {}
             }
         }
-        let actual = hasher.finalize();
-        if by_bytes && actual.as_bytes() != &f.recipe.hash {
-            return Err(AssembleError::FileHash {
-                path: f.path.clone(),
-                expected: hex::encode(f.recipe.hash),
-                actual: actual.to_hex().to_string(),
+        Ok(staging)
+    }
+
+    /// Write a verified chunk wherever the image has it (nothing if it is not one this
+    /// staging waits for). Safe from several threads at once. Blocking.
+    pub fn write(&self, chunk: &VerifiedChunk) -> Result<(), AssembleError> {
+        let Some(places) = self.places.get(&chunk.id()) else {
+            return Ok(());
+        };
+        let data = chunk.raw();
+        for &(file, off, len) in places {
+            if data.len() != len as usize {
+                return Err(AssembleError::ChunkLength {
+                    id: chunk.id(),
+                    expected: len,
+                    actual: data.len(),
+                });
+            }
+            self.files[file as usize]
+                .write_all_at(data, off)
+                .map_err(io("write", &self.dir))?;
+        }
+        Ok(())
+    }
+
+    /// Write the chunks that did not arrive (the site held them) from `db`, check each
+    /// file, set its mode and make it durable. Call once every chunk given to
+    /// [`Staging::create`] has been [written](Staging::write). Blocking.
+    pub fn finish(
+        &self,
+        db: &AgentDb,
+        manifest: &Manifest,
+    ) -> Result<AssembledImage, AssembleError> {
+        let manifest_id = manifest.id()?;
+        // From here the image owns the directory and removes it if we return early.
+        self.handed_over.store(true, Ordering::SeqCst);
+        let mut image = AssembledImage::new(
+            self.dir.clone(),
+            manifest.global_id,
+            manifest.version,
+            manifest_id,
+            manifest.name.clone(),
+            Vec::new(),
+        );
+        for (f, file) in manifest.files.iter().zip(&self.files) {
+            let path = self.dir.join(&f.path);
+            // Format 3: the file's hash is its recipe's, and every chunk written was
+            // verified against its id when it arrived. Older manifests hash the bytes as
+            // written.
+            let by_bytes = !manifest.hashes_recipes();
+            if !by_bytes && f.recipe.content_hash() != f.recipe.hash {
+                return Err(AssembleError::FileHash {
+                    path: f.path.clone(),
+                    expected: hex::encode(f.recipe.hash),
+                    actual: hex::encode(f.recipe.content_hash()),
+                });
+            }
+            let mut hasher = blake3::Hasher::new();
+            for (off, e) in f.recipe.extents_at() {
+                match e {
+                    // Written when it arrived.
+                    Extent::Data { id, .. } if self.places.contains_key(id) => {}
+                    Extent::Data { id, len } => {
+                        let data = db.chunk(id)?.ok_or(AssembleError::MissingChunk(*id))?;
+                        if data.len() != *len as usize {
+                            return Err(AssembleError::ChunkLength {
+                                id: *id,
+                                expected: *len,
+                                actual: data.len(),
+                            });
+                        }
+                        file.write_all_at(&data, off).map_err(io("write", &path))?;
+                        if by_bytes {
+                            hasher.update(&data);
+                        }
+                    }
+                    Extent::Hole { len } if by_bytes => hash_zeros(&mut hasher, *len),
+                    Extent::Hole { .. } => {}
+                }
+            }
+            let actual = hasher.finalize();
+            if by_bytes && actual.as_bytes() != &f.recipe.hash {
+                return Err(AssembleError::FileHash {
+                    path: f.path.clone(),
+                    expected: hex::encode(f.recipe.hash),
+                    actual: actual.to_hex().to_string(),
+                });
+            }
+            // Permission bits only: never setuid, setgid or sticky from a manifest.
+            file.set_permissions(fs::Permissions::from_mode(f.mode & 0o777))
+                .map_err(io("chmod", &path))?;
+            file.sync_all().map_err(io("sync", &path))?;
+            image.files.push(AssembledFile {
+                name: f.path.clone(),
+                len: f.recipe.len,
+                mode: f.mode & 0o777,
+                format: f.format,
+                disk: f.is_disk(),
             });
         }
-        // Permission bits only: never setuid, setgid or sticky from a manifest.
-        file.set_permissions(fs::Permissions::from_mode(f.mode & 0o777))
-            .map_err(io("chmod", &path))?;
-        file.sync_all().map_err(io("sync", &path))?;
-        image.files.push(AssembledFile {
-            name: f.path.clone(),
-            len: f.recipe.len,
-            mode: f.mode & 0o777,
-            format: f.format,
-            disk: f.is_disk(),
-        });
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("sync", &self.dir))?;
+        Ok(image)
     }
-    File::open(&staging)
-        .and_then(|d| d.sync_all())
-        .map_err(io("sync", &staging))?;
-    Ok(image)
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.handed_over.load(Ordering::SeqCst) {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -215,5 +325,53 @@ mod tests {
         assert!(matches!(e, AssembleError::ChunkLength { .. }), "{e}");
         assert!(!stage.exists());
         let _ = id;
+    }
+
+    #[test]
+    fn chunks_written_as_they_arrive_and_cached_ones_make_the_same_image() {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = AgentDb::open(&tmp.path().join("db")).unwrap();
+        let mut data = sparse_disk();
+        // The same content twice: one chunk, two places.
+        data.copy_within(..256 << 10, 3 << 20);
+        let (m, chunks) = image(GlobalId([2; 12]), 1, &data);
+        // The first half was cached already; the rest "arrives" during the transfer, out of
+        // order and from several threads, and is never put in the cache.
+        let (held, arriving) = chunks.split_at(chunks.len() / 2);
+        db.put_chunks(held).unwrap();
+        let ids: Vec<ChunkId> = arriving.iter().map(|c| c.id()).collect();
+        let stage = tmp.path().join("stage");
+        let staging = Staging::create(&m, stage.clone(), &ids).unwrap();
+        std::thread::scope(|s| {
+            for part in arriving.chunks(arriving.len().div_ceil(3)) {
+                let staging = &staging;
+                s.spawn(move || part.iter().rev().for_each(|c| staging.write(c).unwrap()));
+            }
+        });
+        // One of another length than the manifest's is refused.
+        let Extent::Data { id, len } = m.files[0].recipe.extents[chunks.len() - 1] else {
+            panic!()
+        };
+        let mut bad = Staging::create(&m, tmp.path().join("bad"), &[id]).unwrap();
+        bad.places.get_mut(&id).unwrap()[0].2 = len + 1;
+        let c = chunks.iter().find(|c| c.id() == id).unwrap();
+        assert!(matches!(
+            bad.write(c),
+            Err(AssembleError::ChunkLength { .. })
+        ));
+        // Dropped before it is finished: its directory goes.
+        drop(bad);
+        assert!(!tmp.path().join("bad").exists());
+
+        let img = staging.finish(&db, &m).unwrap();
+        drop(staging);
+        let p = img.file_path("disk.raw");
+        assert_eq!(fs::read(&p).unwrap(), data);
+        assert!(
+            p.exists(),
+            "a finished staging leaves its directory to the image"
+        );
+        drop(img);
+        assert!(!stage.exists());
     }
 }

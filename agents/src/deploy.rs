@@ -7,6 +7,7 @@
 //! ([`crate::receive`]); when all are here the files are rebuilt and checked
 //! ([`crate::assemble`]) and handed to the site's service through its adapter.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use seedcast_core::protocol::{AgentMsg, HeldVersion};
@@ -16,7 +17,7 @@ use seedcast_net::write_msg;
 use tracing::{debug, info, warn};
 
 use crate::agent::Agent;
-use crate::assemble::assemble;
+use crate::assemble::{Staging, assemble};
 use crate::cache::{AgentDb, HeldRecord, Repair};
 use crate::error::{AgentError, ReceiveError};
 use crate::receive::Active;
@@ -209,7 +210,7 @@ impl Agent {
                 return Ok((h.local_id.clone(), 0));
             }
             // The copy is intact; the cache lost chunks of it: fetch them, keep the copy.
-            let transfer = self.receive(ctl, transfer_id, manifest).await?;
+            let (transfer, _) = self.receive(ctl, transfer_id, manifest, None).await?;
             let db = self.db.clone();
             tokio::task::spawn_blocking(move || {
                 db.flush_chunks()?;
@@ -219,30 +220,57 @@ impl Agent {
             info!(global_id = %g, "chunks lost from the cache fetched again");
             return Ok((h.local_id.clone(), transfer.bytes_received()));
         }
-        let transfer = self.receive(ctl, transfer_id, manifest).await?;
+        let dir = self.staging_dir(transfer_id);
+        let (transfer, staging) = self.receive(ctl, transfer_id, manifest, Some(dir)).await?;
         let bytes_received = transfer.bytes_received();
         let manifest = transfer.into_manifest();
         // A republish is whole: never an overlay on (or an update of) a damaged copy.
         let held = held.filter(|_| repair != Some(Repair::Republish));
         let local_id = self
-            .publish(transfer_id, manifest, manifest_id, held, repair.is_some())
+            .publish(
+                transfer_id,
+                manifest,
+                manifest_id,
+                held,
+                repair.is_some(),
+                staging,
+            )
             .await?;
         Ok((local_id, bytes_received))
     }
 
-    /// Plan, ask, and wait until every needed chunk is verified and cached.
+    /// A fresh staging directory for transfer `transfer_id`.
+    fn staging_dir(&self, transfer_id: u64) -> PathBuf {
+        self.adapter
+            .staging_root()
+            .join(format!("t{transfer_id}-{}", uuid::Uuid::new_v4().simple()))
+    }
+
+    /// Plan, ask, and wait until every needed chunk is verified and cached — and, with a
+    /// `stage` directory, written into the image being built there as it arrives.
     async fn receive(
         &self,
         ctl: &mut Control<'_>,
         transfer_id: u64,
         manifest: Manifest,
-    ) -> Result<Transfer, AgentError> {
+        stage: Option<PathBuf>,
+    ) -> Result<(Transfer, Option<Arc<Staging>>), AgentError> {
         let seeds = Arc::new(SeedIndex::build(&self.db, self.adapter.as_ref()).await?);
         let (db, sd, limits) = (self.db.clone(), seeds.clone(), self.cfg.limits);
-        let planned =
-            tokio::task::spawn_blocking(move || plan(&db, &sd, transfer_id, manifest, &limits))
-                .await?;
-        let plan = match planned {
+        let planned = tokio::task::spawn_blocking(move || {
+            let plan = plan(&db, &sd, transfer_id, manifest, &limits)?;
+            let staging = match stage {
+                Some(dir) => Some(Arc::new(Staging::create(
+                    plan.transfer.manifest(),
+                    dir,
+                    plan.transfer.need(),
+                )?)),
+                None => None,
+            };
+            Ok::<_, AgentError>((plan, staging))
+        })
+        .await?;
+        let (plan, staging) = match planned {
             Ok(p) => p,
             Err(e) => {
                 write_msg(ctl.send, &need_nothing(transfer_id)).await?;
@@ -265,7 +293,7 @@ impl Agent {
         }
         let ask = plan.need_from();
         let complete = plan.transfer.is_complete();
-        let (active, done) = Active::new(plan.transfer, seeds);
+        let (active, done) = Active::new(plan.transfer, seeds, staging.clone());
         ctl.slot.begin(active);
         write_msg(ctl.send, &ask).await?;
         if !complete {
@@ -275,10 +303,11 @@ impl Agent {
             }
         }
         let active = ctl.slot.take().ok_or(ReceiveError::Abandoned)?;
-        Ok(active.transfer)
+        Ok((active.transfer, staging))
     }
 
-    /// Assemble and verify every file, hand the image to the service, record it as held.
+    /// Assemble (in `staging`, where the transfer's chunks were written as they came, or
+    /// afresh) and verify every file, hand the image to the service, record it as held.
     async fn publish(
         &self,
         transfer_id: u64,
@@ -286,6 +315,7 @@ impl Agent {
         manifest_id: [u8; 32],
         held: Option<HeldRecord>,
         repairing: bool,
+        staging: Option<Arc<Staging>>,
     ) -> Result<String, AgentError> {
         let g = manifest.global_id;
         // The copy being repaired, retired once its replacement is recorded.
@@ -295,14 +325,15 @@ impl Agent {
             None
         };
         let db = self.db.clone();
-        let staging = self
-            .adapter
-            .staging_root()
-            .join(format!("t{transfer_id}-{}", uuid::Uuid::new_v4().simple()));
+        let dir = self.staging_dir(transfer_id);
         let m2 = manifest.clone();
         let image = tokio::task::spawn_blocking(move || {
             db.flush_chunks()?;
-            Ok::<_, AgentError>(assemble(&db, &m2, staging)?)
+            let image = match staging {
+                Some(s) => s.finish(&db, &m2)?,
+                None => assemble(&db, &m2, dir)?,
+            };
+            Ok::<_, AgentError>(image)
         })
         .await??;
         info!(global_id = %g, version = manifest.version, adapter = self.adapter.kind(), "assembled and verified; publishing");
@@ -547,7 +578,7 @@ mod tests {
         let (m1, c1) = manifest(1, &v1);
         agent.db.put_chunks(&c1).unwrap();
         let id1 = agent
-            .publish(1, m1.clone(), m1.id().unwrap(), None, false)
+            .publish(1, m1.clone(), m1.id().unwrap(), None, false, None)
             .await
             .unwrap();
         let mut v2 = v1.clone();
@@ -557,7 +588,7 @@ mod tests {
         agent.db.put_chunks(&c2).unwrap();
         let held = agent.db.held(&m2.global_id).unwrap();
         let id2 = agent
-            .publish(2, m2.clone(), m2.id().unwrap(), held, false)
+            .publish(2, m2.clone(), m2.id().unwrap(), held, false, None)
             .await
             .unwrap();
         assert_ne!(id1, id2);
@@ -576,7 +607,7 @@ mod tests {
         let (m1, c1) = manifest(1, &noise("sweep", 1 << 20));
         agent.db.put_chunks(&c1).unwrap();
         let kept = agent
-            .publish(1, m1.clone(), m1.id().unwrap(), None, false)
+            .publish(1, m1.clone(), m1.id().unwrap(), None, false, None)
             .await
             .unwrap();
         // Version 2 reached the pool, then the agent died before recording it.

@@ -164,6 +164,9 @@ pub enum ReceiveError {
     BasesTooLarge { max: usize },
     #[error(transparent)]
     Cache(#[from] CacheError),
+    /// Writing a chunk into the image being built failed (the site's disk).
+    #[error("staging the image: {0}")]
+    Stage(#[from] crate::assemble::AssembleError),
     /// The data stream broke (its reason as the stream error said it).
     #[error("data stream: {0}")]
     Stream(String),

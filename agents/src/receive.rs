@@ -22,6 +22,7 @@ use seedcast_net::{read_msg, read_msg_required, read_payload};
 use tokio::sync::oneshot;
 use tracing::debug;
 
+use crate::assemble::Staging;
 use crate::cache::AgentDb;
 use crate::error::{AgentError, ReceiveError};
 use crate::seeds::SeedIndex;
@@ -32,6 +33,8 @@ pub(crate) struct Active {
     pub transfer: Transfer,
     /// Published images, for delta bases the cache does not hold.
     pub seeds: Arc<SeedIndex>,
+    /// The image being built: each verified chunk is written into it as it arrives.
+    pub staging: Option<Arc<Staging>>,
     /// Told once: every chunk is here (`Ok`), or why the transfer failed.
     done: Option<oneshot::Sender<Result<(), ReceiveError>>>,
 }
@@ -41,11 +44,13 @@ impl Active {
     pub fn new(
         transfer: Transfer,
         seeds: Arc<SeedIndex>,
+        staging: Option<Arc<Staging>>,
     ) -> (Self, oneshot::Receiver<Result<(), ReceiveError>>) {
         let (tx, rx) = oneshot::channel();
         let a = Active {
             transfer,
             seeds,
+            staging,
             done: Some(tx),
         };
         (a, rx)
@@ -159,12 +164,12 @@ async fn data_stream(
                     // Handled above; nothing to admit.
                     DataRecord::Abort { .. } => Ok(()),
                 }
-                .map(|()| a.seeds.clone())
+                .map(|()| (a.seeds.clone(), a.staging.clone()))
             })
             .unwrap_or(Err(seedcast_core::transfer::TransferError::NoTransfer(
                 transfer,
             )));
-        let seeds = match admitted {
+        let (seeds, staging) = match admitted {
             Ok(s) => s,
             Err(e) => {
                 let _ = recv.stop(VarInt::from_u32(close::PROTOCOL));
@@ -176,9 +181,10 @@ async fn data_stream(
         let len = payload_len(&record);
         let payload = read_payload(&mut recv, len as usize).await?;
         let (db2, rec2) = (db.clone(), record.clone());
-        let accepted =
-            tokio::task::spawn_blocking(move || accept(&db2, &seeds, &rec2, payload, max_raw))
-                .await?;
+        let accepted = tokio::task::spawn_blocking(move || {
+            accept(&db2, &seeds, staging.as_deref(), &rec2, payload, max_raw)
+        })
+        .await?;
         let ended = slot.with(transfer, |a| match accepted {
             Ok(()) => {
                 let mut done = false;
@@ -220,10 +226,12 @@ fn base_bytes(db: &AgentDb, seeds: &SeedIndex, id: &ChunkId) -> Result<Bytes, Re
         .ok_or(ReceiveError::BaseUnavailable(*id))
 }
 
-/// Verify and cache what a data record carried. Blocking.
+/// Verify and cache what a data record carried, and write it into the image being built.
+/// Blocking.
 fn accept(
     db: &AgentDb,
     seeds: &SeedIndex,
+    staging: Option<&Staging>,
     record: &DataRecord,
     payload: Bytes,
     max_raw: u32,
@@ -237,10 +245,16 @@ fn accept(
                 payload,
             })
             .verify(max_raw)?;
+            if let Some(s) = staging {
+                s.write(&v)?;
+            }
             db.put_received(std::slice::from_ref(&v), h.payload_len as u64)?;
         }
         DataRecord::Group(g) => {
             let verified = decode_verified(db, seeds, g, &payload)?;
+            if let Some(s) = staging {
+                verified.iter().try_for_each(|v| s.write(v))?;
+            }
             db.put_received(&verified, g.payload_len as u64)?;
         }
         DataRecord::Abort { .. } => {}
