@@ -34,10 +34,21 @@ fn bench_local_measures_every_phase_beside_its_baselines() -> Result<()> {
 
     let data = u(&r["image"]["data_len"]);
     ensure!(data > 8 << 20 && data < 48 << 20, "data bytes {data}");
-    for stage in ["read_secs", "cut_secs", "blake3_secs", "zstd_secs"] {
+    for stage in [
+        "read_secs",
+        "cut_secs",
+        "blake3_secs",
+        "zstd_secs",
+        "disk_write_secs",
+    ] {
         ensure!(f(&r["limits"][stage]) > 0.0, "{stage}: {}", r["limits"]);
     }
     ensure!(f(&r["ingest_of_limit"]) > 0.0);
+    ensure!(
+        u(&r["limits"]["disk_write_bytes"]) >= 64 << 20,
+        "{}",
+        r["limits"]
+    );
 
     // Ingest: the client's own process and the engine both worked; the upload is compressed.
     let ingest = &r["ingest"];
@@ -64,6 +75,16 @@ fn bench_local_measures_every_phase_beside_its_baselines() -> Result<()> {
         ensure!(f(&p["cost"]["agents_cpu_secs"]) > 0.0, "round {n}: {p}");
         ensure!(u(&p["cost"]["agent_peak_rss"]) > 1 << 20, "round {n}: {p}");
         ensure!(f(&round["loopback_secs"]) > 0.0 && f(&round["of_loopback"]) > 0.0);
+        // The disk limit scales with the sites writing to it.
+        let disk = f(&round["disk_limit_secs"]);
+        ensure!(
+            disk > 0.0 && f(&round["of_disk_limit"]) > 0.0,
+            "round {n}: {round}"
+        );
+        ensure!(
+            (disk / f(&rounds[0]["disk_limit_secs"]) - n as f64).abs() < 0.01,
+            "round {n}: {round}"
+        );
         ensure!(
             f(&round["rsync"]["seconds"]) > 0.0,
             "round {n}: no rsync: {round}"

@@ -35,9 +35,18 @@ pub struct StageLimits {
     /// zstd of every data chunk at the stored level, every core.
     pub zstd_secs: f64,
     pub zstd_level: i32,
+    /// Writing `disk_write_bytes` of incompressible data to a file beside the sites' data
+    /// and syncing it: the disk every site on this machine writes its copy and its cache to.
+    pub disk_write_secs: f64,
+    pub disk_write_bytes: u64,
 }
 
 impl StageLimits {
+    /// The disk's sustained write rate, bytes per second.
+    pub fn disk_rate(&self) -> f64 {
+        self.disk_write_bytes as f64 / self.disk_write_secs.max(1e-9)
+    }
+
     /// The slowest of the stages a pipelined ingest runs on every core: its name and
     /// seconds. The best a pipelined ingest could do here is this stage's time.
     pub fn slowest_parallel(&self) -> (&'static str, f64) {
@@ -54,14 +63,18 @@ impl StageLimits {
 /// Chunks held in memory at once while measuring hashing and compression.
 const SPAN_BYTES: usize = 256 << 20;
 
-/// Measure every stage over `image` (its guest view when it is a qcow2 disk).
+/// Measure every stage over `image` (its guest view when it is a qcow2 disk), and the
+/// disk under `scratch` with `disk_bytes` of writes.
 pub fn stage_limits(
     image: &Path,
     cfg: ChunkerConfig,
     zstd_level: i32,
+    scratch: &Path,
+    disk_bytes: u64,
 ) -> Result<StageLimits, BenchError> {
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let read_secs = read_all_cores(image, threads)?;
+    let disk_write_secs = disk_write(&scratch.join("disk-limit.bin"), disk_bytes)?;
 
     let mut limits = StageLimits {
         threads,
@@ -71,6 +84,8 @@ pub fn stage_limits(
         blake3_secs: 0.0,
         zstd_secs: 0.0,
         zstd_level,
+        disk_write_secs,
+        disk_write_bytes: disk_bytes,
     };
     let reader = GuestReader::open(image).map_err(|e| BenchError::Image(e.to_string()))?;
     let chunker =
@@ -122,6 +137,27 @@ fn on_threads(span: &[Bytes], threads: usize, f: impl Fn(&[u8]) + Sync) -> f64 {
         }
     });
     t.elapsed().as_secs_f64()
+}
+
+/// Write `bytes` of incompressible data to `path` in 4 MiB writes, sync it, remove it; the
+/// seconds to the end of the sync.
+fn disk_write(path: &Path, bytes: u64) -> Result<f64, BenchError> {
+    use std::io::Write;
+    let mut block = vec![0u8; 4 << 20];
+    crate::synth::Stream::new("disk limit").fill(&mut block);
+    let t = Instant::now();
+    let mut f = File::create(path)?;
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(block.len() as u64) as usize;
+        f.write_all(&block[..n])?;
+        left -= n as u64;
+    }
+    f.sync_all()?;
+    let secs = t.elapsed().as_secs_f64();
+    drop(f);
+    std::fs::remove_file(path)?;
+    Ok(secs)
 }
 
 /// Read the whole file on `threads` threads (each its own stripe of 4 MiB blocks).

@@ -123,6 +123,11 @@ pub struct SeedRound {
     pub loopback_secs: f64,
     /// `loopback_secs / phase.seconds`: the share of the loopback limit reached.
     pub of_loopback: f64,
+    /// Every site here writes to this machine's one disk: its copy of the image's data and
+    /// its cache of the chunks (raw), so `sites × 2 × data` at the measured disk rate.
+    pub disk_limit_secs: f64,
+    /// `disk_limit_secs / phase.seconds`.
+    pub of_disk_limit: f64,
     pub engine_cpu_per_site: f64,
     pub rsync: Option<PeerRun>,
 }
@@ -272,7 +277,14 @@ pub async fn run_local(
     let cfg = ChunkerConfig::default();
     let stage = {
         let p = image.path.clone();
-        tokio::task::spawn_blocking(move || limits::stage_limits(&p, cfg, 3))
+        // The disk is measured with as many bytes as one site writes (capped: 2 GiB shows
+        // the sustained rate past the page cache's dirty limits).
+        let one_site = match image.data_len {
+            0 => image.total_len, // a given image: its data is known after the push
+            d => d,
+        };
+        let (scratch, disk_bytes) = (work.clone(), (2 * one_site).clamp(64 << 20, 2 << 30));
+        tokio::task::spawn_blocking(move || limits::stage_limits(&p, cfg, 3, &scratch, disk_bytes))
             .await
             .map_err(|e| BenchError::Failed(e.to_string()))??
     };
@@ -368,10 +380,13 @@ pub async fn run_local(
         } else {
             None
         };
+        let disk_limit_secs = (n as u64 * 2 * image.data_len) as f64 / stage.disk_rate();
         seeding.push(SeedRound {
             sites: n,
             loopback_secs,
             of_loopback: loopback_secs / phase.seconds,
+            disk_limit_secs,
+            of_disk_limit: disk_limit_secs / phase.seconds,
             engine_cpu_per_site: phase.cost.engine_cpu_secs / n as f64,
             phase,
             rsync,

@@ -69,6 +69,13 @@ pub fn render(r: &LocalReport) -> String {
     ] {
         let _ = writeln!(o, "| {name} | {secs:.2} | {} |", rate(data / secs));
     }
+    let _ = writeln!(
+        o,
+        "| write {} to disk and sync | {:.2} | {} |",
+        human_bytes(l.disk_write_bytes),
+        l.disk_write_secs,
+        rate(l.disk_rate())
+    );
 
     let _ = writeln!(
         o,
@@ -114,11 +121,11 @@ pub fn render(r: &LocalReport) -> String {
     );
     let _ = writeln!(
         o,
-        "| sites | seconds | data rate, all sites | × loopback QUIC | wire | CPU s engine / agents | engine CPU s per site | peak RSS engine / agent | rsync seconds | × rsync |"
+        "| sites | seconds | data rate, all sites | × loopback QUIC | × site disk | wire | CPU s engine / agents | engine CPU s per site | peak RSS engine / agent | rsync seconds | × rsync |"
     );
     let _ = writeln!(
         o,
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for s in &r.seeding {
         let p = &s.phase;
@@ -131,11 +138,12 @@ pub fn render(r: &LocalReport) -> String {
         };
         let _ = writeln!(
             o,
-            "| {} | {:.2} | {} | {:.2} | {} | {:.1} / {:.1} | {:.2} | {} / {} | {rs} | {vs} |",
+            "| {} | {:.2} | {} | {:.2} | {:.2} | {} | {:.1} / {:.1} | {:.2} | {} / {} | {rs} | {vs} |",
             s.sites,
             p.seconds,
             rate(p.data_rate),
             s.of_loopback,
+            s.of_disk_limit,
             human_bytes(p.wire_bytes),
             p.cost.engine_cpu_secs,
             p.cost.agents_cpu_secs,
