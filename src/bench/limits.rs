@@ -279,12 +279,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("disk.raw");
         let data = crate::synth::write_disk(&p, 16 << 20, "limits").unwrap();
-        let l = stage_limits(&p, ChunkerConfig::default(), 3).unwrap();
+        let l = stage_limits(&p, ChunkerConfig::default(), 3, dir.path(), 8 << 20).unwrap();
         // Every data chunk is between the chunker's bounds, so the count bounds the data.
         assert!(l.chunks >= data / (256 << 10) && l.chunks <= data / (16 << 10) + 16);
-        for s in [l.read_secs, l.cut_secs, l.blake3_secs, l.zstd_secs] {
+        for s in [
+            l.read_secs,
+            l.cut_secs,
+            l.blake3_secs,
+            l.zstd_secs,
+            l.disk_write_secs,
+        ] {
             assert!(s > 0.0);
         }
+        assert_eq!(l.disk_write_bytes, 8 << 20);
+        assert!(
+            !dir.path().join("disk-limit.bin").exists(),
+            "scratch removed"
+        );
         assert!(
             l.zstd_secs > l.blake3_secs,
             "zstd 3 is slower than BLAKE3: {l:?}"
