@@ -116,9 +116,10 @@ pub struct AgentDb {
 }
 
 /// Received chunk bytes are flushed at least this often during a transfer, so an agent
-/// killed mid-transfer keeps all but the last few MiB of what it had verified (chunk writes
-/// skip the write-ahead log, which would write every byte twice).
-const FLUSH_EVERY: u64 = 8 << 20;
+/// killed mid-transfer keeps all but the last few tens of MiB of what it had verified
+/// (chunk writes skip the write-ahead log, which would write every byte twice). 32 MiB:
+/// at 8 MiB every flush made a small table and blob file of its own.
+const FLUSH_EVERY: u64 = 32 << 20;
 
 const RECEIVED_KEY: &[u8] = b"received_bytes";
 
@@ -233,9 +234,15 @@ impl AgentDb {
         batch.put_cf(self.db.cf(CF_META), RECEIVED_KEY, total.to_le_bytes());
         self.db.write(batch, Durability::NoWal)?;
         *r = (total, r.1 + raw);
-        if r.1 >= FLUSH_EVERY {
-            self.flush_chunks()?;
+        let flush = r.1 >= FLUSH_EVERY;
+        if flush {
             r.1 = 0;
+        }
+        // Flushed with the lock released: the other streams go on caching meanwhile (held,
+        // every stream waited for each flush's files to be written and synced).
+        drop(r);
+        if flush {
+            self.flush_chunks()?;
         }
         Ok(())
     }
