@@ -111,6 +111,15 @@ pub fn text_like(s: &mut Stream, out: &mut [u8]) {
 /// Write a synthetic disk of `size` bytes to `path`, sparse where it is zero.
 /// Returns the bytes that are data (not zero regions).
 pub fn write_disk(path: &Path, size: u64, seed: &str) -> io::Result<u64> {
+    write_disk_share(path, size, seed, 0.6)
+}
+
+/// [`write_disk`] with about `data_share` of the regions data (the rest holes): a large
+/// disk with little on it is `0.1`.
+pub fn write_disk_share(path: &Path, size: u64, seed: &str, data_share: f64) -> io::Result<u64> {
+    // Regions rolled below this are holes; above it the kinds keep their proportions.
+    let holes = ((1.0 - data_share.clamp(0.0, 1.0)) * 100.0).round() as u32;
+    let scale = |x: u32| holes + (x - 40) * (100 - holes) / 60;
     let mut s = Stream::new(seed);
     let mut f = File::create(path)?;
     let regions = size.div_ceil(REGION as u64) as usize;
@@ -121,9 +130,9 @@ pub fn write_disk(path: &Path, size: u64, seed: &str) -> io::Result<u64> {
         let len = (size - (r * REGION) as u64).min(REGION as u64) as usize;
         let roll = s.u32() % 100;
         let kind = match roll {
-            0..40 => 0,
-            40..72 => 1,
-            72..85 => 2,
+            r if r < holes => 0,
+            r if r < scale(72) => 1,
+            r if r < scale(85) => 2,
             _ if !made.is_empty() => 3,
             _ => 1,
         };

@@ -117,9 +117,11 @@ pub struct AgentDb {
 
 /// Received chunk bytes are flushed at least this often during a transfer, so an agent
 /// killed mid-transfer keeps all but the last few tens of MiB of what it had verified
-/// (chunk writes skip the write-ahead log, which would write every byte twice). 32 MiB:
-/// at 8 MiB every flush made a small table and blob file of its own.
-const FLUSH_EVERY: u64 = 32 << 20;
+/// (chunk writes skip the write-ahead log, which would write every byte twice). 16 MiB:
+/// the memtable holds this much raw chunk data (and the next one fills while it is
+/// flushed), so it is most of the agent's memory beyond QUIC's receive buffers; at 8 MiB
+/// the flushes made many small files, at 32 MiB the agent peaked ~40 MiB higher.
+const FLUSH_EVERY: u64 = 16 << 20;
 
 const RECEIVED_KEY: &[u8] = b"received_bytes";
 

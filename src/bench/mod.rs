@@ -56,6 +56,8 @@ pub struct LocalOptions {
     pub bin: PathBuf,
     /// Size of the generated image (ignored with `image`).
     pub size: u64,
+    /// About this share of the generated image is data, the rest holes (0.6 by default).
+    pub data_share: f64,
     /// An image file to use instead of a generated one (raw or qcow2).
     pub image: Option<PathBuf>,
     /// The largest seeding round; rounds are 1, 2, 4 … up to it.
@@ -263,7 +265,12 @@ pub async fn run_local(
         }
         None => {
             let p = work.join("disk.raw");
-            let data_len = crate::synth::write_disk(&p, opts.size, "seedcast bench local")?;
+            let data_len = crate::synth::write_disk_share(
+                &p,
+                opts.size,
+                "seedcast bench local",
+                opts.data_share,
+            )?;
             ImageInfo {
                 path: p,
                 generated: true,
