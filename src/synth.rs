@@ -190,4 +190,22 @@ mod tests {
         assert_eq!(std::fs::metadata(&a).unwrap().len(), 20 << 20);
         assert!(da < 20 << 20 && da > 4 << 20, "data {da}");
     }
+
+    #[test]
+    fn the_data_share_is_about_what_is_asked() {
+        let d = tempfile::tempdir().unwrap();
+        let size = 200u64 << 20;
+        for share in [0.1, 0.25, 0.6, 1.0] {
+            let p = d.path().join(format!("s{share}"));
+            let data = write_disk_share(&p, size, "share", share).unwrap();
+            let got = data as f64 / size as f64;
+            assert!((got - share).abs() < 0.1, "asked {share}, got {got}");
+            assert_eq!(std::fs::metadata(&p).unwrap().len(), size);
+        }
+        // The default is the 0.6 disk, byte for byte.
+        let (a, b) = (d.path().join("a"), d.path().join("b"));
+        write_disk(&a, 20 << 20, "x").unwrap();
+        write_disk_share(&b, 20 << 20, "x", 0.6).unwrap();
+        assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    }
 }

@@ -152,6 +152,15 @@ fn bench_local_prints_a_table_and_refuses_bad_input() -> Result<()> {
         .output()?;
     let err = String::from_utf8_lossy(&out.stderr);
     ensure!(!out.status.success() && err.contains("--sites"), "{err}");
+
+    let out = seedcast()
+        .args(["bench", "local", "--data-share", "2"])
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("--data-share") && err.contains("between"),
+        "{err}"
+    );
     Ok(())
 }
 
