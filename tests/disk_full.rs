@@ -188,17 +188,28 @@ fn a_full_catalog_refuses_the_push_and_the_same_engine_takes_it_once_space_is_fr
     let disk = tmp.path().join("disk.raw");
     incompressible(&disk, 32, "full catalog")?;
     let engine = TestEngine::start(tmp.path(), &[])?;
-    // The engine is up; then its catalog's filesystem is filled to its last 16 KiB.
+    // The engine is up; then its catalog's filesystem is filled to its last 16 KiB. RocksDB
+    // may still be writing its start-up files between `df` and `fallocate` (a CI run saw
+    // the space shrink in between), so a fill that does not fit is measured and tried again.
     let filler = fs.0.join("filler");
-    let st = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "avail=$(df -k --output=avail {0} | tail -1); fallocate -l $(( (avail - 16) * 1024 )) {1}",
-            fs.0.display(),
-            filler.display()
-        ))
-        .status()?;
-    ensure!(st.success(), "fill the catalog's filesystem");
+    let mut tries = 0;
+    loop {
+        let st = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "avail=$(df -k --output=avail {0} | tail -1); fallocate -l $(( (avail - 16) * 1024 )) {1}",
+                fs.0.display(),
+                filler.display()
+            ))
+            .status()?;
+        if st.success() {
+            break;
+        }
+        let _ = std::fs::remove_file(&filler);
+        tries += 1;
+        ensure!(tries < 50, "fill the catalog's filesystem");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let out = push(&engine, &disk)?;
     ensure!(
         !out.status.success(),
