@@ -168,28 +168,14 @@ fn bench_local_prints_a_table_and_refuses_bad_input() -> Result<()> {
 /// present, nothing published, the scratch file gone; unknown and offline sites refused.
 #[test]
 fn bench_site_measures_a_connected_site_and_publishes_nothing() -> Result<()> {
-    use common::procs::{TestAgent, TestEngine, json, run};
+    use common::procs::{TestAgent, TestEngine, json, run, wait_connected};
     let dir = tempfile::tempdir()?;
     let d = dir.path();
     let engine = TestEngine::start(d, &[])?;
     let env = engine.env();
     let pool = d.join("pool");
     let mut agent = TestAgent::start(d, &engine, "probe-a", &["--pool", pool.to_str().unwrap()])?;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let s = json(&run(&["sites", "--json"], &env)?)?;
-        if s["sites"]
-            .as_array()
-            .is_some_and(|a| a.iter().any(|s| s["connected"] == true))
-        {
-            break;
-        }
-        ensure!(
-            std::time::Instant::now() < deadline,
-            "agent never connected"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    wait_connected(&env, 1, std::time::Duration::from_secs(60))?;
 
     // An engine with no image yet probes with chunks it makes.
     let b = json(&run(

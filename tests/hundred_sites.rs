@@ -5,10 +5,10 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use common::procs::{TestAgent, TestEngine, json, push_wait_json, run};
+use common::procs::{TestAgent, TestEngine, push_wait_json, wait_connected};
 use seedcast::bench::meter::Pid;
 
 const SITES: usize = 100;
@@ -29,18 +29,7 @@ fn a_hundred_sites_seeded_at_once_within_the_engines_memory_budget() -> Result<(
             &["--pool", pool.to_str().context("path")?],
         )?);
     }
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let s = json(&run(&["sites", "--json"], &env)?)?;
-        let up = s["sites"]
-            .as_array()
-            .map_or(0, |a| a.iter().filter(|s| s["connected"] == true).count());
-        if up == SITES {
-            break;
-        }
-        ensure!(Instant::now() < deadline, "{up}/{SITES} agents connected");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_connected(&env, SITES, Duration::from_secs(120))?;
 
     // Incompressible, so every site's send buffers hold real bytes.
     let img = d.join("disk.raw");

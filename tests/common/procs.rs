@@ -181,6 +181,23 @@ pub fn site_token(env: &[(&str, &str)], site: &str) -> Result<String> {
     }
 }
 
+/// Wait until at least `n` sites show connected in `sites --json` (within `within`);
+/// the listing that showed them.
+pub fn wait_connected(env: &[(&str, &str)], n: usize, within: Duration) -> Result<Value> {
+    let deadline = Instant::now() + within;
+    loop {
+        let s = json(&run(&["sites", "--json"], env)?)?;
+        let up = s["sites"]
+            .as_array()
+            .map_or(0, |a| a.iter().filter(|s| s["connected"] == true).count());
+        if up >= n {
+            return Ok(s);
+        }
+        ensure!(Instant::now() < deadline, "{up}/{n} agents connected");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 pub fn wait_for_file(p: &Path) -> Result<String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {

@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
+use seedcast::bench::peers::dir_bytes;
 use seedcast::client::{Change, PushOptions};
 use seedcast::cluster::{LocalCluster, file_hash};
 use seedcast_core::protocol::{ImageStatus, PlacementState};
@@ -56,8 +57,6 @@ fn run(cmd: &mut Command) -> Result<String> {
     );
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
-
-use seedcast::bench::peers::dir_bytes;
 
 struct Row {
     tool: String,
