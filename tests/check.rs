@@ -10,6 +10,7 @@ use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Output;
+use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use common::procs::*;
@@ -100,6 +101,8 @@ fn engine_check_names_damage_beside_the_engine_and_repair_then_a_push_restores_i
     let env = engine.env();
     let pool = d.join("pool");
     let _agent = TestAgent::start(d, &engine, "s1", &["--pool", pool.to_str().unwrap()])?;
+    // A site is a target once it has enrolled: push only after it has connected.
+    wait_connected(&env, 1, Duration::from_secs(60))?;
     let (a, b) = (image(d, "alpha")?, image(d, "beta")?);
     let ga = gid(&push_wait_json(&env, "alpha", &a)?)?;
     let gb = gid(&push_wait_json(&env, "beta", &b)?)?;
@@ -223,6 +226,7 @@ fn agent_check_finds_cache_damage_and_drift_status_shows_it_and_repair_restores(
     let env = engine.env();
     let pool = d.join("pool");
     let mut agent = TestAgent::start(d, &engine, "s1", &["--pool", pool.to_str().unwrap()])?;
+    wait_connected(&env, 1, Duration::from_secs(60))?;
     let a = image(d, "alpha")?;
     let content = std::fs::read(&a)?;
     let ga = gid(&push_wait_json(&env, "alpha", &a)?)?;
@@ -347,6 +351,7 @@ fn agent_repair_fetches_lost_cache_chunks_from_the_engine_without_republishing()
     let engine = TestEngine::start(d, &[])?;
     let env = engine.env();
     let mut agent = TestAgent::start_with_env(d, &engine, "s3", &site, &aws)?;
+    wait_connected(&env, 1, Duration::from_secs(60))?;
     let a = image(d, "alpha")?;
     let content = std::fs::read(&a)?;
     let ga = gid(&push_wait_json(&env, "alpha", &a)?)?;

@@ -729,6 +729,8 @@ fn agent_killed_mid_update(
         args.extend(["--pool", pool.to_str().unwrap()]);
     }
     let mut agent = TestAgent::start_with_env(d, &engine, "kill", &args, agent_env)?;
+    // A site is a target once it has enrolled: push only after it has connected.
+    wait_connected(&env, 1, Duration::from_secs(60))?;
 
     // Version 1: 48 MiB, half random; version 2 rewrites 12 MiB of it.
     std::fs::create_dir_all(d.join("v1"))?;
