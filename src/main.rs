@@ -135,9 +135,31 @@ struct EngineArgs {
     /// Parallel data streams per transfer to one site.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
     streams: u32,
+    /// The most the engine sends to all sites together, on the wire (e.g. 100Mbit, 2MB/s;
+    /// off: no limit). A site's own limit: `seedcast site set NAME --max-rate`.
+    #[arg(long, default_value = "off", value_parser = parse_rate)]
+    max_rate: RateArg,
+    /// The congestion controller of sites that have none of their own (`site set
+    /// --congestion`): cubic, newreno or bbr.
+    #[arg(long, default_value = "cubic")]
+    congestion: seedcast_core::protocol::Congestion,
     #[command(flatten)]
     limits: LimitArgs,
 }
+
+/// A rate limit as given: bits per second, `None` for off.
+#[derive(Debug, Clone, Copy)]
+struct RateArg(Option<u64>);
+
+fn parse_rate(s: &str) -> Result<RateArg, String> {
+    seedcast_core::rate::parse_rate(s)
+        .map(RateArg)
+        .map_err(|e| e.to_string())
+}
+
+/// A congestion controller as given: `None` for the engine's default.
+#[derive(Debug, Clone, Copy)]
+struct CongestionArg(Option<seedcast_core::protocol::Congestion>);
 
 /// A site's agent: flags, a site config file, or both (flags win).
 #[derive(Args, Debug)]
@@ -349,6 +371,33 @@ enum SiteCmd {
     /// Forget a site's certificate, unused tokens and revocation: its agent is cut off and
     /// a new `site add` token can enroll the name again.
     Reset(RevokeArgs),
+    /// Set how the engine sends to a site (kept in the catalog, applied at once, shown by
+    /// `sites`): a rate limit on the wire and the congestion controller.
+    Set(SiteSetArgs),
+}
+
+#[derive(Args, Debug)]
+struct SiteSetArgs {
+    #[command(flatten)]
+    conn: Conn,
+    site: String,
+    /// The most the engine sends to the site, on the wire: 5Mbit, 500kbit, 1Gbit, 2MB/s
+    /// (bytes); off: only the engine-wide limit.
+    #[arg(long, value_parser = parse_rate)]
+    max_rate: Option<RateArg>,
+    /// cubic, newreno, bbr, or default (the engine's --congestion).
+    #[arg(long, value_parser = parse_congestion)]
+    congestion: Option<CongestionArg>,
+    /// Print one JSON object (the site as `sites --json` shows it).
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_congestion(s: &str) -> Result<CongestionArg, String> {
+    if s.eq_ignore_ascii_case("default") {
+        return Ok(CongestionArg(None));
+    }
+    s.parse().map(|c| CongestionArg(Some(c)))
 }
 
 #[derive(Args, Debug)]
@@ -527,6 +576,59 @@ fn print_json(v: &serde_json::Value) {
     println!("{v}");
 }
 
+/// One progress bar per site while `--wait` waits (on stderr, drawn only on a terminal):
+/// bytes sent of those the site asked for, the engine's current rate to it and the time
+/// left at that rate — what tells a slow link from a stuck one.
+struct SiteBars {
+    multi: indicatif::MultiProgress,
+    bars: std::cell::RefCell<std::collections::HashMap<String, ProgressBar>>,
+}
+
+impl SiteBars {
+    fn new() -> Self {
+        SiteBars {
+            multi: indicatif::MultiProgress::with_draw_target(
+                indicatif::ProgressDrawTarget::stderr(),
+            ),
+            bars: Default::default(),
+        }
+    }
+
+    fn show(&self, s: &ImageStatus) {
+        let mut bars = self.bars.borrow_mut();
+        for p in s.sites.iter().filter(|p| p.version == s.version) {
+            let bar = bars.entry(p.site.clone()).or_insert_with(|| {
+                let b = self.multi.add(ProgressBar::new(0));
+                b.set_style(
+                    ProgressStyle::with_template(
+                        "{prefix:>12} [{bar:30}] {bytes}/{total_bytes} {msg}",
+                    )
+                    .expect("template")
+                    .progress_chars("=> "),
+                );
+                b.set_prefix(output::printable(&p.site).into_owned());
+                b
+            });
+            bar.set_length(p.bytes_needed.max(p.bytes_sent).max(1));
+            bar.set_position(p.bytes_sent);
+            let mut msg = p.state.as_str().to_string();
+            if p.rate > 0 {
+                msg += &format!("  {}", seedcast_core::rate::human_rate(p.rate * 8));
+            }
+            if let Some(eta) = p.eta_secs {
+                msg += &format!("  ETA {}", output::human_secs(eta));
+            }
+            bar.set_message(msg);
+        }
+    }
+
+    fn clear(&self) {
+        for b in self.bars.borrow().values() {
+            b.finish_and_clear();
+        }
+    }
+}
+
 /// A byte progress bar on stderr (drawn only on a terminal).
 fn progress_bar(msg: &'static str) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr());
@@ -545,20 +647,11 @@ fn progress_bar(msg: &'static str) -> ProgressBar {
 async fn finish(client: Client, committed: ImageStatus, f: &Finish) -> Result<ExitCode> {
     let (wait, json) = (f.wait, f.json);
     let status = if wait {
-        let bar = progress_bar("sending");
+        let bars = SiteBars::new();
         let s = client
-            .watch(
-                &committed.global_id,
-                committed.version,
-                |s: &ImageStatus| {
-                    let need: u64 = s.sites.iter().map(|p| p.bytes_needed).sum();
-                    let sent: u64 = s.sites.iter().map(|p| p.bytes_sent).sum();
-                    bar.set_length(need.max(1));
-                    bar.set_position(sent);
-                },
-            )
+            .watch(&committed.global_id, committed.version, |s| bars.show(s))
             .await?;
-        bar.finish_and_clear();
+        bars.clear();
         s
     } else {
         committed
@@ -590,6 +683,8 @@ async fn cmd_engine(a: EngineArgs) -> Result<ExitCode> {
     cfg.limits = a.limits.limits();
     cfg.transport.send_window = a.send_window;
     cfg.read_cache = a.read_cache;
+    cfg.max_rate = a.max_rate.0;
+    cfg.transport.congestion = a.congestion;
     let engine = seedcast_engine::Engine::open(cfg)
         .with_context(|| format!("opening the engine's data directory {}", a.data.display()))?;
     let ep = engine
@@ -700,6 +795,24 @@ async fn cmd_sites(a: SitesArgs) -> Result<ExitCode> {
         print_json(&output::sites_json(&v));
     } else {
         print!("{}", output::sites_table(&v));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn cmd_site_set(a: SiteSetArgs) -> Result<ExitCode> {
+    if a.max_rate.is_none() && a.congestion.is_none() {
+        bail!("nothing to set: give --max-rate and/or --congestion");
+    }
+    let client = connect(&a.conn).await?;
+    let info = client
+        .site_set(&a.site, a.max_rate.map(|r| r.0), a.congestion.map(|c| c.0))
+        .await?;
+    client.close().await;
+    if a.json {
+        let v = output::sites_json(std::slice::from_ref(&info));
+        print_json(&v["sites"][0]);
+    } else {
+        print!("{}", output::sites_table(std::slice::from_ref(&info)));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -870,6 +983,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Revoke(a) => cmd_revoke(a).await,
         Cmd::Site(SiteCmd::Add(a)) => cmd_site_add(a).await,
         Cmd::Site(SiteCmd::Reset(a)) => cmd_site_reset(a).await,
+        Cmd::Site(SiteCmd::Set(a)) => cmd_site_set(a).await,
         Cmd::Demo(a) => cmd_demo(a).await,
         Cmd::Check(a) => cmd_check(a).await,
         Cmd::Bench(BenchCmd::Local(a)) => cmd_bench_local(a).await,

@@ -18,6 +18,8 @@ fn placement_json(p: &SitePlacement) -> Value {
         "bytes_sent": p.bytes_sent,
         "bytes_needed": p.bytes_needed,
         "wire_bytes": p.wire_bytes,
+        "rate": p.rate,
+        "eta_secs": p.eta_secs,
         "error": p.error,
     })
 }
@@ -88,6 +90,8 @@ pub fn sites_json(v: &[SiteInfo]) -> Value {
             "revoked": s.revoked,
             "enrolled": s.enrolled,
             "cert_expires_unix": s.cert_expires_unix,
+            "max_rate": s.max_rate,
+            "congestion": s.congestion.map(|c| c.name()),
         })).collect::<Vec<_>>()
     })
 }
@@ -111,6 +115,15 @@ pub fn printable(s: &str) -> Cow<'_, str> {
 }
 
 pub use seedcast_core::units::human_bytes;
+
+/// A duration left, for people: `45s`, `12m05s`, `3h20m`.
+pub fn human_secs(s: u64) -> String {
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
 
 /// A table of an image's sites, for people.
 pub fn image_table(s: &ImageStatus) -> String {
@@ -137,18 +150,24 @@ pub fn image_table(s: &ImageStatus) -> String {
         38,
     );
     out += &format!(
-        "  {:<site_w$} {:<id_w$} {:>7} {:<13} {:>12} {:>12}\n",
-        "SITE", "LOCAL ID", "VERSION", "STATE", "BYTES SENT", "ON THE WIRE"
+        "  {:<site_w$} {:<id_w$} {:>7} {:<13} {:>12} {:>12} {:>12} {:>8}\n",
+        "SITE", "LOCAL ID", "VERSION", "STATE", "BYTES SENT", "ON THE WIRE", "RATE", "ETA"
     );
     for p in &s.sites {
         out += &format!(
-            "  {:<site_w$} {:<id_w$} {:>7} {:<13} {:>12} {:>12}{}\n",
+            "  {:<site_w$} {:<id_w$} {:>7} {:<13} {:>12} {:>12} {:>12} {:>8}{}\n",
             p.site,
             printable(p.local_id.as_deref().unwrap_or("-")),
             p.version,
             p.state.as_str(),
             human_bytes(p.bytes_sent),
             human_bytes(p.wire_bytes),
+            if p.rate > 0 {
+                seedcast_core::rate::human_rate(p.rate * 8)
+            } else {
+                "-".into()
+            },
+            p.eta_secs.map_or("-".into(), human_secs),
             p.error
                 .as_deref()
                 .map(|e| format!("  ({})", printable(e)))
@@ -159,7 +178,10 @@ pub fn image_table(s: &ImageStatus) -> String {
 }
 
 pub fn sites_table(v: &[SiteInfo]) -> String {
-    let mut out = format!("{:<16} {:<8} {:<10}\n", "SITE", "ADAPTER", "CONNECTED");
+    let mut out = format!(
+        "{:<16} {:<8} {:<12} {:<12} {:<10}\n",
+        "SITE", "ADAPTER", "CONNECTED", "MAX RATE", "CONGESTION"
+    );
     for s in v {
         let state = if s.revoked {
             "revoked"
@@ -174,10 +196,13 @@ pub fn sites_table(v: &[SiteInfo]) -> String {
             state
         };
         out += &format!(
-            "{:<16} {:<8} {:<10}\n",
+            "{:<16} {:<8} {:<12} {:<12} {:<10}\n",
             s.site,
             printable(&s.adapter),
-            state
+            state,
+            s.max_rate
+                .map_or("-".to_string(), seedcast_core::rate::human_rate),
+            s.congestion.map_or("default", |c| c.name()),
         );
     }
     out
@@ -345,6 +370,8 @@ mod tests {
                 bytes_needed: 0,
                 error: Some("bad\u{1b}[31m".into()),
                 wire_bytes: 0,
+                rate: 0,
+                eta_secs: None,
             }],
         };
         let t = image_table(&st);

@@ -19,7 +19,7 @@
 //! - [`source`]: where chunks are kept, as a trait (the engine's pack store today; an object
 //!   store or a relay's cache next), with an in-memory one for tests.
 //! - [`check`]: the report `seedcast check` makes of an engine's or an agent's data.
-//! - [`units`]: byte counts for people.
+//! - [`units`]: byte counts for people; [`rate`]: link rates and the token bucket.
 
 pub mod check;
 pub mod chunk;
@@ -31,6 +31,7 @@ pub mod frame;
 pub mod id;
 pub mod manifest;
 pub mod protocol;
+pub mod rate;
 pub mod sender;
 pub mod source;
 pub mod transfer;

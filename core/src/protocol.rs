@@ -55,13 +55,14 @@ use crate::id::{ChunkId, GlobalId};
 use crate::manifest::{FileEntry, Manifest};
 
 /// ALPN protocol id; a peer without it fails the TLS handshake.
-pub const ALPN: &[u8] = b"seedcast/5";
+pub const ALPN: &[u8] = b"seedcast/6";
 /// Carried in [`Hello`] and checked by the engine. 2: files carry their format
 /// ([`crate::manifest::FileFormat`], manifest format 2). 3: site tokens, certificate
 /// expiry and renewal. 4: agents report images that changed underneath them
 /// ([`AgentMsg::Drifted`], [`PlacementState::Drifted`]). 5: the engine opens probe streams
-/// to agents ([`Probe`], `seedcast bench site`).
-pub const PROTOCOL_VERSION: u32 = 5;
+/// to agents ([`Probe`], `seedcast bench site`). 6: per-site link settings
+/// ([`Request::SiteSet`], [`SiteInfo::max_rate`]) and live rates in [`SitePlacement`].
+pub const PROTOCOL_VERSION: u32 = 6;
 /// Hard maximum of one frame's body: the codec's decode bound. A manifest of a ~100 GiB
 /// image fits.
 pub const MAX_MESSAGE_SIZE: usize = crate::codec::MAX_ENCODED_LEN;
@@ -385,6 +386,51 @@ pub enum Request {
         site: String,
         seconds: u32,
     },
+    /// Change a site's link settings (`None`: leave it as it is; `Some(None)`: back to the
+    /// engine's default). Answered with the site's [`SiteInfo`] as `Sites`.
+    SiteSet {
+        site: String,
+        max_rate: Option<Option<u64>>,
+        congestion: Option<Option<Congestion>>,
+    },
+}
+
+/// The congestion controller the engine sends to a site with (quinn's). Cubic is the
+/// default; BBR keeps a shallow bottleneck queue from overflowing (thin links, satellite);
+/// NewReno is the conservative classic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Congestion {
+    Cubic,
+    NewReno,
+    Bbr,
+}
+
+impl Congestion {
+    pub const ALL: [Congestion; 3] = [Congestion::Cubic, Congestion::NewReno, Congestion::Bbr];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Congestion::Cubic => "cubic",
+            Congestion::NewReno => "newreno",
+            Congestion::Bbr => "bbr",
+        }
+    }
+}
+
+impl std::fmt::Display for Congestion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Congestion {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Congestion::ALL
+            .into_iter()
+            .find(|c| c.name().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| format!("congestion controller {s:?}: give cubic, newreno or bbr"))
+    }
 }
 
 /// An adaptation block: changes to the current version of an image, applied atomically as
@@ -575,6 +621,11 @@ pub struct SitePlacement {
     /// Every byte the transfer put on the wire, both directions: QUIC datagrams with their
     /// UDP and IP headers (manifest, control messages, frames, payload, acknowledgements).
     pub wire_bytes: u64,
+    /// While transferring: chunk payload bytes per second over the last seconds (0 before
+    /// the first measurement and once the transfer is over).
+    pub rate: u64,
+    /// While transferring: seconds left at `rate` (`None` until both are known).
+    pub eta_secs: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -618,6 +669,11 @@ pub struct SiteInfo {
     pub enrolled: bool,
     /// When the site's certificate expires (Unix seconds; 0 when not enrolled).
     pub cert_expires_unix: u64,
+    /// The most the engine sends to the site, in bits per second on the wire (`None`: only
+    /// the engine-wide limit, if any).
+    pub max_rate: Option<u64>,
+    /// The congestion controller chosen for the site (`None`: the engine's default).
+    pub congestion: Option<Congestion>,
 }
 
 #[cfg(test)]
@@ -638,10 +694,10 @@ mod tests {
                 admin_secret: "s".into(),
             },
         };
-        // 05        protocol = 5 (varint)
+        // 06        protocol = 6 (varint)
         // 00        Role::Client (variant 0)
         // 01 73     admin_secret = "s" (len 1, 's')
-        assert_eq!(hex(&h), "05000173");
+        assert_eq!(hex(&h), "06000173");
         let a = Role::Agent {
             site: "a".into(),
             adapter: "dir".into(),
@@ -959,6 +1015,11 @@ mod tests {
                     site: "a".into(),
                     seconds: 1,
                 },
+                Request::SiteSet {
+                    site: "a".into(),
+                    max_rate: Some(None),
+                    congestion: Some(Some(Congestion::Bbr)),
+                },
             ],
             |v| match v {
                 Request::Missing { .. } => 0,
@@ -974,6 +1035,7 @@ mod tests {
                 Request::SiteAdd { .. } => 10,
                 Request::SiteReset { .. } => 11,
                 Request::BenchSite { .. } => 12,
+                Request::SiteSet { .. } => 13,
             },
         );
         check(

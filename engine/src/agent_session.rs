@@ -33,6 +33,8 @@ pub(crate) struct Connected {
     pub adapter: String,
     pub send: SendStream,
     pub recv: RecvStream,
+    /// The connection's congestion controller, set from the site's settings.
+    pub congestion: seedcast_net::congestion::Choice,
 }
 
 pub(crate) async fn session(shared: Arc<Shared>, a: Connected) {
@@ -43,11 +45,12 @@ pub(crate) async fn session(shared: Arc<Shared>, a: Connected) {
         adapter,
         mut send,
         mut recv,
+        congestion,
     } = a;
     let Some(held) = greet(&shared, &conn, &site, &mut send, &mut recv).await else {
         return;
     };
-    let Some(wake) = register(&shared, &conn, conn_id, &site, &adapter) else {
+    let Some(wake) = register(&shared, &conn, conn_id, &site, &adapter, &congestion) else {
         conn.close(
             VarInt::from_u32(close::REFUSED),
             format!("site {site:?} was revoked or reset").as_bytes(),
@@ -110,6 +113,7 @@ fn register(
     conn_id: u64,
     site: &str,
     adapter: &str,
+    congestion: &seedcast_net::congestion::Choice,
 ) -> Option<Arc<Notify>> {
     let _records = shared.site_records.lock();
     let cert = seedcast_net::tls::peer_certificate(conn)?;
@@ -117,10 +121,22 @@ fn register(
         return None;
     }
     let wake = Arc::new(Notify::new());
+    // Read under the site lock, so a `site set` racing this registration is not lost: it
+    // either wrote before (read here) or finds this handle and sets it.
+    let settings = shared.catalog.site_settings(site).unwrap_or_else(|e| {
+        warn!(site, "reading site settings: {e}");
+        Default::default()
+    });
+    congestion.set(
+        settings
+            .congestion
+            .unwrap_or(shared.cfg.transport.congestion),
+    );
     let handle = AgentHandle {
         conn_id,
         conn: conn.clone(),
         wake: wake.clone(),
+        congestion: congestion.clone(),
     };
     // The site may have moved to another kind of local service since it enrolled.
     if let Ok(Some(mut rec)) = shared.catalog.site(site)
@@ -203,12 +219,23 @@ async fn serve(
             }
         }
     };
+    let max_rate = shared
+        .catalog
+        .site_settings(site)
+        .map(|s| s.max_rate)
+        .unwrap_or_default();
+    let pacer = Arc::new(crate::pacing::Pacer::new(
+        conn.clone(),
+        shared.limits.site(site, max_rate),
+        shared.limits.global.clone(),
+    ));
     let link = distribute::SiteLink {
         site,
         conn,
         send: &mut send,
         rx,
         held,
+        pacer,
     };
     let worker = distribute::site_worker(shared, link, wake);
     tokio::select! {

@@ -7,6 +7,7 @@
 //! | `images` | global id | [`ImageRecord`]: name, current version, target sites |
 //! | `sites` | site name | [`SiteRecord`]: adapter, certificate fingerprints and expiry, revoked |
 //! | `enrollments` | BLAKE3 of a site token's secret | [`EnrollmentRecord`]: site, expiry |
+//! | `site_settings` | site name | [`SiteSettings`]: the site's rate limit, congestion control |
 //! | `placements` | global id + site name | [`PlacementRecord`]: version, local id, state, bytes |
 //! | `notes` | global id + version | [`VersionNote`]: what made the version |
 //! | `meta` | name | catalog format, engine id |
@@ -30,8 +31,8 @@ use seedcast_db::{Batch, Db, DbError, Durability, Layout, Record, Spec, version_
 use serde::{Deserialize, Serialize};
 
 /// Format of this catalog's layout; stored under `meta/catalog_format`. 2 added the
-/// `enrollments` family (a format-1 catalog is upgraded by creating it).
-pub const CATALOG_FORMAT: u8 = 2;
+/// `enrollments` family, 3 `site_settings` (older catalogs are upgraded by creating them).
+pub const CATALOG_FORMAT: u8 = 3;
 
 const CF_CHUNKS: &str = "chunks";
 const CF_MANIFESTS: &str = "manifests";
@@ -41,6 +42,7 @@ const CF_PLACEMENTS: &str = "placements";
 const CF_META: &str = "meta";
 const CF_NOTES: &str = "notes";
 const CF_ENROLLMENTS: &str = "enrollments";
+const CF_SITE_SETTINGS: &str = "site_settings";
 
 const SPEC: Spec = Spec {
     families: &[
@@ -52,11 +54,12 @@ const SPEC: Spec = Spec {
         (CF_NOTES, Layout::Records),
         (CF_META, Layout::Records),
         (CF_ENROLLMENTS, Layout::Records),
+        (CF_SITE_SETTINGS, Layout::Records),
     ],
     meta_family: CF_META,
     format_key: b"catalog_format",
     format: CATALOG_FORMAT,
-    upgrades_from: &[1],
+    upgrades_from: &[1, 2],
     // The chunk index is read once at start; this serves manifests, sites and placements.
     cache_bytes: 64 << 20,
 };
@@ -93,6 +96,18 @@ impl Record for SiteRecord {
     }
 }
 impl Record for EnrollmentRecord {}
+impl Record for SiteSettings {}
+
+/// How the engine sends to one site, as the operator set it (`seedcast site set`). Kept
+/// apart from the site's record so it can be set before the site enrolls and survives a
+/// reset.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiteSettings {
+    /// Bits per second on the wire at most (`None`: the engine-wide limit only).
+    pub max_rate: Option<u64>,
+    /// `None`: the engine's default controller.
+    pub congestion: Option<seedcast_core::protocol::Congestion>,
+}
 impl Record for VersionNote {}
 
 /// Placements gained `wire_bytes` in format 2; format 1 records read with it as 0.
@@ -612,6 +627,20 @@ impl Catalog {
             enrolled_unix: unix_now(),
             revoked: false,
         }
+    }
+
+    pub fn site_settings(&self, name: &str) -> Result<SiteSettings, CatalogError> {
+        Ok(self
+            .db()
+            .get(CF_SITE_SETTINGS, name.as_bytes(), || {
+                format!("site_settings/{name}")
+            })?
+            .unwrap_or_default())
+    }
+
+    pub fn put_site_settings(&self, name: &str, s: &SiteSettings) -> Result<(), CatalogError> {
+        let db = self.writer()?;
+        self.wrote(db.put_synced(CF_SITE_SETTINGS, name.as_bytes(), s))
     }
 
     // ---- enrollments (site tokens) ----

@@ -108,6 +108,27 @@ async fn request(
         Request::Status { global_id: None } => status::images(shared).map(Response::Images),
         Request::Sites => status::sites(shared).map(Response::Sites),
         Request::Revoke { site } => sites::revoke(shared, &site).map(|()| Response::Revoked),
+        Request::SiteSet {
+            site,
+            max_rate,
+            congestion,
+        } => sites::set(shared, &site, max_rate, congestion).and_then(|set| {
+            // A site added but not yet enrolled is not listed by `sites`: answer for it too.
+            let info = status::sites(shared)?
+                .into_iter()
+                .find(|i| i.site == site)
+                .unwrap_or(seedcast_core::protocol::SiteInfo {
+                    site,
+                    adapter: String::new(),
+                    connected: false,
+                    revoked: false,
+                    enrolled: false,
+                    cert_expires_unix: 0,
+                    max_rate: set.max_rate,
+                    congestion: set.congestion,
+                });
+            Ok(Response::Sites(vec![info]))
+        }),
         Request::SiteAdd { site, expires_secs } => {
             sites::add(shared, &site, expires_secs).map(|(token, expires_unix)| {
                 Response::SiteToken {

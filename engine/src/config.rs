@@ -44,6 +44,10 @@ pub struct EngineConfig {
     /// accepted), at most; more are refused. 256: far above honest enrollment bursts, and
     /// each costs a few hundred KiB of QUIC buffers, so a flood stays under ~100 MiB.
     pub max_unauthenticated: usize,
+    /// The most the engine sends to all sites together, in bits per second on the wire
+    /// (each site may have its own, lower, limit: `seedcast site set`). `None`: the links
+    /// decide.
+    pub max_rate: Option<u64>,
 }
 
 impl EngineConfig {
@@ -60,6 +64,7 @@ impl EngineConfig {
             site_cert_lifetime: Duration::from_secs(30 * 86_400),
             limits: Limits::default(),
             max_unauthenticated: 256,
+            max_rate: None,
         }
     }
 }

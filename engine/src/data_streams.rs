@@ -90,6 +90,8 @@ pub(crate) struct Outbound {
     pub sent: Arc<AtomicU64>,
     /// Parallel streams at most.
     pub streams: usize,
+    /// Rate limits: every record waits for its turn.
+    pub pacer: Arc<crate::pacing::Pacer>,
 }
 
 /// Send `work` over up to `out.streams` streams; returns when every item is sent.
@@ -150,6 +152,7 @@ async fn stream(sh: Arc<Shared>) -> Result<(), StreamError> {
                     .await?;
                 match &*enc {
                     Encoded::Group { header, payload } => {
+                        out.pacer.admit(payload.len() as u64).await;
                         write_msg(&mut s, &DataRecord::Group(header.clone())).await?;
                         s.write_chunk(payload.clone()).await?;
                         out.sent.fetch_add(payload.len() as u64, Ordering::Relaxed);
@@ -180,6 +183,7 @@ async fn send_stored(
     })
     .await??;
     for c in chunks {
+        out.pacer.admit(c.payload.len() as u64).await;
         write_msg(s, &DataRecord::Chunk(ChunkHeader::of(&c))).await?;
         let n = c.payload.len() as u64;
         // The stored bytes go out as they are: no copy, no recompression.

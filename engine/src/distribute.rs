@@ -58,6 +58,8 @@ pub(crate) struct SiteLink<'a> {
     pub rx: mpsc::Receiver<AgentMsg>,
     /// What the site holds (from its inventory, then kept up to date as it publishes).
     pub held: Held,
+    /// The site's and the engine's rate limits, for this connection.
+    pub pacer: Arc<crate::pacing::Pacer>,
 }
 
 /// Deploy whatever belongs at the site, then wait for more (`wake`) or for a failed
@@ -222,6 +224,7 @@ async fn deploy(
         deltas: None,
         sent: live.counter.clone(),
         streams: shared.cfg.streams_per_transfer,
+        pacer: link.pacer.clone(),
     };
     let outcome = drive(shared, link, &mrec, &mut sender, outbound).await?;
     let bytes_sent = live.counter.load(Ordering::Relaxed);

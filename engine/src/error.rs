@@ -51,6 +51,8 @@ pub enum EngineError {
     SiteRevoked(String),
     #[error("invalid site name {0:?}: use 1-63 characters from a-z, 0-9, '-' and '_'")]
     InvalidSiteName(String),
+    #[error("max rate {0} bit/s is outside 64kbit..1Tbit")]
+    RateRange(u64),
     #[error("a site token may live at most {max} s (asked for {secs} s)")]
     TokenLifetime { secs: u64, max: u64 },
     /// The files of a push or a block break the manifest rules.
@@ -171,6 +173,7 @@ impl EngineError {
             | EngineError::SiteRevoked(_)
             | EngineError::InvalidSiteName(_)
             | EngineError::TokenLifetime { .. }
+            | EngineError::RateRange(_)
             | EngineError::Probe(crate::probe::ProbeError::NotConnected(_))
             | EngineError::Manifest(_)
             | EngineError::Adapt(_)

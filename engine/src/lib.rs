@@ -28,6 +28,7 @@ pub mod delta;
 pub mod distribute;
 pub mod error;
 pub mod handshake;
+pub(crate) mod pacing;
 pub mod probe;
 pub mod server;
 pub mod shared_reads;
@@ -80,6 +81,7 @@ impl Engine {
         ));
         let id = catalog.engine_id()?;
         let (changes, _) = watch::channel(0);
+        let cfg_max_rate = cfg.max_rate;
         Ok(Engine {
             shared: Arc::new(Shared {
                 id,
@@ -97,6 +99,7 @@ impl Engine {
                 delta: Default::default(),
                 versions: Mutex::new(()),
                 site_records: Mutex::new(()),
+                limits: pacing::Limits::new(cfg_max_rate),
             }),
         })
     }

@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 
 use quinn::{Connection, VarInt};
 use seedcast_core::protocol::{MAX_ADAPTER_NAME, RefuseReason, Role, close};
+use seedcast_net::congestion::Choice;
 use seedcast_net::pki::secrets_match;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -27,6 +28,9 @@ pub(crate) async fn run(
 ) -> Result<(), EngineError> {
     info!(engine = %shared.id, addr = ?endpoint.local_addr().ok(), "engine serving");
     let mut tasks = JoinSet::new();
+    // Each connection gets its own congestion-controller choice, set once the peer is
+    // known to be a site (see `seedcast_net::congestion`).
+    let base = seedcast_net::tls::server_config(&shared.pki, &shared.cfg.transport)?;
     let unauthenticated = Arc::new(Semaphore::new(shared.cfg.max_unauthenticated.max(1)));
     tokio::pin!(shutdown);
     loop {
@@ -51,9 +55,19 @@ pub(crate) async fn run(
                         continue;
                     };
                     let shared = shared.clone();
+                    let choice = Choice::default();
+                    let mut sc = base.clone();
+                    sc.transport_config(shared.cfg.transport.to_config_choosing(choice.clone()));
+                    let connecting = match inc.accept_with(Arc::new(sc)) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            debug!("accept failed: {e}");
+                            continue;
+                        }
+                    };
                     tasks.spawn(async move {
-                        match inc.await {
-                            Ok(conn) => handle_connection(shared, conn, permit).await,
+                        match connecting.await {
+                            Ok(conn) => handle_connection(shared, conn, choice, permit).await,
                             Err(e) => debug!("handshake failed: {e}"),
                         }
                     });
@@ -73,7 +87,12 @@ pub(crate) async fn run(
 
 /// Read the hello and authenticate; `permit` (one of the unauthenticated connections
 /// allowed) is given back once the peer has proven who it is, or has been sent away.
-async fn handle_connection(shared: Arc<Shared>, conn: Connection, permit: OwnedSemaphorePermit) {
+async fn handle_connection(
+    shared: Arc<Shared>,
+    conn: Connection,
+    congestion: Choice,
+    permit: OwnedSemaphorePermit,
+) {
     let Some((mut send, recv, hello)) = read_hello(&conn).await else {
         return;
     };
@@ -129,6 +148,7 @@ async fn handle_connection(shared: Arc<Shared>, conn: Connection, permit: OwnedS
                 adapter,
                 send,
                 recv,
+                congestion,
             };
             agent_session::session(shared, agent).await;
         }

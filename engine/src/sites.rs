@@ -238,6 +238,44 @@ pub(crate) fn reset(shared: &Shared, site: &str) -> Result<(), EngineError> {
     Ok(())
 }
 
+/// Change a site's link settings (`None`: leave as is; `Some(None)`: back to the default)
+/// and apply them to its connection at once. The site must be known: enrolled, or added
+/// with a token not yet used.
+pub(crate) fn set(
+    shared: &Shared,
+    site: &str,
+    max_rate: Option<Option<u64>>,
+    congestion: Option<Option<seedcast_core::protocol::Congestion>>,
+) -> Result<crate::catalog::SiteSettings, EngineError> {
+    let _records = shared.site_records.lock();
+    if shared.catalog.site(site)?.is_none() && shared.catalog.enrollments_of(site)?.is_empty() {
+        return Err(EngineError::UnknownSite(site.to_string()));
+    }
+    if let Some(Some(bps)) = max_rate
+        && !(seedcast_core::rate::MIN_RATE_BPS..=seedcast_core::rate::MAX_RATE_BPS).contains(&bps)
+    {
+        return Err(EngineError::RateRange(bps));
+    }
+    let mut settings = shared.catalog.site_settings(site)?;
+    if let Some(r) = max_rate {
+        settings.max_rate = r;
+    }
+    if let Some(c) = congestion {
+        settings.congestion = c;
+    }
+    shared.catalog.put_site_settings(site, &settings)?;
+    shared.limits.set_site(site, settings.max_rate);
+    if let Some(h) = shared.agents.lock().get(site) {
+        h.congestion.set(
+            settings
+                .congestion
+                .unwrap_or(shared.cfg.transport.congestion),
+        );
+    }
+    info!(site, max_rate = ?settings.max_rate, congestion = ?settings.congestion, "site settings changed");
+    Ok(settings)
+}
+
 /// Revoke a site's certificate (and any unused token for it): its agent is disconnected
 /// and refused from then on.
 pub(crate) fn revoke(shared: &Shared, site: &str) -> Result<(), EngineError> {

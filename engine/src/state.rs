@@ -5,6 +5,7 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use seedcast_core::GlobalId;
 use seedcast_net::pki::EnginePki;
@@ -22,6 +23,8 @@ pub(crate) struct AgentHandle {
     pub conn: quinn::Connection,
     /// Wakes the site's worker when new work for it is committed.
     pub wake: Arc<Notify>,
+    /// The congestion controller the connection runs (an operator may change it).
+    pub congestion: seedcast_net::congestion::Choice,
 }
 
 #[derive(Debug)]
@@ -47,6 +50,8 @@ pub(crate) struct Shared {
     /// Held while a site record is read and rewritten (enroll, renew, reset, revoke, an
     /// agent registering), so no update undoes another (a revocation is never lost).
     pub site_records: Mutex<()>,
+    /// Rate limits: engine-wide and per site.
+    pub limits: crate::pacing::Limits,
 }
 
 impl Shared {
@@ -66,28 +71,73 @@ impl Shared {
 }
 
 /// Bytes sent so far by each transfer in flight, by (image, site): the send path adds to its
-/// counter without a lock; status reads them.
+/// counter without a lock; status reads them, and the rate from them.
 #[derive(Debug, Default)]
-pub(crate) struct LiveBytes(Mutex<HashMap<(GlobalId, String), Arc<AtomicU64>>>);
+pub(crate) struct LiveBytes(Mutex<HashMap<(GlobalId, String), Arc<LiveTransfer>>>);
+
+/// One transfer in flight: its byte counter and the samples its rate is taken from.
+#[derive(Debug)]
+pub(crate) struct LiveTransfer {
+    pub counter: Arc<AtomicU64>,
+    started: Instant,
+    samples: Mutex<std::collections::VecDeque<(Instant, u64)>>,
+}
+
+/// The rate is taken over about this much of the recent past.
+const RATE_WINDOW: Duration = Duration::from_secs(5);
+
+impl LiveTransfer {
+    /// Bytes sent so far and the current rate (bytes per second): over the last seconds
+    /// when status has been asked before (watchers ask every 200 ms), else since the start.
+    fn read(&self, now: Instant) -> (u64, u64) {
+        let bytes = self.counter.load(Ordering::Relaxed);
+        let mut s = self.samples.lock();
+        if s.back()
+            .is_none_or(|(t, _)| now.duration_since(*t) >= Duration::from_millis(100))
+        {
+            s.push_back((now, bytes));
+        }
+        while s.len() > 2
+            && s.get(1)
+                .is_some_and(|(t, _)| now.duration_since(*t) >= RATE_WINDOW)
+        {
+            s.pop_front();
+        }
+        let (t0, b0) = match s.front() {
+            Some(&(t, b)) if now.duration_since(t) >= Duration::from_secs(1) => (t, b),
+            _ => (self.started, 0),
+        };
+        let secs = now.duration_since(t0).as_secs_f64();
+        let rate = if secs >= 0.2 {
+            (bytes.saturating_sub(b0) as f64 / secs) as u64
+        } else {
+            0
+        };
+        (bytes, rate)
+    }
+}
 
 impl LiveBytes {
     /// Start counting a transfer; the count disappears when the guard drops.
     pub fn start(&self, g: GlobalId, site: &str) -> LiveGuard<'_> {
-        let counter = Arc::new(AtomicU64::new(0));
-        self.0.lock().insert((g, site.to_string()), counter.clone());
+        let live = Arc::new(LiveTransfer {
+            counter: Arc::new(AtomicU64::new(0)),
+            started: Instant::now(),
+            samples: Mutex::default(),
+        });
+        self.0.lock().insert((g, site.to_string()), live.clone());
         LiveGuard {
             live: self,
             key: (g, site.to_string()),
-            counter,
+            counter: live.counter.clone(),
         }
     }
 
-    /// Bytes sent so far to `site` for `g`, if a transfer is in flight.
-    pub fn get(&self, g: &GlobalId, site: &str) -> Option<u64> {
-        self.0
-            .lock()
-            .get(&(*g, site.to_string()))
-            .map(|c| c.load(Ordering::Relaxed))
+    /// Bytes sent so far to `site` for `g` and the current rate, if a transfer is in
+    /// flight.
+    pub fn get(&self, g: &GlobalId, site: &str) -> Option<(u64, u64)> {
+        let t = self.0.lock().get(&(*g, site.to_string())).cloned()?;
+        Some(t.read(Instant::now()))
     }
 }
 
@@ -103,7 +153,7 @@ impl Drop for LiveGuard<'_> {
     fn drop(&mut self) {
         let mut m = self.live.0.lock();
         if m.get(&self.key)
-            .is_some_and(|c| Arc::ptr_eq(c, &self.counter))
+            .is_some_and(|c| Arc::ptr_eq(&c.counter, &self.counter))
         {
             m.remove(&self.key);
         }

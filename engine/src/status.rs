@@ -68,21 +68,24 @@ fn image_with(
 }
 
 /// An image's status from its records: `live` gives the bytes sent so far by a transfer in
-/// flight to a site (the record holds the last finished transfer's count).
+/// flight to a site and its current rate (the record holds the last finished transfer's
+/// count).
 pub(crate) fn build(
     g: &GlobalId,
     img: &ImageRecord,
     current: Sizes,
     placements: Vec<(String, PlacementRecord)>,
-    live: impl Fn(&str) -> Option<u64>,
+    live: impl Fn(&str) -> Option<(u64, u64)>,
 ) -> ImageStatus {
     let mut sites: Vec<SitePlacement> = placements
         .into_iter()
         .map(|(site, p)| {
-            let bytes_sent = match p.state {
-                PlacementState::Transferring => live(&site).unwrap_or(p.bytes_sent),
-                _ => p.bytes_sent,
+            let (bytes_sent, rate) = match p.state {
+                PlacementState::Transferring => live(&site).unwrap_or((p.bytes_sent, 0)),
+                _ => (p.bytes_sent, 0),
             };
+            let eta_secs = (rate > 0 && p.bytes_needed > 0)
+                .then(|| p.bytes_needed.saturating_sub(bytes_sent).div_ceil(rate));
             SitePlacement {
                 site,
                 local_id: p.local_id,
@@ -92,6 +95,8 @@ pub(crate) fn build(
                 bytes_needed: p.bytes_needed,
                 error: p.error,
                 wire_bytes: p.wire_bytes,
+                rate,
+                eta_secs,
             }
         })
         .collect();
@@ -118,19 +123,24 @@ pub(crate) fn images(shared: &Shared) -> Result<Vec<ImageStatus>, EngineError> {
 
 pub(crate) fn sites(shared: &Shared) -> Result<Vec<SiteInfo>, EngineError> {
     let connected = shared.agents.lock().clone();
-    Ok(shared
+    shared
         .catalog
         .sites()?
         .into_iter()
-        .map(|(name, r)| SiteInfo {
-            connected: connected.contains_key(&name),
-            site: name,
-            adapter: r.adapter,
-            revoked: r.revoked,
-            enrolled: r.cert_fingerprint.is_some(),
-            cert_expires_unix: r.cert_expires_unix,
+        .map(|(name, r)| {
+            let settings = shared.catalog.site_settings(&name)?;
+            Ok(SiteInfo {
+                connected: connected.contains_key(&name),
+                site: name,
+                adapter: r.adapter,
+                revoked: r.revoked,
+                enrolled: r.cert_fingerprint.is_some(),
+                cert_expires_unix: r.cert_expires_unix,
+                max_rate: settings.max_rate,
+                congestion: settings.congestion,
+            })
         })
-        .collect())
+        .collect()
 }
 
 /// Has every site `version` targets published or failed? (Sites left out of it, e.g.
@@ -225,6 +235,7 @@ mod tests {
         let mut moving = PlacementRecord::pending(2);
         moving.state = PlacementState::Transferring;
         moving.bytes_sent = 5;
+        moving.bytes_needed = 2500;
         let mut done = PlacementRecord::pending(2);
         done.state = PlacementState::Published;
         done.bytes_sent = 900;
@@ -233,7 +244,7 @@ mod tests {
             &img,
             Sizes::of(img.current_version, &m),
             vec![("b".into(), moving), ("a".into(), done)],
-            |_| Some(500),
+            |_| Some((500, 100)),
         );
         assert_eq!(
             s.sites.iter().map(|p| p.site.as_str()).collect::<Vec<_>>(),
@@ -241,6 +252,12 @@ mod tests {
         );
         assert_eq!(s.sites[0].bytes_sent, 900, "finished: the record's count");
         assert_eq!(s.sites[1].bytes_sent, 500, "in flight: the live count");
+        assert_eq!((s.sites[1].rate, s.sites[1].eta_secs), (100, Some(20)));
+        assert_eq!(
+            (s.sites[0].rate, s.sites[0].eta_secs),
+            (0, None),
+            "done: no rate"
+        );
         assert_eq!(
             (s.total_len, s.data_len, s.bytes_uploaded),
             (5000, 1000, 77)

@@ -5,6 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::{Endpoint, TransportConfig, VarInt};
+use seedcast_core::protocol::Congestion;
+
+use crate::congestion::{Choice, SwitchableFactory};
 
 /// Transport tuning, with the scenario each value is for.
 #[derive(Debug, Clone)]
@@ -30,6 +33,9 @@ pub struct TransportOptions {
     /// receiver busy with several transfers drops datagrams even on loopback, and every drop
     /// is resent. The kernel caps it at `net.core.rmem_max` / `wmem_max`.
     pub socket_buffer: usize,
+    /// The congestion controller a connection starts with (the engine may switch a site's
+    /// connection to the one chosen for it). Cubic.
+    pub congestion: Congestion,
 }
 
 impl Default for TransportOptions {
@@ -42,12 +48,19 @@ impl Default for TransportOptions {
             send_window: 8 << 20,
             max_streams: 256,
             socket_buffer: 4 << 20,
+            congestion: Congestion::Cubic,
         }
     }
 }
 
 impl TransportOptions {
     pub fn to_config(&self) -> Arc<TransportConfig> {
+        self.to_config_choosing(Choice::default())
+    }
+
+    /// As [`TransportOptions::to_config`], the connection's controller following `choice`
+    /// once it is set (see [`crate::congestion`]).
+    pub fn to_config_choosing(&self, choice: Choice) -> Arc<TransportConfig> {
         let mut t = TransportConfig::default();
         t.keep_alive_interval(Some(self.keep_alive));
         t.max_idle_timeout(Some(
@@ -60,6 +73,10 @@ impl TransportOptions {
         t.send_window(self.send_window);
         t.max_concurrent_bidi_streams(VarInt::from_u32(self.max_streams));
         t.max_concurrent_uni_streams(VarInt::from_u32(self.max_streams));
+        t.congestion_controller_factory(Arc::new(SwitchableFactory {
+            default: self.congestion,
+            choice,
+        }));
         Arc::new(t)
     }
 }

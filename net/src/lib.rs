@@ -5,11 +5,13 @@
 //!   join / admin tokens that carry the CA fingerprint (kubeadm / k3s style).
 //! - [`signing`]: the engine's manifest signing key (ed25519, apart from TLS) and the
 //!   agents' check.
-//! - [`tls`]: rustls configurations (TLS 1.3 only, ALPN `seedcast/5`, CA pinning).
+//! - [`tls`]: rustls configurations (TLS 1.3 only, ALPN `seedcast/6`, CA pinning).
 //! - [`endpoint`]: quinn endpoints and the transport tuning they share.
+//! - [`congestion`]: the congestion controller per connection, switchable once the peer is known.
 //! - [`dial`]: dialling the engine and the hello exchange (clients and agents alike).
 //! - [`framed`]: read and write [`seedcast_core::frame`]s on quinn streams.
 
+pub mod congestion;
 pub mod dial;
 pub mod endpoint;
 pub mod framed;

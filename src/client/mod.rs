@@ -251,6 +251,25 @@ impl Client {
         }
     }
 
+    /// Change a site's link settings (`None`: leave as is; `Some(None)`: back to the
+    /// engine's default); the site as it now is.
+    pub async fn site_set(
+        &self,
+        site: &str,
+        max_rate: Option<Option<u64>>,
+        congestion: Option<Option<seedcast_core::protocol::Congestion>>,
+    ) -> Result<SiteInfo, ClientError> {
+        let req = Request::SiteSet {
+            site: site.into(),
+            max_rate,
+            congestion,
+        };
+        match self.request(&req).await? {
+            Response::Sites(mut v) if v.len() == 1 => Ok(v.remove(0)),
+            r => Err(ClientError::Unexpected(format!("{r:?}"))),
+        }
+    }
+
     /// Measure the path to a connected site for about `seconds` (`seedcast bench site`).
     pub async fn bench_site(
         &self,

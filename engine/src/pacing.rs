@@ -1,0 +1,140 @@
+//! Rate limits on what the engine sends: per site (`seedcast site set NAME --max-rate`) and
+//! engine-wide (`seedcast engine --max-rate`).
+//!
+//! Each data stream asks its connection's [`Pacer`] before it writes a record. The pacer
+//! charges the token buckets ([`seedcast_core::rate::TokenBucket`]) with what the connection
+//! really puts on the wire: the payload as it is written, corrected by the connection's own
+//! count of datagrams sent (with their UDP/IP headers: QUIC framing, acknowledgements,
+//! retransmissions, the control stream), so a limit holds for the bytes a link carries,
+//! not only for the chunks.
+//!
+//! A limit changed while a transfer runs applies from its next record; a slow site's waits
+//! never hold back another site (each waits on its own bucket; the engine-wide bucket is
+//! only charged, in turn, with what each sends).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use quinn::Connection;
+use seedcast_core::rate::TokenBucket;
+
+/// Time's worth of sending a bucket saves up while idle: short, so a limit holds over any
+/// second, yet a few datagrams so small records are not paced one by one.
+const BURST: Duration = Duration::from_millis(20);
+
+/// One limit: `None` while unlimited, so a limit set later applies to running transfers.
+pub(crate) type Limit = Arc<Mutex<Option<TokenBucket>>>;
+
+fn limit(bps: Option<u64>) -> Limit {
+    Arc::new(Mutex::new(bps.map(|b| TokenBucket::new(b, BURST))))
+}
+
+/// Set (or clear) a limit in place.
+pub(crate) fn set_limit(l: &Limit, bps: Option<u64>) {
+    let mut g = l.lock();
+    match (g.as_mut(), bps) {
+        (Some(b), Some(bps)) => b.set_bps(bps, BURST),
+        (_, bps) => *g = bps.map(|b| TokenBucket::new(b, BURST)),
+    }
+}
+
+/// Every limit of a running engine.
+#[derive(Debug)]
+pub(crate) struct Limits {
+    pub global: Limit,
+    sites: Mutex<HashMap<String, Limit>>,
+}
+
+impl Limits {
+    pub fn new(global_bps: Option<u64>) -> Self {
+        Limits {
+            global: limit(global_bps),
+            sites: Mutex::default(),
+        }
+    }
+
+    /// The site's limit, made from `bps` the first time it is asked for.
+    pub fn site(&self, site: &str, bps: Option<u64>) -> Limit {
+        self.sites
+            .lock()
+            .entry(site.to_string())
+            .or_insert_with(|| limit(bps))
+            .clone()
+    }
+
+    /// The site's limit is now `bps` (for its running transfers too).
+    pub fn set_site(&self, site: &str, bps: Option<u64>) {
+        let l = self.site(site, bps);
+        set_limit(&l, bps);
+    }
+}
+
+/// Bytes a connection has sent: datagrams with their UDP and IP headers.
+fn wire_tx(conn: &Connection) -> u64 {
+    let s = conn.stats();
+    let header = if conn.remote_address().is_ipv6() {
+        48
+    } else {
+        28
+    };
+    s.udp_tx.bytes + header * s.udp_tx.datagrams
+}
+
+/// What one connection has been charged for.
+#[derive(Debug, Default)]
+struct Account {
+    /// Payload handed to [`Pacer::admit`].
+    payload: u64,
+    /// Charged to the buckets so far.
+    charged: u64,
+}
+
+/// Paces one site connection's data streams.
+#[derive(Debug)]
+pub(crate) struct Pacer {
+    conn: Connection,
+    site: Limit,
+    global: Limit,
+    wire_start: u64,
+    account: Mutex<Account>,
+}
+
+impl Pacer {
+    pub fn new(conn: Connection, site: Limit, global: Limit) -> Self {
+        Pacer {
+            wire_start: wire_tx(&conn),
+            conn,
+            site,
+            global,
+            account: Mutex::default(),
+        }
+    }
+
+    /// How long to wait before writing `n` more payload bytes (zero when unlimited or
+    /// within the limit). The charge is what the connection has sent on the wire since
+    /// the last call, or the payload if more (it is written before it is sent).
+    pub fn charge(&self, n: u64, now: Instant) -> Duration {
+        let wire = wire_tx(&self.conn).saturating_sub(self.wire_start);
+        let charge = {
+            let mut a = self.account.lock();
+            a.payload += n;
+            let due = a.payload.max(wire);
+            let c = due.saturating_sub(a.charged);
+            a.charged = a.charged.max(due);
+            c
+        };
+        let site = self.site.lock().as_mut().map(|b| b.take(now, charge));
+        let global = self.global.lock().as_mut().map(|b| b.take(now, charge));
+        site.unwrap_or_default().max(global.unwrap_or_default())
+    }
+
+    /// Wait until `n` more payload bytes may be written.
+    pub async fn admit(&self, n: u64) {
+        let wait = self.charge(n, Instant::now());
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
