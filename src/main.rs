@@ -480,6 +480,51 @@ enum BenchCmd {
     /// verified and written at the agent, then discarded) — a slow link or a slow site.
     /// Nothing is published.
     Site(BenchSiteArgs),
+    /// Updates and seeds over real-shaped links (needs root): each run's site in a network
+    /// namespace behind a veth pair shaped with tc tbf and a relay adding delay, loss and
+    /// outages; times judged against what the link allows.
+    Links(BenchLinksArgs),
+}
+
+#[derive(Args, Debug)]
+struct BenchLinksArgs {
+    /// Directory with v1.raw and v2.raw (../shared/testdata/make-images.sh DIR).
+    #[arg(long, default_value = "~/.cache/seedcast-images")]
+    images: String,
+    /// The old image of the update (default: IMAGES/v1.raw).
+    #[arg(long)]
+    old: Option<PathBuf>,
+    /// The new image of the update (default: IMAGES/v2.raw).
+    #[arg(long)]
+    new: Option<PathBuf>,
+    /// Link profiles, comma-separated: lan, wan, thin, satellite, tbf.
+    #[arg(long, default_value = "wan,thin,satellite,tbf", value_delimiter = ',')]
+    profile: Vec<String>,
+    /// Runs per profile, comma-separated: update, seed, outage, restart.
+    #[arg(long, default_value = "update,seed", value_delimiter = ',')]
+    run: Vec<String>,
+    /// Congestion controllers to compare, comma-separated (each profile run with each);
+    /// none: the engine's default.
+    #[arg(long, value_delimiter = ',')]
+    congestion: Vec<seedcast_core::protocol::Congestion>,
+    /// A rate limit set on every run's site.
+    #[arg(long, value_parser = parse_rate)]
+    max_rate: Option<RateArg>,
+    /// Size of the generated image seed runs push.
+    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+    seed_size: u64,
+    /// Share of it that is data.
+    #[arg(long, default_value_t = 0.25, value_parser = parse_share)]
+    seed_data_share: f64,
+    /// How long outage runs cut the link.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    outage: std::time::Duration,
+    /// Keep the work (engine, agents, pools, logs) here instead of a temporary directory.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -929,6 +974,62 @@ async fn cmd_bench_site(a: BenchSiteArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+async fn cmd_bench_links(a: BenchLinksArgs) -> Result<ExitCode> {
+    use seedcast::bench::links::{LinksOptions, Profile, Scenario, run_links, table};
+    let images = match a.images.strip_prefix("~/") {
+        Some(rest) => PathBuf::from(std::env::var("HOME").context("HOME")?).join(rest),
+        None => PathBuf::from(&a.images),
+    };
+    let profiles = a
+        .profile
+        .iter()
+        .map(|p| {
+            Profile::named(p).with_context(|| {
+                format!("--profile {p:?}: give {}", Profile::NAMES.join(", "))
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let scenarios = a
+        .run
+        .iter()
+        .map(|r| {
+            Scenario::parse(r)
+                .with_context(|| format!("--run {r:?}: give update, seed, outage or restart"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let opts = LinksOptions {
+        bin: std::env::current_exe().context("finding the seedcast binary")?,
+        old: a.old.unwrap_or_else(|| images.join("v1.raw")),
+        new: a.new.unwrap_or_else(|| images.join("v2.raw")),
+        seed_size: a.seed_size,
+        seed_data_share: a.seed_data_share,
+        profiles,
+        scenarios,
+        outage: a.outage,
+        congestion: a.congestion,
+        max_rate: a.max_rate.and_then(|r| r.0),
+        dir: a.dir,
+    };
+    let report = run_links(&opts, |r| {
+        eprintln!(
+            "{} {:?} {}: {:.1} s ({:.2}× the link), engine sent {:.2}× what went down it",
+            r.profile.name,
+            r.scenario,
+            r.congestion.map_or("default", |c| c.name()),
+            r.seconds,
+            r.of_link,
+            r.sent_per_delivered
+        );
+    })
+    .await?;
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", table(&report));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn cmd_bench_local(a: BenchLocalArgs) -> Result<ExitCode> {
     if a.sites == 0 {
         bail!("--sites must be at least 1");
@@ -988,6 +1089,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Check(a) => cmd_check(a).await,
         Cmd::Bench(BenchCmd::Local(a)) => cmd_bench_local(a).await,
         Cmd::Bench(BenchCmd::Site(a)) => cmd_bench_site(a).await,
+        Cmd::Bench(BenchCmd::Links(a)) => cmd_bench_links(a).await,
     }
 }
 

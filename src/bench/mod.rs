@@ -13,6 +13,7 @@
 //! from its cache and publishes it.
 
 pub mod limits;
+pub mod links;
 pub mod meter;
 pub mod peers;
 pub mod text;
@@ -157,14 +158,21 @@ pub struct LocalReport {
 
 /// A child process killed when dropped; its output goes to a log file.
 #[derive(Debug)]
-struct Proc {
+pub(crate) struct Proc {
     child: Child,
     log: PathBuf,
 }
 
 impl Proc {
+    /// Kill it now (SIGKILL) and reap it.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     fn spawn(cmd: &mut Command, log: PathBuf) -> Result<Proc, BenchError> {
-        let f = std::fs::File::create(&log)?;
+        // Appended to: a restarted process keeps the earlier run's log.
+        let f = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
         let child = cmd
             .stdin(Stdio::null())
             .stdout(f.try_clone()?)
@@ -498,7 +506,7 @@ async fn ingest(
     ))
 }
 
-fn free_udp_addr() -> std::io::Result<String> {
+pub(crate) fn free_udp_addr() -> std::io::Result<String> {
     let port = std::net::UdpSocket::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -506,7 +514,7 @@ fn free_udp_addr() -> std::io::Result<String> {
 }
 
 /// Wait for the engine's admin token, then connect as its admin.
-async fn connect_admin(engine: &mut Proc, data: &Path, addr: &str) -> Result<Client, BenchError> {
+pub(crate) async fn connect_admin(engine: &mut Proc, data: &Path, addr: &str) -> Result<Client, BenchError> {
     let token_path = data.join("admin.token");
     let t = Instant::now();
     loop {
