@@ -140,7 +140,7 @@ struct EngineArgs {
     #[arg(long, default_value = "off", value_parser = parse_rate)]
     max_rate: RateArg,
     /// The congestion controller of sites that have none of their own (`site set
-    /// --congestion`): cubic, newreno or bbr.
+    /// --congestion`): cubic, newreno, bbr or delivery (seedcast's BBR-style controller for thin, lossy or far links).
     #[arg(long, default_value = "cubic")]
     congestion: seedcast_core::protocol::Congestion,
     #[command(flatten)]
@@ -385,7 +385,7 @@ struct SiteSetArgs {
     /// (bytes); off: only the engine-wide limit.
     #[arg(long, value_parser = parse_rate)]
     max_rate: Option<RateArg>,
-    /// cubic, newreno, bbr, or default (the engine's --congestion).
+    /// cubic, newreno, bbr, delivery, or default (the engine's --congestion).
     #[arg(long, value_parser = parse_congestion)]
     congestion: Option<CongestionArg>,
     /// Print one JSON object (the site as `sites --json` shows it).
@@ -984,9 +984,8 @@ async fn cmd_bench_links(a: BenchLinksArgs) -> Result<ExitCode> {
         .profile
         .iter()
         .map(|p| {
-            Profile::named(p).with_context(|| {
-                format!("--profile {p:?}: give {}", Profile::NAMES.join(", "))
-            })
+            Profile::named(p)
+                .with_context(|| format!("--profile {p:?}: give {}", Profile::NAMES.join(", ")))
         })
         .collect::<Result<Vec<_>>>()?;
     let scenarios = a

@@ -111,8 +111,8 @@ pub struct AgentDb {
     db: Db,
     /// Chunk payload bytes received from the engine over this database's life (what a
     /// site's link carried, re-sends included), kept with the chunks they brought; and
-    /// how many of them are not flushed yet.
-    received: parking_lot::Mutex<(u64, u64)>,
+    /// how many of them are not flushed yet, and when the last flush was.
+    received: parking_lot::Mutex<(u64, u64, std::time::Instant)>,
 }
 
 /// Received chunk bytes are flushed at least this often during a transfer, so an agent
@@ -122,6 +122,9 @@ pub struct AgentDb {
 /// flushed), so it is most of the agent's memory beyond QUIC's receive buffers; at 8 MiB
 /// the flushes made many small files, at 32 MiB the agent peaked ~40 MiB higher.
 const FLUSH_EVERY: u64 = 16 << 20;
+/// ... and at least this often: on a thin link 16 MiB takes minutes (67 s at 2 Mbit/s),
+/// and an agent restarted during an outage should not ask again for what it had.
+const FLUSH_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 
 const RECEIVED_KEY: &[u8] = b"received_bytes";
 
@@ -140,7 +143,7 @@ impl AgentDb {
             .map_or(0, u64::from_le_bytes);
         Ok(AgentDb {
             db,
-            received: parking_lot::Mutex::new((received, 0)),
+            received: parking_lot::Mutex::new((received, 0, std::time::Instant::now())),
         })
     }
 
@@ -150,7 +153,7 @@ impl AgentDb {
         let db = Db::open_secondary(path, scratch, &SPEC)?;
         Ok(AgentDb {
             db,
-            received: parking_lot::Mutex::new((0, 0)),
+            received: parking_lot::Mutex::new((0, 0, std::time::Instant::now())),
         })
     }
 
@@ -219,7 +222,7 @@ impl AgentDb {
 
     /// Cache chunks that arrived from the engine in `payload_len` bytes, counting them
     /// in the same write (no WAL: a crash loses both together), flushed every
-    /// [`FLUSH_EVERY`] bytes.
+    /// [`FLUSH_EVERY`] bytes or [`FLUSH_AFTER`], whichever comes first.
     pub fn put_received(
         &self,
         chunks: &[VerifiedChunk],
@@ -235,10 +238,12 @@ impl AgentDb {
         let total = r.0 + payload_len;
         batch.put_cf(self.db.cf(CF_META), RECEIVED_KEY, total.to_le_bytes());
         self.db.write(batch, Durability::NoWal)?;
-        *r = (total, r.1 + raw);
-        let flush = r.1 >= FLUSH_EVERY;
+        let now = std::time::Instant::now();
+        *r = (total, r.1 + raw, r.2);
+        let flush = r.1 >= FLUSH_EVERY || now.duration_since(r.2) >= FLUSH_AFTER;
         if flush {
             r.1 = 0;
+            r.2 = now;
         }
         // Flushed with the lock released: the other streams go on caching meanwhile (held,
         // every stream waited for each flush's files to be written and synced).
@@ -247,6 +252,20 @@ impl AgentDb {
             self.flush_chunks()?;
         }
         Ok(())
+    }
+
+    /// Flush received chunks that have waited [`FLUSH_AFTER`] (the agent asks every second):
+    /// a transfer that stalls — a cut link — keeps what it had verified even if the agent
+    /// is then killed.
+    pub fn flush_stale(&self) -> Result<(), CacheError> {
+        let mut r = self.received.lock();
+        if r.1 == 0 || r.2.elapsed() < FLUSH_AFTER {
+            return Ok(());
+        }
+        r.1 = 0;
+        r.2 = std::time::Instant::now();
+        drop(r);
+        self.flush_chunks()
     }
 
     /// Chunk payload bytes received from the engine over this database's life.

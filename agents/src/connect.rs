@@ -26,6 +26,15 @@ const STABLE_SESSION: Duration = Duration::from_secs(10);
 /// Largest renewal answer (a certificate is about a kilobyte).
 const MAX_RENEWED_FRAME: usize = 64 * 1024;
 
+/// A task stopped when this is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 impl Agent {
     /// Credentials from the data dir, or enroll with the site token and keep them.
     pub async fn credentials(&self) -> Result<SiteCredentials, AgentError> {
@@ -114,6 +123,17 @@ impl Agent {
             r = self.adapter.check() => r.map_err(AgentError::Service)?,
         }
         self.sweep_unrecorded().await;
+        let db = self.db.clone();
+        let _flusher = AbortOnDrop(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let db = db.clone();
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || db.flush_stale()).await {
+                    warn!("flushing received chunks: {e}");
+                }
+            }
+        }));
         let mut backoff = MIN_BACKOFF;
         loop {
             // Read each time: a renewal during the last session saved new ones.

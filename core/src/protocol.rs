@@ -395,24 +395,32 @@ pub enum Request {
     },
 }
 
-/// The congestion controller the engine sends to a site with (quinn's). Cubic is the
-/// default; BBR keeps a shallow bottleneck queue from overflowing (thin links, satellite);
-/// NewReno is the conservative classic.
+/// The congestion controller the engine sends to a site with: quinn's three, or
+/// `Delivery`, seedcast's BBR-style controller sized from what the path delivers
+/// (`seedcast_net::delivery`: keeps lossy, far links full without overflowing a shallow
+/// bottleneck queue).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Congestion {
     Cubic,
     NewReno,
     Bbr,
+    Delivery,
 }
 
 impl Congestion {
-    pub const ALL: [Congestion; 3] = [Congestion::Cubic, Congestion::NewReno, Congestion::Bbr];
+    pub const ALL: [Congestion; 4] = [
+        Congestion::Cubic,
+        Congestion::NewReno,
+        Congestion::Bbr,
+        Congestion::Delivery,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Congestion::Cubic => "cubic",
             Congestion::NewReno => "newreno",
             Congestion::Bbr => "bbr",
+            Congestion::Delivery => "delivery",
         }
     }
 }
@@ -429,7 +437,9 @@ impl std::str::FromStr for Congestion {
         Congestion::ALL
             .into_iter()
             .find(|c| c.name().eq_ignore_ascii_case(s.trim()))
-            .ok_or_else(|| format!("congestion controller {s:?}: give cubic, newreno or bbr"))
+            .ok_or_else(|| {
+                format!("congestion controller {s:?}: give cubic, newreno, bbr or delivery")
+            })
     }
 }
 

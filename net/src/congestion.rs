@@ -23,6 +23,7 @@ fn code(c: Congestion) -> u8 {
         Congestion::Cubic => 1,
         Congestion::NewReno => 2,
         Congestion::Bbr => 3,
+        Congestion::Delivery => 4,
     }
 }
 
@@ -31,6 +32,7 @@ fn from_code(c: u8) -> Option<Congestion> {
         1 => Some(Congestion::Cubic),
         2 => Some(Congestion::NewReno),
         3 => Some(Congestion::Bbr),
+        4 => Some(Congestion::Delivery),
         _ => None,
     }
 }
@@ -52,6 +54,11 @@ fn build(c: Congestion, window: u64, now: std::time::Instant, mtu: u16) -> Box<d
             let mut f = BbrConfig::default();
             f.initial_window(window);
             Arc::new(f).build(now, mtu)
+        }
+        Congestion::Delivery => {
+            let mut c = crate::delivery::Delivery::new(now, mtu);
+            c.start_from(window);
+            Box::new(c)
         }
     }
 }

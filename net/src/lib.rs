@@ -7,11 +7,13 @@
 //!   agents' check.
 //! - [`tls`]: rustls configurations (TLS 1.3 only, ALPN `seedcast/6`, CA pinning).
 //! - [`endpoint`]: quinn endpoints and the transport tuning they share.
-//! - [`congestion`]: the congestion controller per connection, switchable once the peer is known.
+//! - [`congestion`]: the congestion controller per connection, switchable once the peer is known;
+//!   [`delivery`]: seedcast's BBR-style controller for thin and far links.
 //! - [`dial`]: dialling the engine and the hello exchange (clients and agents alike).
 //! - [`framed`]: read and write [`seedcast_core::frame`]s on quinn streams.
 
 pub mod congestion;
+pub mod delivery;
 pub mod dial;
 pub mod endpoint;
 pub mod framed;

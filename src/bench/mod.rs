@@ -172,7 +172,10 @@ impl Proc {
 
     fn spawn(cmd: &mut Command, log: PathBuf) -> Result<Proc, BenchError> {
         // Appended to: a restarted process keeps the earlier run's log.
-        let f = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
         let child = cmd
             .stdin(Stdio::null())
             .stdout(f.try_clone()?)
@@ -514,7 +517,11 @@ pub(crate) fn free_udp_addr() -> std::io::Result<String> {
 }
 
 /// Wait for the engine's admin token, then connect as its admin.
-pub(crate) async fn connect_admin(engine: &mut Proc, data: &Path, addr: &str) -> Result<Client, BenchError> {
+pub(crate) async fn connect_admin(
+    engine: &mut Proc,
+    data: &Path,
+    addr: &str,
+) -> Result<Client, BenchError> {
     let token_path = data.join("admin.token");
     let t = Instant::now();
     loop {

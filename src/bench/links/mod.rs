@@ -82,14 +82,14 @@ impl Profile {
 
     pub const NAMES: [&'static str; 5] = ["lan", "wan", "thin", "satellite", "tbf"];
 
-    fn shape(&self) -> Shape {
+    pub fn shape(&self) -> Shape {
         Shape {
             rate_bps: self.rate_bps,
             queue_ms: self.queue_ms,
         }
     }
 
-    fn impairment(&self) -> Impairment {
+    pub fn impairment(&self) -> Impairment {
         Impairment {
             one_way_delay: Duration::from_millis(self.rtt_ms as u64 / 2),
             loss: self.loss,
@@ -184,38 +184,104 @@ pub struct LinksReport {
     pub runs: Vec<LinkRun>,
 }
 
-/// The engine and the client every run shares.
-struct Rig<'a> {
-    opts: &'a LinksOptions,
+/// An engine on loopback, this process as its client, and sites each on a link of its own:
+/// what every run shares, and what tests build their own runs from.
+#[derive(Debug)]
+pub struct Lab {
+    bin: PathBuf,
     net: Net,
-    work: PathBuf,
+    pub work: PathBuf,
     logs: PathBuf,
     engine: Proc,
     engine_addr: std::net::SocketAddr,
-    client: Client,
+    pub client: Client,
     sites: usize,
+    /// Keeps a temporary work directory while the lab runs.
+    _tmp: Option<tempfile::TempDir>,
 }
 
 /// One site on its own link, its relay and its agent.
-struct Site {
-    name: String,
-    link: SiteLink,
-    relay: Relay,
+#[derive(Debug)]
+pub struct Site {
+    pub name: String,
+    pub link: SiteLink,
+    pub relay: Relay,
     agent: Proc,
     agent_cmd: Vec<String>,
     log: PathBuf,
 }
 
-impl Rig<'_> {
+impl Site {
+    /// Kill the agent (SIGKILL) and start it again on the same data.
+    pub fn restart_agent(&mut self) -> Result<(), BenchError> {
+        self.agent.kill();
+        self.agent = Proc::spawn(Command::new("ip").args(&self.agent_cmd), self.log.clone())?;
+        Ok(())
+    }
+
+    /// Fail, naming its log, if the agent has exited.
+    pub fn alive(&mut self) -> Result<(), BenchError> {
+        self.agent.alive(&format!("the agent of {}", self.name))
+    }
+}
+
+impl Lab {
+    /// Start an engine (`bin engine`, extra `engine_args`) in `dir` (a temporary directory
+    /// when `None`) and make the hub namespace sites' links join.
+    pub async fn start(
+        bin: &Path,
+        dir: Option<&Path>,
+        engine_args: &[&str],
+    ) -> Result<Lab, BenchError> {
+        let (work, tmp) = match dir {
+            Some(d) => {
+                std::fs::create_dir_all(d)?;
+                (d.to_path_buf(), None)
+            }
+            None => {
+                let t = tempfile::Builder::new()
+                    .prefix("seedcast-links")
+                    .tempdir()?;
+                (t.path().to_path_buf(), Some(t))
+            }
+        };
+        let logs = work.join("logs");
+        std::fs::create_dir_all(&logs)?;
+        let net = Net::create()?;
+        let engine_dir = work.join("engine");
+        let addr = free_udp_addr()?;
+        let mut engine = Proc::spawn(
+            Command::new(bin)
+                .arg("engine")
+                .arg("--data")
+                .arg(&engine_dir)
+                .args(["--listen", &addr])
+                .args(engine_args),
+            logs.join("engine.log"),
+        )?;
+        let client = connect_admin(&mut engine, &engine_dir, &addr).await?;
+        Ok(Lab {
+            bin: bin.to_path_buf(),
+            net,
+            work,
+            logs,
+            engine,
+            engine_addr: addr
+                .parse()
+                .map_err(|e| BenchError::Failed(format!("{e}")))?,
+            client,
+            sites: 0,
+            _tmp: tmp,
+        })
+    }
+
     /// A fresh site on a new link (unshaped, unimpaired), its agent connected.
-    async fn site(&mut self) -> Result<Site, BenchError> {
+    pub async fn site(&mut self) -> Result<Site, BenchError> {
         self.sites += 1;
         let name = format!("link-{}", self.sites);
         let link = self.net.add_site()?;
         let hub_ip = link.hub_ip;
-        let listen = netns::in_netns(&link.hub_ns, move || {
-            std::net::UdpSocket::bind((hub_ip, 0))
-        })?;
+        let listen = netns::in_netns(&link.hub_ns, move || std::net::UdpSocket::bind((hub_ip, 0)))?;
         let relay = Relay::start(
             listen,
             self.engine_addr,
@@ -230,7 +296,7 @@ impl Rig<'_> {
             "netns".into(),
             "exec".into(),
             link.ns.clone(),
-            s(self.opts.bin.clone()),
+            s(self.bin.clone()),
             "agent".into(),
             "--data".into(),
             s(self.work.join(format!("agent-{name}"))),
@@ -257,7 +323,8 @@ impl Rig<'_> {
         Ok(site)
     }
 
-    async fn wait_connected(&mut self, site: &mut Site) -> Result<(), BenchError> {
+    /// Wait until the site's agent is connected (120 s at most).
+    pub async fn wait_connected(&mut self, site: &mut Site) -> Result<(), BenchError> {
         let t = Instant::now();
         loop {
             if self
@@ -269,7 +336,8 @@ impl Rig<'_> {
             {
                 return Ok(());
             }
-            site.agent.alive(&format!("the agent of {}", site.name))?;
+            site.alive()?;
+            self.engine.alive("the engine")?;
             if t.elapsed() > Duration::from_secs(120) {
                 return Err(BenchError::Process {
                     what: format!("{} did not connect in 120 s", site.name),
@@ -280,14 +348,46 @@ impl Rig<'_> {
         }
     }
 
-    /// Push `file` (as `disk.raw`) to `site` only; the status once it has published.
-    async fn push(&self, name: &str, file: &Path, site: &Site) -> Result<ImageStatus, BenchError> {
-        let mut p = PushOptions::new(name, vec![disk_raw(&self.work, file)?]);
-        p.sites = Some(vec![site.name.clone()]);
-        let c = self.client.push(&p, |_| {}).await?;
+    /// Push `file` (as `disk.raw`) to `sites` only; the status once all have published.
+    pub async fn push(
+        &self,
+        name: &str,
+        file: &Path,
+        sites: &[&Site],
+    ) -> Result<ImageStatus, BenchError> {
+        let c = self.commit_push(name, file, sites).await?;
         let s = self.client.watch(&c.global_id, c.version, |_| {}).await?;
         published(&s)?;
         Ok(s)
+    }
+
+    /// Push `file` (as `disk.raw`) to `sites`; returns at the commit.
+    pub async fn commit_push(
+        &self,
+        name: &str,
+        file: &Path,
+        sites: &[&Site],
+    ) -> Result<ImageStatus, BenchError> {
+        let mut p = PushOptions::new(name, vec![disk_raw(&self.work, file)?]);
+        p.sites = Some(sites.iter().map(|s| s.name.clone()).collect());
+        Ok(self.client.push(&p, |_| {}).await?)
+    }
+
+    /// The engine's address and admin token file, as `SEEDCAST_ENGINE` / `SEEDCAST_TOKEN`.
+    pub fn engine_env(&self) -> (String, String) {
+        (
+            self.engine_addr.to_string(),
+            self.work
+                .join("engine")
+                .join("admin.token")
+                .display()
+                .to_string(),
+        )
+    }
+
+    /// Fail, naming its log, if the engine has exited.
+    pub fn engine_alive(&mut self) -> Result<(), BenchError> {
+        self.engine.alive("the engine")
     }
 }
 
@@ -296,7 +396,10 @@ impl Rig<'_> {
 fn disk_raw(work: &Path, file: &Path) -> Result<PathBuf, BenchError> {
     let file = std::fs::canonicalize(file)
         .map_err(|e| BenchError::Image(format!("{}: {e}", file.display())))?;
-    let d = work.join(format!("as-disk-{}", blake3::hash(file.as_os_str().as_encoded_bytes()).to_hex()));
+    let d = work.join(format!(
+        "as-disk-{}",
+        blake3::hash(file.as_os_str().as_encoded_bytes()).to_hex()
+    ));
     std::fs::create_dir_all(&d)?;
     let p = d.join("disk.raw");
     if !p.exists() {
@@ -305,7 +408,8 @@ fn disk_raw(work: &Path, file: &Path) -> Result<PathBuf, BenchError> {
     Ok(p)
 }
 
-fn published(s: &ImageStatus) -> Result<(), BenchError> {
+/// Every site of the status' version published, or which did not and why.
+pub fn published(s: &ImageStatus) -> Result<(), BenchError> {
     match s
         .sites
         .iter()
@@ -335,50 +439,20 @@ pub async fn run_links(
             )));
         }
     }
-    let tmp;
-    let work = match &opts.dir {
-        Some(d) => {
-            std::fs::create_dir_all(d)?;
-            d.clone()
-        }
-        None => {
-            tmp = tempfile::Builder::new()
-                .prefix("seedcast-links")
-                .tempdir()?;
-            tmp.path().to_path_buf()
-        }
-    };
-    let logs = work.join("logs");
-    std::fs::create_dir_all(&logs)?;
-    let net = Net::create()?;
-    let engine_dir = work.join("engine");
-    let addr = free_udp_addr()?;
-    let mut engine = Proc::spawn(
-        Command::new(&opts.bin)
-            .arg("engine")
-            .arg("--data")
-            .arg(&engine_dir)
-            .args(["--listen", &addr]),
-        logs.join("engine.log"),
-    )?;
-    let client = connect_admin(&mut engine, &engine_dir, &addr).await?;
+    let mut lab = Lab::start(&opts.bin, opts.dir.as_deref(), &[]).await?;
     let seed_image = if opts.scenarios.contains(&Scenario::Seed) {
-        let p = work.join("seed").join("disk.raw");
-        std::fs::create_dir_all(work.join("seed"))?;
-        crate::synth::write_disk_share(&p, opts.seed_size, "seedcast bench links", opts.seed_data_share)?;
+        let d = lab.work.join("seed");
+        std::fs::create_dir_all(&d)?;
+        let p = d.join("disk.raw");
+        crate::synth::write_disk_share(
+            &p,
+            opts.seed_size,
+            "seedcast bench links",
+            opts.seed_data_share,
+        )?;
         Some(p)
     } else {
         None
-    };
-    let mut rig = Rig {
-        opts,
-        net,
-        work: work.clone(),
-        logs,
-        engine,
-        engine_addr: addr.parse().map_err(|e| BenchError::Failed(format!("{e}")))?,
-        client,
-        sites: 0,
     };
     let ccs: Vec<Option<Congestion>> = if opts.congestion.is_empty() {
         vec![None]
@@ -389,13 +463,21 @@ pub async fn run_links(
     for profile in &opts.profiles {
         for cc in &ccs {
             for scenario in &opts.scenarios {
-                let r = one_run(&mut rig, profile, *scenario, *cc, seed_image.as_deref()).await?;
+                let r = one_run(
+                    &mut lab,
+                    opts,
+                    profile,
+                    *scenario,
+                    *cc,
+                    seed_image.as_deref(),
+                )
+                .await?;
                 on_run(&r);
                 runs.push(r);
             }
         }
     }
-    rig.client.close().await;
+    lab.client.close().await;
     Ok(LinksReport {
         old: opts.old.clone(),
         new: opts.new.clone(),
@@ -405,7 +487,8 @@ pub async fn run_links(
 }
 
 async fn one_run(
-    rig: &mut Rig<'_>,
+    rig: &mut Lab,
+    opts: &LinksOptions,
     profile: &Profile,
     scenario: Scenario,
     cc: Option<Congestion>,
@@ -413,31 +496,27 @@ async fn one_run(
 ) -> Result<LinkRun, BenchError> {
     let mut site = rig.site().await?;
     rig.client
-        .site_set(&site.name, rig.opts.max_rate.map(Some), cc.map(Some))
+        .site_set(&site.name, opts.max_rate.map(Some), cc.map(Some))
         .await?;
     let name = format!("{}-{}", site.name, profile.name);
     // The old version travels unshaped: only the update is measured.
     let gid = match scenario {
         Scenario::Seed => None,
-        _ => Some(rig.push(&name, &rig.opts.old.clone(), &site).await?.global_id),
+        _ => Some(rig.push(&name, &opts.old, &[&site]).await?.global_id),
     };
-    site.link.shape(Some(profile.shape()), Some(profile.shape()))?;
+    site.link
+        .shape(Some(profile.shape()), Some(profile.shape()))?;
     site.relay.set(profile.impairment());
-    let (hub0, relay0) = (
-        site.link.hub_counters()?,
-        relay_counts(&site.relay),
-    );
+    let (hub0, relay0) = (site.link.hub_counters()?, relay_counts(&site.relay));
     let committed = match gid {
         None => {
             let file = seed_image.ok_or_else(|| BenchError::Failed("no seed image".into()))?;
-            let mut p = PushOptions::new(&name, vec![file.to_path_buf()]);
-            p.sites = Some(vec![site.name.clone()]);
-            rig.client.push(&p, |_| {}).await?
+            rig.commit_push(&name, file, &[&site]).await?
         }
         Some(g) => {
             let change = Change::Replace {
                 path: "disk.raw".into(),
-                file: rig.opts.new.clone(),
+                file: opts.new.clone(),
             };
             rig.client.adapt(&g, &[change], 3).await?
         }
@@ -446,8 +525,15 @@ async fn one_run(
     let t = Instant::now();
     let mut outage = Duration::ZERO;
     if matches!(scenario, Scenario::Outage | Scenario::Restart) {
-        outage = rig.opts.outage;
-        cut_midway(rig, &mut site, &committed, scenario == Scenario::Restart).await?;
+        outage = opts.outage;
+        cut_midway(
+            rig,
+            &mut site,
+            &committed,
+            outage,
+            scenario == Scenario::Restart,
+        )
+        .await?;
     }
     let status = rig
         .client
@@ -470,7 +556,7 @@ async fn one_run(
         profile: profile.clone(),
         scenario,
         congestion: cc,
-        max_rate: rig.opts.max_rate,
+        max_rate: opts.max_rate,
         seconds,
         payload_bytes: p.bytes_sent,
         wire_bytes: p.wire_bytes,
@@ -482,8 +568,8 @@ async fn one_run(
         of_link: (seconds - 2.0 * rtt - outage.as_secs_f64()).max(0.0) / at_rate.max(1e-9),
         sent_per_delivered: (relay.0 - relay0.0) as f64 / link_down.max(1) as f64,
     };
-    site.agent.alive(&format!("the agent of {}", site.name))?;
-    rig.engine.alive("the engine")?;
+    site.alive()?;
+    rig.engine_alive()?;
     Ok(run)
 }
 
@@ -498,10 +584,11 @@ fn relay_counts(r: &Relay) -> (u64, u64) {
 
 /// Once a third of the transfer has gone, cut the link for the outage (and restart the
 /// agent in the middle of it when asked).
-async fn cut_midway(
-    rig: &mut Rig<'_>,
+pub async fn cut_midway(
+    rig: &Lab,
     site: &mut Site,
     committed: &ImageStatus,
+    outage: Duration,
     restart: bool,
 ) -> Result<(), BenchError> {
     let t = Instant::now();
@@ -519,18 +606,17 @@ async fn cut_midway(
             }
         }
         if t.elapsed() > Duration::from_secs(600) {
-            return Err(BenchError::Failed("the update never got a third of the way".into()));
+            return Err(BenchError::Failed(
+                "the update never got a third of the way".into(),
+            ));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let outage = rig.opts.outage;
     site.relay.cut(outage);
     if restart {
         tokio::time::sleep(outage / 3).await;
         // SIGKILL: what it verified before is all it has.
-        site.agent.kill();
-        let log = site.log.clone();
-        site.agent = Proc::spawn(Command::new("ip").args(&site.agent_cmd), log)?;
+        site.restart_agent()?;
     }
     Ok(())
 }
@@ -539,7 +625,16 @@ async fn cut_midway(
 pub fn table(r: &LinksReport) -> String {
     let mut out = format!(
         "{:<10} {:<8} {:<8} {:>8} {:>8} {:>7} {:>11} {:>11} {:>7} {:>7}\n",
-        "PROFILE", "RUN", "CC", "SECONDS", "LINK S", "×LINK", "DOWN LINK", "ENGINE SENT", "SENT/GOT", "DROPS"
+        "PROFILE",
+        "RUN",
+        "CC",
+        "SECONDS",
+        "LINK S",
+        "×LINK",
+        "DOWN LINK",
+        "ENGINE SENT",
+        "SENT/GOT",
+        "DROPS"
     );
     for x in &r.runs {
         out += &format!(

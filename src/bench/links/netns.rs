@@ -111,6 +111,7 @@ impl Net {
         if !std::path::Path::new("/proc/self/ns/net").exists() {
             return Err(LinkError::Setup("no network namespaces here".into()));
         }
+        remove_stale();
         // Short: interface names have at most 15 characters.
         let tag = format!("{:x}", std::process::id() & 0xfffff);
         let hub = format!("sc{tag}hub");
@@ -144,7 +145,16 @@ impl Net {
             &site_if, "netns", &ns,
         ])?;
         for (n, dev, ip) in [(&self.hub, &hub_if, hub_ip), (&ns, &site_if, site_ip)] {
-            run(&["ip", "-n", n, "addr", "add", &format!("{ip}/30"), "dev", dev])?;
+            run(&[
+                "ip",
+                "-n",
+                n,
+                "addr",
+                "add",
+                &format!("{ip}/30"),
+                "dev",
+                dev,
+            ])?;
             run(&["ip", "-n", n, "link", "set", dev, "up"])?;
         }
         Ok(SiteLink {
@@ -155,6 +165,30 @@ impl Net {
             hub_ip,
             site_ip,
         })
+    }
+}
+
+/// Namespaces an earlier harness left behind when it was killed (their process is gone).
+fn remove_stale() {
+    let Ok(list) = run(&["ip", "netns", "list"]) else {
+        return;
+    };
+    for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+        let Some(rest) = name.strip_prefix("sc") else {
+            continue;
+        };
+        let hex: String = rest.chars().take_while(|c| c.is_ascii_hexdigit()).collect();
+        let tail = &rest[hex.len()..];
+        let ours = tail == "hub"
+            || tail
+                .strip_prefix('s')
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        let Ok(pid) = u32::from_str_radix(&hex, 16) else {
+            continue;
+        };
+        if ours && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = run(&["ip", "netns", "del", name]);
+        }
     }
 }
 
@@ -177,9 +211,10 @@ impl SiteLink {
         ] {
             match shape {
                 Some(s) => {
-                    let mut args: Vec<String> = ["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root"]
-                        .map(String::from)
-                        .to_vec();
+                    let mut args: Vec<String> =
+                        ["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root"]
+                            .map(String::from)
+                            .to_vec();
                     args.extend(s.tbf_args());
                     let args: Vec<&str> = args.iter().map(String::as_str).collect();
                     run(&args)?;
@@ -206,14 +241,16 @@ impl SiteLink {
 
 fn counters(ns: &str, dev: &str) -> Result<Counters, LinkError> {
     let bad = |what: &str| LinkError::Setup(format!("reading {what} of {dev} in {ns}"));
-    let link: serde_json::Value =
-        serde_json::from_str(&run(&["ip", "-n", ns, "-j", "-s", "link", "show", "dev", dev])?)
-            .map_err(|_| bad("link statistics"))?;
+    let link: serde_json::Value = serde_json::from_str(&run(&[
+        "ip", "-n", ns, "-j", "-s", "link", "show", "dev", dev,
+    ])?)
+    .map_err(|_| bad("link statistics"))?;
     let st = &link[0]["stats64"];
     let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
-    let qd: serde_json::Value =
-        serde_json::from_str(&run(&["tc", "-n", ns, "-j", "-s", "qdisc", "show", "dev", dev])?)
-            .map_err(|_| bad("qdisc statistics"))?;
+    let qd: serde_json::Value = serde_json::from_str(&run(&[
+        "tc", "-n", ns, "-j", "-s", "qdisc", "show", "dev", dev,
+    ])?)
+    .map_err(|_| bad("qdisc statistics"))?;
     let drops = qd
         .as_array()
         .map_or(0, |a| a.iter().map(|q| n(&q["drops"])).sum());

@@ -27,6 +27,8 @@ pub const MAX_CLIENTS: usize = 16;
 pub const MAX_QUEUED_BYTES: usize = 64 << 20;
 /// Largest datagram forwarded.
 const MAX_DATAGRAM: usize = 65_535;
+/// Socket buffers asked for (the kernel caps them at `net.core.rmem_max`).
+const BUFFER: usize = 4 << 20;
 /// UDP and IPv4 headers: counted with every datagram, as the link carries them.
 const HEADERS: u64 = 28;
 
@@ -130,6 +132,9 @@ impl Relay {
         lifetime: Duration,
     ) -> std::io::Result<Relay> {
         listen.set_nonblocking(true)?;
+        // Large buffers (as far as the kernel allows): the relay must not be where an
+        // unshaped link drops datagrams.
+        big_buffers(&listen);
         let down = Arc::new(UdpSocket::from_std(listen)?);
         let addr = down.local_addr()?;
         let state = Arc::new(State {
@@ -183,6 +188,13 @@ impl Drop for Relay {
     }
 }
 
+fn big_buffers(s: &std::net::UdpSocket) {
+    if let Ok(state) = quinn::udp::UdpSocketState::new(s.into()) {
+        let _ = state.set_recv_buffer_size(s.into(), BUFFER);
+        let _ = state.set_send_buffer_size(s.into(), BUFFER);
+    }
+}
+
 type Queue = mpsc::UnboundedSender<(Instant, To, Vec<u8>)>;
 
 /// Datagrams from agents: each agent address gets its own socket towards the engine (the
@@ -206,7 +218,14 @@ async fn from_agents(
             Some(u) => u.clone(),
             None if ups.len() >= MAX_CLIENTS => continue,
             None => {
-                let Ok(u) = UdpSocket::bind("127.0.0.1:0").await else {
+                let Ok(u) = std::net::UdpSocket::bind("127.0.0.1:0") else {
+                    continue;
+                };
+                big_buffers(&u);
+                let Ok(u) = u
+                    .set_nonblocking(true)
+                    .and_then(|()| UdpSocket::from_std(u))
+                else {
                     continue;
                 };
                 if u.connect(engine).await.is_err() {
