@@ -323,6 +323,38 @@ impl Lab {
         Ok(site)
     }
 
+    /// Give `site` the link `profile` describes, and reconnect its agent over it: a
+    /// connection made on the unshaped link would carry its round-trip estimate (a fraction
+    /// of a millisecond) into the first transfer, and QUIC then takes every datagram that is
+    /// merely late for lost — which no real site, connected over its own link, sees.
+    pub async fn shape(&mut self, site: &mut Site, profile: &Profile) -> Result<(), BenchError> {
+        site.relay.set(profile.impairment());
+        site.link
+            .shape(Some(profile.shape()), Some(profile.shape()))?;
+        let from = std::fs::metadata(&site.log).map_or(0, |m| m.len());
+        site.restart_agent()?;
+        // The engine lists the site as connected until the new connection replaces the
+        // old one: wait for the agent's own word that it is connected again.
+        let t = Instant::now();
+        loop {
+            let log = std::fs::read(&site.log).unwrap_or_default();
+            if log.len() as u64 > from
+                && String::from_utf8_lossy(&log[from as usize..]).contains("connected site=")
+            {
+                break;
+            }
+            site.alive()?;
+            if t.elapsed() > Duration::from_secs(120) {
+                return Err(BenchError::Process {
+                    what: format!("{} did not reconnect in 120 s", site.name),
+                    log: site.log.clone(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.wait_connected(site).await
+    }
+
     /// Wait until the site's agent is connected (120 s at most).
     pub async fn wait_connected(&mut self, site: &mut Site) -> Result<(), BenchError> {
         let t = Instant::now();
@@ -504,9 +536,7 @@ async fn one_run(
         Scenario::Seed => None,
         _ => Some(rig.push(&name, &opts.old, &[&site]).await?.global_id),
     };
-    site.link
-        .shape(Some(profile.shape()), Some(profile.shape()))?;
-    site.relay.set(profile.impairment());
+    rig.shape(&mut site, profile).await?;
     let (hub0, relay0) = (site.link.hub_counters()?, relay_counts(&site.relay));
     let committed = match gid {
         None => {

@@ -112,8 +112,11 @@ impl Net {
             return Err(LinkError::Setup("no network namespaces here".into()));
         }
         remove_stale();
-        // Short: interface names have at most 15 characters.
-        let tag = format!("{:x}", std::process::id() & 0xfffff);
+        // Short (interface names have at most 15 characters), and apart for every Net of
+        // this process (tests run several at once).
+        static NETS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NETS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 100;
+        let tag = format!("{:x}x{n}", std::process::id() & 0xfffff);
         let hub = format!("sc{tag}hub");
         let _ = run(&["ip", "netns", "del", &hub]);
         run(&["ip", "netns", "add", &hub])?;
@@ -178,7 +181,10 @@ fn remove_stale() {
             continue;
         };
         let hex: String = rest.chars().take_while(|c| c.is_ascii_hexdigit()).collect();
-        let tail = &rest[hex.len()..];
+        let Some(tail) = rest[hex.len()..].strip_prefix('x') else {
+            continue;
+        };
+        let tail = tail.trim_start_matches(|c: char| c.is_ascii_digit());
         let ours = tail == "hub"
             || tail
                 .strip_prefix('s')

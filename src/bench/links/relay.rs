@@ -188,11 +188,12 @@ impl Drop for Relay {
     }
 }
 
+/// Plain setsockopt: quinn's socket set-up would also turn on GRO, and a relay reading
+/// coalesced datagrams as one would forward garbage.
 fn big_buffers(s: &std::net::UdpSocket) {
-    if let Ok(state) = quinn::udp::UdpSocketState::new(s.into()) {
-        let _ = state.set_recv_buffer_size(s.into(), BUFFER);
-        let _ = state.set_send_buffer_size(s.into(), BUFFER);
-    }
+    use nix::sys::socket::{setsockopt, sockopt};
+    let _ = setsockopt(s, sockopt::RcvBuf, &BUFFER);
+    let _ = setsockopt(s, sockopt::SndBuf, &BUFFER);
 }
 
 type Queue = mpsc::UnboundedSender<(Instant, To, Vec<u8>)>;
