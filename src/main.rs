@@ -519,6 +519,9 @@ struct BenchLinksArgs {
     /// How long outage runs cut the link.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     outage: std::time::Duration,
+    /// An argument for the engine (repeat it: --engine-arg=--delta-level --engine-arg=12).
+    #[arg(long, allow_hyphen_values = true)]
+    engine_arg: Vec<String>,
     /// Keep the work (engine, agents, pools, logs) here instead of a temporary directory.
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -1007,6 +1010,7 @@ async fn cmd_bench_links(a: BenchLinksArgs) -> Result<ExitCode> {
         outage: a.outage,
         congestion: a.congestion,
         max_rate: a.max_rate.and_then(|r| r.0),
+        engine_args: a.engine_arg,
         dir: a.dir,
     };
     let report = run_links(&opts, |r| {

@@ -400,6 +400,7 @@ pub enum Request {
 /// (`seedcast_net::delivery`: keeps lossy, far links full without overflowing a shallow
 /// bottleneck queue).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Congestion {
     Cubic,
     NewReno,

@@ -143,6 +143,8 @@ pub struct LinksOptions {
     pub congestion: Vec<Congestion>,
     /// A rate limit set on each run's site (`site set --max-rate`).
     pub max_rate: Option<u64>,
+    /// More arguments for `seedcast engine` (e.g. `--delta-level 12`).
+    pub engine_args: Vec<String>,
     pub dir: Option<PathBuf>,
 }
 
@@ -471,7 +473,8 @@ pub async fn run_links(
             )));
         }
     }
-    let mut lab = Lab::start(&opts.bin, opts.dir.as_deref(), &[]).await?;
+    let engine_args: Vec<&str> = opts.engine_args.iter().map(String::as_str).collect();
+    let mut lab = Lab::start(&opts.bin, opts.dir.as_deref(), &engine_args).await?;
     let seed_image = if opts.scenarios.contains(&Scenario::Seed) {
         let d = lab.work.join("seed");
         std::fs::create_dir_all(&d)?;
