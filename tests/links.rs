@@ -167,6 +167,11 @@ fn update_pair(dir: &Path) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
     Ok((old, new))
 }
 
+/// A lab whose engine sends with `delivery` (the controller for thin links).
+async fn delivery_lab(dir: &Path) -> Result<Lab> {
+    Ok(Lab::start(Path::new(BIN), Some(dir), &["--congestion", "delivery"]).await?)
+}
+
 async fn adapt(lab: &Lab, g: &ImageStatus, new: &Path) -> Result<ImageStatus> {
     let change = Change::Replace {
         path: "disk.raw".into(),
@@ -181,12 +186,7 @@ async fn adapt(lab: &Lab, g: &ImageStatus, new: &Path) -> Result<ImageStatus> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wan_seed_keeps_the_link_full_and_a_thin_site_holds_back_no_one() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut lab = Lab::start(
-        Path::new(BIN),
-        Some(dir.path()),
-        &["--congestion", "delivery"],
-    )
-    .await?;
+    let mut lab = delivery_lab(dir.path()).await?;
     let img = random_image(dir.path(), "seed.raw", 8, "links seed")?;
     let (mut wan, mut thin) = (lab.site().await?, lab.site().await?);
     let (pw, pt) = (
@@ -244,12 +244,7 @@ async fn a_wan_seed_keeps_the_link_full_and_a_thin_site_holds_back_no_one() -> R
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_30s_outage_with_an_agent_restart_resumes_and_resends_little() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut lab = Lab::start(
-        Path::new(BIN),
-        Some(dir.path()),
-        &["--congestion", "delivery"],
-    )
-    .await?;
+    let mut lab = delivery_lab(dir.path()).await?;
     let (old, new) = update_pair(dir.path())?;
     let p = Profile::named("wan").context("wan")?;
     // The same update twice, to fresh sites: once whole, once cut for 30 s a third of

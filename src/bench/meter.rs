@@ -120,10 +120,17 @@ mod tests {
         }
         std::hint::black_box(h.finalize());
         assert!(before.since().unwrap() > 0.0);
-        assert!(me.peak_rss().unwrap() >= 64 << 20);
+        let peak = me.peak_rss().unwrap();
+        assert!(peak >= 64 << 20);
         drop(v);
         me.reset_peak().unwrap();
-        assert!(me.peak_rss().unwrap() < 64 << 20, "the peak restarts");
+        // Other tests of this process may hold memory meanwhile: the peak restarts from
+        // what is resident now, well under the one with the 64 MiB.
+        let after = me.peak_rss().unwrap();
+        assert!(
+            after + (32 << 20) < peak,
+            "the peak restarts: {after} after {peak}"
+        );
     }
 
     #[test]

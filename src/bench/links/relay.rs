@@ -351,20 +351,32 @@ mod tests {
             ..Default::default()
         })
         .await;
-        for _ in 0..2000 {
+        // Read while sending, so no socket buffer overflows and every datagram is counted.
+        let reader = tokio::spawn(async move {
+            let mut got = 0u64;
+            let mut buf = [0u8; 8];
+            while let Ok(Ok(_)) =
+                tokio::time::timeout(Duration::from_millis(300), engine.recv_from(&mut buf)).await
+            {
+                got += 1;
+            }
+            (got, engine)
+        });
+        for i in 0..2000 {
             agent.send(b"x").await.unwrap();
+            if i % 50 == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (got, engine) = reader.await.unwrap();
         let dropped = relay.stats().from_agents.dropped();
+        assert_eq!(
+            relay.stats().from_agents.datagrams.load(Ordering::Relaxed),
+            2000
+        );
         assert!((300..500).contains(&dropped), "{dropped} of 2000 dropped");
-        let mut got = 0;
-        let mut buf = [0u8; 8];
-        while let Ok(Ok(_)) =
-            tokio::time::timeout(Duration::from_millis(50), engine.recv_from(&mut buf)).await
-        {
-            got += 1;
-        }
         assert_eq!(got + dropped, 2000);
+        let mut buf = [0u8; 8];
 
         relay.set(Impairment::default());
         relay.cut(Duration::from_millis(300));
