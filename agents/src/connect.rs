@@ -26,15 +26,6 @@ const STABLE_SESSION: Duration = Duration::from_secs(10);
 /// Largest renewal answer (a certificate is about a kilobyte).
 const MAX_RENEWED_FRAME: usize = 64 * 1024;
 
-/// A task stopped when this is dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 impl Agent {
     /// Credentials from the data dir, or enroll with the site token and keep them.
     pub async fn credentials(&self) -> Result<SiteCredentials, AgentError> {
@@ -115,7 +106,32 @@ impl Agent {
     }
 
     /// Run until `shutdown` completes or a fatal error (refused, revoked, misconfigured).
+    /// Received chunks of a stalled transfer are flushed once a second meanwhile; the
+    /// database is released when this returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let db = self.db.clone();
+        let flusher = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = stopped.changed() => return,
+                    _ = tick.tick() => {}
+                }
+                let db = db.clone();
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || db.flush_stale()).await {
+                    warn!("flushing received chunks: {e}");
+                }
+            }
+        });
+        let r = self.run_sessions(shutdown).await;
+        let _ = stop.send(true);
+        // Waits for a flush in progress: the caller may reopen the database next.
+        let _ = flusher.await;
+        r
+    }
+
+    async fn run_sessions(self, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
         tokio::pin!(shutdown);
         // A site whose service does not answer says so now, not at its first deployment.
         tokio::select! {
@@ -123,17 +139,6 @@ impl Agent {
             r = self.adapter.check() => r.map_err(AgentError::Service)?,
         }
         self.sweep_unrecorded().await;
-        let db = self.db.clone();
-        let _flusher = AbortOnDrop(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tick.tick().await;
-                let db = db.clone();
-                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || db.flush_stale()).await {
-                    warn!("flushing received chunks: {e}");
-                }
-            }
-        }));
         let mut backoff = MIN_BACKOFF;
         loop {
             // Read each time: a renewal during the last session saved new ones.
