@@ -177,11 +177,7 @@ fn update_placement(
 /// Bytes a connection has put on the wire so far, both directions, with UDP/IP headers.
 fn wire_bytes(conn: &Connection) -> u64 {
     let s = conn.stats();
-    let header = if conn.remote_address().is_ipv6() {
-        48
-    } else {
-        28
-    };
+    let header = crate::pacing::header_bytes(conn);
     s.udp_tx.bytes + s.udp_rx.bytes + header * (s.udp_tx.datagrams + s.udp_rx.datagrams)
 }
 

@@ -71,15 +71,19 @@ impl Limits {
     }
 }
 
-/// Bytes a connection has sent: datagrams with their UDP and IP headers.
-fn wire_tx(conn: &Connection) -> u64 {
-    let s = conn.stats();
-    let header = if conn.remote_address().is_ipv6() {
+/// UDP and IP header bytes of each of a connection's datagrams.
+pub(crate) fn header_bytes(conn: &Connection) -> u64 {
+    if conn.remote_address().is_ipv6() {
         48
     } else {
         28
-    };
-    s.udp_tx.bytes + header * s.udp_tx.datagrams
+    }
+}
+
+/// Bytes a connection has sent: datagrams with their UDP and IP headers.
+fn wire_tx(conn: &Connection) -> u64 {
+    let s = conn.stats();
+    s.udp_tx.bytes + header_bytes(conn) * s.udp_tx.datagrams
 }
 
 /// What one connection has been charged for.
