@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use seedcast::client::{Change, Client, PushOptions};
+use seedcast::client::{AdaptOptions, Change, Client, PushOptions};
 use seedcast::output;
 use seedcast::sites::SiteKind;
 use seedcast_agents::SiteConfig;
@@ -275,6 +275,14 @@ struct PushArgs {
     /// Target sites, comma-separated (default: every site the engine knows).
     #[arg(long, value_delimiter = ',')]
     sites: Option<Vec<String>>,
+    /// A file you hold whose chunks the engine has (an earlier version of the image, raw):
+    /// new chunks are uploaded as zstd deltas against it, as `zstd --patch-from` would.
+    /// Repeatable.
+    #[arg(long = "base", value_name = "FILE")]
+    bases: Vec<PathBuf>,
+    /// zstd level of the deltas made against --base (1-22).
+    #[arg(long, default_value_t = 19, value_name = "LEVEL")]
+    delta_level: i32,
     #[command(flatten)]
     finish: Finish,
 }
@@ -296,6 +304,14 @@ struct AdaptArgs {
     /// A file removed from the image.
     #[arg(long = "remove", value_name = "PATH")]
     removes: Vec<String>,
+    /// A file you hold whose chunks the engine has (an earlier version of the image, raw):
+    /// new chunks are uploaded as zstd deltas against it, as `zstd --patch-from` would.
+    /// Repeatable.
+    #[arg(long = "base", value_name = "FILE")]
+    bases: Vec<PathBuf>,
+    /// zstd level of the deltas made against --base (1-22).
+    #[arg(long, default_value_t = 19, value_name = "LEVEL")]
+    delta_level: i32,
     #[command(flatten)]
     finish: Finish,
 }
@@ -768,6 +784,8 @@ async fn cmd_push(a: PushArgs) -> Result<ExitCode> {
     let client = connect(&a.conn).await?;
     let mut opts = PushOptions::new(a.name, a.files);
     opts.sites = a.sites;
+    opts.bases = a.bases;
+    opts.delta_level = a.delta_level;
     let bar = progress_bar("chunking");
     let committed = client
         .push(&opts, |p| {
@@ -783,7 +801,12 @@ async fn cmd_adapt(a: AdaptArgs) -> Result<ExitCode> {
     let g: GlobalId = a.global_id.parse()?;
     let changes = a.changes()?;
     let client = connect(&a.conn).await?;
-    let committed = client.adapt(&g, &changes, 3).await?;
+    let opts = AdaptOptions {
+        bases: a.bases,
+        delta_level: a.delta_level,
+        ..AdaptOptions::default()
+    };
+    let committed = client.adapt_with(&g, &changes, &opts).await?;
     finish(client, committed, &a.finish).await
 }
 

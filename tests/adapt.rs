@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use common::{SITES, assert_copies, make_image, push_wait, wait_published, with_cluster};
-use seedcast::client::{Change, Client, ErrorClass};
+use seedcast::client::{AdaptOptions, Change, Client, ErrorClass};
 use seedcast::cluster::LocalCluster;
 use seedcast::synth;
 use seedcast_core::GlobalId;
@@ -503,6 +503,171 @@ async fn a_site_without_readable_copies_updates_from_its_cache() -> Result<()> {
             by("site-a")
         );
         ensure!(by("remote") < 12 << 10, "{} of {first}", by("remote"));
+        client.close().await;
+        Ok(())
+    })
+    .await
+}
+
+/// The client's leg from a thin link: with the previous version at hand (`--base`), the new
+/// chunks travel as deltas against the engine's copies of the old ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_against_the_base_file_sends_deltas_not_whole_chunks() -> Result<()> {
+    with_cluster(&SITES[..1], async |cluster| {
+        let work = cluster.root.join("work");
+        std::fs::create_dir_all(&work)?;
+        // 8 MiB of incompressible data: whole new chunks cost their full size.
+        let v1 = work.join("v1").join("disk.raw");
+        std::fs::create_dir_all(v1.parent().unwrap())?;
+        std::fs::write(&v1, noise("base v1", 8 << 20))?;
+        let client = cluster.client().await?;
+        let s1 = push_wait(&client, "based", std::slice::from_ref(&v1), None).await?;
+        // v2: 40 small edits spread over the disk, each in its own chunk.
+        let v2 = work.join("v2").join("disk.raw");
+        std::fs::create_dir_all(v2.parent().unwrap())?;
+        std::fs::copy(&v1, &v2)?;
+        for i in 0..40u64 {
+            write_at(&v2, i * (200 << 10) + 777, &noise(&format!("edit {i}"), 64))?;
+        }
+        let change = Change::Replace {
+            path: "disk.raw".into(),
+            file: v2.clone(),
+        };
+        // A qcow2 base is refused by name before anything is uploaded.
+        let q = work.join("v1.qcow2");
+        let st = std::process::Command::new("qemu-img")
+            .args(["convert", "-q", "-O", "qcow2"])
+            .arg(&v1)
+            .arg(&q)
+            .status()?;
+        ensure!(st.success());
+        let opts = |base: &Path| AdaptOptions {
+            bases: vec![base.to_path_buf()],
+            ..AdaptOptions::default()
+        };
+        let e = client
+            .adapt_with(&s1.global_id, std::slice::from_ref(&change), &opts(&q))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorClass::Usage, "{e}");
+        assert!(
+            e.to_string().contains("v1.qcow2") && e.to_string().contains("raw"),
+            "{e}"
+        );
+
+        let c = client
+            .adapt_with(&s1.global_id, std::slice::from_ref(&change), &opts(&v1))
+            .await?;
+        // ~40 changed chunks of ~64 KiB each would be ~2.5 MB whole; as deltas a few KB each.
+        assert!(
+            c.bytes_uploaded > 0 && c.bytes_uploaded < 200_000,
+            "uploaded {} bytes",
+            c.bytes_uploaded
+        );
+        let s = client.watch(&c.global_id, c.version, |_| {}).await?;
+        assert_copies(cluster, &s, std::slice::from_ref(&v2)).await?;
+        client.close().await;
+        Ok(())
+    })
+    .await
+}
+
+/// A client's delta groups are hostile input: each is checked before its payload is read,
+/// and a group that does not decode to the chunks it names stores nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_delta_groups_from_a_client_are_refused_and_store_nothing() -> Result<()> {
+    use seedcast_core::ChunkId;
+    use seedcast_core::protocol::{DataRecord, GroupHeader, Request, Response};
+    with_cluster(&SITES[..1], async |cluster| {
+        let work = cluster.root.join("work");
+        std::fs::create_dir_all(&work)?;
+        let v1 = work.join("disk.raw");
+        std::fs::write(&v1, noise("hostile base", 1 << 20))?;
+        let client = cluster.client().await?;
+        push_wait(&client, "hostile", std::slice::from_ref(&v1), None).await?;
+        client.close().await;
+        // A base chunk the engine holds: the file's first chunk.
+        let data = std::fs::read(&v1)?;
+        let cfg = seedcast_core::ChunkerConfig::default();
+        let first = seedcast_core::chunker::chunk_all(&data, cfg)?
+            .into_iter()
+            .next()
+            .unwrap();
+        let base_raw = &data[..first.len() as usize];
+        let base = ChunkId::of(base_raw);
+        let mut target = base_raw.to_vec();
+        target[100..164].fill(9);
+        let target_id = ChunkId::of(&target);
+        let good = seedcast_core::delta::encode_group(base_raw, &[&target], 19)?;
+
+        let conn = common::raw_admin(cluster).await?;
+        let send_group = async |header: GroupHeader, payload: Vec<u8>| -> Result<Response> {
+            let (mut send, mut recv) = conn.open_bi().await?;
+            seedcast_net::write_msg(&mut send, &Request::UploadRecords { count: 1 }).await?;
+            seedcast_net::write_msg(&mut send, &DataRecord::Group(header)).await?;
+            send.write_all(&payload).await?;
+            send.finish()?;
+            Ok(seedcast_net::read_msg_required(&mut recv).await?)
+        };
+        let header = |chunks: Vec<(ChunkId, u32)>, base: Vec<ChunkId>, n: usize| GroupHeader {
+            chunks,
+            base,
+            payload_len: n as u32,
+        };
+        let error = |r: Response| match r {
+            Response::Error { message, .. } => message,
+            r => panic!("expected a refusal, got {r:?}"),
+        };
+        let len = target.len() as u32;
+        // A base the engine does not hold.
+        let r = send_group(
+            header(
+                vec![(target_id, len)],
+                vec![ChunkId::of(b"nothing")],
+                good.len(),
+            ),
+            good.clone(),
+        )
+        .await?;
+        assert!(error(r).contains("does not hold"));
+        // Decoding to bytes that are not the chunk named.
+        let r = send_group(
+            header(vec![(ChunkId::of(b"other"), len)], vec![base], good.len()),
+            good.clone(),
+        )
+        .await?;
+        assert!(error(r).contains("hash mismatch"));
+        // More than a group may decode to, refused before any payload is read.
+        let r = send_group(
+            header(vec![(target_id, 20 << 20)], vec![base], 10),
+            vec![0; 10],
+        )
+        .await?;
+        let m = error(r);
+        assert!(m.contains("delta group refused"), "{m}");
+        // A payload that is not zstd.
+        let r = send_group(header(vec![(target_id, len)], vec![base], 64), vec![7; 64]).await?;
+        assert!(error(r).contains("does not decode"));
+        // Nothing was stored; the good group then is.
+        let client = cluster.client().await?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        seedcast_net::write_msg(
+            &mut send,
+            &Request::Missing {
+                chunks: vec![target_id],
+            },
+        )
+        .await?;
+        send.finish()?;
+        let r: Response = seedcast_net::read_msg_required(&mut recv).await?;
+        assert_eq!(
+            r,
+            Response::Missing {
+                chunks: vec![target_id]
+            }
+        );
+        let r = send_group(header(vec![(target_id, len)], vec![base], good.len()), good).await?;
+        assert!(matches!(r, Response::Uploaded { stored: 1, .. }), "{r:?}");
         client.close().await;
         Ok(())
     })

@@ -12,7 +12,8 @@
 //! - [`manifest`]: file recipes and versioned image manifests.
 //! - [`edit`]: a write at an offset re-cuts only the chunks it touches.
 //! - [`protocol`]: the wire protocol as a spec module (ALPN, limits, every message).
-//! - [`delta`]: zstd deltas against a base chunk, and sketches that find a similar base.
+//! - [`delta`]: zstd deltas against a base chunk, and sketches that find a similar base;
+//!   [`bases`]: which base chunks a new chunk resembles, and a group encoded against them.
 //! - [`frame`] and [`codec`]: length-prefixed frames and the one place bincode is named.
 //! - [`transfer`]: the agent's side of a transfer as a state machine (what to ask for, what
 //!   is done); [`sender`]: the engine's side (what a site gets, in which order, how it ends).
@@ -21,6 +22,7 @@
 //! - [`check`]: the report `seedcast check` makes of an engine's or an agent's data.
 //! - [`units`]: byte counts for people; [`rate`]: link rates and the token bucket.
 
+pub mod bases;
 pub mod check;
 pub mod chunk;
 pub mod chunker;

@@ -36,7 +36,8 @@
 //!    the stream ends; the agent answers one [`ProbeReply`] and keeps nothing.
 //! 4. **Client** (admin secret): after `Welcome`, each request is one new bidirectional
 //!    stream: one [`Request`] frame (for `Upload`, followed by `count` chunk records as on a
-//!    data stream), then the engine's [`Response`] frame(s). `Watch` answers with `Progress`
+//!    data stream; for `UploadRecords`, `count` chunk or delta-group records against chunks
+//!    the engine holds), then the engine's [`Response`] frame(s). `Watch` answers with `Progress`
 //!    frames until every target site is published or failed, then finishes the stream.
 //!
 //! # Evolving it
@@ -55,14 +56,15 @@ use crate::id::{ChunkId, GlobalId};
 use crate::manifest::{FileEntry, Manifest};
 
 /// ALPN protocol id; a peer without it fails the TLS handshake.
-pub const ALPN: &[u8] = b"seedcast/6";
+pub const ALPN: &[u8] = b"seedcast/7";
 /// Carried in [`Hello`] and checked by the engine. 2: files carry their format
 /// ([`crate::manifest::FileFormat`], manifest format 2). 3: site tokens, certificate
 /// expiry and renewal. 4: agents report images that changed underneath them
 /// ([`AgentMsg::Drifted`], [`PlacementState::Drifted`]). 5: the engine opens probe streams
 /// to agents ([`Probe`], `seedcast bench site`). 6: per-site link settings
 /// ([`Request::SiteSet`], [`SiteInfo::max_rate`]) and live rates in [`SitePlacement`].
-pub const PROTOCOL_VERSION: u32 = 6;
+/// 7: clients upload delta groups ([`Request::UploadRecords`]).
+pub const PROTOCOL_VERSION: u32 = 7;
 /// Hard maximum of one frame's body: the codec's decode bound. A manifest of a ~100 GiB
 /// image fits.
 pub const MAX_MESSAGE_SIZE: usize = crate::codec::MAX_ENCODED_LEN;
@@ -72,6 +74,10 @@ pub const SERVER_NAME: &str = "seedcast-engine";
 pub const MAX_IDS_PER_REQUEST: usize = 65_536;
 /// Most chunks one `Upload` request may carry.
 pub const MAX_UPLOAD_BATCH: u32 = 4096;
+/// Raw bytes the delta groups of one `UploadRecords` batch may decode to at most.
+pub const MAX_UPLOAD_RAW_BYTES: u64 = 256 * 1024 * 1024;
+/// Base bytes the delta groups of one `UploadRecords` batch may make the engine read.
+pub const MAX_UPLOAD_BASE_BYTES: u64 = 512 * 1024 * 1024;
 /// Stored bytes in one upload batch at most: what the engine holds unverified for one
 /// client stream (clients send about 8 MiB).
 pub const MAX_UPLOAD_BATCH_BYTES: u64 = 64 * 1024 * 1024;
@@ -393,6 +399,13 @@ pub enum Request {
         max_rate: Option<Option<u64>>,
         congestion: Option<Option<Congestion>>,
     },
+    /// `count` records follow on this stream, each a [`DataRecord::Chunk`] or a
+    /// [`DataRecord::Group`] with its payload: new chunks uploaded as delta groups against
+    /// chunks the engine holds (a client that has the previous version's file:
+    /// `adapt --base`). Every chunk is verified after decoding; answered `Uploaded`.
+    UploadRecords {
+        count: u32,
+    },
 }
 
 /// The congestion controller the engine sends to a site with: quinn's three, or
@@ -705,10 +718,10 @@ mod tests {
                 admin_secret: "s".into(),
             },
         };
-        // 06        protocol = 6 (varint)
+        // 07        protocol = 7 (varint)
         // 00        Role::Client (variant 0)
         // 01 73     admin_secret = "s" (len 1, 's')
-        assert_eq!(hex(&h), "06000173");
+        assert_eq!(hex(&h), "07000173");
         let a = Role::Agent {
             site: "a".into(),
             adapter: "dir".into(),
@@ -1031,6 +1044,7 @@ mod tests {
                     max_rate: Some(None),
                     congestion: Some(Some(Congestion::Bbr)),
                 },
+                Request::UploadRecords { count: 0 },
             ],
             |v| match v {
                 Request::Missing { .. } => 0,
@@ -1047,6 +1061,7 @@ mod tests {
                 Request::SiteReset { .. } => 11,
                 Request::BenchSite { .. } => 12,
                 Request::SiteSet { .. } => 13,
+                Request::UploadRecords { .. } => 14,
             },
         );
         check(

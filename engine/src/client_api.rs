@@ -81,6 +81,26 @@ async fn request(
             }
             Err(UploadError::Engine(e)) => Err(e),
         },
+        Request::UploadRecords { count } => {
+            match upload::receive_records(shared, &mut recv, count).await {
+                Ok((added, sent)) => {
+                    uploaded.add(sent);
+                    Ok(Response::Uploaded {
+                        stored: added.chunks,
+                        bytes: sent,
+                    })
+                }
+                Err(UploadError::Framing(e)) => {
+                    let refused = Response::Error {
+                        kind: ErrorKind::Invalid,
+                        message: e.to_string(),
+                    };
+                    let _ = write_msg(&mut send, &refused).await;
+                    return Err(e);
+                }
+                Err(UploadError::Engine(e)) => Err(e),
+            }
+        }
         Request::Missing { chunks } => {
             upload::missing(shared, &chunks).map(|chunks| Response::Missing { chunks })
         }

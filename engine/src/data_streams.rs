@@ -20,7 +20,8 @@ use seedcast_net::{FramedError, write_msg};
 use tokio::task::JoinSet;
 
 use crate::EngineError;
-use crate::delta::{BaseIndex, DeltaCache, Encoded};
+use crate::delta::{DeltaCache, Encoded};
+use seedcast_core::bases::BaseIndex;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {

@@ -5,13 +5,7 @@
 //! *groups* (consecutive needed chunks, as the sender plans them:
 //! [`seedcast_core::sender::plan_groups`]) compressed as one zstd
 //! frame at [`crate::EngineConfig::delta_level`], with a prefix made of base chunks the site
-//! holds. Bases are found two ways, both pointing at chunks of the site's held version:
-//! - **blocks**: disk images are filesystems, and files stay block-aligned when a
-//!   filesystem is rebuilt or patched, so every 4 KiB block of a needed chunk (aligned to
-//!   its file offset) is looked up among the held version's aligned blocks; the chunks
-//!   holding matches join the base;
-//! - **sketches**: chunks sharing a super-feature with a needed chunk ([`seedcast_core::delta`])
-//!   catch similar content that is not block-aligned.
+//! holds, found by aligned blocks and sketches ([`seedcast_core::bases`]).
 //!
 //! A group that would not be smaller than its chunks' stored forms is sent as those.
 
@@ -20,7 +14,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use seedcast_core::delta::{encode_group, sketch};
+use seedcast_core::bases::{BaseBudget, BaseIndex, encode_against};
 use seedcast_core::protocol::{GroupHeader, HeldVersion};
 use seedcast_core::source::{ChunkSource, SourceError};
 use seedcast_core::{ChunkId, Manifest};
@@ -33,7 +27,6 @@ use crate::catalog::ManifestRecord;
 pub const MAX_BASE_CHUNKS: usize = 96;
 /// Base bytes one group uses at most (agents accept up to `GroupHeader::MAX_BASE_BYTES`).
 pub const MAX_BASE_BYTES: usize = 12 << 20;
-const BLOCK: u64 = 4096;
 /// Encoded groups kept for other sites (bytes of payload).
 const MEMO_BYTES: usize = 512 << 20;
 
@@ -42,86 +35,30 @@ pub(crate) fn read_raw(source: &dyn ChunkSource, id: &ChunkId) -> Result<Bytes, 
     Ok(source.read_verified(id)?.raw().clone())
 }
 
-fn block_key(b: &[u8]) -> u64 {
-    u64::from_le_bytes(blake3::hash(b).as_bytes()[..8].try_into().expect("8 bytes"))
-}
-
-/// The site's base chunks, indexed by aligned block and by super-feature.
-#[derive(Debug, Default)]
-pub(crate) struct BaseIndex {
-    blocks: HashMap<u64, ChunkId>,
-    features: HashMap<u64, ChunkId>,
-    lens: HashMap<ChunkId, u32>,
-}
-
-impl BaseIndex {
-    /// Index every available chunk of `held` (the manifests of the versions the site can
-    /// serve bases from), except `unavailable`. A base the engine cannot read (damaged or
-    /// missing in its store) is left out, not fatal: chunks that would have used it are
-    /// sent against other bases or whole.
-    pub fn build(
-        source: &dyn ChunkSource,
-        held: &[Manifest],
-        unavailable: &HashSet<ChunkId>,
-    ) -> Result<Self, SourceError> {
-        let mut ix = BaseIndex::default();
-        for m in held {
-            for f in &m.files {
-                for (off, id, len) in f.recipe.chunks_at() {
-                    if unavailable.contains(&id) || ix.lens.contains_key(&id) {
-                        continue;
-                    }
-                    let raw = match read_raw(source, &id) {
-                        Ok(raw) => raw,
-                        Err(e) => {
-                            tracing::warn!("delta base {id} left out: {e}");
-                            continue;
-                        }
-                    };
-                    ix.lens.insert(id, len);
-                    if let Some(s) = sketch(&raw) {
-                        for sf in s.0 {
-                            ix.features.entry(sf).or_insert(id);
-                        }
-                    }
-                    let mut b = ((BLOCK - off % BLOCK) % BLOCK) as usize;
-                    while b + BLOCK as usize <= raw.len() {
-                        ix.blocks
-                            .entry(block_key(&raw[b..b + BLOCK as usize]))
-                            .or_insert(id);
-                        b += BLOCK as usize;
-                    }
+/// Index every available chunk of `held` (the manifests of the versions the site can
+/// serve bases from), except `unavailable`. A base the engine cannot read (damaged or
+/// missing in its store) is left out, not fatal: chunks that would have used it are sent
+/// against other bases or whole.
+pub(crate) fn build_index(
+    source: &dyn ChunkSource,
+    held: &[Manifest],
+    unavailable: &HashSet<ChunkId>,
+) -> BaseIndex {
+    let mut ix = BaseIndex::default();
+    for m in held {
+        for f in &m.files {
+            for (off, id, _) in f.recipe.chunks_at() {
+                if unavailable.contains(&id) || ix.contains(&id) {
+                    continue;
                 }
-            }
-        }
-        Ok(ix)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.lens.is_empty()
-    }
-
-    /// Base chunks resembling `raw` (first used at `offset` of its file), best first.
-    fn candidates(&self, raw: &[u8], offset: u64, out: &mut Vec<ChunkId>) {
-        let mut b = ((BLOCK - offset % BLOCK) % BLOCK) as usize;
-        while b + BLOCK as usize <= raw.len() {
-            if let Some(id) = self.blocks.get(&block_key(&raw[b..b + BLOCK as usize]))
-                && !out.contains(id)
-            {
-                out.push(*id);
-            }
-            b += BLOCK as usize;
-        }
-        if let Some(s) = sketch(raw) {
-            for sf in s.0 {
-                if let Some(id) = self.features.get(&sf)
-                    && !out.contains(id)
-                {
-                    out.push(*id);
+                match read_raw(source, &id) {
+                    Ok(raw) => ix.add(id, off, &raw),
+                    Err(e) => tracing::warn!("delta base {id} left out: {e}"),
                 }
             }
         }
     }
+    ix
 }
 
 /// How one group goes on the wire.
@@ -219,7 +156,7 @@ impl DeltaCache {
             tokio::task::spawn_blocking(move || {
                 let held = load()?;
                 let unavailable: HashSet<ChunkId> = unavailable.into_iter().collect();
-                Ok(Arc::new(BaseIndex::build(&*source, &held, &unavailable)?))
+                Ok(Arc::new(build_index(&*source, &held, &unavailable)))
             })
             .await?
         })
@@ -293,30 +230,24 @@ fn encode(
     level: i32,
 ) -> Result<Encoded, EngineError> {
     let mut raws = Vec::with_capacity(chunks.len());
-    let mut cands = Vec::new();
     let mut stored = 0u64;
-    for (id, off) in chunks {
-        let raw = read_raw(source, id)?;
-        index.candidates(&raw, *off, &mut cands);
+    for (id, _) in chunks {
+        raws.push(read_raw(source, id)?);
         stored += source.info(id).map(|i| i.stored_len as u64).unwrap_or(0);
-        raws.push(raw);
     }
-    let mut base = Vec::new();
-    let mut base_ids = Vec::new();
-    for id in cands {
-        let len = index.lens.get(&id).copied().unwrap_or(0) as usize;
-        if base_ids.len() >= MAX_BASE_CHUNKS || base.len() + len > MAX_BASE_BYTES {
-            break;
-        }
-        // Read when indexed; damaged since: leave it out of this group.
-        let Ok(raw) = read_raw(source, &id) else {
-            continue;
-        };
-        base.extend_from_slice(&raw);
-        base_ids.push(id);
-    }
-    let parts: Vec<&[u8]> = raws.iter().map(|r| &r[..]).collect();
-    let payload = encode_group(&base, &parts, level)?;
+    let parts: Vec<(&[u8], u64)> = raws
+        .iter()
+        .zip(chunks)
+        .map(|(r, (_, off))| (&r[..], *off))
+        .collect();
+    let budget = BaseBudget {
+        chunks: MAX_BASE_CHUNKS,
+        bytes: MAX_BASE_BYTES,
+    };
+    // Read when indexed; damaged since: left out of this group.
+    let read_base = |id: &ChunkId| read_raw(source, id).ok();
+    let g = encode_against(index, &parts, read_base, budget, level)?;
+    let (payload, base_ids) = (g.payload, g.base);
     // A group header costs ~36 bytes a chunk and ~33 a base chunk; a stored chunk ~40.
     let group_cost = payload.len() as u64 + 36 * chunks.len() as u64 + 33 * base_ids.len() as u64;
     let stored_cost = stored + 40 * chunks.len() as u64;
@@ -349,41 +280,12 @@ mod tests {
     }
 
     #[test]
-    fn aligned_blocks_and_sketches_find_the_chunk_a_change_was_made_to() {
-        let store = MemChunks::new();
-        let old = noise(1, 1 << 20);
-        let base = stored_manifest(&store, &old);
-        let ix = BaseIndex::build(&store, std::slice::from_ref(&base), &HashSet::new()).unwrap();
-        assert!(!ix.is_empty());
-        let (off, id, len) = chunks(&base)[5];
-        let raw = read_raw(&store, &id).unwrap();
-        // One block rewritten in place: the other aligned blocks still match this chunk.
-        let mut edited = raw.to_vec();
-        let b = ((BLOCK - off % BLOCK) % BLOCK) as usize;
-        edited[b..b + 100].fill(0xaa);
-        let mut cands = Vec::new();
-        ix.candidates(&edited, off, &mut cands);
-        assert_eq!(cands.first(), Some(&id), "block match first");
-        // Bytes inserted at the front: nothing aligns any more, the sketch still finds it.
-        let mut shifted = vec![7u8; 333];
-        shifted.extend_from_slice(&raw[..len as usize - 333]);
-        shifted[40_000..40_010].fill(1);
-        let mut cands = Vec::new();
-        ix.candidates(&shifted, off, &mut cands);
-        assert!(cands.contains(&id), "sketch match");
-        // Unrelated bytes find nothing.
-        let mut cands = Vec::new();
-        ix.candidates(&noise(9, 65536), 0, &mut cands);
-        assert!(cands.is_empty(), "{cands:?}");
-    }
-
-    #[test]
     fn chunks_the_site_lacks_are_never_bases() {
         let store = MemChunks::new();
         let base = stored_manifest(&store, &noise(2, 512 << 10));
         let (off, id, _) = chunks(&base)[2];
         let gone: HashSet<ChunkId> = [id].into();
-        let ix = BaseIndex::build(&store, std::slice::from_ref(&base), &gone).unwrap();
+        let ix = build_index(&store, std::slice::from_ref(&base), &gone);
         let raw = read_raw(&store, &id).unwrap();
         let mut cands = Vec::new();
         ix.candidates(&raw, off, &mut cands);
@@ -400,7 +302,7 @@ mod tests {
             new[at..at + 64].fill(0x55);
         }
         let next = stored_manifest(&store, &new);
-        let ix = BaseIndex::build(&store, std::slice::from_ref(&base), &HashSet::new()).unwrap();
+        let ix = build_index(&store, std::slice::from_ref(&base), &HashSet::new());
         let have: HashSet<ChunkId> = chunks(&base).iter().map(|c| c.1).collect();
         let group: Vec<(ChunkId, u64)> = chunks(&next)
             .into_iter()
@@ -453,8 +355,8 @@ mod tests {
             store.read_verified(&id),
             Err(SourceError::Damaged { id: d, .. }) if d == id
         ));
-        let ix = BaseIndex::build(&store, std::slice::from_ref(&base), &HashSet::new()).unwrap();
-        assert!(!ix.lens.contains_key(&id), "a damaged base was indexed");
-        assert_eq!(ix.lens.len(), chunks(&base).len() - 1);
+        let ix = build_index(&store, std::slice::from_ref(&base), &HashSet::new());
+        assert!(!ix.contains(&id), "a damaged base was indexed");
+        assert_eq!(ix.len(), chunks(&base).len() - 1);
     }
 }

@@ -150,6 +150,16 @@ pub enum UploadRefused {
     },
     #[error("upload batch exceeds {max} bytes")]
     BatchTooLarge { max: u64 },
+    #[error("delta group refused: {0}")]
+    BadGroup(String),
+    #[error("delta group names base chunk {0}, which the engine does not hold")]
+    UnknownBase(ChunkId),
+    #[error("the delta groups of one batch {what} more than {max} bytes")]
+    GroupsTooLarge { what: &'static str, max: u64 },
+    #[error("delta group does not decode against its bases: {0}")]
+    GroupDecode(#[from] seedcast_core::delta::DeltaError),
+    #[error("an upload carries chunks and delta groups only, not an abort")]
+    AbortRecord,
     #[error(transparent)]
     Verify(#[from] VerifyError),
 }

@@ -6,11 +6,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use quinn::RecvStream;
+use seedcast_core::delta::decode_group;
 use seedcast_core::protocol::{
-    ChunkHeader, MAX_IDS_PER_REQUEST, MAX_UPLOAD_BATCH, MAX_UPLOAD_BATCH_BYTES,
+    ChunkHeader, DataRecord, GroupHeader, MAX_IDS_PER_REQUEST, MAX_UPLOAD_BASE_BYTES,
+    MAX_UPLOAD_BATCH, MAX_UPLOAD_BATCH_BYTES, MAX_UPLOAD_RAW_BYTES,
 };
-use seedcast_core::source::{ChunkStore, Inserted};
-use seedcast_core::{ChunkId, CompressedChunk, UnverifiedChunk};
+use seedcast_core::source::{ChunkSource, ChunkStore, Inserted};
+use seedcast_core::{ChunkId, CompressedChunk, UnverifiedChunk, VerifiedChunk};
 use seedcast_net::{FramedError, read_msg_required, read_payload};
 
 use crate::EngineError;
@@ -107,6 +109,202 @@ pub(crate) async fn receive(
         Ok(r) => r.map_err(UploadError::Engine),
         Err(e) => Err(UploadError::Engine(e.into())),
     }
+}
+
+/// zstd level of chunks decoded from uploaded delta groups, as they are stored: the level
+/// clients compress plain uploads at.
+const STORE_LEVEL: i32 = 3;
+
+/// A record of an `UploadRecords` batch, read but not yet verified.
+enum Record {
+    Chunk(UnverifiedChunk),
+    Group(GroupHeader, bytes::Bytes),
+}
+
+/// Read `count` chunk or delta-group records, then on a blocking thread decode every group
+/// against its bases (chunks this engine holds, read verified), verify every chunk against
+/// its id, and store the new ones. Everything a record makes the engine hold, decode or read
+/// is checked against the limits before its payload is read. Returns what was stored and
+/// the payload bytes the client sent.
+pub(crate) async fn receive_records(
+    shared: &Arc<Shared>,
+    recv: &mut RecvStream,
+    count: u32,
+) -> Result<(Inserted, u64), UploadError> {
+    if count > MAX_UPLOAD_BATCH {
+        return Err(UploadRefused::TooMany {
+            count,
+            max: MAX_UPLOAD_BATCH,
+        }
+        .into());
+    }
+    let max_raw = shared.cfg.chunking.max;
+    let max_payload = payload_bound(max_raw).min(ChunkHeader::MAX_PAYLOAD);
+    let mut records = Vec::with_capacity((count as usize).min(1024));
+    let (mut held, mut chunks, mut raw, mut base) = (0u64, 0u64, 0u64, 0u64);
+    for _ in 0..count {
+        let record: DataRecord = read_msg_required(recv).await?;
+        let len = match &record {
+            DataRecord::Chunk(h) => {
+                if h.payload_len > max_payload || h.raw_len > max_raw {
+                    return Err(UploadRefused::PayloadTooLarge {
+                        id: h.id,
+                        len: h.payload_len.max(h.raw_len),
+                        max: max_payload,
+                        max_raw,
+                    }
+                    .into());
+                }
+                chunks += 1;
+                h.payload_len
+            }
+            DataRecord::Group(g) => {
+                base += check_group(&*shared.store, g, max_raw)?;
+                raw += g.raw_len();
+                chunks += g.chunks.len() as u64;
+                g.payload_len
+            }
+            DataRecord::Abort { .. } => return Err(UploadRefused::AbortRecord.into()),
+        };
+        held += len as u64;
+        if held > MAX_UPLOAD_BATCH_BYTES {
+            return Err(UploadRefused::BatchTooLarge {
+                max: MAX_UPLOAD_BATCH_BYTES,
+            }
+            .into());
+        }
+        if chunks > MAX_UPLOAD_BATCH as u64 {
+            return Err(UploadRefused::TooMany {
+                count: chunks.min(u32::MAX as u64) as u32,
+                max: MAX_UPLOAD_BATCH,
+            }
+            .into());
+        }
+        for (what, n, max) in [
+            ("decode to", raw, MAX_UPLOAD_RAW_BYTES),
+            ("name bases of", base, MAX_UPLOAD_BASE_BYTES),
+        ] {
+            if n > max {
+                return Err(UploadRefused::GroupsTooLarge { what, max }.into());
+            }
+        }
+        let payload = read_payload(recv, len as usize).await?;
+        records.push(match record {
+            DataRecord::Chunk(h) => Record::Chunk(UnverifiedChunk(CompressedChunk {
+                id: h.id,
+                raw_len: h.raw_len,
+                encoding: h.encoding,
+                payload,
+            })),
+            DataRecord::Group(g) => Record::Group(g, payload),
+            DataRecord::Abort { .. } => unreachable!("refused above"),
+        });
+    }
+    let store = shared.store.clone();
+    let stored = tokio::task::spawn_blocking(move || {
+        let mut verified = Vec::new();
+        for r in records {
+            match r {
+                Record::Chunk(c) => verified.push(c.verify(max_raw).map_err(UploadRefused::from)?),
+                Record::Group(g, payload) => {
+                    verified.extend(decode_verified(&*store, &g, &payload)?);
+                }
+            }
+        }
+        Ok::<_, EngineError>(store.insert(&verified)?)
+    })
+    .await;
+    match stored {
+        Ok(r) => r.map(|i| (i, held)).map_err(UploadError::Engine),
+        Err(e) => Err(UploadError::Engine(e.into())),
+    }
+}
+
+/// Check a group's header before its payload is read: its shape within the protocol's
+/// bounds, every chunk within the engine's chunk size, every base held here. Returns the
+/// bytes of its bases.
+fn check_group(
+    store: &dyn ChunkSource,
+    g: &GroupHeader,
+    max_raw: u32,
+) -> Result<u64, UploadRefused> {
+    let bad = |why: String| UploadRefused::BadGroup(why);
+    if g.chunks.is_empty() {
+        return Err(bad("no chunks".into()));
+    }
+    if g.raw_len() > GroupHeader::MAX_RAW {
+        return Err(bad(format!(
+            "decodes to {} bytes, more than {}",
+            g.raw_len(),
+            GroupHeader::MAX_RAW
+        )));
+    }
+    if g.payload_len > GroupHeader::MAX_PAYLOAD {
+        return Err(bad(format!(
+            "payload of {} bytes, more than {}",
+            g.payload_len,
+            GroupHeader::MAX_PAYLOAD
+        )));
+    }
+    if g.base.len() > GroupHeader::MAX_BASE {
+        return Err(bad(format!(
+            "{} base chunks, more than {}",
+            g.base.len(),
+            GroupHeader::MAX_BASE
+        )));
+    }
+    if let Some((id, len)) = g.chunks.iter().find(|(_, l)| *l == 0 || *l > max_raw) {
+        return Err(bad(format!(
+            "chunk {id} of {len} bytes (the engine's chunks are 1 to {max_raw} bytes)"
+        )));
+    }
+    let mut base = 0u64;
+    for id in &g.base {
+        let info = store.info(id).ok_or(UploadRefused::UnknownBase(*id))?;
+        base += info.raw_len as u64;
+    }
+    if base > GroupHeader::MAX_BASE_BYTES as u64 {
+        return Err(bad(format!(
+            "its bases add up to {base} bytes, more than {}",
+            GroupHeader::MAX_BASE_BYTES
+        )));
+    }
+    Ok(base)
+}
+
+/// Decode one group against its bases and verify every chunk it yields, each compressed
+/// for the store as a plain upload would have been.
+fn decode_verified(
+    store: &dyn ChunkSource,
+    g: &GroupHeader,
+    payload: &[u8],
+) -> Result<Vec<VerifiedChunk>, EngineError> {
+    let mut prefix = Vec::new();
+    for id in &g.base {
+        prefix.extend_from_slice(store.read_verified(id)?.raw());
+    }
+    let lens: Vec<u32> = g.chunks.iter().map(|(_, l)| *l).collect();
+    let parts = decode_group(&prefix, payload, &lens).map_err(UploadRefused::from)?;
+    g.chunks
+        .iter()
+        .zip(parts)
+        .map(|((id, _), raw)| {
+            let v = VerifiedChunk::compress(raw, STORE_LEVEL);
+            if v.id() == *id {
+                Ok(v)
+            } else {
+                Err(
+                    UploadRefused::Verify(seedcast_core::chunk::VerifyError::HashMismatch(
+                        seedcast_core::chunk::HashMismatch {
+                            expected: *id,
+                            actual: v.id(),
+                        },
+                    ))
+                    .into(),
+                )
+            }
+        })
+        .collect()
 }
 
 /// The largest stored form of a chunk of `max_raw` bytes: zstd's worst case.

@@ -5,7 +5,7 @@
 //!   join / admin tokens that carry the CA fingerprint (kubeadm / k3s style).
 //! - [`signing`]: the engine's manifest signing key (ed25519, apart from TLS) and the
 //!   agents' check.
-//! - [`tls`]: rustls configurations (TLS 1.3 only, ALPN `seedcast/6`, CA pinning).
+//! - [`tls`]: rustls configurations (TLS 1.3 only, ALPN `seedcast/7`, CA pinning).
 //! - [`endpoint`]: quinn endpoints and the transport tuning they share.
 //! - [`congestion`]: the congestion controller per connection, switchable once the peer is known;
 //!   [`delivery`]: seedcast's BBR-style controller for thin and far links.

@@ -4,6 +4,7 @@
 //! [`Client::connect`] dials the engine with the admin token; [`upload`] chunks files and
 //! uploads what the engine lacks; [`change`] turns a block's changes into operations.
 
+pub mod bases;
 pub mod change;
 pub mod upload;
 
@@ -21,7 +22,7 @@ use seedcast_net::pki::{Token, TokenKind};
 use seedcast_net::{FramedError, read_msg, read_msg_required, write_msg};
 
 pub use change::Change;
-pub use upload::{PushOptions, PushProgress};
+pub use upload::{AdaptOptions, PushOptions, PushProgress};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -338,8 +339,15 @@ impl Client {
             .iter()
             .map(|p| Ok((p.clone(), upload::base_name(p)?)))
             .collect::<Result<Vec<_>, ClientError>>()?;
+        let deltas = self.deltas(&opts.bases, opts.delta_level).await?;
         let entries = self
-            .upload_files(named, opts.zstd_level, opts.batch_bytes, on_progress)
+            .upload_files(
+                named,
+                opts.zstd_level,
+                opts.batch_bytes,
+                deltas,
+                on_progress,
+            )
             .await?;
         let commit = CommitRequest {
             name: opts.name.clone(),
@@ -360,14 +368,36 @@ impl Client {
         changes: &[Change],
         zstd_level: i32,
     ) -> Result<ImageStatus, ClientError> {
+        let opts = AdaptOptions {
+            zstd_level,
+            ..AdaptOptions::default()
+        };
+        self.adapt_with(global_id, changes, &opts).await
+    }
+
+    /// [`Client::adapt`] with options: new chunks uploaded as delta groups against base
+    /// files the client holds (`opts.bases`: the previous version, whose chunks the engine
+    /// has).
+    pub async fn adapt_with(
+        &self,
+        global_id: &GlobalId,
+        changes: &[Change],
+        opts: &AdaptOptions,
+    ) -> Result<ImageStatus, ClientError> {
         if changes.is_empty() {
             return Err(ClientError::Usage(
                 "an adaptation block needs at least one change (--file, --write, --add or --remove)".into(),
             ));
         }
         let uploads = change::uploads(changes)?;
+        if uploads.is_empty() && !opts.bases.is_empty() {
+            return Err(ClientError::Usage(
+                "--base is for new file contents (--file or --add); this block uploads none".into(),
+            ));
+        }
+        let deltas = self.deltas(&opts.bases, opts.delta_level).await?;
         let entries = self
-            .upload_files(uploads, zstd_level, 8 << 20, |_| {})
+            .upload_files(uploads, opts.zstd_level, 8 << 20, deltas, |_| {})
             .await?;
         let req = AdaptRequest {
             global_id: *global_id,
@@ -377,6 +407,28 @@ impl Client {
             Response::Committed(s) => Ok(s),
             r => Err(ClientError::Unexpected(format!("{r:?}"))),
         }
+    }
+
+    /// Cut and index base files, if any, for delta uploads.
+    async fn deltas(
+        &self,
+        bases: &[PathBuf],
+        level: i32,
+    ) -> Result<Option<upload::Deltas>, ClientError> {
+        if bases.is_empty() {
+            return Ok(None);
+        }
+        if !(1..=22).contains(&level) {
+            return Err(ClientError::Usage(format!(
+                "delta level {level}: zstd levels are 1 to 22"
+            )));
+        }
+        let b = bases::BaseFiles::open(self, bases.to_vec()).await?;
+        tracing::info!("{} base chunks the engine holds", b.held());
+        Ok(Some(upload::Deltas {
+            bases: std::sync::Arc::new(b),
+            level,
+        }))
     }
 
     /// Every version of an image, oldest first.

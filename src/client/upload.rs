@@ -14,8 +14,10 @@ use seedcast_core::protocol::{ChunkHeader, MAX_UPLOAD_BATCH_BYTES, Request, Resp
 use seedcast_core::{ChunkId, ChunkerConfig, CompressedChunk, FileEntry};
 use seedcast_net::{FramedError, read_msg_required, write_msg};
 use seedcast_qemu::GuestReader;
+use std::sync::Arc;
 use tokio::sync::mpsc;
 
+use super::bases::{Bases, Outgoing};
 use super::{Client, ClientError};
 
 /// What to push.
@@ -29,6 +31,33 @@ pub struct PushOptions {
     pub zstd_level: i32,
     /// Raw bytes of new chunks per missing-check and upload round trip. 8 MiB.
     pub batch_bytes: usize,
+    /// Files the client holds whose chunks the engine has (an earlier version): new chunks
+    /// travel as delta groups against them.
+    pub bases: Vec<PathBuf>,
+    /// zstd level of those delta groups. 19.
+    pub delta_level: i32,
+}
+
+/// Options of an adaptation block's upload.
+#[derive(Debug, Clone)]
+pub struct AdaptOptions {
+    /// zstd level of chunks uploaded whole. 3.
+    pub zstd_level: i32,
+    /// Files the client holds whose chunks the engine has (the version being adapted):
+    /// new chunks travel as delta groups against them.
+    pub bases: Vec<PathBuf>,
+    /// zstd level of those delta groups. 19, as `zstd -19 --patch-from`.
+    pub delta_level: i32,
+}
+
+impl Default for AdaptOptions {
+    fn default() -> Self {
+        AdaptOptions {
+            zstd_level: 3,
+            bases: Vec::new(),
+            delta_level: 19,
+        }
+    }
 }
 
 impl PushOptions {
@@ -39,6 +68,8 @@ impl PushOptions {
             sites: None,
             zstd_level: 3,
             batch_bytes: 8 << 20,
+            bases: Vec::new(),
+            delta_level: 19,
         }
     }
 }
@@ -57,10 +88,19 @@ pub struct PushProgress {
 /// What the chunking thread sends.
 enum Chunked {
     Batch {
-        chunks: Vec<(ChunkId, Bytes)>,
+        /// New distinct chunks with their file offsets.
+        chunks: Vec<(ChunkId, Bytes, u64)>,
         chunked: u64,
     },
     File(FileEntry),
+}
+
+/// Files the client already has whose chunks the engine holds, and the zstd level of the
+/// delta groups made against them.
+#[derive(Debug, Clone)]
+pub(crate) struct Deltas {
+    pub bases: Bases,
+    pub level: i32,
 }
 
 /// Base name of `p` as the image will know it.
@@ -106,6 +146,7 @@ impl Client {
         files: Vec<(PathBuf, String)>,
         zstd_level: i32,
         batch_bytes: usize,
+        deltas: Option<Deltas>,
         mut on_progress: impl FnMut(PushProgress),
     ) -> Result<Vec<FileEntry>, ClientError> {
         let listed = files.clone();
@@ -135,11 +176,12 @@ impl Client {
         // the next is asked about and compressed, so neither side's cores wait for the
         // other (one at a time, ingest ran at about half the speed of the work it did).
         const IN_FLIGHT: usize = 2;
+        let deltas = deltas.as_ref();
         let batches = futures::stream::poll_fn(|cx| rx.poll_recv(cx)).map(|item| async move {
             match item? {
                 Chunked::File(e) => Ok((Some(e), None)),
                 Chunked::Batch { chunks, chunked } => {
-                    let sent = self.upload_missing(chunks, zstd_level).await?;
+                    let sent = self.upload_missing(chunks, zstd_level, deltas).await?;
                     Ok::<_, ClientError>((None, Some((chunked, sent))))
                 }
             }
@@ -165,26 +207,32 @@ impl Client {
         Ok(entries)
     }
 
-    /// Ask which of `chunks` the engine lacks; compress and upload those. Returns the
-    /// compressed bytes uploaded.
+    /// Ask which of `chunks` the engine lacks; compress and upload those (as delta groups
+    /// against the bases, given `deltas`). Returns the payload bytes uploaded.
     pub(crate) async fn upload_missing(
         &self,
-        chunks: Vec<(ChunkId, Bytes)>,
+        chunks: Vec<(ChunkId, Bytes, u64)>,
         level: i32,
+        deltas: Option<&Deltas>,
     ) -> Result<u64, ClientError> {
-        let ids: Vec<ChunkId> = chunks.iter().map(|(id, _)| *id).collect();
+        let ids: Vec<ChunkId> = chunks.iter().map(|(id, _, _)| *id).collect();
         let missing: HashSet<ChunkId> =
             match self.request(&Request::Missing { chunks: ids }).await? {
                 Response::Missing { chunks } => chunks.into_iter().collect(),
                 r => return Err(ClientError::Unexpected(format!("{r:?}"))),
             };
-        let todo: Vec<(ChunkId, Bytes)> = chunks
+        let todo: Vec<(ChunkId, Bytes, u64)> = chunks
             .into_iter()
-            .filter(|(id, _)| missing.contains(id))
+            .filter(|(id, _, _)| missing.contains(id))
             .collect();
         if todo.is_empty() {
             return Ok(0);
         }
+        if let Some(d) = deltas {
+            let records = encode_parallel(todo, level, d).await?;
+            return self.upload_records(records).await;
+        }
+        let todo = todo.into_iter().map(|(id, raw, _)| (id, raw)).collect();
         let compressed = compress_parallel(todo, level).await?;
         let (mut send, mut recv) = self.conn.open_bi().await?;
         write_msg(
@@ -211,20 +259,78 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Upload chunk and delta-group records on one stream.
+    async fn upload_records(&self, records: Vec<Outgoing>) -> Result<u64, ClientError> {
+        let (mut send, mut recv) = self.conn.open_bi().await?;
+        write_msg(
+            &mut send,
+            &Request::UploadRecords {
+                count: records.len() as u32,
+            },
+        )
+        .await?;
+        let mut bytes = 0u64;
+        for r in records {
+            write_msg(&mut send, &r.record()).await?;
+            bytes += r.payload().len() as u64;
+            send.write_chunk(r.payload().clone())
+                .await
+                .map_err(FramedError::from)?;
+        }
+        let _ = send.finish();
+        match Self::check(read_msg_required(&mut recv).await?)? {
+            Response::Uploaded { .. } => Ok(bytes),
+            r => Err(ClientError::Unexpected(format!("{r:?}"))),
+        }
+    }
+}
+
+/// Split a batch into one contiguous part per core (each keeps its file order, so groups
+/// stay runs of neighbouring chunks).
+fn split_per_core<T>(mut rest: Vec<T>) -> Vec<Vec<T>> {
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    let per = rest.len().div_ceil(threads).max(1);
+    let mut parts = Vec::new();
+    while !rest.is_empty() {
+        let tail = rest.split_off(per.min(rest.len()));
+        parts.push(std::mem::replace(&mut rest, tail));
+    }
+    parts
+}
+
+/// Encode a batch as delta groups on every core.
+async fn encode_parallel(
+    todo: Vec<(ChunkId, Bytes, u64)>,
+    level: i32,
+    d: &Deltas,
+) -> Result<Vec<Outgoing>, ClientError> {
+    let mut handles = Vec::new();
+    for part in split_per_core(todo) {
+        let (bases, delta_level) = (Arc::clone(&d.bases), d.level);
+        handles.push(tokio::task::spawn_blocking(move || {
+            bases.encode(&part, level, delta_level)
+        }));
+    }
+    let mut out = Vec::new();
+    for h in handles {
+        out.extend(
+            h.await
+                .map_err(|e| ClientError::Internal(e.to_string()))??,
+        );
+    }
+    Ok(out)
+}
+
 /// Compress on every core: split the batch across blocking threads.
 async fn compress_parallel(
     todo: Vec<(ChunkId, Bytes)>,
     level: i32,
 ) -> Result<Vec<CompressedChunk>, ClientError> {
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2);
-    let per = todo.len().div_ceil(threads).max(1);
     let mut handles = Vec::new();
-    let mut rest = todo;
-    while !rest.is_empty() {
-        let tail = rest.split_off(per.min(rest.len()));
-        let part = std::mem::replace(&mut rest, tail);
+    for part in split_per_core(todo) {
         handles.push(tokio::task::spawn_blocking(move || {
             part.into_iter()
                 .map(|(id, raw)| CompressedChunk::compress(id, &raw, level))
@@ -269,13 +375,13 @@ fn chunk_files(
             let chunker = StreamingChunker::new(reader, cfg)
                 .map_err(|e| ClientError::Usage(e.to_string()))?;
             for piece in chunker {
-                let (_, piece) = piece.map_err(fail)?;
+                let (offset, piece) = piece.map_err(fail)?;
                 chunked += piece.len();
                 if let Some((id, data)) = rb.push(piece)
                     && seen.insert(id)
                 {
                     batch_len += data.len();
-                    batch.push((id, data));
+                    batch.push((id, data, offset));
                     if batch_len >= batch_bytes || batch.len() >= 1024 {
                         let chunks = std::mem::take(&mut batch);
                         batch_len = 0;
