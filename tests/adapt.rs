@@ -673,3 +673,73 @@ async fn bad_delta_groups_from_a_client_are_refused_and_store_nothing() -> Resul
     })
     .await
 }
+
+/// Urgency: an update committed while a large seed is moving to the same site goes first
+/// (the seed is preempted, keeping what the site verified) and is published first; the
+/// seed then resumes and completes without starting over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_overtakes_a_seed_in_flight_to_the_same_site() -> Result<()> {
+    with_cluster(&SITES[..1], async |cluster| {
+        let site = SITES[0];
+        let work = cluster.root.join("work");
+        let small = make_image(&work.join("small"), 8, "urgent")?;
+        let client = cluster.client().await?;
+        let a = push_wait(&client, "patched", &small, None).await?;
+        // A thin link to the site: 32 Mbit/s, so a 40 MiB seed takes ~10 s.
+        client.site_set(site, Some(Some(32_000_000)), None).await?;
+        let big = work.join("big").join("bulk.raw");
+        std::fs::create_dir_all(big.parent().unwrap())?;
+        std::fs::write(&big, noise("bulk seed", 40 << 20))?;
+        let b = client
+            .push(
+                &seedcast::client::PushOptions::new("bulk", vec![big.clone()]),
+                |_| {},
+            )
+            .await?;
+        // Wait until a quarter of the seed has moved.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let s = client.status(&b.global_id).await?;
+            if s.sites[0].bytes_sent > (10 << 20) {
+                break;
+            }
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "seed never moved: {s:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let patch = work.join("patch.bin");
+        std::fs::write(&patch, noise("urgent patch", 4096))?;
+        let u = client
+            .adapt(
+                &a.global_id,
+                &[Change::Write {
+                    path: "disk.raw".into(),
+                    offset: 1 << 20,
+                    data_file: patch,
+                }],
+                3,
+            )
+            .await?;
+        let updated = client.watch(&a.global_id, u.version, |_| {}).await?;
+        assert_eq!(updated.sites[0].state, PlacementState::Published);
+        // The seed is not done yet: the update went first.
+        let seed = client.status(&b.global_id).await?;
+        assert_ne!(seed.sites[0].state, PlacementState::Published, "{seed:?}");
+        // It resumes and completes, sending only what the site still lacked.
+        let seed = client.watch(&b.global_id, 1, |_| {}).await?;
+        let p = &seed.sites[0];
+        assert_eq!(p.state, PlacementState::Published, "{p:?}");
+        assert!(p.error.is_none(), "{p:?}");
+        assert!(
+            p.bytes_sent < (34 << 20),
+            "the resumed seed sent {} of 40 MiB",
+            p.bytes_sent
+        );
+        assert_copies(cluster, &seed, std::slice::from_ref(&big)).await?;
+        client.close().await;
+        Ok(())
+    })
+    .await
+}

@@ -1,6 +1,10 @@
 //! Deploying image versions to one site: the async driver of the engine's sender.
 //!
-//! Per site, one worker deploys one version at a time. What the site gets is decided by a
+//! Per site, one worker deploys one version at a time, updates of images the site holds
+//! before first seeds: an update committed while a seed is in flight *preempts* it — the
+//! seed's transfer is aborted (the agent keeps every chunk it verified), the update goes,
+//! and the seed resumes after it, asking only for what it still lacks. A patch to a site
+//! thus never waits behind a bulk seed on a thin link. What the site gets is decided by a
 //! [`Sender`] (sans-IO, in `seedcast-core`); this module only does what it asks: the
 //! manifest on the control stream, the chunks on data streams ([`crate::data_streams`]),
 //! the placement records and live counters as it goes. Desired state lives in the
@@ -73,7 +77,7 @@ pub(crate) async fn site_worker(
     let mut retries = Retries::default();
     loop {
         let placements = shared.catalog.placements_at(link.site)?;
-        let work = pending_work(placements, &retries, Instant::now());
+        let work = pending_work(placements, &retries, Instant::now(), &link.held);
         if work.is_empty() {
             match retries.next_due() {
                 Some(at) => tokio::select! {
@@ -85,9 +89,11 @@ pub(crate) async fn site_worker(
             continue;
         }
         for (g, version) in work {
-            match deploy(shared, &mut link, g, version).await? {
+            match deploy(shared, &mut link, g, version, wake).await? {
                 Ended::Published => retries.forget(&g, version),
                 Ended::Failed => retries.failed(g, version, Instant::now()),
+                // The update that preempted it is first in the next round.
+                Ended::Preempted => break,
             }
         }
     }
@@ -131,8 +137,22 @@ impl Retries {
     }
 }
 
-/// Placements that are not yet what they should be (failed ones when their try is due).
+/// Placements that are not yet what they should be (failed ones when their try is due),
+/// updates of images the site holds first (a patch is urgent; a seed is bulk), each kind in
+/// catalog order.
 fn pending_work(
+    placements: Vec<(GlobalId, PlacementRecord)>,
+    retries: &Retries,
+    now: Instant,
+    held: &Held,
+) -> Vec<(GlobalId, u32)> {
+    let mut work = unpublished(placements, retries, now);
+    work.sort_by_key(|(g, _)| !held.contains_key(g));
+    work
+}
+
+/// Placements not yet published at their version (failed ones when their try is due).
+fn unpublished(
     placements: Vec<(GlobalId, PlacementRecord)>,
     retries: &Retries,
     now: Instant,
@@ -157,6 +177,17 @@ fn pending_work(
 enum Ended {
     Published,
     Failed,
+    /// Stopped for an update of an image the site holds; deployed again after it.
+    Preempted,
+}
+
+/// Is an update of an image the site holds waiting (one that would preempt a seed)?
+fn update_waiting(shared: &Shared, site: &str, held: &Held) -> Result<bool, EngineError> {
+    let placements = shared.catalog.placements_at(site)?;
+    let none = Retries::default();
+    Ok(unpublished(placements, &none, Instant::now())
+        .iter()
+        .any(|(g, _)| held.contains_key(g)))
 }
 
 fn update_placement(
@@ -187,6 +218,7 @@ async fn deploy(
     link: &mut SiteLink<'_>,
     g: GlobalId,
     version: u32,
+    wake: &Notify,
 ) -> Result<Ended, DeployError> {
     let site = link.site;
     let Some(mrec) = shared.catalog.manifest(&g, version)? else {
@@ -222,10 +254,23 @@ async fn deploy(
         streams: shared.cfg.streams_per_transfer,
         pacer: link.pacer.clone(),
     };
-    let outcome = drive(shared, link, &mrec, &mut sender, outbound).await?;
+    // A first seed of this image at this site gives way to updates; an update does not.
+    let preemptible = (!link.held.contains_key(&g)).then_some(wake);
+    let (outcome, preempted) =
+        drive(shared, link, &mrec, &mut sender, outbound, preemptible).await?;
     let bytes_sent = live.counter.load(Ordering::Relaxed);
     drop(live);
     let wire = wire_bytes(link.conn).saturating_sub(wire_start);
+    if preempted && let Outcome::Failed { error } = &outcome {
+        info!(site, global_id = %g, version, bytes_sent, "preempted by an update ({error}); resumes after it");
+        update_placement(shared, &g, site, |p| {
+            p.state = PlacementState::Pending;
+            p.error = None;
+            p.bytes_sent = bytes_sent;
+            p.wire_bytes = wire;
+        })?;
+        return Ok(Ended::Preempted);
+    }
     record(shared, link, &g, outcome, bytes_sent, wire)
 }
 
@@ -280,17 +325,26 @@ fn record(
 enum Event {
     Sent(Result<(), StreamError>),
     Reply(Option<AgentMsg>),
+    /// New work for the site was committed.
+    Woken,
 }
 
-/// Do what the sender asks until it is done.
+/// Why a preempted transfer ends (the agent reports it back as its failure).
+const PREEMPTED: &str = "preempted by an update for this site; resumes after it";
+
+/// Do what the sender asks until it is done. With `preemptible` (the site's wake-up), new
+/// work that is an update of an image the site holds stops this transfer while its chunks
+/// are moving: returns the outcome and whether it was preempted.
 async fn drive(
     shared: &Arc<Shared>,
     link: &mut SiteLink<'_>,
     mrec: &ManifestRecord,
     sender: &mut Sender,
     mut outbound: Outbound,
-) -> Result<Outcome, DeployError> {
+    preemptible: Option<&Notify>,
+) -> Result<(Outcome, bool), DeployError> {
     let mut streams: Option<BoxFuture<'static, Result<(), StreamError>>> = None;
+    let mut preempted = false;
     loop {
         while let Some(action) = sender.poll() {
             match action {
@@ -315,7 +369,7 @@ async fn drive(
                     streams = Some(Box::pin(data_streams::send(outbound.clone(), work)));
                 }
                 // Dropping the streams' future stops whatever is still being sent.
-                Action::Done(outcome) => return Ok(outcome),
+                Action::Done(outcome) => return Ok((outcome, preempted)),
             }
         }
         let event = tokio::select! {
@@ -323,8 +377,19 @@ async fn drive(
                 Event::Sent(r)
             }
             m = link.rx.recv() => Event::Reply(m),
+            // Only while chunks move: the agent is receiving, so it takes the abort.
+            _ = async { preemptible.expect("checked").notified().await },
+                if preemptible.is_some() && streams.is_some() && !preempted => Event::Woken,
         };
         match event {
+            Event::Woken => {
+                if update_waiting(shared, link.site, &link.held)? {
+                    preempted = true;
+                    // The agent answers `Failed` with this reason; its verified chunks stay.
+                    streams = None;
+                    data_streams::abort(link.conn, sender.transfer(), PREEMPTED.into()).await?;
+                }
+            }
             Event::Sent(Err(e)) if e.store_fault() => {
                 // This placement fails (the agent answers `Failed` with the reason);
                 // the session and the site's other placements go on.
@@ -449,20 +514,30 @@ mod tests {
         ];
         let versions = |v: Vec<(GlobalId, u32)>| v.into_iter().map(|(_, v)| v).collect::<Vec<_>>();
         let now = Instant::now();
+        let none = Held::new();
         // A new session tries what failed before at once.
         let mut r = Retries::default();
         assert_eq!(
-            versions(pending_work(placements.clone(), &r, now)),
+            versions(pending_work(placements.clone(), &r, now, &none)),
             [2, 3, 4, 5]
+        );
+        // Updates of images the site holds go before first seeds.
+        let held: Held = [(GlobalId([4; 12]), (1, [0; 32]))].into();
+        assert_eq!(
+            versions(pending_work(placements.clone(), &r, now, &held)),
+            [4, 2, 3, 5]
         );
         // After this session's try failed: not again until its time comes.
         r.failed(GlobalId([5; 12]), 5, now);
         assert_eq!(
-            versions(pending_work(placements.clone(), &r, now)),
+            versions(pending_work(placements.clone(), &r, now, &none)),
             [2, 3, 4]
         );
         let later = now + Duration::from_secs(3);
-        assert_eq!(versions(pending_work(placements, &r, later)), [2, 3, 4, 5]);
+        assert_eq!(
+            versions(pending_work(placements, &r, later, &none)),
+            [2, 3, 4, 5]
+        );
     }
 
     #[test]
