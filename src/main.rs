@@ -516,7 +516,8 @@ struct BenchLinksArgs {
     /// Link profiles, comma-separated: lan, wan, thin, satellite, tbf.
     #[arg(long, default_value = "wan,thin,satellite,tbf", value_delimiter = ',')]
     profile: Vec<String>,
-    /// Runs per profile, comma-separated: update, seed, outage, restart.
+    /// Runs per profile, comma-separated: update, seed, outage, restart; and the peers
+    /// rsync (to a daemon at the site) and zstd (--patch-from file copied and applied).
     #[arg(long, default_value = "update,seed", value_delimiter = ',')]
     run: Vec<String>,
     /// Congestion controllers to compare, comma-separated (each profile run with each);
@@ -1018,8 +1019,9 @@ async fn cmd_bench_links(a: BenchLinksArgs) -> Result<ExitCode> {
         .run
         .iter()
         .map(|r| {
-            Scenario::parse(r)
-                .with_context(|| format!("--run {r:?}: give update, seed, outage or restart"))
+            Scenario::parse(r).with_context(|| {
+                format!("--run {r:?}: give update, seed, outage, restart, rsync or zstd")
+            })
         })
         .collect::<Result<Vec<_>>>()?;
     let opts = LinksOptions {

@@ -12,12 +12,15 @@
 //! - **seed**: a generated image pushed to a fresh site over the shaped link.
 //! - **outage**: the update, with the link cut for a while once part of it has travelled
 //!   (and, with `restart`, the agent killed and started again during the cut).
+//! - **rsync** and **zstd**: the same update by the tools people use ([`peers`]), over the
+//!   same shaped link (TCP: the shaper's rate, not the relay's delay and loss).
 //!
 //! Judged against the link: the time the bytes that went down it need at its rate, plus
 //! two round trips; and what the engine put into the link against what reached the site
 //! (a sender overshooting a shallow queue pays for every drop twice).
 
 pub mod netns;
+pub mod peers;
 pub mod relay;
 
 use std::path::{Path, PathBuf};
@@ -108,6 +111,10 @@ pub enum Scenario {
     Outage,
     /// As `Outage`, the agent also killed and restarted during the cut.
     Restart,
+    /// The update by `rsync` to a daemon at the site.
+    Rsync,
+    /// The update as a `zstd --patch-from` file, copied to the site and applied there.
+    Zstd,
 }
 
 impl Scenario {
@@ -117,8 +124,15 @@ impl Scenario {
             "seed" => Scenario::Seed,
             "outage" => Scenario::Outage,
             "restart" => Scenario::Restart,
+            "rsync" => Scenario::Rsync,
+            "zstd" => Scenario::Zstd,
             _ => return None,
         })
+    }
+
+    /// Run by another tool (once per profile, whatever the congestion controllers).
+    pub fn is_peer(self) -> bool {
+        matches!(self, Scenario::Rsync | Scenario::Zstd)
     }
 }
 
@@ -175,6 +189,9 @@ pub struct LinkRun {
     pub of_link: f64,
     /// `engine_sent / link_down`: what the engine put in for each byte the site got.
     pub sent_per_delivered: f64,
+    /// What each step of a peer's run took.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 /// Everything `bench links` measured.
@@ -497,7 +514,7 @@ pub async fn run_links(
     let mut runs = Vec::new();
     for profile in &opts.profiles {
         for cc in &ccs {
-            for scenario in &opts.scenarios {
+            for scenario in opts.scenarios.iter().filter(|s| !s.is_peer()) {
                 let r = one_run(
                     &mut lab,
                     opts,
@@ -510,6 +527,11 @@ pub async fn run_links(
                 on_run(&r);
                 runs.push(r);
             }
+        }
+        for scenario in opts.scenarios.iter().filter(|s| s.is_peer()) {
+            let r = peer_run(&mut lab, opts, profile, *scenario).await?;
+            on_run(&r);
+            runs.push(r);
         }
     }
     lab.client.close().await;
@@ -600,10 +622,51 @@ async fn one_run(
         link_secs: at_rate + 2.0 * rtt + outage.as_secs_f64(),
         of_link: (seconds - 2.0 * rtt - outage.as_secs_f64()).max(0.0) / at_rate.max(1e-9),
         sent_per_delivered: (relay.0 - relay0.0) as f64 / link_down.max(1) as f64,
+        detail: None,
     };
     site.alive()?;
     rig.engine_alive()?;
     Ok(run)
+}
+
+/// The update by a peer tool over a fresh site's link, shaped as `profile`.
+async fn peer_run(
+    rig: &mut Lab,
+    opts: &LinksOptions,
+    profile: &Profile,
+    scenario: Scenario,
+) -> Result<LinkRun, BenchError> {
+    let mut site = rig.site().await?;
+    rig.shape(&mut site, profile).await?;
+    let (link, work) = (site.link.clone(), rig.work.clone());
+    let (old, new) = (opts.old.clone(), opts.new.clone());
+    let run = tokio::task::spawn_blocking(move || match scenario {
+        Scenario::Rsync => peers::rsync(&link, &work, &old, &new),
+        _ => peers::zstd_patch(&link, &work, &old, &new),
+    })
+    .await
+    .map_err(|e| BenchError::Failed(e.to_string()))??;
+    // IP bytes, as for seedcast's runs; TCP's own bytes both ways are what the tool sent.
+    let link_down = run.down.tx_bytes.saturating_sub(14 * run.down.tx_packets);
+    let rtt = profile.rtt_ms as f64 / 1000.0;
+    let at_rate = link_down as f64 * 8.0 / profile.rate_bps as f64;
+    Ok(LinkRun {
+        profile: profile.clone(),
+        scenario,
+        congestion: None,
+        max_rate: None,
+        seconds: run.seconds,
+        payload_bytes: 0,
+        wire_bytes: link_down + run.down.rx_bytes.saturating_sub(14 * run.down.rx_packets),
+        engine_sent: link_down,
+        link_down,
+        shaper_drops: run.down.qdisc_drops,
+        relay_drops: 0,
+        link_secs: at_rate + 2.0 * rtt,
+        of_link: (run.seconds - 2.0 * rtt).max(0.0) / at_rate.max(1e-9),
+        sent_per_delivered: 1.0,
+        detail: Some(run.detail),
+    })
 }
 
 /// (bytes the engine sent into the relay, datagrams the relay dropped both ways).
@@ -683,6 +746,9 @@ pub fn table(r: &LinksReport) -> String {
             x.sent_per_delivered,
             x.shaper_drops + x.relay_drops,
         );
+        if let Some(d) = &x.detail {
+            out += &format!("{:<10} {d}\n", "");
+        }
     }
     out
 }
