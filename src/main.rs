@@ -123,6 +123,11 @@ struct EngineArgs {
     /// (1-22; higher: fewer bytes, more CPU, spent once for all sites).
     #[arg(long, default_value_t = 19, value_parser = clap::value_parser!(i32).range(1..=22))]
     delta_level: i32,
+    /// Adapt each transfer's delta level to its site's link, up to --delta-level: lower
+    /// while the link waits for the encoder, higher while encoded data queues for it (for
+    /// links faster than zstd at --delta-level encodes on this host).
+    #[arg(long)]
+    delta_adapt: bool,
     /// Stream data buffered per connected site (sent and not yet acknowledged, or queued):
     /// most of the engine's memory per site. Enough for the bandwidth-delay product of the
     /// fastest site link (8 MiB: 1.6 Gbit/s at 40 ms).
@@ -742,6 +747,7 @@ async fn finish(client: Client, committed: ImageStatus, f: &Finish) -> Result<Ex
 async fn cmd_engine(a: EngineArgs) -> Result<ExitCode> {
     let mut cfg = seedcast_engine::EngineConfig::new(&a.data);
     cfg.delta_level = a.delta_level;
+    cfg.delta_adapt = a.delta_adapt;
     cfg.streams_per_transfer = a.streams as usize;
     cfg.open_enrollment = a.open_enrollment;
     cfg.site_cert_lifetime = a.site_cert_lifetime;

@@ -86,6 +86,8 @@ pub struct Staging {
     places: HashMap<ChunkId, Vec<(u32, u64, u32)>>,
     /// The directory became an [`AssembledImage`]: no cleanup here.
     handed_over: AtomicBool,
+    /// Every chunk not being received was written by [`Staging::prefill`].
+    prefilled: AtomicBool,
 }
 
 impl Staging {
@@ -106,6 +108,7 @@ impl Staging {
             files: Vec::new(),
             places: HashMap::new(),
             handed_over: AtomicBool::new(false),
+            prefilled: AtomicBool::new(false),
         };
         for f in &manifest.files {
             let path = staging.dir.join(&f.path);
@@ -134,6 +137,37 @@ impl Staging {
 
     /// Write a verified chunk wherever the image has it (nothing if it is not one this
     /// staging waits for). Safe from several threads at once. Blocking.
+    /// Write every chunk of the image this site already holds (each data extent not being
+    /// received) from the cache, while the rest of the transfer travels: [`Staging::finish`]
+    /// then only checks and syncs, instead of copying the unchanged bulk of an update after
+    /// its last byte arrived. Only for manifests whose file hashes are their recipes' (the
+    /// bytes need not be hashed again). Blocking.
+    pub fn prefill(&self, db: &AgentDb, manifest: &Manifest) -> Result<(), AssembleError> {
+        if !manifest.hashes_recipes() {
+            return Ok(());
+        }
+        for (f, file) in manifest.files.iter().zip(&self.files) {
+            for (off, e) in f.recipe.extents_at() {
+                if let Extent::Data { id, len } = e
+                    && !self.places.contains_key(id)
+                {
+                    let data = db.chunk(id)?.ok_or(AssembleError::MissingChunk(*id))?;
+                    if data.len() != *len as usize {
+                        return Err(AssembleError::ChunkLength {
+                            id: *id,
+                            expected: *len,
+                            actual: data.len(),
+                        });
+                    }
+                    file.write_all_at(&data, off)
+                        .map_err(io("write", &self.dir))?;
+                }
+            }
+        }
+        self.prefilled.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
     pub fn write(&self, chunk: &VerifiedChunk) -> Result<(), AssembleError> {
         let Some(places) = self.places.get(&chunk.id()) else {
             return Ok(());
@@ -179,6 +213,7 @@ impl Staging {
             // verified against its id when it arrived. Older manifests hash the bytes as
             // written.
             let by_bytes = !manifest.hashes_recipes();
+            let prefilled = !by_bytes && self.prefilled.load(Ordering::SeqCst);
             if !by_bytes && f.recipe.content_hash() != f.recipe.hash {
                 return Err(AssembleError::FileHash {
                     path: f.path.clone(),
@@ -190,7 +225,7 @@ impl Staging {
             for (off, e) in f.recipe.extents_at() {
                 match e {
                     // Written when it arrived.
-                    Extent::Data { id, .. } if self.places.contains_key(id) => {}
+                    Extent::Data { id, .. } if prefilled || self.places.contains_key(id) => {}
                     Extent::Data { id, len } => {
                         let data = db.chunk(id)?.ok_or(AssembleError::MissingChunk(*id))?;
                         if data.len() != *len as usize {
@@ -325,6 +360,35 @@ mod tests {
         assert!(matches!(e, AssembleError::ChunkLength { .. }), "{e}");
         assert!(!stage.exists());
         let _ = id;
+    }
+
+    #[test]
+    fn what_the_site_holds_is_written_while_the_rest_arrives() {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = AgentDb::open(&tmp.path().join("db")).unwrap();
+        let data = sparse_disk();
+        let (m, chunks) = image(GlobalId([3; 12]), 1, &data);
+        let (held, arriving) = chunks.split_at(chunks.len() / 2);
+        db.put_chunks(held).unwrap();
+        let ids: Vec<ChunkId> = arriving.iter().map(|c| c.id()).collect();
+        let stage = tmp.path().join("stage");
+        let staging = Staging::create(&m, stage.clone(), &ids).unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| staging.prefill(&db, &m).unwrap());
+            s.spawn(|| arriving.iter().for_each(|c| staging.write(c).unwrap()));
+        });
+        // Before finishing, every byte is in place already: held chunks from the prefill.
+        let written = fs::read(stage.join("disk.raw")).unwrap();
+        assert_eq!(written, data);
+        let img = staging.finish(&db, &m).unwrap();
+        assert_eq!(fs::read(img.file_path("disk.raw")).unwrap(), data);
+        // A held chunk missing from the cache fails the prefill, naming it.
+        let db2 = AgentDb::open(&tmp.path().join("db2")).unwrap();
+        let staging = Staging::create(&m, tmp.path().join("stage2"), &ids).unwrap();
+        assert!(matches!(
+            staging.prefill(&db2, &m),
+            Err(AssembleError::MissingChunk(id)) if id == held[0].id()
+        ));
     }
 
     #[test]

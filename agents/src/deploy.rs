@@ -293,6 +293,11 @@ impl Agent {
         }
         let ask = plan.need_from();
         let complete = plan.transfer.is_complete();
+        // What the site holds is written into the image while the rest travels.
+        let prefill = staging.clone().map(|s| {
+            let (db, m) = (self.db.clone(), plan.transfer.manifest().clone());
+            tokio::task::spawn_blocking(move || s.prefill(&db, &m))
+        });
         let (active, done) = Active::new(plan.transfer, seeds, staging.clone());
         ctl.slot.begin(active);
         write_msg(ctl.send, &ask).await?;
@@ -303,6 +308,9 @@ impl Agent {
             }
         }
         let active = ctl.slot.take().ok_or(ReceiveError::Abandoned)?;
+        if let Some(p) = prefill {
+            p.await??;
+        }
         Ok((active.transfer, staging))
     }
 

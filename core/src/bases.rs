@@ -32,6 +32,32 @@ fn first_block(offset: u64) -> usize {
     ((BLOCK - offset % BLOCK) % BLOCK) as usize
 }
 
+/// What a base chunk is indexed by: its aligned blocks' keys and its super-features. The
+/// costly part of indexing (hashing every block, the sketch), computed apart from the
+/// index so that many chunks' keys are computed in parallel.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    len: u32,
+    blocks: Vec<u64>,
+    features: Option<[u64; crate::delta::SUPER_FEATURES]>,
+}
+
+impl Keys {
+    pub fn of(offset: u64, raw: &[u8]) -> Keys {
+        let mut blocks = Vec::with_capacity(raw.len() / BLOCK as usize);
+        let mut b = first_block(offset);
+        while b + BLOCK as usize <= raw.len() {
+            blocks.push(block_key(&raw[b..b + BLOCK as usize]));
+            b += BLOCK as usize;
+        }
+        Keys {
+            len: raw.len() as u32,
+            blocks,
+            features: sketch(raw).map(|s| s.0),
+        }
+    }
+}
+
 /// Base chunks, indexed by aligned block and by super-feature.
 #[derive(Debug, Default)]
 pub struct BaseIndex {
@@ -44,21 +70,23 @@ impl BaseIndex {
     /// Index one base chunk (its raw bytes, first used at `offset` of its file). A chunk
     /// already indexed is left as it is.
     pub fn add(&mut self, id: ChunkId, offset: u64, raw: &[u8]) {
+        if !self.lens.contains_key(&id) {
+            self.insert(id, Keys::of(offset, raw));
+        }
+    }
+
+    /// Index one base chunk from its [`Keys`] (computed on another thread). A chunk
+    /// already indexed is left as it is.
+    pub fn insert(&mut self, id: ChunkId, keys: Keys) {
         if self.lens.contains_key(&id) {
             return;
         }
-        self.lens.insert(id, raw.len() as u32);
-        if let Some(s) = sketch(raw) {
-            for sf in s.0 {
-                self.features.entry(sf).or_insert(id);
-            }
+        self.lens.insert(id, keys.len);
+        for sf in keys.features.into_iter().flatten() {
+            self.features.entry(sf).or_insert(id);
         }
-        let mut b = first_block(offset);
-        while b + BLOCK as usize <= raw.len() {
-            self.blocks
-                .entry(block_key(&raw[b..b + BLOCK as usize]))
-                .or_insert(id);
-            b += BLOCK as usize;
+        for b in keys.blocks {
+            self.blocks.entry(b).or_insert(id);
         }
     }
 

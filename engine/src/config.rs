@@ -28,6 +28,12 @@ pub struct EngineConfig {
     /// are for thin links, the work is done once for every site, and 19 is what
     /// `zstd --patch-from` users pick; 12 is about 7× faster for ~10 % more bytes.
     pub delta_level: i32,
+    /// Adapt each transfer's delta level to its link ([`crate::data_streams`]): start at
+    /// [`crate::data_streams::ADAPT_START`] and move towards `delta_level` while encoded
+    /// groups queue for the link, down (to [`crate::data_streams::ADAPT_MIN`]) while the
+    /// link waits for the encoder — as `zstd --adapt`. Off: every group at `delta_level`,
+    /// the fewest bytes (a link faster than the encoder then waits for it).
+    pub delta_adapt: bool,
     /// How a deployment's work is cut into stream items and delta groups.
     pub send: SendConfig,
     /// Accept `DATA/join.token` for any new site name (off: sites enroll only with the
@@ -59,6 +65,7 @@ impl EngineConfig {
             streams_per_transfer: 4,
             read_cache: 64 << 20,
             delta_level: 19,
+            delta_adapt: false,
             send: SendConfig::default(),
             open_enrollment: false,
             site_cert_lifetime: Duration::from_secs(30 * 86_400),

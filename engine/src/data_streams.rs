@@ -77,7 +77,84 @@ pub(crate) struct Deltas {
     pub index: Arc<BaseIndex>,
     /// Names the set of bases (for sharing encodings between sites).
     pub key: [u8; 32],
+    /// The zstd level of groups (the highest, when adapting).
     pub level: i32,
+    /// Adapt the level to the link as the transfer goes.
+    pub adapt: bool,
+}
+
+/// Where an adapting transfer starts: fast enough (~20 MB/s a core) that the first groups
+/// reach the link at once.
+pub const ADAPT_START: i32 = 9;
+/// The lowest level an adapting transfer goes to.
+pub const ADAPT_MIN: i32 = 6;
+
+/// The delta level of one adapting transfer, moved by how much encoded data waits for the
+/// link: the bytes written to the streams and not yet sent by the connection, in seconds of
+/// what the connection has been sending.
+#[derive(Debug)]
+struct Adaptive {
+    level: std::sync::atomic::AtomicI32,
+    max: i32,
+    start: std::time::Instant,
+    tx0: u64,
+    written: AtomicU64,
+}
+
+impl Adaptive {
+    fn new(conn: &Connection, max: i32) -> Self {
+        Adaptive {
+            level: std::sync::atomic::AtomicI32::new(ADAPT_START.min(max)),
+            max,
+            start: std::time::Instant::now(),
+            tx0: conn.stats().udp_tx.bytes,
+            written: AtomicU64::new(0),
+        }
+    }
+
+    fn level(&self) -> i32 {
+        self.level.load(Ordering::Relaxed)
+    }
+
+    /// A group of `n` payload bytes is about to be written: adjust the level for the next.
+    fn wrote(&self, conn: &Connection, n: u64) {
+        let written = self.written.fetch_add(n, Ordering::Relaxed) + n;
+        let sent = conn.stats().udp_tx.bytes.saturating_sub(self.tx0);
+        let l = self.level();
+        let next = next_level(
+            l,
+            self.max,
+            written,
+            sent,
+            self.start.elapsed().as_secs_f64(),
+        );
+        if next != l {
+            self.level.store(next, Ordering::Relaxed);
+            tracing::debug!(level = next, "delta level adapted");
+        }
+    }
+}
+
+/// The next delta level of an adapting transfer at `level` (at most `max`) that has
+/// written `written` payload bytes to its streams while its connection sent `sent` bytes
+/// in `elapsed` seconds: up while more than a second of the link's rate waits, down while
+/// less than a quarter second does.
+fn next_level(level: i32, max: i32, written: u64, sent: u64, elapsed: f64) -> i32 {
+    if elapsed < 0.5 || sent == 0 {
+        return level;
+    }
+    // QUIC and UDP/IP add ~5 % to the payload.
+    let backlog = written.saturating_sub(sent * 95 / 100) as f64;
+    let queued_secs = backlog / (sent as f64 / elapsed);
+    // Step by step: early in a transfer the rate is still growing and the queue looks
+    // longer than it is (jumping to the highest level at once left wan's link waiting).
+    if queued_secs > 1.0 {
+        (level + 2).min(max)
+    } else if queued_secs < 0.25 {
+        (level - 2).max(ADAPT_MIN.min(max))
+    } else {
+        level
+    }
 }
 
 /// Where one deployment's data goes and what it reads from.
@@ -101,10 +178,16 @@ pub(crate) async fn send(out: Outbound, work: Vec<Work>) -> Result<(), StreamErr
         return Ok(());
     }
     let streams = out.streams.clamp(1, work.len());
+    let adaptive = out
+        .deltas
+        .as_ref()
+        .filter(|d| d.adapt)
+        .map(|d| Adaptive::new(&out.conn, d.level));
     let shared = Arc::new(Shared {
         out,
         work,
         cursor: AtomicUsize::new(0),
+        adaptive,
     });
     let mut set = JoinSet::new();
     for _ in 0..streams {
@@ -123,6 +206,8 @@ struct Shared {
     work: Vec<Work>,
     /// The next item to take.
     cursor: AtomicUsize,
+    /// The transfer's delta level, when it adapts to the link.
+    adaptive: Option<Adaptive>,
 }
 
 async fn stream(sh: Arc<Shared>) -> Result<(), StreamError> {
@@ -148,11 +233,14 @@ async fn stream(sh: Arc<Shared>) -> Result<(), StreamError> {
                         d.index.clone(),
                         d.key,
                         chunks.clone(),
-                        d.level,
+                        sh.adaptive.as_ref().map_or(d.level, Adaptive::level),
                     )
                     .await?;
                 match &*enc {
                     Encoded::Group { header, payload } => {
+                        if let Some(a) = &sh.adaptive {
+                            a.wrote(&out.conn, payload.len() as u64);
+                        }
                         out.pacer.admit(payload.len() as u64).await;
                         write_msg(&mut s, &DataRecord::Group(header.clone())).await?;
                         s.write_chunk(payload.clone()).await?;
@@ -192,4 +280,29 @@ async fn send_stored(
         out.sent.fetch_add(n, Ordering::Relaxed);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_delta_level_rises_while_groups_queue_and_falls_while_the_link_waits() {
+        // 1 MB/s sent for 2 s: 2 MB out.
+        let sent = 2_000_000;
+        // 4 MB written: ~2 s queued → up by two, never past the most.
+        assert_eq!(next_level(9, 19, 4_000_000, sent, 2.0), 11);
+        assert_eq!(next_level(19, 19, 4_000_000, sent, 2.0), 19);
+        // Everything written is out: the link waits for the encoder → down by two, not
+        // below the least.
+        assert_eq!(next_level(15, 19, 1_950_000, sent, 2.0), 13);
+        assert_eq!(next_level(ADAPT_MIN, 19, 1_950_000, sent, 2.0), ADAPT_MIN);
+        // Half a second queued: where it is.
+        assert_eq!(next_level(15, 19, 2_700_000, sent, 2.0), 15);
+        // Too early to tell, or nothing sent yet: unchanged.
+        assert_eq!(next_level(9, 19, 4_000_000, sent, 0.3), 9);
+        assert_eq!(next_level(9, 19, 4_000_000, 0, 2.0), 9);
+        // A highest level below the least adaptive one is kept.
+        assert_eq!(next_level(3, 3, 100, sent, 2.0), 3);
+    }
 }

@@ -14,7 +14,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use seedcast_core::bases::{BaseBudget, BaseIndex, encode_against};
+use seedcast_core::bases::{BaseBudget, BaseIndex, Keys, encode_against};
 use seedcast_core::protocol::{GroupHeader, HeldVersion};
 use seedcast_core::source::{ChunkSource, SourceError};
 use seedcast_core::{ChunkId, Manifest};
@@ -38,24 +38,52 @@ pub(crate) fn read_raw(source: &dyn ChunkSource, id: &ChunkId) -> Result<Bytes, 
 /// Index every available chunk of `held` (the manifests of the versions the site can
 /// serve bases from), except `unavailable`. A base the engine cannot read (damaged or
 /// missing in its store) is left out, not fatal: chunks that would have used it are sent
-/// against other bases or whole.
+/// against other bases or whole. The chunks are read and keyed on every core (it is on the
+/// path between a site's answer and the first byte of its update), then indexed in order.
 pub(crate) fn build_index(
     source: &dyn ChunkSource,
     held: &[Manifest],
     unavailable: &HashSet<ChunkId>,
 ) -> BaseIndex {
-    let mut ix = BaseIndex::default();
+    let mut seen = HashSet::new();
+    let mut todo = Vec::new();
     for m in held {
         for f in &m.files {
             for (off, id, _) in f.recipe.chunks_at() {
-                if unavailable.contains(&id) || ix.contains(&id) {
-                    continue;
-                }
-                match read_raw(source, &id) {
-                    Ok(raw) => ix.add(id, off, &raw),
-                    Err(e) => tracing::warn!("delta base {id} left out: {e}"),
+                if !unavailable.contains(&id) && seen.insert(id) {
+                    todo.push((off, id));
                 }
             }
+        }
+    }
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let per = todo.len().div_ceil(threads).max(1);
+    let keyed: Vec<Vec<(ChunkId, Option<Keys>)>> = std::thread::scope(|s| {
+        let parts: Vec<_> = todo
+            .chunks(per)
+            .map(|part| {
+                s.spawn(move || {
+                    part.iter()
+                        .map(|(off, id)| match read_raw(source, id) {
+                            Ok(raw) => (*id, Some(Keys::of(*off, &raw))),
+                            Err(e) => {
+                                tracing::warn!("delta base {id} left out: {e}");
+                                (*id, None)
+                            }
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        parts
+            .into_iter()
+            .map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    let mut ix = BaseIndex::default();
+    for (id, keys) in keyed.into_iter().flatten() {
+        if let Some(k) = keys {
+            ix.insert(id, k);
         }
     }
     ix

@@ -467,7 +467,7 @@ async fn deploy_msg(
 
 /// The index of the site's base chunks (built once for every site holding the same
 /// versions), or `None` when it holds none.
-async fn index_bases(
+pub(crate) async fn index_bases(
     shared: &Arc<Shared>,
     bases_from: Vec<HeldVersion>,
     unavailable: Vec<seedcast_core::ChunkId>,
@@ -484,12 +484,19 @@ async fn index_bases(
         Ok(manifests)
     };
     let source = shared.store.clone() as Arc<dyn ChunkSource>;
+    let t = Instant::now();
     let index = shared.delta.index(source, key, load, unavailable).await?;
+    tracing::debug!(
+        secs = t.elapsed().as_secs_f64(),
+        bases = index.len(),
+        "delta bases ready"
+    );
     Ok((!index.is_empty()).then(|| Deltas {
         cache: shared.delta.clone(),
         index,
         key,
         level: shared.cfg.delta_level,
+        adapt: shared.cfg.delta_adapt,
     }))
 }
 

@@ -52,11 +52,37 @@ pub(crate) async fn make(
         f(&sh)
     })
     .await??;
+    prepare_bases(shared, &made);
     for s in &made.sites {
         shared.wake_site(s);
     }
     shared.changed();
     status::image(shared, &made.global_id)
+}
+
+/// Start indexing the versions the target sites hold of this image as delta bases, now:
+/// each site asks for them a round trip later, and its first byte waits for the index.
+fn prepare_bases(shared: &Arc<Shared>, made: &Made) {
+    let mut versions = std::collections::BTreeSet::new();
+    for site in &made.sites {
+        if let Ok(Some(p)) = shared.catalog.placement(&made.global_id, site)
+            && let Some(v) = p.published_version
+        {
+            versions.insert(v);
+        }
+    }
+    for version in versions {
+        let held = vec![seedcast_core::protocol::HeldVersion {
+            global_id: made.global_id,
+            version,
+        }];
+        let sh = shared.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::distribute::index_bases(&sh, held, Vec::new()).await {
+                tracing::debug!("delta bases not prepared: {e}");
+            }
+        });
+    }
 }
 
 /// Version 1 of a new image named `name`, for `sites` (every site in good standing when
