@@ -88,6 +88,8 @@ pub struct Staging {
     handed_over: AtomicBool,
     /// Every chunk not being received was written by [`Staging::prefill`].
     prefilled: AtomicBool,
+    /// The transfer ended without an image: a running prefill stops.
+    cancelled: AtomicBool,
 }
 
 impl Staging {
@@ -109,6 +111,7 @@ impl Staging {
             places: HashMap::new(),
             handed_over: AtomicBool::new(false),
             prefilled: AtomicBool::new(false),
+            cancelled: AtomicBool::new(false),
         };
         for f in &manifest.files {
             let path = staging.dir.join(&f.path);
@@ -148,6 +151,9 @@ impl Staging {
         }
         for (f, file) in manifest.files.iter().zip(&self.files) {
             for (off, e) in f.recipe.extents_at() {
+                if self.cancelled.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
                 if let Extent::Data { id, len } = e
                     && !self.places.contains_key(id)
                 {
@@ -166,6 +172,11 @@ impl Staging {
         }
         self.prefilled.store(true, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Stop a running [`Staging::prefill`] (the transfer failed or was abandoned).
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Relaxed);
     }
 
     pub fn write(&self, chunk: &VerifiedChunk) -> Result<(), AssembleError> {

@@ -300,18 +300,29 @@ impl Agent {
         });
         let (active, done) = Active::new(plan.transfer, seeds, staging.clone());
         ctl.slot.begin(active);
-        write_msg(ctl.send, &ask).await?;
-        if !complete {
-            tokio::select! {
-                r = done => r.unwrap_or(Err(ReceiveError::Abandoned))?,
-                e = ctl.conn.closed() => return Err(e.into()),
+        let received = async {
+            write_msg(ctl.send, &ask).await?;
+            if !complete {
+                tokio::select! {
+                    r = done => r.unwrap_or(Err(ReceiveError::Abandoned))?,
+                    e = ctl.conn.closed() => return Err(e.into()),
+                }
+            }
+            Ok::<_, AgentError>(ctl.slot.take().ok_or(ReceiveError::Abandoned)?)
+        }
+        .await;
+        // The prefill is over before this returns, whatever happened: a failed transfer's
+        // staging directory goes with it, not a moment later.
+        if let (Some(p), Some(s)) = (prefill, &staging) {
+            if received.is_err() {
+                s.cancel();
+            }
+            let filled = p.await;
+            if received.is_ok() {
+                filled??;
             }
         }
-        let active = ctl.slot.take().ok_or(ReceiveError::Abandoned)?;
-        if let Some(p) = prefill {
-            p.await??;
-        }
-        Ok((active.transfer, staging))
+        Ok((received?.transfer, staging))
     }
 
     /// Assemble (in `staging`, where the transfer's chunks were written as they came, or

@@ -441,10 +441,13 @@ mod tests {
     }
 
     impl Edited {
-        /// Every chunk the re-cut read lies (in the old file) within the re-cut region or the
-        /// one maximum chunk the chunker may look past it; the hash read none twice.
+        /// Every chunk the re-cut read lies (in the old file) within the re-cut region or
+        /// two maximum chunks past it: the chunker may hold up to one maximum chunk it has
+        /// not cut yet when the re-cut feeds it the next maximum chunk, and a content cut in
+        /// that buffer can end the re-cut (a bound of one maximum chunk failed now and then:
+        /// seed 427); the hash read none twice.
         fn assert_reads_stay_near_the_write(&self, old: &FileRecipe, cfg: ChunkerConfig) {
-            let (from, to) = (self.out.recut.0, self.out.recut.1 + cfg.max as u64);
+            let (from, to) = (self.out.recut.0, self.out.recut.1 + 2 * cfg.max as u64);
             for id in &self.recut_reads {
                 let near = old
                     .chunks_at()
