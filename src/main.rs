@@ -550,6 +550,9 @@ struct BenchLinksArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// Print the table as Markdown, as docs/BENCHMARKS.md shows it.
+    #[arg(long, conflicts_with = "json")]
+    markdown: bool,
 }
 
 #[derive(Args, Debug)]
@@ -1008,7 +1011,7 @@ async fn cmd_bench_site(a: BenchSiteArgs) -> Result<ExitCode> {
 }
 
 async fn cmd_bench_links(a: BenchLinksArgs) -> Result<ExitCode> {
-    use seedcast::bench::links::{LinksOptions, Profile, Scenario, run_links, table};
+    use seedcast::bench::links::{LinksOptions, Profile, Scenario, markdown, run_links, table};
     let images = match a.images.strip_prefix("~/") {
         Some(rest) => PathBuf::from(std::env::var("HOME").context("HOME")?).join(rest),
         None => PathBuf::from(&a.images),
@@ -1058,6 +1061,8 @@ async fn cmd_bench_links(a: BenchLinksArgs) -> Result<ExitCode> {
     .await?;
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
+    } else if a.markdown {
+        print!("{}", markdown(&report));
     } else {
         print!("{}", table(&report));
     }

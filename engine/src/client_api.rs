@@ -52,6 +52,33 @@ pub(crate) async fn session(
     }
 }
 
+/// The answer to an upload (what was stored, counted for the next commit; or why not). A
+/// stream that broke the framing is answered too, and closes the connection.
+async fn upload_answer(
+    send: &mut SendStream,
+    r: Result<(upload::Inserted, u64), UploadError>,
+    uploaded: &Uploaded,
+) -> Result<Result<Response, EngineError>, FramedError> {
+    match r {
+        Ok((added, bytes)) => {
+            uploaded.add(bytes);
+            Ok(Ok(Response::Uploaded {
+                stored: added.chunks,
+                bytes,
+            }))
+        }
+        Err(UploadError::Framing(e)) => {
+            let refused = Response::Error {
+                kind: ErrorKind::Invalid,
+                message: e.to_string(),
+            };
+            let _ = write_msg(send, &refused).await;
+            Err(e)
+        }
+        Err(UploadError::Engine(e)) => Ok(Err(e)),
+    }
+}
+
 /// Read one request, answer it, finish the stream.
 async fn request(
     shared: &Arc<Shared>,
@@ -63,43 +90,13 @@ async fn request(
         Request::Watch { global_id, version } => {
             return status::watch(shared, &mut send, global_id, version).await;
         }
-        Request::Upload { count } => match upload::receive(shared, &mut recv, count).await {
-            Ok(added) => {
-                uploaded.add(added.bytes);
-                Ok(Response::Uploaded {
-                    stored: added.chunks,
-                    bytes: added.bytes,
-                })
-            }
-            Err(UploadError::Framing(e)) => {
-                let refused = Response::Error {
-                    kind: ErrorKind::Invalid,
-                    message: e.to_string(),
-                };
-                let _ = write_msg(&mut send, &refused).await;
-                return Err(e);
-            }
-            Err(UploadError::Engine(e)) => Err(e),
-        },
+        Request::Upload { count } => {
+            let r = upload::receive(shared, &mut recv, count).await;
+            upload_answer(&mut send, r.map(|a| (a, a.bytes)), uploaded).await?
+        }
         Request::UploadRecords { count } => {
-            match upload::receive_records(shared, &mut recv, count).await {
-                Ok((added, sent)) => {
-                    uploaded.add(sent);
-                    Ok(Response::Uploaded {
-                        stored: added.chunks,
-                        bytes: sent,
-                    })
-                }
-                Err(UploadError::Framing(e)) => {
-                    let refused = Response::Error {
-                        kind: ErrorKind::Invalid,
-                        message: e.to_string(),
-                    };
-                    let _ = write_msg(&mut send, &refused).await;
-                    return Err(e);
-                }
-                Err(UploadError::Engine(e)) => Err(e),
-            }
+            let r = upload::receive_records(shared, &mut recv, count).await;
+            upload_answer(&mut send, r, uploaded).await?
         }
         Request::Missing { chunks } => {
             upload::missing(shared, &chunks).map(|chunks| Response::Missing { chunks })

@@ -89,6 +89,15 @@ pub const ADAPT_START: i32 = 9;
 /// The lowest level an adapting transfer goes to.
 pub const ADAPT_MIN: i32 = 6;
 
+/// The level a transfer's first groups are encoded at.
+pub(crate) fn start_level(d: &Deltas) -> i32 {
+    if d.adapt {
+        ADAPT_START.min(d.level)
+    } else {
+        d.level
+    }
+}
+
 /// The delta level of one adapting transfer, moved by how much encoded data waits for the
 /// link: the bytes written to the streams and not yet sent by the connection, in seconds of
 /// what the connection has been sending.

@@ -11,7 +11,8 @@ use seedcast_core::protocol::{
     ChunkHeader, DataRecord, GroupHeader, MAX_IDS_PER_REQUEST, MAX_UPLOAD_BASE_BYTES,
     MAX_UPLOAD_BATCH, MAX_UPLOAD_BATCH_BYTES, MAX_UPLOAD_RAW_BYTES,
 };
-use seedcast_core::source::{ChunkSource, ChunkStore, Inserted};
+pub(crate) use seedcast_core::source::Inserted;
+use seedcast_core::source::{ChunkSource, ChunkStore};
 use seedcast_core::{ChunkId, CompressedChunk, UnverifiedChunk, VerifiedChunk};
 use seedcast_net::{FramedError, read_msg_required, read_payload};
 
@@ -56,50 +57,22 @@ pub(crate) async fn receive(
     recv: &mut RecvStream,
     count: u32,
 ) -> Result<Inserted, UploadError> {
-    if count > MAX_UPLOAD_BATCH {
-        return Err(UploadRefused::TooMany {
-            count,
-            max: MAX_UPLOAD_BATCH,
-        }
-        .into());
-    }
-    // What is held unverified is bounded by the engine's own chunk size, not the
-    // protocol's: a chunk's stored form is its raw bytes or zstd's worst case of them.
-    let max_raw = shared.cfg.chunking.max;
-    let max_payload = payload_bound(max_raw).min(ChunkHeader::MAX_PAYLOAD);
+    check_count(count)?;
+    let bounds = Bounds::of(shared);
     let mut chunks = Vec::with_capacity((count as usize).min(1024));
     let mut held = 0u64;
     for _ in 0..count {
         let h: ChunkHeader = read_msg_required(recv).await?;
-        if h.payload_len > max_payload || h.raw_len > max_raw {
-            return Err(UploadRefused::PayloadTooLarge {
-                id: h.id,
-                len: h.payload_len.max(h.raw_len),
-                max: max_payload,
-                max_raw,
-            }
-            .into());
-        }
-        held += h.payload_len as u64;
-        if held > MAX_UPLOAD_BATCH_BYTES {
-            return Err(UploadRefused::BatchTooLarge {
-                max: MAX_UPLOAD_BATCH_BYTES,
-            }
-            .into());
-        }
+        bounds.check(&h)?;
+        hold(&mut held, h.payload_len)?;
         let payload = read_payload(recv, h.payload_len as usize).await?;
-        chunks.push(UnverifiedChunk(CompressedChunk {
-            id: h.id,
-            raw_len: h.raw_len,
-            encoding: h.encoding,
-            payload,
-        }));
+        chunks.push(unverified(&h, payload));
     }
     let store = shared.store.clone();
     let stored = tokio::task::spawn_blocking(move || {
         let verified = chunks
             .into_iter()
-            .map(|c| c.verify(max_raw))
+            .map(|c| c.verify(bounds.max_raw))
             .collect::<Result<Vec<_>, _>>()
             .map_err(UploadRefused::from)?;
         Ok::<_, EngineError>(store.insert(&verified)?)
@@ -109,6 +82,68 @@ pub(crate) async fn receive(
         Ok(r) => r.map_err(UploadError::Engine),
         Err(e) => Err(UploadError::Engine(e.into())),
     }
+}
+
+/// A batch's record count within the protocol's limit.
+fn check_count(count: u32) -> Result<(), UploadRefused> {
+    if count > MAX_UPLOAD_BATCH {
+        return Err(UploadRefused::TooMany {
+            count,
+            max: MAX_UPLOAD_BATCH,
+        });
+    }
+    Ok(())
+}
+
+/// Add a record's payload to what the batch holds unverified, within the limit.
+fn hold(held: &mut u64, payload_len: u32) -> Result<(), UploadRefused> {
+    *held += payload_len as u64;
+    if *held > MAX_UPLOAD_BATCH_BYTES {
+        return Err(UploadRefused::BatchTooLarge {
+            max: MAX_UPLOAD_BATCH_BYTES,
+        });
+    }
+    Ok(())
+}
+
+/// What one uploaded chunk may be. What is held unverified is bounded by the engine's own
+/// chunk size, not the protocol's: a chunk's stored form is its raw bytes or zstd's worst
+/// case of them.
+#[derive(Debug, Clone, Copy)]
+struct Bounds {
+    max_raw: u32,
+    max_payload: u32,
+}
+
+impl Bounds {
+    fn of(shared: &Shared) -> Self {
+        let max_raw = shared.cfg.chunking.max;
+        Bounds {
+            max_raw,
+            max_payload: payload_bound(max_raw).min(ChunkHeader::MAX_PAYLOAD),
+        }
+    }
+
+    fn check(&self, h: &ChunkHeader) -> Result<(), UploadRefused> {
+        if h.payload_len > self.max_payload || h.raw_len > self.max_raw {
+            return Err(UploadRefused::PayloadTooLarge {
+                id: h.id,
+                len: h.payload_len.max(h.raw_len),
+                max: self.max_payload,
+                max_raw: self.max_raw,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn unverified(h: &ChunkHeader, payload: bytes::Bytes) -> UnverifiedChunk {
+    UnverifiedChunk(CompressedChunk {
+        id: h.id,
+        raw_len: h.raw_len,
+        encoding: h.encoding,
+        payload,
+    })
 }
 
 /// zstd level of chunks decoded from uploaded delta groups, as they are stored: the level
@@ -131,30 +166,16 @@ pub(crate) async fn receive_records(
     recv: &mut RecvStream,
     count: u32,
 ) -> Result<(Inserted, u64), UploadError> {
-    if count > MAX_UPLOAD_BATCH {
-        return Err(UploadRefused::TooMany {
-            count,
-            max: MAX_UPLOAD_BATCH,
-        }
-        .into());
-    }
-    let max_raw = shared.cfg.chunking.max;
-    let max_payload = payload_bound(max_raw).min(ChunkHeader::MAX_PAYLOAD);
+    check_count(count)?;
+    let bounds = Bounds::of(shared);
+    let max_raw = bounds.max_raw;
     let mut records = Vec::with_capacity((count as usize).min(1024));
     let (mut held, mut chunks, mut raw, mut base) = (0u64, 0u64, 0u64, 0u64);
     for _ in 0..count {
         let record: DataRecord = read_msg_required(recv).await?;
         let len = match &record {
             DataRecord::Chunk(h) => {
-                if h.payload_len > max_payload || h.raw_len > max_raw {
-                    return Err(UploadRefused::PayloadTooLarge {
-                        id: h.id,
-                        len: h.payload_len.max(h.raw_len),
-                        max: max_payload,
-                        max_raw,
-                    }
-                    .into());
-                }
+                bounds.check(h)?;
                 chunks += 1;
                 h.payload_len
             }
@@ -166,13 +187,7 @@ pub(crate) async fn receive_records(
             }
             DataRecord::Abort { .. } => return Err(UploadRefused::AbortRecord.into()),
         };
-        held += len as u64;
-        if held > MAX_UPLOAD_BATCH_BYTES {
-            return Err(UploadRefused::BatchTooLarge {
-                max: MAX_UPLOAD_BATCH_BYTES,
-            }
-            .into());
-        }
+        hold(&mut held, len)?;
         if chunks > MAX_UPLOAD_BATCH as u64 {
             return Err(UploadRefused::TooMany {
                 count: chunks.min(u32::MAX as u64) as u32,
@@ -190,12 +205,7 @@ pub(crate) async fn receive_records(
         }
         let payload = read_payload(recv, len as usize).await?;
         records.push(match record {
-            DataRecord::Chunk(h) => Record::Chunk(UnverifiedChunk(CompressedChunk {
-                id: h.id,
-                raw_len: h.raw_len,
-                encoding: h.encoding,
-                payload,
-            })),
+            DataRecord::Chunk(h) => Record::Chunk(unverified(&h, payload)),
             DataRecord::Group(g) => Record::Group(g, payload),
             DataRecord::Abort { .. } => unreachable!("refused above"),
         });

@@ -60,29 +60,79 @@ pub(crate) async fn make(
     status::image(shared, &made.global_id)
 }
 
-/// Start indexing the versions the target sites hold of this image as delta bases, now:
-/// each site asks for them a round trip later, and its first byte waits for the index.
+/// Start indexing the versions the target sites hold of this image as delta bases, and
+/// encoding the first delta groups each will be sent, now: each site asks a round trip
+/// later, and its first byte would wait for both. The groups are those the sender will
+/// plan when a site lacks exactly the chunks its held version does not have (the usual
+/// case); other sites find nothing prepared and encode as before.
 fn prepare_bases(shared: &Arc<Shared>, made: &Made) {
+    let Ok(Some(image)) = shared.catalog.image(&made.global_id) else {
+        return;
+    };
     let mut versions = std::collections::BTreeSet::new();
     for site in &made.sites {
         if let Ok(Some(p)) = shared.catalog.placement(&made.global_id, site)
             && let Some(v) = p.published_version
+            && v != image.current_version
         {
             versions.insert(v);
         }
     }
     for version in versions {
-        let held = vec![seedcast_core::protocol::HeldVersion {
-            global_id: made.global_id,
-            version,
-        }];
         let sh = shared.clone();
+        let (g, target) = (made.global_id, image.current_version);
         tokio::spawn(async move {
-            if let Err(e) = crate::distribute::index_bases(&sh, held, Vec::new()).await {
+            if let Err(e) = prepare(&sh, g, version, target).await {
                 tracing::debug!("delta bases not prepared: {e}");
             }
         });
     }
+}
+
+/// Index version `held` of `g` as bases and encode the first groups of `target` against it.
+async fn prepare(
+    shared: &Arc<Shared>,
+    g: GlobalId,
+    held: u32,
+    target: u32,
+) -> Result<(), EngineError> {
+    let bases = vec![seedcast_core::protocol::HeldVersion {
+        global_id: g,
+        version: held,
+    }];
+    let Some(deltas) = crate::distribute::index_bases(shared, bases, Vec::new()).await? else {
+        return Ok(());
+    };
+    let (Some(old), Some(new)) = (
+        shared.catalog.manifest(&g, held)?,
+        shared.catalog.manifest(&g, target)?,
+    ) else {
+        return Ok(());
+    };
+    let have = old.manifest.first_uses();
+    let mut seen = std::collections::HashSet::new();
+    let need: Vec<_> = new
+        .manifest
+        .files
+        .iter()
+        .flat_map(|f| f.recipe.chunks_at())
+        .filter(|(_, id, _)| !have.contains_key(id) && seen.insert(*id))
+        .map(|(_, id, _)| id)
+        .collect();
+    let groups =
+        seedcast_core::sender::plan_groups(&need, &new.manifest.first_uses(), &shared.cfg.send);
+    let level = crate::data_streams::start_level(&deltas);
+    let first = groups.into_iter().take(shared.cfg.streams_per_transfer);
+    let encodes = first.map(|chunks| {
+        let source = shared.reads.clone() as Arc<dyn seedcast_core::source::ChunkSource>;
+        deltas
+            .cache
+            .group(source, deltas.index.clone(), deltas.key, chunks, level)
+    });
+    for r in futures::future::join_all(encodes).await {
+        r?;
+    }
+    Ok(())
 }
 
 /// Version 1 of a new image named `name`, for `sites` (every site in good standing when

@@ -234,49 +234,40 @@ impl Client {
         }
         let todo = todo.into_iter().map(|(id, raw, _)| (id, raw)).collect();
         let compressed = compress_parallel(todo, level).await?;
-        let (mut send, mut recv) = self.conn.open_bi().await?;
-        write_msg(
-            &mut send,
-            &Request::Upload {
-                count: compressed.len() as u32,
-            },
-        )
-        .await?;
-        let mut bytes = 0u64;
-        for c in compressed {
-            let h = ChunkHeader::of(&c);
-            write_msg(&mut send, &h).await?;
-            bytes += c.payload.len() as u64;
-            send.write_chunk(c.payload)
-                .await
-                .map_err(FramedError::from)?;
-        }
-        let _ = send.finish();
-        match Self::check(read_msg_required(&mut recv).await?)? {
-            Response::Uploaded { .. } => Ok(bytes),
-            r => Err(ClientError::Unexpected(format!("{r:?}"))),
-        }
+        let request = Request::Upload {
+            count: compressed.len() as u32,
+        };
+        let records = compressed
+            .into_iter()
+            .map(|c| (ChunkHeader::of(&c), c.payload));
+        self.send_records(&request, records).await
     }
-}
 
-impl Client {
     /// Upload chunk and delta-group records on one stream.
     async fn upload_records(&self, records: Vec<Outgoing>) -> Result<u64, ClientError> {
+        let request = Request::UploadRecords {
+            count: records.len() as u32,
+        };
+        let records = records
+            .into_iter()
+            .map(|r| (r.record(), r.payload().clone()));
+        self.send_records(&request, records).await
+    }
+
+    /// Send `request` and its records (each a header frame and its payload) on a stream of
+    /// their own; returns the payload bytes once the engine has stored them.
+    async fn send_records<H: serde::Serialize>(
+        &self,
+        request: &Request,
+        records: impl Iterator<Item = (H, Bytes)>,
+    ) -> Result<u64, ClientError> {
         let (mut send, mut recv) = self.conn.open_bi().await?;
-        write_msg(
-            &mut send,
-            &Request::UploadRecords {
-                count: records.len() as u32,
-            },
-        )
-        .await?;
+        write_msg(&mut send, request).await?;
         let mut bytes = 0u64;
-        for r in records {
-            write_msg(&mut send, &r.record()).await?;
-            bytes += r.payload().len() as u64;
-            send.write_chunk(r.payload().clone())
-                .await
-                .map_err(FramedError::from)?;
+        for (header, payload) in records {
+            write_msg(&mut send, &header).await?;
+            bytes += payload.len() as u64;
+            send.write_chunk(payload).await.map_err(FramedError::from)?;
         }
         let _ = send.finish();
         match Self::check(read_msg_required(&mut recv).await?)? {

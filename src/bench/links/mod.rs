@@ -752,3 +752,26 @@ pub fn table(r: &LinksReport) -> String {
     }
     out
 }
+
+/// The same table in Markdown, as docs/BENCHMARKS.md shows it.
+pub fn markdown(r: &LinksReport) -> String {
+    let mut out = String::from(
+        "| profile | run | controller | seconds | link s | × link | down the link (B) | engine sent / site got | detail |\n\
+         | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |\n",
+    );
+    for x in &r.runs {
+        out += &format!(
+            "| {} | {} | {} | {:.1} | {:.1} | {:.2} | {} | {:.2} | {} |\n",
+            x.profile.name,
+            format!("{:?}", x.scenario).to_lowercase(),
+            x.congestion.map_or("default", |c| c.name()),
+            x.seconds,
+            x.link_secs,
+            x.of_link,
+            x.link_down,
+            x.sent_per_delivered,
+            x.detail.as_deref().unwrap_or(""),
+        );
+    }
+    out
+}
