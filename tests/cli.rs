@@ -752,55 +752,71 @@ fn agent_killed_mid_update(
 
     let gid = gid(&push_wait_json(&env, "kill", &v1)?)?;
     agent.stop()?;
+    // 16 Mbit/s to the site: the update's 12 MiB take ~6 s, so the random kills below all
+    // land while it moves (on an unlimited loopback the site could finish between two
+    // kills, and then no kill would find it publishing).
+    let set = run(&["site", "set", "kill", "--max-rate", "16Mbit"], &env)?;
+    ensure!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
 
     let view = view(&pool);
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| -> Result<()> {
         let watcher = s.spawn(|| observe(view.as_ref(), &versions, &stop));
-        let file = format!("disk.raw={}", v2.display());
-        let out = run(&["adapt", &gid, "--file", &file, "--json"], &env)?;
-        ensure!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        // The agent is killed (SIGKILL) at pseudo-random moments of the deployment.
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let mut at_kill = Vec::new();
-        for _ in 0..6 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
+        // The observer stops whatever happens below, so a failure fails the test instead
+        // of leaving the scope waiting for it.
+        let killed = (|| -> Result<()> {
+            let file = format!("disk.raw={}", v2.display());
+            let out = run(&["adapt", &gid, "--file", &file, "--json"], &env)?;
+            ensure!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            // The agent is killed (SIGKILL) at pseudo-random moments of the deployment.
+            let mut x = 0x2545_f491_4f6c_dd1du64;
+            let mut at_kill = Vec::new();
+            for _ in 0..6 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                agent.restart()?;
+                std::thread::sleep(Duration::from_millis(150 + x % 900));
+                agent.stop()?;
+                // Where the deployment was when the agent died (as the engine last heard).
+                let st = json(&run(&["status", &gid, "--json"], &env)?)?;
+                let p = &st["sites"][0];
+                at_kill.push(format!(
+                    "v{} {}",
+                    p["version"],
+                    p["state"].as_str().unwrap_or("?")
+                ));
+            }
+            // And once the moment it says it is publishing (the service's upload or rename
+            // under way).
+            let from = agent.log_len();
             agent.restart()?;
-            std::thread::sleep(Duration::from_millis(150 + x % 900));
+            ensure!(
+                agent.wait_log(from, "publishing", 60)?,
+                "the agent never began publishing"
+            );
             agent.stop()?;
-            // Where the deployment was when the agent died (as the engine last heard).
-            let st = json(&run(&["status", &gid, "--json"], &env)?)?;
-            let p = &st["sites"][0];
-            at_kill.push(format!(
-                "v{} {}",
-                p["version"],
-                p["state"].as_str().unwrap_or("?")
-            ));
-        }
-        // And once the moment it says it is publishing (the service's upload or rename
-        // under way).
-        let from = agent.log_len();
-        agent.restart()?;
-        ensure!(
-            agent.wait_log(from, "publishing", 60)?,
-            "the agent never began publishing"
-        );
-        agent.stop()?;
-        at_kill.push("as it began publishing".into());
-        eprintln!("{}: at each kill: {}", adapter[1], at_kill.join(", "));
-        agent.restart()?;
-        wait_status(&env, &gid, 120, |st| {
-            st["sites"][0]["version"] == 2 && st["sites"][0]["state"] == "published"
-        })?;
-        std::thread::sleep(Duration::from_millis(300));
+            at_kill.push("as it began publishing".into());
+            eprintln!("{}: at each kill: {}", adapter[1], at_kill.join(", "));
+            agent.restart()?;
+            wait_status(&env, &gid, 120, |st| {
+                st["sites"][0]["version"] == 2 && st["sites"][0]["state"] == "published"
+            })?;
+            std::thread::sleep(Duration::from_millis(300));
+            Ok(())
+        })();
         stop.store(true, Ordering::Relaxed);
-        let seen = watcher.join().expect("observer")?;
+        let seen = watcher.join().expect("observer");
+        killed?;
+        let seen = seen?;
         ensure!(seen >= 2, "the observer saw {seen} images");
         Ok(())
     })?;
