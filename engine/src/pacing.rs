@@ -136,9 +136,33 @@ impl Pacer {
 
     /// Wait until `n` more payload bytes may be written.
     pub async fn admit(&self, n: u64) {
+        // Under a limit, what was written stays close to what the connection has sent:
+        // bytes charged while the connection could not send them yet (its window still
+        // opening, or the host busy) would otherwise leave later in a burst above the limit.
+        while let Some(ahead) = self.ahead_at_most()
+            && self.unsent() > ahead
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let wait = self.charge(n, Instant::now());
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
+    }
+
+    /// Payload written and not yet sent, at most: 100 ms at the lowest limit that applies
+    /// (at least 64 KiB). `None` when no limit applies.
+    fn ahead_at_most(&self) -> Option<u64> {
+        let bps = [&self.site, &self.global]
+            .into_iter()
+            .filter_map(|l| l.lock().as_ref().map(|b| b.bps()))
+            .min()?;
+        Some((bps / 8 / 10).max(64 * 1024))
+    }
+
+    /// Payload written beyond what the connection has put on the wire.
+    fn unsent(&self) -> u64 {
+        let wire = wire_tx(&self.conn).saturating_sub(self.wire_start);
+        self.account.lock().payload.saturating_sub(wire)
     }
 }
