@@ -150,6 +150,12 @@ fn unverified(h: &ChunkHeader, payload: bytes::Bytes) -> UnverifiedChunk {
 /// clients compress plain uploads at.
 const STORE_LEVEL: i32 = 3;
 
+/// A record's header, checked, before its payload is read.
+enum Pending {
+    Chunk(ChunkHeader),
+    Group(GroupHeader),
+}
+
 /// A record of an `UploadRecords` batch, read but not yet verified.
 enum Record {
     Chunk(UnverifiedChunk),
@@ -172,20 +178,23 @@ pub(crate) async fn receive_records(
     let mut records = Vec::with_capacity((count as usize).min(1024));
     let (mut held, mut chunks, mut raw, mut base) = (0u64, 0u64, 0u64, 0u64);
     for _ in 0..count {
-        let record: DataRecord = read_msg_required(recv).await?;
-        let len = match &record {
+        let record = match read_msg_required::<DataRecord>(recv).await? {
             DataRecord::Chunk(h) => {
-                bounds.check(h)?;
+                bounds.check(&h)?;
                 chunks += 1;
-                h.payload_len
+                Pending::Chunk(h)
             }
             DataRecord::Group(g) => {
-                base += check_group(&*shared.store, g, max_raw)?;
+                base += check_group(&*shared.store, &g, max_raw)?;
                 raw += g.raw_len();
                 chunks += g.chunks.len() as u64;
-                g.payload_len
+                Pending::Group(g)
             }
             DataRecord::Abort { .. } => return Err(UploadRefused::AbortRecord.into()),
+        };
+        let len = match &record {
+            Pending::Chunk(h) => h.payload_len,
+            Pending::Group(g) => g.payload_len,
         };
         hold(&mut held, len)?;
         if chunks > MAX_UPLOAD_BATCH as u64 {
@@ -205,9 +214,8 @@ pub(crate) async fn receive_records(
         }
         let payload = read_payload(recv, len as usize).await?;
         records.push(match record {
-            DataRecord::Chunk(h) => Record::Chunk(unverified(&h, payload)),
-            DataRecord::Group(g) => Record::Group(g, payload),
-            DataRecord::Abort { .. } => unreachable!("refused above"),
+            Pending::Chunk(h) => Record::Chunk(unverified(&h, payload)),
+            Pending::Group(g) => Record::Group(g, payload),
         });
     }
     let store = shared.store.clone();

@@ -30,7 +30,7 @@ pub fn installed(tool: &str) -> bool {
 }
 
 /// Run the commands at once and wait for all; their wall time and CPU.
-fn run_all(cmds: Vec<Command>, shown: String) -> Result<PeerRun, BenchError> {
+pub(crate) fn run_all(cmds: Vec<Command>, shown: String) -> Result<PeerRun, BenchError> {
     let me = Pid::This;
     let cpu0 = me.reaped_children_cpu_secs()?;
     let t = Instant::now();

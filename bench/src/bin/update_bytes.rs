@@ -103,16 +103,7 @@ async fn run_seedcast(root: &Path, disk: &Path, v2: &Path) -> Result<SeedcastRun
     // Every site now holds v2 byte for byte.
     let want = file_hash(v2)?;
     for p in &update.sites {
-        let local = p
-            .local_id
-            .as_deref()
-            .context("published without a local id")?;
-        let rb = cluster
-            .agent(&p.site)
-            .adapter
-            .read_back(local, "disk.raw")
-            .await?;
-        ensure!(file_hash(rb.path())? == want, "{} does not hold v2", p.site);
+        holds(&cluster, p, want).await?;
     }
     client.close().await;
     cluster.shutdown().await?;
@@ -122,6 +113,26 @@ async fn run_seedcast(root: &Path, disk: &Path, v2: &Path) -> Result<SeedcastRun
         update,
         update_secs,
     })
+}
+
+/// Fail unless the site of `p` holds `disk.raw` with hash `want`, read back through its
+/// service.
+async fn holds(
+    cluster: &LocalCluster,
+    p: &seedcast_core::protocol::SitePlacement,
+    want: blake3::Hash,
+) -> Result<()> {
+    let local = p
+        .local_id
+        .as_deref()
+        .context("published without a local id")?;
+    let rb = cluster
+        .agent(&p.site)
+        .adapter
+        .read_back(local, "disk.raw")
+        .await?;
+    ensure!(file_hash(rb.path())? == want, "{} does not hold v2", p.site);
+    Ok(())
 }
 
 /// The client's leg with the previous version at hand: a fresh engine and one site seeded
@@ -155,19 +166,7 @@ async fn run_base_upload(root: &Path, disk: &Path, v1: &Path, v2: &Path) -> Resu
         p.state == PlacementState::Published,
         "update failed: {done:?}"
     );
-    let local = p
-        .local_id
-        .as_deref()
-        .context("published without a local id")?;
-    let rb = cluster
-        .agent(&p.site)
-        .adapter
-        .read_back(local, "disk.raw")
-        .await?;
-    ensure!(
-        file_hash(rb.path())? == file_hash(v2)?,
-        "site-d does not hold v2"
-    );
+    holds(&cluster, p, file_hash(v2)?).await?;
     client.close().await;
     cluster.shutdown().await?;
     Ok((c2.bytes_uploaded, secs))
