@@ -70,6 +70,36 @@ fn restart_against(
     Ok(tokio::spawn(agent.run(std::future::pending())))
 }
 
+/// `m1`'s next version: the same files and one more, `extra.bin`, made of `chunks`.
+fn with_new_file(m1: &Manifest, chunks: &[Vec<u8>]) -> Manifest {
+    let extents: Vec<Extent> = chunks
+        .iter()
+        .map(|c| Extent::Data {
+            id: ChunkId::of(c),
+            len: c.len() as u32,
+        })
+        .collect();
+    let recipe = FileRecipe {
+        len: chunks.iter().map(|c| c.len() as u64).sum(),
+        hash: [0; 32],
+        extents,
+    };
+    let recipe = FileRecipe {
+        hash: recipe.content_hash(),
+        ..recipe
+    };
+    let mut m2 = m1.clone();
+    m2.version = m1.version + 1;
+    m2.parent = Some(m1.version);
+    m2.files.push(FileEntry {
+        path: "extra.bin".into(),
+        mode: 0o644,
+        recipe,
+        format: seedcast_core::manifest::FileFormat::Raw,
+    });
+    m2
+}
+
 /// A data record and the payload sent after it.
 type Sent = (DataRecord, Vec<u8>);
 
@@ -241,24 +271,7 @@ async fn damaged_substituted_and_oversized_chunks_are_refused_then_asked_for_aga
         let bytes: Vec<u8> = (0..50_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let id = ChunkId::of(&bytes);
         let len = bytes.len() as u32;
-        let recipe = FileRecipe {
-            len: len as u64,
-            hash: [0; 32],
-            extents: vec![Extent::Data { id, len }],
-        };
-        let recipe = FileRecipe {
-            hash: recipe.content_hash(),
-            ..recipe
-        };
-        let mut m2 = m1.clone();
-        m2.version = 2;
-        m2.parent = Some(1);
-        m2.files.push(FileEntry {
-            path: "extra.bin".into(),
-            mode: 0o644,
-            recipe,
-            format: seedcast_core::manifest::FileFormat::Raw,
-        });
+        let m2 = with_new_file(&m1, std::slice::from_ref(&bytes));
         let imp = Impostor::new(cluster)?;
         let signature = imp.genuine.sign(&m2.id()?);
         let pool = cluster.pool_dir(SITES[0]);
@@ -367,6 +380,108 @@ async fn damaged_substituted_and_oversized_chunks_are_refused_then_asked_for_aga
             results.len()
         );
         ensure!(failed.is_empty(), "{}", failed.join("\n"));
+        Ok(())
+    })
+    .await
+}
+
+/// A delta group whose stream ends part-way (a link that dropped for longer than QUIC
+/// waits): the chunks decoded before the cut are verified and kept, and after the agent
+/// reconnects it asks only for the chunks after the cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delta_group_cut_mid_stream_keeps_the_chunks_before_the_cut() -> Result<()> {
+    with_cluster(&SITES[..1], async |cluster| {
+        let (g, data) = seeded_site(cluster).await?;
+        let m1 = AgentDb::open(&data.join("db"))?
+            .manifest(&g, 1)?
+            .context("v1 manifest")?;
+        // Eight new chunks of incompressible bytes: the group's payload is about as long as
+        // its chunks, so a cut three quarters in falls after some and before others.
+        let chunks: Vec<Vec<u8>> = (0..8u8)
+            .map(|i| {
+                let mut c = vec![0u8; 50_000];
+                blake3::Hasher::new()
+                    .update(&[i])
+                    .finalize_xof()
+                    .fill(&mut c);
+                c
+            })
+            .collect();
+        let ids: Vec<ChunkId> = chunks.iter().map(|c| ChunkId::of(c)).collect();
+        let m2 = with_new_file(&m1, &chunks);
+        let refs: Vec<&[u8]> = chunks.iter().map(|c| &c[..]).collect();
+        let payload = seedcast_core::delta::encode_group(&[], &refs, 3)?;
+        let group = |ids: &[ChunkId], payload: &[u8]| {
+            DataRecord::Group(GroupHeader {
+                chunks: ids.iter().map(|id| (*id, 50_000)).collect(),
+                base: vec![],
+                payload_len: payload.len() as u32,
+            })
+        };
+        let imp = Impostor::new(cluster)?;
+        let signature = imp.genuine.sign(&m2.id()?);
+        let run = restart_against(cluster, &data, &imp)?;
+        let deploy = |transfer| EngineMsg::Deploy {
+            transfer,
+            manifest: m2.clone(),
+            signature: signature.clone(),
+        };
+
+        let mut session = imp.accept(imp.genuine.public_key()).await?;
+        session.next().await?; // inventory
+        session.send(&deploy(1)).await?;
+        match session.next().await? {
+            AgentMsg::NeedFrom { chunks, .. } if chunks == ids => {}
+            a => bail!("expected a need for the eight chunks, got {a:?}"),
+        }
+        // The group's header and three quarters of its payload; the stream then ends, and
+        // (once the agent has all of it) the connection is lost.
+        let cut = payload.len() * 3 / 4;
+        let mut s = session.conn.open_uni().await?;
+        seedcast_net::write_msg(
+            &mut s,
+            &seedcast_core::protocol::DataStreamHeader { transfer: 1 },
+        )
+        .await?;
+        seedcast_net::write_msg(&mut s, &group(&ids, &payload)).await?;
+        s.write_all(&payload[..cut]).await?;
+        s.finish()?;
+        tokio::time::timeout(Duration::from_secs(20), s.stopped()).await??;
+        // The agent decodes on its own thread after reading: give it a moment.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        session.close();
+
+        // It comes back and asks only for the chunks after the cut.
+        let mut session = imp.accept(imp.genuine.public_key()).await?;
+        session.next().await?; // inventory
+        session.send(&deploy(2)).await?;
+        let rest = match session.next().await? {
+            AgentMsg::NeedFrom { chunks, .. } => chunks,
+            a => bail!("expected a need, got {a:?}"),
+        };
+        let kept = ids.len() - rest.len();
+        ensure!(
+            kept > 0 && kept < ids.len() && rest[..] == ids[kept..],
+            "after a cut three quarters in the agent asks for {} of 8 chunks: {rest:?}",
+            rest.len()
+        );
+        let refs: Vec<&[u8]> = chunks[kept..].iter().map(|c| &c[..]).collect();
+        let payload = seedcast_core::delta::encode_group(&[], &refs, 3)?;
+        session
+            .data(2, vec![(group(&rest, &payload), payload)])
+            .await?;
+        let last = until_final(&mut session).await?;
+        let Some(AgentMsg::Published { local_id, .. }) = last.last() else {
+            bail!("not published: {last:?}");
+        };
+        let extra = cluster.pool_dir(SITES[0]).join(local_id).join("extra.bin");
+        ensure!(
+            std::fs::read(&extra)? == chunks.concat(),
+            "published bytes differ"
+        );
+        println!("a group cut three quarters in: {kept} of 8 chunks kept");
+        session.close();
+        run.abort();
         Ok(())
     })
     .await

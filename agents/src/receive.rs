@@ -12,9 +12,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use quinn::{Connection, RecvStream, VarInt};
-use seedcast_core::delta::decode_group;
+use seedcast_core::delta::GroupDecoder;
 use seedcast_core::protocol::{
-    DataRecord, DataStreamHeader, GroupHeader, MAX_ERROR_TEXT, close, cut_text,
+    ChunkHeader, DataRecord, DataStreamHeader, GroupHeader, MAX_ERROR_TEXT, close, cut_text,
 };
 use seedcast_core::transfer::Transfer;
 use seedcast_core::{ChunkId, CompressedChunk, UnverifiedChunk, VerifiedChunk};
@@ -115,24 +115,6 @@ pub(crate) async fn accept_data_streams(
     }
 }
 
-/// The payload length a record announces.
-fn payload_len(record: &DataRecord) -> u32 {
-    match record {
-        DataRecord::Chunk(h) => h.payload_len,
-        DataRecord::Group(g) => g.payload_len,
-        DataRecord::Abort { .. } => 0,
-    }
-}
-
-/// The chunks a record carries.
-fn record_chunks(record: &DataRecord) -> Vec<ChunkId> {
-    match record {
-        DataRecord::Chunk(h) => vec![h.id],
-        DataRecord::Group(g) => g.chunks.iter().map(|(id, _)| *id).collect(),
-        DataRecord::Abort { .. } => vec![],
-    }
-}
-
 /// Receive one data stream: admit each record, read, verify and cache its payload.
 async fn data_stream(
     mut recv: RecvStream,
@@ -178,29 +160,30 @@ async fn data_stream(
                 return Err(ReceiveError::Stream(msg).into());
             }
         };
-        let len = payload_len(&record);
-        let payload = read_payload(&mut recv, len as usize).await?;
-        let (db2, rec2) = (db.clone(), record.clone());
+        let h = match record {
+            DataRecord::Group(g) => {
+                receive_group(&mut recv, slot, transfer, db, seeds, staging, g).await?;
+                continue;
+            }
+            DataRecord::Chunk(h) => h,
+            // Ended the stream above.
+            DataRecord::Abort { .. } => return Ok(()),
+        };
+        let payload = read_payload(&mut recv, h.payload_len as usize).await?;
+        let (db2, h2) = (db.clone(), h.clone());
         let accepted = tokio::task::spawn_blocking(move || {
-            accept(&db2, &seeds, staging.as_deref(), &rec2, payload, max_raw)
+            accept(&db2, staging.as_deref(), &h2, payload, max_raw)
         })
         .await?;
         let ended = slot.with(transfer, |a| match accepted {
             Ok(()) => {
-                let mut done = false;
-                for (i, id) in record_chunks(&record).iter().enumerate() {
-                    // The payload counts once, with the record's first chunk.
-                    done = a.transfer.complete_chunk(id, if i == 0 { len } else { 0 });
-                }
-                if done {
+                if a.transfer.complete_chunk(&h.id, h.payload_len) {
                     a.finish(Ok(()));
                 }
                 Ok(())
             }
             Err(why) => {
-                record_chunks(&record)
-                    .iter()
-                    .for_each(|id| a.transfer.reject(id));
+                a.transfer.reject(&h.id);
                 let msg = why.to_string();
                 a.finish(Err(why));
                 Err(msg)
@@ -226,49 +209,128 @@ fn base_bytes(db: &AgentDb, seeds: &SeedIndex, id: &ChunkId) -> Result<Bytes, Re
         .ok_or(ReceiveError::BaseUnavailable(*id))
 }
 
-/// Verify and cache what a data record carried, and write it into the image being built.
-/// Blocking.
+/// Verify and cache a stored chunk the engine sent, and write it into the image being
+/// built. Blocking.
 fn accept(
     db: &AgentDb,
-    seeds: &SeedIndex,
     staging: Option<&Staging>,
-    record: &DataRecord,
+    h: &ChunkHeader,
     payload: Bytes,
     max_raw: u32,
 ) -> Result<(), ReceiveError> {
-    match record {
-        DataRecord::Chunk(h) => {
-            let v = UnverifiedChunk(CompressedChunk {
-                id: h.id,
-                raw_len: h.raw_len,
-                encoding: h.encoding,
-                payload,
-            })
-            .verify(max_raw)?;
-            if let Some(s) = staging {
-                s.write(&v)?;
-            }
-            db.put_received(std::slice::from_ref(&v), h.payload_len as u64)?;
-        }
-        DataRecord::Group(g) => {
-            let verified = decode_verified(db, seeds, g, &payload)?;
-            if let Some(s) = staging {
-                verified.iter().try_for_each(|v| s.write(v))?;
-            }
-            db.put_received(&verified, g.payload_len as u64)?;
-        }
-        DataRecord::Abort { .. } => {}
+    let v = UnverifiedChunk(CompressedChunk {
+        id: h.id,
+        raw_len: h.raw_len,
+        encoding: h.encoding,
+        payload,
+    })
+    .verify(max_raw)?;
+    if let Some(s) = staging {
+        s.write(&v)?;
     }
+    db.put_received(std::slice::from_ref(&v), h.payload_len as u64)?;
     Ok(())
 }
 
-/// Decode a delta group against its bases (bounded) and check every chunk it yields.
-fn decode_verified(
-    db: &AgentDb,
-    seeds: &SeedIndex,
-    g: &GroupHeader,
-    payload: &[u8],
-) -> Result<Vec<VerifiedChunk>, ReceiveError> {
+/// Payload bytes read from the stream at a time while a group is decoded.
+const GROUP_PIECE: usize = 64 * 1024;
+/// Pieces queued for the decoder (bounded: a slow disk slows the stream, not memory).
+const GROUP_QUEUE: usize = 8;
+
+/// Receive a delta group, decoding it while it arrives: each chunk is verified, written into
+/// the image and cached as soon as its last byte is decoded, so a stream cut mid-group (a
+/// link that drops for longer than QUIC waits) keeps every chunk before the cut, and only
+/// the rest travels again. Decoding runs on a blocking thread, fed through a bounded queue.
+async fn receive_group(
+    recv: &mut RecvStream,
+    slot: &Slot,
+    transfer: u64,
+    db: &Arc<AgentDb>,
+    seeds: Arc<SeedIndex>,
+    staging: Option<Arc<Staging>>,
+    g: GroupHeader,
+) -> Result<(), AgentError> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(GROUP_QUEUE);
+    let ids: Vec<ChunkId> = g.chunks.iter().map(|(id, _)| *id).collect();
+    let mut left = g.payload_len as usize;
+    let (db2, slot2) = (db.clone(), slot.clone());
+    let worker = tokio::task::spawn_blocking(move || {
+        let mut done = 0;
+        let r = decode_group_stream(
+            &db2,
+            &seeds,
+            staging.as_deref(),
+            &g,
+            rx,
+            |verified, payload| {
+                done += verified.len();
+                slot2.with(transfer, |a| {
+                    let mut all = false;
+                    for (i, v) in verified.iter().enumerate() {
+                        all = a
+                            .transfer
+                            .complete_chunk(&v.id(), if i == 0 { payload } else { 0 });
+                    }
+                    if all {
+                        a.finish(Ok(()));
+                    }
+                });
+            },
+        );
+        (done, r)
+    });
+    let mut cut = None;
+    while left > 0 {
+        match recv.read_chunk(left.min(GROUP_PIECE), true).await {
+            Ok(Some(c)) => {
+                left -= c.bytes.len();
+                if tx.send(c.bytes).await.is_err() {
+                    // The decoder stopped: the group is bad (its answer says why).
+                    break;
+                }
+            }
+            Ok(None) => {
+                cut = Some(
+                    ReceiveError::Stream(format!(
+                        "stream ended {left} bytes before its delta group's end"
+                    ))
+                    .into(),
+                );
+                break;
+            }
+            Err(e) => {
+                cut = Some(seedcast_net::FramedError::from(e).into());
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let (done, decoded) = worker.await?;
+    let rest = &ids[done.min(ids.len())..];
+    match (cut, decoded) {
+        (None, Ok(())) => Ok(()),
+        // The stream was cut: the chunks before the cut are kept; the connection's end
+        // decides the transfer's fate, as for any record cut short.
+        (Some(e), _) => {
+            slot.with(transfer, |a| {
+                rest.iter().for_each(|id| a.transfer.reject(id))
+            });
+            Err(e)
+        }
+        (None, Err(why)) => {
+            let _ = recv.stop(VarInt::from_u32(close::PROTOCOL));
+            let msg = why.to_string();
+            slot.with(transfer, |a| {
+                rest.iter().for_each(|id| a.transfer.reject(id));
+                a.finish(Err(why));
+            });
+            Err(ReceiveError::Stream(msg).into())
+        }
+    }
+}
+
+/// The bases of a delta group, concatenated in order (bounded).
+fn group_base(db: &AgentDb, seeds: &SeedIndex, g: &GroupHeader) -> Result<Vec<u8>, ReceiveError> {
     let mut base = Vec::new();
     for id in &g.base {
         base.extend_from_slice(&base_bytes(db, seeds, id)?);
@@ -278,11 +340,43 @@ fn decode_verified(
             });
         }
     }
+    Ok(base)
+}
+
+/// Decode a group's payload pieces as they come (blocking): each batch of chunks a piece
+/// completes is verified against its ids, written into the image being built, cached, and
+/// handed to `stored` with the payload bytes it took. A chunk that does not match its id
+/// ends the group with an error; the chunks before it stay stored (each was verified).
+fn decode_group_stream(
+    db: &AgentDb,
+    seeds: &SeedIndex,
+    staging: Option<&Staging>,
+    g: &GroupHeader,
+    mut pieces: tokio::sync::mpsc::Receiver<Bytes>,
+    mut stored: impl FnMut(&[VerifiedChunk], u32),
+) -> Result<(), ReceiveError> {
+    let base = group_base(db, seeds, g)?;
     let lens: Vec<u32> = g.chunks.iter().map(|(_, l)| *l).collect();
-    let parts = decode_group(&base, payload, &lens)?;
-    Ok(g.chunks
-        .iter()
-        .zip(parts)
-        .map(|((id, _), raw)| VerifiedChunk::check(*id, raw))
-        .collect::<Result<Vec<_>, _>>()?)
+    let mut dec = GroupDecoder::new(&base, lens, g.payload_len as usize)?;
+    let mut payload = 0u32;
+    while let Some(piece) = pieces.blocking_recv() {
+        payload += piece.len() as u32;
+        let first = dec.chunks_done();
+        let raws = dec.feed(&piece)?;
+        if raws.is_empty() {
+            continue;
+        }
+        let verified = g.chunks[first..first + raws.len()]
+            .iter()
+            .zip(raws)
+            .map(|((id, _), raw)| VerifiedChunk::check(*id, raw))
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(s) = staging {
+            verified.iter().try_for_each(|v| s.write(v))?;
+        }
+        db.put_received(&verified, payload as u64)?;
+        stored(&verified, std::mem::take(&mut payload));
+    }
+    dec.finish()?;
+    Ok(())
 }

@@ -107,6 +107,194 @@ pub fn decode_group(
     Ok(out)
 }
 
+/// The most bytes a zstd frame header takes ([`GroupDecoder`] reads this much, or the whole
+/// payload, before it decodes anything).
+const FRAME_HEADER_MAX: usize = 18;
+
+/// Decodes a delta group while its payload arrives, handing out each chunk as soon as its
+/// last byte is decoded.
+///
+/// Why: a group is up to [`crate::protocol::GroupHeader::MAX_RAW`] of chunks in one frame;
+/// decoded only once whole, a link that drops mid-group loses every chunk of it, and the
+/// group travels again after the link returns. Streamed, the receiver keeps (and verifies)
+/// every chunk that was complete when the link dropped.
+///
+/// Bounds: nothing is decoded until the frame header is in, and a frame that does not
+/// declare exactly the group's length is refused there, so zstd's window buffer is bounded
+/// by the group's length (which the caller bounded), never by what the frame claims.
+pub struct GroupDecoder<'b> {
+    dctx: zstd::zstd_safe::DCtx<'b>,
+    lens: Vec<u32>,
+    payload_len: usize,
+    /// Payload bytes fed so far.
+    fed: usize,
+    /// The first bytes, held until the frame header can be checked.
+    head: Vec<u8>,
+    checked: bool,
+    /// The chunk being filled (`lens[next]` bytes) and how much of it is decoded.
+    next: usize,
+    cur: Vec<u8>,
+    filled: usize,
+    /// zstd reported the frame's end.
+    ended: bool,
+}
+
+impl std::fmt::Debug for GroupDecoder<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupDecoder")
+            .field("chunks", &self.lens.len())
+            .field("done", &self.next)
+            .field("fed", &self.fed)
+            .field("payload_len", &self.payload_len)
+            .finish()
+    }
+}
+
+impl<'b> GroupDecoder<'b> {
+    /// A decoder for a group of chunks of `lens` bytes, encoded against `base`, whose
+    /// payload is `payload_len` bytes.
+    pub fn new(base: &'b [u8], lens: Vec<u32>, payload_len: usize) -> Result<Self, DeltaError> {
+        use zstd::zstd_safe::{DCtx, DParameter};
+        let mut dctx = DCtx::create();
+        dctx.set_parameter(DParameter::WindowLogMax(27))
+            .map_err(zerr)?;
+        dctx.ref_prefix(base).map_err(zerr)?;
+        let mut d = GroupDecoder {
+            dctx,
+            lens,
+            payload_len,
+            fed: 0,
+            head: Vec::new(),
+            checked: false,
+            next: 0,
+            cur: Vec::new(),
+            filled: 0,
+            ended: false,
+        };
+        d.start_chunk();
+        Ok(d)
+    }
+
+    /// The decoded length the group must have.
+    fn total(&self) -> u64 {
+        self.lens.iter().map(|l| *l as u64).sum()
+    }
+
+    /// Set up the buffer of chunk `next` (none past the last).
+    fn start_chunk(&mut self) {
+        let len = self.lens.get(self.next).copied().unwrap_or(0) as usize;
+        self.cur = vec![0u8; len];
+        self.filled = 0;
+    }
+
+    /// Chunks decoded so far.
+    pub fn chunks_done(&self) -> usize {
+        self.next
+    }
+
+    /// Feed the next payload bytes; returns the chunks they completed, in order.
+    pub fn feed(&mut self, input: &[u8]) -> Result<Vec<bytes::Bytes>, DeltaError> {
+        if self.fed + input.len() > self.payload_len {
+            return Err(DeltaError::Zstd(
+                "more payload than the group declared".into(),
+            ));
+        }
+        self.fed += input.len();
+        if self.checked {
+            return self.decode(input);
+        }
+        self.head.extend_from_slice(input);
+        if self.head.len() < FRAME_HEADER_MAX && self.fed < self.payload_len {
+            return Ok(Vec::new());
+        }
+        match zstd::zstd_safe::get_frame_content_size(&self.head) {
+            Ok(Some(n)) if n == self.total() => {}
+            _ => {
+                return Err(DeltaError::Zstd(format!(
+                    "delta group frame does not declare its {} bytes",
+                    self.total()
+                )));
+            }
+        }
+        self.checked = true;
+        let head = std::mem::take(&mut self.head);
+        self.decode(&head)
+    }
+
+    fn decode(&mut self, input: &[u8]) -> Result<Vec<bytes::Bytes>, DeltaError> {
+        use zstd::zstd_safe::{InBuffer, OutBuffer};
+        let mut out = Vec::new();
+        let mut inb = InBuffer::around(input);
+        loop {
+            self.take_full_chunks(&mut out);
+            if self.ended {
+                if inb.pos() < input.len() {
+                    return Err(DeltaError::Zstd("bytes after the delta frame".into()));
+                }
+                return Ok(out);
+            }
+            let before = (inb.pos(), self.filled);
+            // Past the last chunk a one-byte buffer catches a frame that decodes to more.
+            let mut spare = [0u8; 1];
+            let done = self.next == self.lens.len();
+            let ret = {
+                let dst: &mut [u8] = if done { &mut spare } else { &mut self.cur };
+                let mut outb = OutBuffer::around_pos(dst, if done { 0 } else { self.filled });
+                let r = self.dctx.decompress_stream(&mut outb, &mut inb);
+                if !done {
+                    self.filled = outb.pos();
+                } else if outb.pos() > 0 {
+                    return Err(DeltaError::Length {
+                        expected: self.total() as usize,
+                        actual: self.total() as usize + 1,
+                    });
+                }
+                r.map_err(zerr)?
+            };
+            if ret == 0 {
+                self.ended = true;
+                continue;
+            }
+            let full = !done && self.filled == self.cur.len();
+            if !full && (inb.pos(), self.filled) == before {
+                // Needs more input.
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Hand out every chunk whose bytes are all decoded.
+    fn take_full_chunks(&mut self, out: &mut Vec<bytes::Bytes>) {
+        while self.next < self.lens.len() && self.filled == self.cur.len() {
+            out.push(bytes::Bytes::from(std::mem::take(&mut self.cur)));
+            self.next += 1;
+            self.start_chunk();
+        }
+    }
+
+    /// The payload is all fed: every chunk must be out and the frame ended.
+    pub fn finish(&self) -> Result<(), DeltaError> {
+        if self.fed < self.payload_len {
+            return Err(DeltaError::Zstd(format!(
+                "delta group cut short: {} of {} payload bytes",
+                self.fed, self.payload_len
+            )));
+        }
+        if self.next < self.lens.len() || !self.ended {
+            let decoded: u64 = self.lens[..self.next]
+                .iter()
+                .map(|l| *l as u64)
+                .sum::<u64>()
+                + self.filled as u64;
+            return Err(DeltaError::Length {
+                expected: self.total() as usize,
+                actual: decoded as usize,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// A chunk's super-features. Persisted (engine catalog), so its computation is fixed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Sketch(pub [u64; SUPER_FEATURES]);
@@ -200,6 +388,101 @@ mod tests {
         assert_eq!(&back[0][..], &a[..]);
         assert_eq!(&back[1][..], &b[..]);
         assert!(decode_group(&base, &p, &[20_000, 4999]).is_err());
+    }
+
+    /// Feed `payload` to a decoder in pieces of `step` bytes; the chunks out and the result.
+    fn stream(
+        base: &[u8],
+        payload: &[u8],
+        lens: &[u32],
+        step: usize,
+    ) -> (Vec<bytes::Bytes>, Result<(), DeltaError>) {
+        let mut d = GroupDecoder::new(base, lens.to_vec(), payload.len()).unwrap();
+        let mut out = Vec::new();
+        for piece in payload.chunks(step) {
+            match d.feed(piece) {
+                Ok(c) => out.extend(c),
+                Err(e) => return (out, Err(e)),
+            }
+        }
+        let r = d.finish();
+        (out, r)
+    }
+
+    #[test]
+    fn a_streamed_group_hands_out_each_chunk_as_it_is_decoded() {
+        let base = noise(5, 300_000);
+        // Four chunks resembling the base and one that does not, ~64 KiB each.
+        let mut parts: Vec<Vec<u8>> = (0..4)
+            .map(|i| {
+                let mut c = base[i * 70_000..i * 70_000 + 65_536].to_vec();
+                c[1000..1100].copy_from_slice(&noise(20 + i as u64, 100));
+                c
+            })
+            .collect();
+        parts.insert(2, noise(9, 40_000));
+        let refs: Vec<&[u8]> = parts.iter().map(|p| &p[..]).collect();
+        let lens: Vec<u32> = parts.iter().map(|p| p.len() as u32).collect();
+        let payload = encode_group(&base, &refs, 19).unwrap();
+        for step in [1, 7, 1000, 4096, payload.len()] {
+            let (out, r) = stream(&base, &payload, &lens, step);
+            r.unwrap();
+            assert_eq!(out.len(), parts.len(), "step {step}");
+            for (o, p) in out.iter().zip(&parts) {
+                assert_eq!(&o[..], &p[..]);
+            }
+        }
+        // Cut where the link dropped: the chunks before the cut are out, the rest are not.
+        let cut = payload.len() * 3 / 4;
+        let mut d = GroupDecoder::new(&base, lens.clone(), payload.len()).unwrap();
+        let got = d.feed(&payload[..cut]).unwrap();
+        assert!(
+            !got.is_empty() && got.len() < parts.len(),
+            "{} chunks",
+            got.len()
+        );
+        assert_eq!(d.chunks_done(), got.len());
+        assert!(matches!(d.finish(), Err(DeltaError::Zstd(_))));
+        // Told the cut payload was all: the frame did not end, so it is refused.
+        let (out, r) = stream(&base, &payload[..cut], &lens, 512);
+        assert_eq!(out.len(), got.len());
+        assert!(matches!(r, Err(DeltaError::Length { .. })), "{r:?}");
+    }
+
+    #[test]
+    fn a_streamed_group_refuses_frames_that_do_not_match_its_chunks() {
+        let base = noise(5, 100_000);
+        let a = base[10_000..30_000].to_vec();
+        let payload = encode_group(&base, &[&a], 19).unwrap();
+        // Other lengths than the frame declares: refused at the header, nothing decoded.
+        let (out, r) = stream(&base, &payload, &[19_999], 3);
+        assert!(out.is_empty() && r.is_err());
+        let (out, r) = stream(&base, &payload, &[10_000, 10_001], 3);
+        assert!(out.is_empty() && r.is_err());
+        // Splitting differently from the encoding is fine: the bytes are the bytes.
+        let (out, r) = stream(&base, &payload, &[10_000, 10_000], 3);
+        r.unwrap();
+        assert_eq!([&out[0][..], &out[1][..]].concat(), a);
+        // Bytes after the frame (a second frame) are refused.
+        let mut two = payload.clone();
+        two.extend_from_slice(&payload);
+        let (_, r) = stream(&base, &two, &[20_000], 100);
+        assert!(r.is_err());
+        // More payload than declared is refused.
+        let mut d = GroupDecoder::new(&base, vec![20_000], payload.len() - 1).unwrap();
+        assert!(d.feed(&payload).is_err());
+        // A frame without its content size (streamed), or garbage: refused.
+        let mut enc = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
+        std::io::Write::write_all(&mut enc, &a).unwrap();
+        std::io::Write::flush(&mut enc).unwrap();
+        let unsized_frame = enc.finish().unwrap();
+        let (_, r) = stream(&[], &unsized_frame, &[20_000], 50);
+        assert!(r.is_err());
+        let (_, r) = stream(&base, &noise(1, 5000), &[20_000], 50);
+        assert!(r.is_err());
+        // The wrong base decodes to other bytes (which the chunk ids then refuse) or fails.
+        let (out, r) = stream(&noise(6, 100_000), &payload, &[20_000], 1000);
+        assert!(r.is_err() || out[0][..] != a[..]);
     }
 
     #[test]
