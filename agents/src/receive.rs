@@ -170,9 +170,9 @@ async fn data_stream(
             DataRecord::Abort { .. } => return Ok(()),
         };
         let payload = read_payload(&mut recv, h.payload_len as usize).await?;
-        let (db2, h2) = (db.clone(), h.clone());
+        let db2 = db.clone();
         let accepted = tokio::task::spawn_blocking(move || {
-            accept(&db2, staging.as_deref(), &h2, payload, max_raw)
+            accept(&db2, staging.as_deref(), &h, payload, max_raw)
         })
         .await?;
         let ended = slot.with(transfer, |a| match accepted {
