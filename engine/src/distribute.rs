@@ -276,7 +276,7 @@ async fn deploy(
 
 /// Record how a deployment ended.
 fn record(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     link: &mut SiteLink<'_>,
     g: &GlobalId,
     outcome: Outcome,
@@ -306,6 +306,7 @@ fn record(
                 p.wire_bytes = wire;
                 p.error = None;
             })?;
+            crate::versions::index_ahead(shared, *g, version);
             Ok(Ended::Published)
         }
         Outcome::Failed { error } => {
