@@ -7,6 +7,7 @@
 //! ([`crate::receive`]); when all are here the files are rebuilt and checked
 //! ([`crate::assemble`]) and handed to the site's service through its adapter.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -399,11 +400,18 @@ pub(crate) fn plan(
     let g = manifest.global_id;
     let mut err = None;
     let mut seeded = Vec::new();
+    // Chunks found here: the held version's chunks are mostly the same ones, and each
+    // check reads the chunk's bytes (so a damaged one is found), so each is checked once.
+    let mut here = HashSet::new();
     let t = Transfer::new(transfer_id, manifest, limits, |id| match db.has_chunk(id) {
-        Ok(true) => true,
+        Ok(true) => {
+            here.insert(*id);
+            true
+        }
         Ok(false) => match seeds.read(id) {
             Some(v) => {
                 seeded.push(v);
+                here.insert(*id);
                 true
             }
             None => false,
@@ -437,7 +445,7 @@ pub(crate) fn plan(
         // (checked), and report the rest (lost, or changed outside seedcast) unavailable.
         let mut from_seeds = Vec::new();
         for id in m.chunks().keys() {
-            if db.has_chunk(id)? {
+            if here.contains(id) || db.has_chunk(id)? {
                 continue;
             }
             match seeds.read(id) {

@@ -327,6 +327,13 @@ impl Lab {
             s(token_file),
             "--pool".into(),
             s(self.work.join(format!("pool-{name}"))),
+            // The harness reads the agent's "connected" line whatever filter the caller
+            // set (SEEDCAST_LOG=warn hid it, and every run failed waiting for it).
+            "--log".into(),
+            format!(
+                "{},seedcast_agents::session=info",
+                std::env::var("SEEDCAST_LOG").unwrap_or_else(|_| "info".into())
+            ),
         ];
         let log = self.logs.join(format!("agent-{name}.log"));
         let agent = Proc::spawn(Command::new("ip").args(&agent_cmd), log.clone())?;
