@@ -169,6 +169,10 @@ impl Staging {
                         .map_err(io("write", &self.dir))?;
                 }
             }
+            // Written back now, while the rest travels: the sync in `finish` then has only
+            // the received chunks to write (the Debian update's held 500 MB took 0.1–0.2 s
+            // there, after the last byte had arrived).
+            file.sync_data().map_err(io("sync", &self.dir))?;
         }
         self.prefilled.store(true, Ordering::SeqCst);
         Ok(())

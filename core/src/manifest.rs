@@ -26,6 +26,11 @@ use crate::id::{ChunkId, GlobalId};
 /// file's hash is [`FileRecipe::content_hash`] (same fields as 2).
 pub const MANIFEST_FORMAT: u16 = 3;
 
+/// The zstd level of manifest deltas. Every update's first message waits for one: at 19
+/// the Debian update's (22 KB) took 76 ms on the engine; the shared entries are long exact
+/// matches, which every level finds.
+pub const MANIFEST_DELTA_LEVEL: i32 = 9;
+
 /// What a manifest may describe: caps a node configures so that no peer can make it
 /// allocate, write or work without bound (a file of 2^62 bytes, one chunk named a million
 /// times). The defaults fit large VM images.
@@ -417,11 +422,12 @@ impl Manifest {
     }
 
     /// The manifest as a zstd delta against `base` (most entries are shared between
-    /// versions, so this is a small fraction of the full encoding).
+    /// versions, so this is a small fraction of the full encoding), at
+    /// [`MANIFEST_DELTA_LEVEL`].
     pub fn delta_against(&self, base: &Manifest) -> Result<Vec<u8>, ManifestDeltaError> {
         let b = codec::encode(base)?;
         let t = codec::encode(self)?;
-        Ok(crate::delta::encode(&b, &t, 19)?)
+        Ok(crate::delta::encode(&b, &t, MANIFEST_DELTA_LEVEL)?)
     }
 
     /// Rebuild a manifest from [`Manifest::delta_against`]'s output and check its id.

@@ -448,10 +448,17 @@ async fn deploy_msg(
     };
     let (sh, target) = (shared.clone(), mrec.clone());
     let delta = tokio::task::spawn_blocking(move || {
+        let t = Instant::now();
         let base = sh.catalog.manifest(&hv.global_id, hv.version).ok()??;
-        (base.manifest_id == mid)
+        let d = (base.manifest_id == mid)
             .then(|| sh.delta.manifest_delta(&base, &target))
-            .flatten()
+            .flatten();
+        tracing::debug!(
+            secs = t.elapsed().as_secs_f64(),
+            bytes = d.as_ref().map(|d| d.len()),
+            "manifest delta"
+        );
+        d
     })
     .await?;
     Ok(match delta {
