@@ -824,7 +824,35 @@ fn agent_killed_mid_update(
     let left = view.list();
     ensure!(left.len() == 1, "{left:?}");
     ensure!(view.version_of(&left[0], &versions)? == Some(1), "{left:?}");
+    // No qemu-storage-daemon export (reading a qcow2 seed) outlives the agents killed above,
+    // nor the last one once it is killed too.
+    drop(agent);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let left = daemons_naming(d);
+        if left == 0 {
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "{left} qemu-storage-daemon exports outlived the killed agents"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     Ok(())
+}
+
+/// Running `qemu-storage-daemon` processes whose command line names a path under `dir`.
+fn daemons_naming(dir: &Path) -> usize {
+    let dir = dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.starts_with("qemu-storage-daemon") && c.contains(&dir))
+        .count()
 }
 
 /// An S3 bucket: each version the prefix `images/<global id>/v<N>`, an image once its

@@ -4,7 +4,8 @@
 //!
 //! The daemon is stopped with SIGTERM (it then unmounts); an export dropped without
 //! [`Export::close`] does the same, and a mount left behind by a daemon that died anyway is
-//! lazily unmounted, so no stale mount outlives it.
+//! lazily unmounted, so no stale mount outlives it. A process killed outright (SIGKILL)
+//! runs no destructor: its daemons are told by the kernel instead ([`spawn_daemon`]).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -31,6 +32,51 @@ pub struct Export {
     len: u64,
 }
 
+type SpawnRequest = (Command, std::sync::mpsc::Sender<std::io::Result<Child>>);
+
+/// Start a daemon (`cmd`, whose program is the daemon) that stops (SIGTERM: it unmounts)
+/// when this process dies, however it dies: it is started through util-linux's `setpriv
+/// --pdeathsig TERM`, which asks the kernel for that signal and then runs the daemon.
+/// `PR_SET_PDEATHSIG` fires when the *thread* that forked the child exits, so every daemon
+/// is forked by one thread that lives as long as the process: forked from one of tokio's
+/// blocking threads, a daemon would be stopped when that thread retires after idling,
+/// while its export is still in use.
+fn spawn_daemon(cmd: Command) -> std::io::Result<Child> {
+    use std::sync::{Mutex, OnceLock, mpsc};
+    static SPAWNER: OnceLock<Option<Mutex<mpsc::Sender<SpawnRequest>>>> = OnceLock::new();
+    let mut wrapped = Command::new("setpriv");
+    wrapped
+        .args(["--pdeathsig", "TERM", "--"])
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let gone = || std::io::Error::other("the thread that starts qemu-storage-daemon is gone");
+    let spawner = SPAWNER
+        .get_or_init(|| {
+            let (tx, rx) = mpsc::channel::<SpawnRequest>();
+            std::thread::Builder::new()
+                .name("qemu-spawner".into())
+                .spawn(move || {
+                    for (mut cmd, reply) in rx {
+                        let _ = reply.send(cmd.spawn());
+                    }
+                })
+                .ok()
+                .map(|_| Mutex::new(tx))
+        })
+        .as_ref()
+        .ok_or_else(gone)?;
+    let (tx, rx) = mpsc::channel();
+    spawner
+        .lock()
+        .map_err(|_| std::io::Error::other("the qemu spawner's lock is poisoned"))?
+        .send((wrapped, tx))
+        .map_err(|_| gone())?;
+    rx.recv().map_err(|_| gone())?
+}
+
 /// A path as a `--blockdev` option value (commas doubled).
 fn opt_path(p: &Path) -> String {
     p.to_string_lossy().replace(',', ",,")
@@ -47,8 +93,8 @@ impl Export {
         let file = dir.path().join("guest");
         File::create(&file).map_err(QemuError::io("create", &file))?;
         let ro = if writable { "off" } else { "on" };
-        let child = Command::new(DAEMON)
-            .arg("--blockdev")
+        let mut cmd = Command::new(DAEMON);
+        cmd.arg("--blockdev")
             .arg(format!(
                 "driver=file,node-name=file,filename={},read-only={ro}",
                 opt_path(image)
@@ -66,12 +112,11 @@ impl Export {
             ))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|source| QemuError::Spawn {
-                tool: DAEMON,
-                source,
-            })?;
+            .stderr(Stdio::piped());
+        let child = spawn_daemon(cmd).map_err(|source| QemuError::Spawn {
+            tool: DAEMON,
+            source,
+        })?;
         let mut e = Export {
             child: Some(child),
             _dir: dir,
