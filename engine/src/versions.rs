@@ -89,39 +89,6 @@ fn prepare_bases(shared: &Arc<Shared>, made: &Made) {
     }
 }
 
-/// The most chunk data of a version [`index_ahead`] indexes (its index is ~1 % of this;
-/// a larger image is indexed when its update comes, as before).
-const INDEX_AHEAD_MAX: u64 = 4 << 30;
-
-/// A site published version `version` of `g`: if that is the image's current version,
-/// index it as delta bases now, in the background — it is what every site will hold when
-/// the next update comes, and the update's first byte would otherwise wait for the index
-/// (0.4–0.5 s for the Debian image on this host's two cores). Built once (the index memo
-/// is keyed by the held versions), at most [`INDEX_AHEAD_MAX`] of chunk data.
-pub(crate) fn index_ahead(shared: &Arc<Shared>, g: GlobalId, version: u32) {
-    let sh = shared.clone();
-    tokio::spawn(async move {
-        let catalog = sh.catalog.clone();
-        let worth = tokio::task::spawn_blocking(move || {
-            let current = catalog.image(&g).ok()??.current_version == version;
-            let m = catalog.manifest(&g, version).ok()??;
-            let bytes: u64 = m.manifest.chunks().values().map(|l| *l as u64).sum();
-            Some(current && bytes <= INDEX_AHEAD_MAX)
-        })
-        .await;
-        if !matches!(worth, Ok(Some(true))) {
-            return;
-        }
-        let bases = vec![seedcast_core::protocol::HeldVersion {
-            global_id: g,
-            version,
-        }];
-        if let Err(e) = crate::distribute::index_bases(&sh, bases, Vec::new()).await {
-            tracing::debug!("version {version} of {g} not indexed ahead: {e}");
-        }
-    });
-}
-
 /// Index version `held` of `g` as bases and encode the first groups of `target` against it.
 async fn prepare(
     shared: &Arc<Shared>,
