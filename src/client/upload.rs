@@ -264,13 +264,27 @@ impl Client {
         let (mut send, mut recv) = self.conn.open_bi().await?;
         write_msg(&mut send, request).await?;
         let mut bytes = 0u64;
+        let mut written = Ok(());
         for (header, payload) in records {
-            write_msg(&mut send, &header).await?;
             bytes += payload.len() as u64;
-            send.write_chunk(payload).await.map_err(FramedError::from)?;
+            written = async {
+                write_msg(&mut send, &header).await?;
+                send.write_chunk(payload).await.map_err(FramedError::from)
+            }
+            .await;
+            if written.is_err() {
+                break;
+            }
         }
         let _ = send.finish();
-        match Self::check(read_msg_required(&mut recv).await?)? {
+        // An engine that refuses a record answers why and stops reading the rest, which can
+        // fail a write still under way: its answer is the error to report.
+        let answer = match (read_msg_required(&mut recv).await, written) {
+            (Ok(r), _) => r,
+            (Err(_), Err(w)) => return Err(w.into()),
+            (Err(e), Ok(())) => return Err(e.into()),
+        };
+        match Self::check(answer)? {
             Response::Uploaded { .. } => Ok(bytes),
             r => Err(ClientError::Unexpected(format!("{r:?}"))),
         }
