@@ -85,6 +85,27 @@ impl Slot {
         self.0.lock().take()
     }
 
+    /// Chunks of `transfer` were verified and stored (`payload` bytes of the record counted
+    /// with the first); the transfer is told it is done once every chunk is here.
+    fn complete<'a>(
+        &self,
+        transfer: u64,
+        ids: impl IntoIterator<Item = &'a ChunkId>,
+        payload: u32,
+    ) {
+        self.with(transfer, |a| {
+            let mut all = false;
+            for (i, id) in ids.into_iter().enumerate() {
+                all = a
+                    .transfer
+                    .complete_chunk(id, if i == 0 { payload } else { 0 });
+            }
+            if all {
+                a.finish(Ok(()));
+            }
+        });
+    }
+
     /// Fail `transfer`, if it is the active one.
     fn fail(&self, transfer: u64, why: ReceiveError) {
         self.with(transfer, |a| a.finish(Err(why)));
@@ -175,20 +196,18 @@ async fn data_stream(
             accept(&db2, staging.as_deref(), &h, payload, max_raw)
         })
         .await?;
-        let ended = slot.with(transfer, |a| match accepted {
+        let ended = match accepted {
             Ok(()) => {
-                if a.transfer.complete_chunk(&h.id, h.payload_len) {
-                    a.finish(Ok(()));
-                }
-                Ok(())
+                slot.complete(transfer, [&h.id], h.payload_len);
+                slot.with(transfer, |_| Ok(()))
             }
-            Err(why) => {
+            Err(why) => slot.with(transfer, |a| {
                 a.transfer.reject(&h.id);
                 let msg = why.to_string();
                 a.finish(Err(why));
                 Err(msg)
-            }
-        });
+            }),
+        };
         match ended {
             // The transfer is over (or was never this one): nothing more to take.
             None => return Ok(()),
@@ -264,17 +283,8 @@ async fn receive_group(
             rx,
             |verified, payload| {
                 done += verified.len();
-                slot2.with(transfer, |a| {
-                    let mut all = false;
-                    for (i, v) in verified.iter().enumerate() {
-                        all = a
-                            .transfer
-                            .complete_chunk(&v.id(), if i == 0 { payload } else { 0 });
-                    }
-                    if all {
-                        a.finish(Ok(()));
-                    }
-                });
+                let ids: Vec<ChunkId> = verified.iter().map(VerifiedChunk::id).collect();
+                slot2.complete(transfer, &ids, payload);
             },
         );
         (done, r)
