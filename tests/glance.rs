@@ -239,8 +239,8 @@ async fn a_site_lists_its_own_glance_images_and_no_one_elses() -> Result<()> {
 
     // Retiring them (as the sweep does) removes the version with its file image, and the
     // orphan; the other site's and the unmarked image stay.
-    east.retire(&orphan).await;
-    east.retire(&main).await;
+    east.retire(&orphan).await.free().await;
+    east.retire(&main).await.free().await;
     ensure!(east.list().await?.context("list")?.is_empty());
     for (id, left) in [(&file, false), (&foreign, true), (&unmarked, true)] {
         let st = std::process::Command::new("curl")

@@ -167,6 +167,39 @@ impl Next {
     }
 }
 
+/// What a retired image left on this host after it left the service's view (the dir pool's
+/// renamed directory): removed by [`Leftover::free`], after the agent has answered.
+#[derive(Debug, Default)]
+#[must_use = "a retired image's bytes stay on disk until it is freed"]
+pub struct Leftover(Option<PathBuf>);
+
+impl Leftover {
+    /// A directory, out of every reader's sight, to remove.
+    pub fn dir(path: PathBuf) -> Leftover {
+        Leftover(Some(path))
+    }
+
+    /// Remove it now (off the async runtime: a large image takes a while).
+    pub async fn remove(self) -> Result<(), AdapterError> {
+        let Some(path) = self.0 else { return Ok(()) };
+        let p = path.clone();
+        match tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&p)).await? {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(AdapterError::io("delete", &path)(e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// [`Leftover::remove`], a failure logged: whatever stays is swept with the staging
+    /// area when the agent next starts.
+    pub async fn free(self) {
+        if let Err(e) = self.remove().await {
+            tracing::warn!("retired image not freed: {e}");
+        }
+    }
+}
+
 /// A site's local image service.
 ///
 /// `publish` must be atomic as the service sees it: the image is either fully there under
@@ -212,15 +245,27 @@ pub trait Adapter: Send + Sync + fmt::Debug {
         Box::pin(async move { Ok(Next::replacing(self.publish(image).await?, local_id)) })
     }
 
-    /// Remove an image the site no longer needs; one already gone is fine, a failure is
-    /// logged (the image is only extra).
-    fn retire<'a>(&'a self, local_id: &'a str) -> BoxFuture<'a, ()> {
+    /// Take an image the site no longer needs out of the service; one already gone is
+    /// fine, a failure is logged (the image is only extra). What it returns still holds the
+    /// image's bytes until [`Leftover::free`]: the agent answers `Published` first, so
+    /// deleting a large replaced image is not part of an update's time.
+    fn retire<'a>(&'a self, local_id: &'a str) -> BoxFuture<'a, Leftover> {
         Box::pin(async move {
-            match self.delete(local_id).await {
-                Ok(()) | Err(AdapterError::NotFound(_)) => {}
-                Err(e) => tracing::warn!(local_id, "old version not removed: {e}"),
+            match self.hide(local_id).await {
+                Ok(left) => left,
+                Err(AdapterError::NotFound(_)) => Leftover::default(),
+                Err(e) => {
+                    tracing::warn!(local_id, "old version not removed: {e}");
+                    Leftover::default()
+                }
             }
         })
+    }
+
+    /// Remove a published image from the service's view, leaving its space to be freed
+    /// later. Services whose delete is one call do it all here.
+    fn hide<'a>(&'a self, local_id: &'a str) -> BoxFuture<'a, Result<Leftover, AdapterError>> {
+        Box::pin(async move { self.delete(local_id).await.map(|()| Leftover::default()) })
     }
 
     /// [`Adapter::publish_next`] then [`Adapter::retire`]: replace the image known as
@@ -233,7 +278,7 @@ pub trait Adapter: Send + Sync + fmt::Debug {
         Box::pin(async move {
             let next = self.publish_next(local_id, image).await?;
             if let Some(old) = &next.retire {
-                self.retire(old).await;
+                self.retire(old).await.free().await;
             }
             Ok(next.local_id)
         })

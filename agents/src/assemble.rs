@@ -11,6 +11,9 @@ use std::fs::{self, File};
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use seedcast_core::manifest::hash_zeros;
 use seedcast_core::{ChunkId, Extent, Manifest, VerifiedChunk};
@@ -90,7 +93,17 @@ pub struct Staging {
     prefilled: AtomicBool,
     /// The transfer ended without an image: a running prefill stops.
     cancelled: AtomicBool,
+    /// Bytes written since the files were last synced, and when that was.
+    unsynced: Mutex<(u64, Instant)>,
 }
+
+/// The staged files are synced whenever this much was written into them since the last
+/// sync (the chunk cache's flush cadence) ...
+const SYNC_EVERY: u64 = 16 << 20;
+/// ... or this long ago: then the sync that makes the finished image durable writes only
+/// the last moments of the transfer. Once at the end, it wrote everything a thin link
+/// brought (0.15 s of a 10 Mbit/s update's 8 s, after its last byte).
+const SYNC_AFTER: Duration = Duration::from_secs(2);
 
 impl Staging {
     /// Create the image's files in a fresh directory `dir`; chunks in `receive` will be
@@ -112,6 +125,7 @@ impl Staging {
             handed_over: AtomicBool::new(false),
             prefilled: AtomicBool::new(false),
             cancelled: AtomicBool::new(false),
+            unsynced: Mutex::new((0, Instant::now())),
         };
         for f in &manifest.files {
             let path = staging.dir.join(&f.path);
@@ -199,6 +213,27 @@ impl Staging {
             self.files[file as usize]
                 .write_all_at(data, off)
                 .map_err(io("write", &self.dir))?;
+        }
+        self.written(data.len() as u64 * places.len() as u64)
+    }
+
+    /// Count bytes written; sync the files once [`SYNC_EVERY`] or [`SYNC_AFTER`] has
+    /// passed (on the writer's thread, as the cache's flushes, with the count released:
+    /// other streams go on writing).
+    fn written(&self, n: u64) -> Result<(), AssembleError> {
+        let due = {
+            let mut u = self.unsynced.lock();
+            u.0 += n;
+            let due = u.0 >= SYNC_EVERY || u.1.elapsed() >= SYNC_AFTER;
+            if due {
+                *u = (0, Instant::now());
+            }
+            due
+        };
+        if due {
+            for f in &self.files {
+                f.sync_data().map_err(io("sync", &self.dir))?;
+            }
         }
         Ok(())
     }

@@ -17,6 +17,7 @@ use seedcast_core::{ChunkId, Manifest};
 use seedcast_net::write_msg;
 use tracing::{debug, info, warn};
 
+use crate::adapter::Leftover;
 use crate::agent::Agent;
 use crate::assemble::{Staging, assemble};
 use crate::cache::{AgentDb, HeldRecord, Repair};
@@ -41,6 +42,25 @@ impl Plan {
             chunks: self.transfer.need().to_vec(),
             bases_from: self.bases_from.clone(),
             unavailable: self.unavailable.clone(),
+        }
+    }
+}
+
+/// A deployment served: the image's local id, the payload bytes it took, and what the
+/// version it replaced left to free once the engine has its answer.
+struct Done {
+    local_id: String,
+    bytes_received: u64,
+    leftover: Leftover,
+}
+
+impl Done {
+    /// The image was already here.
+    fn kept(local_id: String, bytes_received: u64) -> Done {
+        Done {
+            local_id,
+            bytes_received,
+            leftover: Leftover::default(),
         }
     }
 }
@@ -75,12 +95,16 @@ impl Agent {
             Err(e) => Err(e),
         };
         ctl.slot.take();
+        let mut leftover = Leftover::default();
         let reply = match result {
-            Ok((local_id, bytes_received)) => AgentMsg::Published {
-                transfer,
-                local_id,
-                bytes_received,
-            },
+            Ok(done) => {
+                leftover = done.leftover;
+                AgentMsg::Published {
+                    transfer,
+                    local_id: done.local_id,
+                    bytes_received: done.bytes_received,
+                }
+            }
             Err(e) if e.ends_session() => return Err(e),
             Err(e) => {
                 warn!(global_id = %g, version, "deployment failed: {e}");
@@ -91,6 +115,9 @@ impl Agent {
             }
         };
         write_msg(ctl.send, &reply).await?;
+        // The replaced image left the service before the answer; its bytes go now, before
+        // the next message is read (so space is free again before another deployment).
+        leftover.free().await;
         Ok(())
     }
 
@@ -143,7 +170,7 @@ impl Agent {
         for id in listed {
             if !recorded.iter().any(|h| h.local_id == id) {
                 info!(local_id = %id, "removing an image this site has no record of (left by an interrupted update)");
-                self.adapter.retire(&id).await;
+                self.adapter.retire(&id).await.free().await;
             }
         }
     }
@@ -186,15 +213,14 @@ impl Agent {
         Ok(manifest_id)
     }
 
-    /// Ask for what is missing, wait for it, assemble, publish. Returns the local id and the
-    /// payload bytes received.
+    /// Ask for what is missing, wait for it, assemble, publish.
     async fn receive_and_publish(
         &self,
         ctl: &mut Control<'_>,
         transfer_id: u64,
         manifest: Manifest,
         manifest_id: [u8; 32],
-    ) -> Result<(String, u64), AgentError> {
+    ) -> Result<Done, AgentError> {
         let g = manifest.global_id;
         let held = self.db.held(&g)?;
         let repair = self.db.repair(&g)?;
@@ -208,7 +234,7 @@ impl Agent {
         {
             if repair != Some(Repair::Refetch) {
                 write_msg(ctl.send, &need_nothing(transfer_id)).await?;
-                return Ok((h.local_id.clone(), 0));
+                return Ok(Done::kept(h.local_id.clone(), 0));
             }
             // The copy is intact; the cache lost chunks of it: fetch them, keep the copy.
             let (transfer, _) = self.receive(ctl, transfer_id, manifest, None).await?;
@@ -219,7 +245,7 @@ impl Agent {
             })
             .await??;
             info!(global_id = %g, "chunks lost from the cache fetched again");
-            return Ok((h.local_id.clone(), transfer.bytes_received()));
+            return Ok(Done::kept(h.local_id.clone(), transfer.bytes_received()));
         }
         let dir = self.staging_dir(transfer_id);
         let (transfer, staging) = self.receive(ctl, transfer_id, manifest, Some(dir)).await?;
@@ -227,7 +253,7 @@ impl Agent {
         let manifest = transfer.into_manifest();
         // A republish is whole: never an overlay on (or an update of) a damaged copy.
         let held = held.filter(|_| repair != Some(Repair::Republish));
-        let local_id = self
+        let (local_id, leftover) = self
             .publish(
                 transfer_id,
                 manifest,
@@ -237,7 +263,11 @@ impl Agent {
                 staging,
             )
             .await?;
-        Ok((local_id, bytes_received))
+        Ok(Done {
+            local_id,
+            bytes_received,
+            leftover,
+        })
     }
 
     /// A fresh staging directory for transfer `transfer_id`.
@@ -336,7 +366,7 @@ impl Agent {
         held: Option<HeldRecord>,
         repairing: bool,
         staging: Option<Arc<Staging>>,
-    ) -> Result<String, AgentError> {
+    ) -> Result<(String, Leftover), AgentError> {
         let g = manifest.global_id;
         // The copy being repaired, retired once its replacement is recorded.
         let damaged = if repairing && held.is_none() {
@@ -379,11 +409,12 @@ impl Agent {
         };
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || db.put_held(&g, &rec, &manifest)).await??;
-        if let Some(old) = retire {
-            self.adapter.retire(&old).await;
-        }
+        let leftover = match retire {
+            Some(old) => self.adapter.retire(&old).await,
+            None => Leftover::default(),
+        };
         info!(global_id = %g, %local_id, "published");
-        Ok(local_id)
+        Ok((local_id, leftover))
     }
 }
 
@@ -607,17 +638,19 @@ mod tests {
         let id1 = agent
             .publish(1, m1.clone(), m1.id().unwrap(), None, false, None)
             .await
-            .unwrap();
+            .unwrap()
+            .0;
         let mut v2 = v1.clone();
         v2[5000..5100].fill(1);
         let (mut m2, c2) = manifest(2, &v2);
         m2.parent = Some(1);
         agent.db.put_chunks(&c2).unwrap();
         let held = agent.db.held(&m2.global_id).unwrap();
-        let id2 = agent
+        let (id2, leftover) = agent
             .publish(2, m2.clone(), m2.id().unwrap(), held, false, None)
             .await
             .unwrap();
+        leftover.free().await;
         assert_ne!(id1, id2);
         // The old image went only once version 2 was on record.
         assert_eq!(*spy.deletes.lock(), [(id1.clone(), Some(2))]);
@@ -636,7 +669,8 @@ mod tests {
         let kept = agent
             .publish(1, m1.clone(), m1.id().unwrap(), None, false, None)
             .await
-            .unwrap();
+            .unwrap()
+            .0;
         // Version 2 reached the pool, then the agent died before recording it.
         let (mut m2, c2) = manifest(2, &noise("sweep 2", 1 << 20));
         m2.parent = Some(1);

@@ -30,7 +30,7 @@ pub mod session;
 #[cfg(test)]
 mod testutil;
 
-pub use adapter::{Adapter, AdapterError, AssembledImage, Next, ReadBack};
+pub use adapter::{Adapter, AdapterError, AssembledImage, Leftover, Next, ReadBack};
 pub use agent::Agent;
 pub use config::{AgentConfig, SiteConfig};
 pub use error::{AgentError, ReceiveError};

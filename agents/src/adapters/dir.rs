@@ -14,7 +14,7 @@ use futures::future::BoxFuture;
 
 use seedcast_core::manifest::FileFormat;
 
-use crate::adapter::{Adapter, AdapterError, AssembledImage, ReadBack};
+use crate::adapter::{Adapter, AdapterError, AssembledImage, Leftover, ReadBack};
 use crate::adapters::local::{self, Sidecar, Stored, sync_dir};
 
 #[derive(Debug)]
@@ -134,17 +134,21 @@ impl Adapter for DirAdapter {
     }
 
     fn delete<'a>(&'a self, local_id: &'a str) -> BoxFuture<'a, Result<(), AdapterError>> {
+        Box::pin(async move { self.hide(local_id).await?.remove().await })
+    }
+
+    /// Moved into staging (the same filesystem: a rename), so the image disappears at once;
+    /// its files go when the leftover is freed, or with staging at the next start.
+    fn hide<'a>(&'a self, local_id: &'a str) -> BoxFuture<'a, Result<Leftover, AdapterError>> {
         Box::pin(async move {
             check_local_id(local_id)?;
             let dir = self.image_dir(local_id);
             if !dir.exists() {
                 return Err(AdapterError::NotFound(local_id.to_string()));
             }
-            // Move it out of sight first, so the image disappears at once, then remove.
             let trash = self.staging.join(format!("deleted-{local_id}"));
             fs::rename(&dir, &trash).map_err(AdapterError::io("delete", &dir))?;
-            fs::remove_dir_all(&trash).map_err(AdapterError::io("delete", &trash))?;
-            Ok(())
+            Ok(Leftover::dir(trash))
         })
     }
 }
@@ -203,6 +207,29 @@ mod tests {
             Err(AdapterError::NotFound(_))
         ));
         // Nothing left behind in staging.
+        assert_eq!(fs::read_dir(a.staging_root()).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_retired_image_leaves_the_pool_at_once_and_its_bytes_when_freed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = DirAdapter::new(tmp.path().join("pool")).unwrap();
+        let id = a.publish(staged(&a, "disk.raw", b"old")).await.unwrap();
+        let left = a.retire(&id).await;
+        // Out of the service's view before it is freed: not listed, not readable.
+        assert!(!a.exists(&id).await.unwrap());
+        assert_eq!(a.list().await.unwrap(), Some(vec![]));
+        assert_eq!(fs::read_dir(a.staging_root()).unwrap().count(), 1);
+        left.free().await;
+        assert_eq!(fs::read_dir(a.staging_root()).unwrap().count(), 0);
+        // Retiring what is gone leaves nothing to free.
+        a.retire(&id).await.remove().await.unwrap();
+        // A crash before freeing: the next start sweeps it with staging.
+        let id = a.publish(staged(&a, "disk.raw", b"old")).await.unwrap();
+        let left = a.retire(&id).await;
+        drop(left);
+        drop(a);
+        let a = DirAdapter::new(tmp.path().join("pool")).unwrap();
         assert_eq!(fs::read_dir(a.staging_root()).unwrap().count(), 0);
     }
 
