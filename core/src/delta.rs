@@ -32,18 +32,28 @@ fn zerr(code: usize) -> DeltaError {
     DeltaError::Zstd(zstd::zstd_safe::get_error_name(code).to_string())
 }
 
-/// Compress `target` with `base` as a zstd prefix at `level`.
-pub fn encode(base: &[u8], target: &[u8], level: i32) -> Result<Vec<u8>, DeltaError> {
+/// A compressor at `level` whose window reaches back over all of `base` (its prefix) from
+/// the end of `target_len` bytes.
+fn prefixed(
+    base: &[u8],
+    target_len: usize,
+    level: i32,
+) -> Result<zstd::zstd_safe::CCtx<'_>, DeltaError> {
     use zstd::zstd_safe::{CCtx, CParameter};
     let mut cctx = CCtx::create();
     cctx.set_parameter(CParameter::CompressionLevel(level))
         .map_err(zerr)?;
-    // The window must reach back over the whole base.
     let window_log =
-        (usize::BITS - (base.len() + target.len()).max(1 << 10).leading_zeros()).clamp(10, 27);
+        (usize::BITS - (base.len() + target_len).max(1 << 10).leading_zeros()).clamp(10, 27);
     cctx.set_parameter(CParameter::WindowLog(window_log))
         .map_err(zerr)?;
     cctx.ref_prefix(base).map_err(zerr)?;
+    Ok(cctx)
+}
+
+/// Compress `target` with `base` as a zstd prefix at `level`.
+pub fn encode(base: &[u8], target: &[u8], level: i32) -> Result<Vec<u8>, DeltaError> {
+    let mut cctx = prefixed(base, target.len(), level)?;
     let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(target.len()));
     cctx.compress2(&mut out, target).map_err(zerr)?;
     Ok(out)
@@ -82,12 +92,43 @@ pub fn decode(base: &[u8], delta: &[u8], raw_len: usize) -> Result<Vec<u8>, Delt
 }
 
 /// Compress several chunks as one frame with `base` as prefix (a delta group).
+///
+/// Each chunk ends a zstd block (a flush): a decoder emits a block's bytes only once the
+/// whole block is in, so with blocks of up to 128 KiB spanning several chunks a stream cut
+/// mid-group lost up to three chunks already received; now at most the chunk it was in.
 pub fn encode_group(base: &[u8], chunks: &[&[u8]], level: i32) -> Result<Vec<u8>, DeltaError> {
-    let mut target = Vec::with_capacity(chunks.iter().map(|c| c.len()).sum());
-    for c in chunks {
-        target.extend_from_slice(c);
+    use zstd::zstd_safe::{InBuffer, OutBuffer, zstd_sys::ZSTD_EndDirective};
+    if chunks.is_empty() {
+        return encode(base, &[], level);
     }
-    encode(base, &target, level)
+    let total: usize = chunks.iter().map(|c| c.len()).sum();
+    let mut cctx = prefixed(base, total, level)?;
+    // The frame header declares the group's length, as the decoder requires.
+    cctx.set_pledged_src_size(Some(total as u64))
+        .map_err(zerr)?;
+    let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(total) + 64);
+    for (i, c) in chunks.iter().enumerate() {
+        let end = if i + 1 == chunks.len() {
+            ZSTD_EndDirective::ZSTD_e_end
+        } else {
+            ZSTD_EndDirective::ZSTD_e_flush
+        };
+        let mut input = InBuffer::around(c);
+        loop {
+            if out.capacity() - out.len() < 1 << 10 {
+                out.reserve(64 << 10);
+            }
+            let pos = out.len();
+            let mut ob = OutBuffer::around_pos(&mut out, pos);
+            let left = cctx
+                .compress_stream2(&mut ob, &mut input, end)
+                .map_err(zerr)?;
+            if left == 0 && input.pos() == c.len() {
+                break;
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Decode a delta group and split it into chunks of the given lengths.
@@ -447,6 +488,40 @@ mod tests {
         let (out, r) = stream(&base, &payload[..cut], &lens, 512);
         assert_eq!(out.len(), got.len());
         assert!(matches!(r, Err(DeltaError::Length { .. })), "{r:?}");
+    }
+
+    #[test]
+    fn each_chunk_of_a_group_is_out_once_its_own_bytes_are_in() {
+        // Eight 8 KiB chunks: one 128 KiB zstd block would hold them all, and a decoder
+        // emits a block only when it is whole. Each chunk ends a block, so a cut anywhere
+        // in the last chunk's bytes still yields the seven before it.
+        let base = noise(7, 100_000);
+        let parts: Vec<Vec<u8>> = (0..8)
+            .map(|i| {
+                let mut c = base[i * 11_000..i * 11_000 + 8192].to_vec();
+                c[100..150].copy_from_slice(&noise(40 + i as u64, 50));
+                c
+            })
+            .collect();
+        let refs: Vec<&[u8]> = parts.iter().map(|p| &p[..]).collect();
+        let lens: Vec<u32> = parts.iter().map(|p| p.len() as u32).collect();
+        // As one block (the whole group compressed at once), nothing is out before the end.
+        let one_block = encode(&base, &parts.concat(), 19).unwrap();
+        let mut d = GroupDecoder::new(&base, lens.clone(), one_block.len()).unwrap();
+        assert!(d.feed(&one_block[..one_block.len() - 10]).unwrap().len() < 7);
+        let payload = encode_group(&base, &refs, 19).unwrap();
+        let mut d = GroupDecoder::new(&base, lens.clone(), payload.len()).unwrap();
+        let got = d.feed(&payload[..payload.len() - 10]).unwrap();
+        assert_eq!(got.len(), 7);
+        for (o, p) in got.iter().zip(&parts) {
+            assert_eq!(&o[..], &p[..]);
+        }
+        let last = d.feed(&payload[payload.len() - 10..]).unwrap();
+        assert_eq!(&last[..], &[bytes::Bytes::from(parts[7].clone())][..]);
+        d.finish().unwrap();
+        // The one-shot decoder reads the same frame.
+        let whole = decode_group(&base, &payload, &lens).unwrap();
+        assert_eq!(whole.len(), 8);
     }
 
     #[test]
