@@ -114,10 +114,12 @@ impl Agent {
                 }
             }
         };
-        write_msg(ctl.send, &reply).await?;
+        let answered = write_msg(ctl.send, &reply).await;
         // The replaced image left the service before the answer; its bytes go now, before
-        // the next message is read (so space is free again before another deployment).
+        // the next message is read (so space is free again before another deployment),
+        // whether or not the answer got out.
         leftover.free().await;
+        answered?;
         Ok(())
     }
 
