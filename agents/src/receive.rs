@@ -86,24 +86,25 @@ impl Slot {
     }
 
     /// Chunks of `transfer` were verified and stored (`payload` bytes of the record counted
-    /// with the first); the transfer is told it is done once every chunk is here.
-    fn complete<'a>(
+    /// with the first); the transfer is told it is done once every chunk is here. `None`
+    /// when `transfer` is no longer the active one.
+    fn complete(
         &self,
         transfer: u64,
-        ids: impl IntoIterator<Item = &'a ChunkId>,
+        ids: impl IntoIterator<Item = ChunkId>,
         payload: u32,
-    ) {
+    ) -> Option<()> {
         self.with(transfer, |a| {
             let mut all = false;
             for (i, id) in ids.into_iter().enumerate() {
                 all = a
                     .transfer
-                    .complete_chunk(id, if i == 0 { payload } else { 0 });
+                    .complete_chunk(&id, if i == 0 { payload } else { 0 });
             }
             if all {
                 a.finish(Ok(()));
             }
-        });
+        })
     }
 
     /// Fail `transfer`, if it is the active one.
@@ -197,10 +198,7 @@ async fn data_stream(
         })
         .await?;
         let ended = match accepted {
-            Ok(()) => {
-                slot.complete(transfer, [&h.id], h.payload_len);
-                slot.with(transfer, |_| Ok(()))
-            }
+            Ok(()) => slot.complete(transfer, [h.id], h.payload_len).map(Ok),
             Err(why) => slot.with(transfer, |a| {
                 a.transfer.reject(&h.id);
                 let msg = why.to_string();
@@ -283,8 +281,7 @@ async fn receive_group(
             rx,
             |verified, payload| {
                 done += verified.len();
-                let ids: Vec<ChunkId> = verified.iter().map(VerifiedChunk::id).collect();
-                slot2.complete(transfer, &ids, payload);
+                slot2.complete(transfer, verified.iter().map(VerifiedChunk::id), payload);
             },
         );
         (done, r)

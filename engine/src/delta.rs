@@ -157,6 +157,11 @@ impl DeltaCache {
         Some(d)
     }
 
+    /// Is the index for `key` built or being built?
+    pub fn has_index(&self, key: &[u8; 32]) -> bool {
+        self.indexes.lock().iter().any(|(k, _)| k == key)
+    }
+
     /// The base index for this set of held versions, built once: `load` gives their
     /// manifests (called only by the first site that needs the index).
     pub async fn index(

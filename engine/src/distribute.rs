@@ -483,6 +483,14 @@ const INDEX_AHEAD_MAX: u64 = 4 << 30;
 /// (0.4–0.5 s for the Debian image on this host's two cores). Built once (the index memo
 /// is keyed by the held versions), at most [`INDEX_AHEAD_MAX`] of chunk data.
 fn index_ahead(shared: &Arc<Shared>, g: GlobalId, version: u32) {
+    let bases = vec![seedcast_core::protocol::HeldVersion {
+        global_id: g,
+        version,
+    }];
+    // Every site that publishes this version comes here: only the first reads the catalog.
+    if shared.delta.has_index(&bases_key(&bases, &[])) {
+        return;
+    }
     let sh = shared.clone();
     tokio::spawn(async move {
         let catalog = sh.catalog.clone();
@@ -496,10 +504,6 @@ fn index_ahead(shared: &Arc<Shared>, g: GlobalId, version: u32) {
         if !matches!(worth, Ok(Some(true))) {
             return;
         }
-        let bases = vec![seedcast_core::protocol::HeldVersion {
-            global_id: g,
-            version,
-        }];
         if let Err(e) = index_bases(&sh, bases, Vec::new()).await {
             tracing::debug!("version {version} of {g} not indexed ahead: {e}");
         }

@@ -34,7 +34,8 @@ pub struct Export {
 
 type SpawnRequest = (Command, std::sync::mpsc::Sender<std::io::Result<Child>>);
 
-/// Start a daemon (`cmd`, whose program is the daemon) that stops (SIGTERM: it unmounts)
+/// Start a daemon (`cmd`: its program and arguments; stdin and stdout null, stderr piped)
+/// that stops (SIGTERM: it unmounts)
 /// when this process dies, however it dies: it is started through util-linux's `setpriv
 /// --pdeathsig TERM`, which asks the kernel for that signal and then runs the daemon.
 /// `PR_SET_PDEATHSIG` fires when the *thread* that forked the child exits, so every daemon
@@ -109,10 +110,7 @@ impl Export {
                 "type=fuse,id=guest,node-name=image,mountpoint={},writable={}",
                 opt_path(&file),
                 if writable { "on" } else { "off" }
-            ))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+            ));
         let child = spawn_daemon(cmd).map_err(|source| QemuError::Spawn {
             tool: DAEMON,
             source,
