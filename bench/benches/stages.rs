@@ -7,6 +7,8 @@
 //!   over two; `verify`: decompress and re-hash (what engine and agent do to every chunk);
 //! - `delta`: a delta group of 2 MiB of changed chunks against their 2 MiB base at level 19
 //!   (as the engine encodes once for all sites), and its decoding at a site;
+//! - `sketch`: every chunk's super-features as computed, beside the single gear-hash run
+//!   that defines them;
 //! - `pack`: the engine's pack store writing and reading every stored chunk, against one
 //!   plain file written, synced and read back with the same calls;
 //! - `catalog`: chunk records written in batches of 1000, and read back at start;
@@ -178,6 +180,32 @@ fn bench(c: &mut Criterion) {
         let whole: Vec<u8> = targets.concat();
         b.iter(|| zstd::bulk::compress(&whole, 19).unwrap().len())
     });
+    g.finish();
+
+    // Indexing a held version as delta bases sketches every chunk (engine: after a site
+    // publishes; client: `adapt --base`).
+    let mut g = c.benchmark_group("sketch");
+    g.throughput(Throughput::Bytes(chunk_bytes));
+    g.sample_size(10);
+    g.bench_function("seedcast: sketch every chunk, four gear chains", |b| {
+        b.iter(|| {
+            chunks
+                .iter()
+                .filter_map(|c| seedcast_core::delta::sketch(c))
+                .fold(0u64, |a, s| a ^ s.0[0])
+        })
+    });
+    g.bench_function(
+        "baseline: sketch every chunk, one gear chain (as defined)",
+        |b| {
+            b.iter(|| {
+                chunks
+                    .iter()
+                    .filter_map(|c| seedcast_core::delta::sketch_reference(c))
+                    .fold(0u64, |a, s| a ^ s.0[0])
+            })
+        },
+    );
     g.finish();
 
     let verified: Vec<VerifiedChunk> = stored
