@@ -434,7 +434,7 @@ fn super_features(features: &[u64; SUB_BLOCKS]) -> Sketch {
 /// interleaved, four independent chains the CPU overlaps — the same values (a test holds
 /// them to the single run), about twice as fast.
 pub fn sketch(data: &[u8]) -> Option<Sketch> {
-    const { assert!(SUB_BLOCKS % 4 == 0) };
+    const { assert!(SUB_BLOCKS.is_multiple_of(4)) };
     if data.len() < MIN_SKETCH_LEN {
         return None;
     }
