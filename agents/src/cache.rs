@@ -2,35 +2,47 @@
 //!
 //! | column family | key | value |
 //! | --- | --- | --- |
-//! | `chunks` | chunk id | the chunk's raw bytes (kept in blob files, key-value separated) |
+//! | `stored` | chunk id | the chunk as it travelled: encoding, raw length, payload (zstd, or raw where zstd did not pay); blob files, key-value separated |
+//! | `chunks` | chunk id | format 1: the chunk's raw bytes (read and freed, no longer written) |
 //! | `images` | global id | [`HeldRecord`]: version, manifest id, local id |
 //! | `manifests` | global id + version | the published manifest (record) |
 //! | `meta` | name | cache format |
 //! | `meta` | `floor` + global id | [`Floor`]: the newest version applied, never lowered |
 //! | `meta` | `repair` + global id | [`Repair`]: set by `seedcast check --repair`, cleared when done |
 //!
-//! Only a [`VerifiedChunk`] can be put in the cache. Chunk writes skip the write-ahead log
-//! (a chunk lost in a crash is simply asked for again) and are flushed once a transfer is
-//! complete; image records are synced.
+//! Only a [`VerifiedChunk`] can be put in the cache. It is kept in the form it arrived in:
+//! the engine's stored zstd bytes, verified on arrival, are written as they are, so the
+//! cache takes the engine store's space rather than the image's (a third of it for the
+//! benchmark's images) and a site writes each received byte once raw (the image) and once
+//! compressed (the cache), not twice raw. Reading a chunk back decompresses it. Chunk
+//! writes skip the write-ahead log (a chunk lost in a crash is simply asked for again) and
+//! are flushed once a transfer is complete; image records are synced.
 
 use std::path::Path;
 
+use seedcast_core::chunk::Encoding;
 use seedcast_core::protocol::HeldImage;
-use seedcast_core::{ChunkId, GlobalId, Manifest, VerifiedChunk};
+use seedcast_core::{ChunkId, ChunkerConfig, CompressedChunk, GlobalId, Manifest, VerifiedChunk};
 use seedcast_db::{
     Batch, DBPinnableSlice, Db, DbError, Durability, Layout, Record, Spec, version_key,
 };
 use serde::{Deserialize, Serialize};
 
-pub const CACHE_FORMAT: u8 = 1;
+/// 2: chunks kept in their stored form (`stored`); format 1's raw `chunks` stay readable.
+pub const CACHE_FORMAT: u8 = 2;
 
+const CF_STORED: &str = "stored";
+/// Format 1's raw chunks.
 const CF_CHUNKS: &str = "chunks";
+/// The two chunk families, newest first.
+const CHUNK_FAMILIES: [&str; 2] = [CF_STORED, CF_CHUNKS];
 const CF_IMAGES: &str = "images";
 const CF_MANIFESTS: &str = "manifests";
 const CF_META: &str = "meta";
 
 const SPEC: Spec = Spec {
     families: &[
+        (CF_STORED, Layout::Blobs),
         (CF_CHUNKS, Layout::Blobs),
         (CF_IMAGES, Layout::Records),
         (CF_MANIFESTS, Layout::Records),
@@ -38,13 +50,133 @@ const SPEC: Spec = Spec {
     ],
     meta_family: CF_META,
     format_key: b"cache_format",
-    upgrades_from: &[],
+    upgrades_from: &[1],
     format: CACHE_FORMAT,
     cache_bytes: 32 << 20,
 };
 
 /// The agent database's errors are the database layer's.
 pub type CacheError = DbError;
+
+/// Bytes before the payload in a `stored` value: encoding, then raw length (LE).
+const STORED_HEADER: usize = 5;
+
+/// A `stored` value: the chunk's encoding, raw length and payload.
+fn stored_value(c: &CompressedChunk) -> Vec<u8> {
+    let mut v = Vec::with_capacity(STORED_HEADER + c.payload.len());
+    v.push(c.encoding as u8);
+    v.extend_from_slice(&c.raw_len.to_le_bytes());
+    v.extend_from_slice(&c.payload);
+    v
+}
+
+/// A cached chunk's raw bytes: the stored value itself when it was kept raw, else decoded.
+pub enum CachedChunk<'a> {
+    Pinned(DBPinnableSlice<'a>, usize),
+    Decoded(Vec<u8>),
+}
+
+impl CachedChunk<'_> {
+    pub fn into_bytes(self) -> bytes::Bytes {
+        match self {
+            CachedChunk::Pinned(v, at) => bytes::Bytes::copy_from_slice(&v[at..]),
+            CachedChunk::Decoded(v) => v.into(),
+        }
+    }
+}
+
+impl std::fmt::Debug for CachedChunk<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CachedChunk({} bytes)", self.len())
+    }
+}
+
+/// A cached chunk's value as a scan found it, decoded only when asked.
+#[derive(Debug)]
+pub struct ScannedChunk {
+    legacy: bool,
+    value: Box<[u8]>,
+}
+
+impl ScannedChunk {
+    /// The chunk's raw bytes, or why its value does not decode.
+    pub fn raw(&self) -> Result<std::borrow::Cow<'_, [u8]>, String> {
+        if self.legacy {
+            return Ok(self.value[..].into());
+        }
+        Ok(match decode_stored(&self.value)? {
+            Raw::InPlace => self.value[STORED_HEADER..].into(),
+            Raw::Decoded(d) => d.into(),
+        })
+    }
+}
+
+impl std::ops::Deref for CachedChunk<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            CachedChunk::Pinned(v, at) => &v[*at..],
+            CachedChunk::Decoded(v) => v,
+        }
+    }
+}
+
+/// Where a `stored` value's raw bytes are.
+enum Raw {
+    /// Kept raw: the value after its header.
+    InPlace,
+    Decoded(Vec<u8>),
+}
+
+/// Decode a `stored` value; why not, for one that does not decode (damaged on disk in a
+/// way RocksDB's checksums did not catch, or by hand). The declared length is bounded by
+/// the largest chunk, so a bad value cannot make the agent allocate more.
+fn decode_stored(v: &[u8]) -> Result<Raw, String> {
+    let (encoding, raw_len, payload) = stored_header(v)?;
+    let raw = match encoding {
+        Encoding::Raw => return Ok(Raw::InPlace),
+        Encoding::Zstd => {
+            zstd::bulk::decompress(payload, raw_len as usize).map_err(|e| format!("zstd: {e}"))?
+        }
+    };
+    if raw.len() != raw_len as usize {
+        return Err(format!(
+            "decodes to {} bytes, declares {raw_len}",
+            raw.len()
+        ));
+    }
+    Ok(Raw::Decoded(raw))
+}
+
+/// A `stored` value's encoding, raw length and payload, checked as far as they can be
+/// without decoding.
+fn stored_header(v: &[u8]) -> Result<(Encoding, u32, &[u8]), String> {
+    let (head, payload) = v
+        .split_at_checked(STORED_HEADER)
+        .ok_or_else(|| format!("{} bytes, shorter than its header", v.len()))?;
+    let raw_len = u32::from_le_bytes(head[1..].try_into().expect("4 bytes"));
+    if raw_len > ChunkerConfig::MAX_CHUNK {
+        return Err(format!("declares {raw_len} bytes, over the largest chunk"));
+    }
+    match Encoding::from_u8(head[0]) {
+        Some(Encoding::Raw) if payload.len() != raw_len as usize => {
+            Err(format!("raw, {} bytes, declares {raw_len}", payload.len()))
+        }
+        Some(e) => Ok((e, raw_len, payload)),
+        None => Err(format!("unknown encoding {}", head[0])),
+    }
+}
+
+/// The raw bytes of a value of chunk family `family`.
+fn decode_value<'a>(family: &str, v: DBPinnableSlice<'a>) -> Result<CachedChunk<'a>, String> {
+    if family == CF_CHUNKS {
+        return Ok(CachedChunk::Pinned(v, 0));
+    }
+    Ok(match decode_stored(&v)? {
+        Raw::InPlace => CachedChunk::Pinned(v, STORED_HEADER),
+        Raw::Decoded(d) => CachedChunk::Decoded(d),
+    })
+}
 
 impl Record for HeldRecord {}
 
@@ -157,18 +289,32 @@ impl AgentDb {
         })
     }
 
-    /// Every cached chunk as stored, without RocksDB's checksums (the caller hashes each):
-    /// a damaged one is named by its id rather than ending the scan.
+    /// Every cached chunk, without RocksDB's checksums (the caller hashes each): its key
+    /// and raw bytes, or why they do not decode, so a damaged one is named by its id rather
+    /// than ending the scan.
     pub fn scan_chunks_unchecked(
         &self,
-    ) -> impl Iterator<Item = Result<seedcast_db::KeyValue, CacheError>> + '_ {
-        self.db.scan_raw_unchecked(CF_CHUNKS)
+    ) -> impl Iterator<Item = Result<(Box<[u8]>, ScannedChunk), CacheError>> + '_ {
+        CHUNK_FAMILIES.into_iter().flat_map(move |cf| {
+            self.db.scan_raw_unchecked(cf).map(move |item| {
+                item.map(|(k, value)| {
+                    let legacy = cf == CF_CHUNKS;
+                    (k, ScannedChunk { legacy, value })
+                })
+            })
+        })
     }
 
     /// Drop cached chunks (damaged ones found by `seedcast check --repair`), synced.
     pub fn delete_chunks(&self, ids: &[ChunkId]) -> Result<(), CacheError> {
         let keys: Vec<&[u8]> = ids.iter().map(|id| id.as_bytes().as_slice()).collect();
-        self.db.delete_synced(CF_CHUNKS, &keys)
+        let mut batch = Batch::default();
+        for cf in CHUNK_FAMILIES {
+            for k in &keys {
+                batch.delete_cf(self.db.cf(cf), k);
+            }
+        }
+        self.db.write(batch, Durability::Synced)
     }
 
     /// Mark a held image for repair (synced).
@@ -230,16 +376,17 @@ impl AgentDb {
     ) -> Result<(), CacheError> {
         let mut r = self.received.lock();
         let mut batch = Batch::default();
-        let mut raw = 0u64;
+        let mut written = 0u64;
         for c in chunks {
-            batch.put_cf(self.db.cf(CF_CHUNKS), c.id().as_bytes(), c.raw());
-            raw += c.raw().len() as u64;
+            let v = stored_value(c.stored());
+            written += v.len() as u64;
+            batch.put_cf(self.db.cf(CF_STORED), c.id().as_bytes(), v);
         }
         let total = r.0 + payload_len;
         batch.put_cf(self.db.cf(CF_META), RECEIVED_KEY, total.to_le_bytes());
         self.db.write(batch, Durability::NoWal)?;
         let now = std::time::Instant::now();
-        *r = (total, r.1 + raw, r.2);
+        *r = (total, r.1 + written, r.2);
         let flush = r.1 >= FLUSH_EVERY || now.duration_since(r.2) >= FLUSH_AFTER;
         if flush {
             r.1 = 0;
@@ -273,29 +420,52 @@ impl AgentDb {
         self.received.lock().0
     }
 
+    /// Whether a chunk is cached. Its value is read (RocksDB checks it) but not decoded:
+    /// a plan covering a whole image asks this of every chunk. One found damaged is dropped,
+    /// as [`AgentDb::chunk`] does.
     pub fn has_chunk(&self, id: &ChunkId) -> Result<bool, CacheError> {
-        Ok(self.chunk(id)?.is_some())
+        for cf in CHUNK_FAMILIES {
+            match self.db.get_raw(cf, id.as_bytes()) {
+                Ok(None) => {}
+                Ok(Some(v)) if cf == CF_CHUNKS || stored_header(&v).is_ok() => return Ok(true),
+                Ok(Some(_)) => return Ok(self.chunk(id)?.is_some()),
+                Err(e) if e.is_corruption() => return Ok(self.chunk(id)?.is_some()),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(false)
     }
 
     /// A cached chunk's raw bytes. One whose stored bytes fail RocksDB's checksums (a
-    /// flipped bit on disk) is dropped and reported absent, so it is fetched again instead
-    /// of failing every deployment that needs it.
-    pub fn chunk(&self, id: &ChunkId) -> Result<Option<DBPinnableSlice<'_>>, CacheError> {
-        match self.db.get_raw(CF_CHUNKS, id.as_bytes()) {
-            Err(e) if e.is_corruption() => {
-                tracing::warn!(chunk = %id, "cached chunk damaged on disk; dropped, to be fetched again: {e}");
-                self.delete_chunks(std::slice::from_ref(id))?;
-                Ok(None)
-            }
-            r => r,
+    /// flipped bit on disk) or do not decode is dropped and reported absent, so it is
+    /// fetched again instead of failing every deployment that needs it.
+    pub fn chunk(&self, id: &ChunkId) -> Result<Option<CachedChunk<'_>>, CacheError> {
+        for cf in CHUNK_FAMILIES {
+            let why = match self.db.get_raw(cf, id.as_bytes()) {
+                Ok(None) => continue,
+                Ok(Some(v)) => match decode_value(cf, v) {
+                    Ok(c) => return Ok(Some(c)),
+                    Err(why) => why,
+                },
+                Err(e) if e.is_corruption() => e.to_string(),
+                Err(e) => return Err(e),
+            };
+            tracing::warn!(chunk = %id, "cached chunk damaged on disk; dropped, to be fetched again: {why}");
+            self.delete_chunks(std::slice::from_ref(id))?;
+            return Ok(None);
         }
+        Ok(None)
     }
 
     /// Cache verified chunks (no WAL: see the module docs).
     pub fn put_chunks(&self, chunks: &[VerifiedChunk]) -> Result<(), CacheError> {
         let mut batch = Batch::default();
         for c in chunks {
-            batch.put_cf(self.db.cf(CF_CHUNKS), c.id().as_bytes(), c.raw());
+            batch.put_cf(
+                self.db.cf(CF_STORED),
+                c.id().as_bytes(),
+                stored_value(c.stored()),
+            );
         }
         self.db.write(batch, Durability::NoWal)
     }
@@ -303,29 +473,38 @@ impl AgentDb {
     /// Make cached chunks (and the count of bytes received) durable (end of a transfer).
     pub fn flush_chunks(&self) -> Result<(), CacheError> {
         self.db.flush(CF_META)?;
-        self.db.flush(CF_CHUNKS)
+        self.db.flush(CF_STORED)
     }
 
     /// Drop every cached chunk (operators free space this way; tests simulate a wiped cache).
     pub fn clear_chunks(&self) -> Result<usize, CacheError> {
-        let keys: Vec<Box<[u8]>> = self
-            .db
-            .scan_raw(CF_CHUNKS, &[])
-            .map(|r| r.map(|(k, _)| k))
-            .collect::<Result<_, _>>()?;
-        let mut batch = Batch::default();
-        for k in &keys {
-            batch.delete_cf(self.db.cf(CF_CHUNKS), k);
+        let mut n = 0;
+        for cf in CHUNK_FAMILIES {
+            let keys: Vec<Box<[u8]>> = self
+                .db
+                .scan_raw(cf, &[])
+                .map(|r| r.map(|(k, _)| k))
+                .collect::<Result<_, _>>()?;
+            let mut batch = Batch::default();
+            for k in &keys {
+                batch.delete_cf(self.db.cf(cf), k);
+            }
+            self.db.write(batch, Durability::Unsynced)?;
+            // Without blob garbage collection the space comes back when the tables that
+            // named the chunks are compacted away.
+            self.db.compact(cf)?;
+            n += keys.len();
         }
-        self.db.write(batch, Durability::Unsynced)?;
-        // Without blob garbage collection the space comes back when the tables that named
-        // the chunks are compacted away.
-        self.db.compact(CF_CHUNKS)?;
-        Ok(keys.len())
+        Ok(n)
     }
 
+    /// Cached chunks (a chunk held in both families, which only a format-1 cache's chunk
+    /// received again can be, counts twice).
     pub fn chunk_count(&self) -> Result<usize, CacheError> {
-        Ok(self.db.scan_raw(CF_CHUNKS, &[]).count())
+        Ok(CHUNK_FAMILIES
+            .into_iter()
+            .map(|cf| self.db.scan_raw(cf, &[]).count())
+            .sum())
     }
 
     pub fn held(&self, g: &GlobalId) -> Result<Option<HeldRecord>, CacheError> {
@@ -415,20 +594,119 @@ mod tests {
     use super::*;
     use bytes::Bytes;
 
+    fn text(n: usize) -> Bytes {
+        Bytes::from(
+            (0..n)
+                .map(|i| format!("line {i} of a config file\n"))
+                .collect::<String>()
+                .into_bytes(),
+        )
+    }
+
     #[test]
     fn chunks_survive_flush_and_reopen_and_clear() {
         let dir = tempfile::tempdir().unwrap();
-        let c = VerifiedChunk::from_raw(Bytes::from(vec![5u8; 100_000]));
+        let kept_raw = VerifiedChunk::from_raw(Bytes::from(vec![5u8; 100_000]));
+        let zstd = VerifiedChunk::compress(text(5000), 3);
+        assert_eq!(zstd.stored().encoding, Encoding::Zstd);
         {
             let db = AgentDb::open(dir.path()).unwrap();
-            db.put_chunks(std::slice::from_ref(&c)).unwrap();
+            db.put_chunks(&[kept_raw.clone(), zstd.clone()]).unwrap();
             db.flush_chunks().unwrap();
         }
         let db = AgentDb::open(dir.path()).unwrap();
-        assert!(db.has_chunk(&c.id()).unwrap());
-        assert_eq!(&db.chunk(&c.id()).unwrap().unwrap()[..], &c.raw()[..]);
-        assert_eq!(db.clear_chunks().unwrap(), 1);
+        for c in [&kept_raw, &zstd] {
+            assert!(db.has_chunk(&c.id()).unwrap());
+            assert_eq!(&db.chunk(&c.id()).unwrap().unwrap()[..], &c.raw()[..]);
+        }
+        // The compressed chunk is kept as it travelled, not raw.
+        let value = db
+            .db
+            .get_raw(CF_STORED, zstd.id().as_bytes())
+            .unwrap()
+            .unwrap();
+        assert_eq!(value.len(), STORED_HEADER + zstd.stored().payload.len());
+        assert!(
+            value.len() * 4 < zstd.raw().len(),
+            "{} bytes kept",
+            value.len()
+        );
+        assert_eq!(db.chunk_count().unwrap(), 2);
+        assert_eq!(db.clear_chunks().unwrap(), 2);
+        assert!(!db.has_chunk(&kept_raw.id()).unwrap());
+        assert!(db.chunk(&zstd.id()).unwrap().is_none());
+    }
+
+    /// Format 1 as it was laid out: raw chunks in `chunks`, no `stored` family.
+    const SPEC_V1: Spec = Spec {
+        families: &[
+            (CF_CHUNKS, Layout::Blobs),
+            (CF_IMAGES, Layout::Records),
+            (CF_MANIFESTS, Layout::Records),
+            (CF_META, Layout::Records),
+        ],
+        format: 1,
+        upgrades_from: &[],
+        ..SPEC
+    };
+
+    #[test]
+    fn a_format_1_cache_is_upgraded_and_its_raw_chunks_still_serve() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = VerifiedChunk::from_raw(text(3000));
+        {
+            let v1 = Db::open(dir.path(), &SPEC_V1).unwrap();
+            let mut b = Batch::default();
+            b.put_cf(v1.cf(CF_CHUNKS), old.id().as_bytes(), old.raw());
+            v1.write(b, Durability::Synced).unwrap();
+        }
+        let db = AgentDb::open(dir.path()).unwrap();
+        assert!(db.has_chunk(&old.id()).unwrap());
+        assert_eq!(&db.chunk(&old.id()).unwrap().unwrap()[..], &old.raw()[..]);
+        let new = VerifiedChunk::compress(text(4000), 3);
+        db.put_chunks(std::slice::from_ref(&new)).unwrap();
+        let scanned: Vec<_> = db.scan_chunks_unchecked().map(|r| r.unwrap()).collect();
+        assert_eq!(scanned.len(), 2);
+        for (k, v) in &scanned {
+            assert_eq!(&ChunkId::of(&v.raw().unwrap()).as_bytes()[..], &k[..]);
+        }
+        db.delete_chunks(&[old.id()]).unwrap();
+        assert!(!db.has_chunk(&old.id()).unwrap());
+        drop(db);
+        // Upgraded: format 1 no longer opens it as its own.
+        assert!(Db::open(dir.path(), &SPEC_V1).is_err());
+    }
+
+    #[test]
+    fn a_stored_value_that_does_not_decode_is_dropped_not_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = AgentDb::open(dir.path()).unwrap();
+        let c = VerifiedChunk::compress(text(4000), 3);
+        let good = stored_value(c.stored());
+        let mut truncated = good.clone();
+        truncated.truncate(good.len() - 10);
+        let mut unknown = good.clone();
+        unknown[0] = 9;
+        let mut huge = good.clone();
+        huge[1..5].copy_from_slice(&u32::MAX.to_le_bytes());
+        let mut short_raw = vec![Encoding::Raw as u8];
+        short_raw.extend_from_slice(&100u32.to_le_bytes());
+        short_raw.extend_from_slice(&[1, 2, 3]);
+        for bad in [truncated, unknown, huge, short_raw, vec![1, 2]] {
+            let mut b = Batch::default();
+            b.put_cf(db.db.cf(CF_STORED), c.id().as_bytes(), &bad);
+            db.db.write(b, Durability::Synced).unwrap();
+            let (_, scanned) = db.scan_chunks_unchecked().next().unwrap().unwrap();
+            assert!(scanned.raw().is_err(), "{bad:?} decoded");
+            assert!(db.chunk(&c.id()).unwrap().is_none(), "{bad:?} served");
+            assert!(!db.has_chunk(&c.id()).unwrap(), "{bad:?} kept");
+        }
+        // A bad header is seen without decoding, and dropped.
+        let mut b = Batch::default();
+        b.put_cf(db.db.cf(CF_STORED), c.id().as_bytes(), [7u8; 40]);
+        db.db.write(b, Durability::Synced).unwrap();
         assert!(!db.has_chunk(&c.id()).unwrap());
+        assert!(db.scan_chunks_unchecked().next().is_none(), "dropped");
     }
 
     proptest::proptest! {

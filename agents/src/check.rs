@@ -287,9 +287,17 @@ fn scan_cache(db: &AgentDb, read_data: bool) -> (u64, u64, Vec<CacheFinding>) {
             continue;
         };
         if read_data {
-            bytes += v.len() as u64;
-            if ChunkId::of(&v) != id {
-                found.push(CacheFinding::Damaged(id));
+            match v.raw() {
+                Ok(raw) => {
+                    bytes += raw.len() as u64;
+                    if ChunkId::of(&raw) != id {
+                        found.push(CacheFinding::Damaged(id));
+                    }
+                }
+                Err(why) => {
+                    tracing::debug!(chunk = %id, "cached chunk does not decode: {why}");
+                    found.push(CacheFinding::Damaged(id));
+                }
             }
         }
     }

@@ -218,7 +218,7 @@ async fn data_stream(
 /// A base chunk's bytes: from the cache, else from a held image.
 fn base_bytes(db: &AgentDb, seeds: &SeedIndex, id: &ChunkId) -> Result<Bytes, ReceiveError> {
     if let Some(b) = db.chunk(id)? {
-        return Ok(Bytes::copy_from_slice(&b));
+        return Ok(b.into_bytes());
     }
     seeds
         .read(id)
