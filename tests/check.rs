@@ -199,7 +199,8 @@ fn engine_check_names_damage_beside_the_engine_and_repair_then_a_push_restores_i
 }
 
 /// Flip a bit inside the cached copy of `content`'s bytes somewhere in the agent's blob
-/// files (RocksDB keeps chunk values there uncompressed). Returns the file touched.
+/// files (the cache keeps chunks as they travelled, and the test image's random bytes
+/// travel raw: zstd does not shrink them). Returns the file touched.
 fn flip_in_cache(db: &Path, content: &[u8]) -> Result<PathBuf> {
     for probe in (0..32).map(|i| (1 << 20) + i * 97_531) {
         let needle = &content[probe..probe + 64];
