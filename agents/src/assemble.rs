@@ -164,24 +164,9 @@ impl Staging {
             return Ok(());
         }
         for (f, file) in manifest.files.iter().zip(&self.files) {
-            for (off, e) in f.recipe.extents_at() {
-                if self.cancelled.load(Ordering::Relaxed) {
-                    return Ok(());
-                }
-                if let Extent::Data { id, len } = e
-                    && !self.places.contains_key(id)
-                {
-                    let data = db.chunk(id)?.ok_or(AssembleError::MissingChunk(*id))?;
-                    if data.len() != *len as usize {
-                        return Err(AssembleError::ChunkLength {
-                            id: *id,
-                            expected: *len,
-                            actual: data.len(),
-                        });
-                    }
-                    file.write_all_at(&data, off)
-                        .map_err(io("write", &self.dir))?;
-                }
+            fill_from_cache(db, file, &self.dir, &self.held(f), &self.cancelled)?;
+            if self.cancelled.load(Ordering::Relaxed) {
+                return Ok(());
             }
             // Written back now, while the rest travels: the sync in `finish` then has only
             // the received chunks to write (the Debian update's held 500 MB took 0.1–0.2 s
@@ -190,6 +175,17 @@ impl Staging {
         }
         self.prefilled.store(true, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// The data extents of `f` not being received (offset, id, length): the site holds them.
+    fn held(&self, f: &seedcast_core::FileEntry) -> Vec<(u64, ChunkId, u32)> {
+        f.recipe
+            .extents_at()
+            .filter_map(|(off, e)| match e {
+                Extent::Data { id, len } if !self.places.contains_key(id) => Some((off, *id, *len)),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Stop a running [`Staging::prefill`] (the transfer failed or was abandoned).
@@ -271,36 +267,28 @@ impl Staging {
                     actual: hex::encode(f.recipe.content_hash()),
                 });
             }
-            let mut hasher = blake3::Hasher::new();
-            for (off, e) in f.recipe.extents_at() {
-                match e {
-                    // Written when it arrived.
-                    Extent::Data { id, .. } if prefilled || self.places.contains_key(id) => {}
-                    Extent::Data { id, len } => {
-                        let data = db.chunk(id)?.ok_or(AssembleError::MissingChunk(*id))?;
-                        if data.len() != *len as usize {
-                            return Err(AssembleError::ChunkLength {
-                                id: *id,
-                                expected: *len,
-                                actual: data.len(),
-                            });
-                        }
-                        file.write_all_at(&data, off).map_err(io("write", &path))?;
-                        if by_bytes {
+            if by_bytes {
+                let mut hasher = blake3::Hasher::new();
+                for (off, e) in f.recipe.extents_at() {
+                    match e {
+                        Extent::Data { id, len } => {
+                            let data = cached(db, id, *len)?;
+                            file.write_all_at(&data, off).map_err(io("write", &path))?;
                             hasher.update(&data);
                         }
+                        Extent::Hole { len } => hash_zeros(&mut hasher, *len),
                     }
-                    Extent::Hole { len } if by_bytes => hash_zeros(&mut hasher, *len),
-                    Extent::Hole { .. } => {}
                 }
-            }
-            let actual = hasher.finalize();
-            if by_bytes && actual.as_bytes() != &f.recipe.hash {
-                return Err(AssembleError::FileHash {
-                    path: f.path.clone(),
-                    expected: hex::encode(f.recipe.hash),
-                    actual: actual.to_hex().to_string(),
-                });
+                let actual = hasher.finalize();
+                if actual.as_bytes() != &f.recipe.hash {
+                    return Err(AssembleError::FileHash {
+                        path: f.path.clone(),
+                        expected: hex::encode(f.recipe.hash),
+                        actual: actual.to_hex().to_string(),
+                    });
+                }
+            } else if !prefilled {
+                fill_from_cache(db, file, &path, &self.held(f), &AtomicBool::new(false))?;
             }
             // Permission bits only: never setuid, setgid or sticky from a manifest.
             file.set_permissions(fs::Permissions::from_mode(f.mode & 0o777))
@@ -319,6 +307,64 @@ impl Staging {
             .map_err(io("sync", &self.dir))?;
         Ok(image)
     }
+}
+
+/// A cached chunk's bytes, checked against the length the recipe gives it.
+fn cached<'a>(
+    db: &'a AgentDb,
+    id: &ChunkId,
+    len: u32,
+) -> Result<crate::cache::CachedChunk<'a>, AssembleError> {
+    let data = db.chunk(id)?.ok_or(AssembleError::MissingChunk(*id))?;
+    if data.len() != len as usize {
+        return Err(AssembleError::ChunkLength {
+            id: *id,
+            expected: len,
+            actual: data.len(),
+        });
+    }
+    Ok(data)
+}
+
+/// Most threads one file is filled from the cache on.
+const FILL_THREADS: usize = 4;
+
+/// Write `todo`'s chunks (offset, id, length) into `file` from the cache, split in
+/// consecutive runs over the machine's cores (at most [`FILL_THREADS`]): reading a chunk
+/// back decompresses it (the cache keeps chunks as they travelled), and an image rebuilt
+/// from the cache is nothing but this. Stops early, without error, once `cancelled`.
+fn fill_from_cache(
+    db: &AgentDb,
+    file: &File,
+    path: &Path,
+    todo: &[(u64, ChunkId, u32)],
+    cancelled: &AtomicBool,
+) -> Result<(), AssembleError> {
+    let run = |part: &[(u64, ChunkId, u32)]| -> Result<(), AssembleError> {
+        for (off, id, len) in part {
+            if cancelled.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            let data = cached(db, id, *len)?;
+            file.write_all_at(&data, *off).map_err(io("write", path))?;
+        }
+        Ok(())
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, FILL_THREADS);
+    if threads == 1 || todo.len() < 2 * threads {
+        return run(todo);
+    }
+    std::thread::scope(|s| {
+        let parts: Vec<_> = todo
+            .chunks(todo.len().div_ceil(threads))
+            .map(|part| s.spawn(move || run(part)))
+            .collect();
+        parts
+            .into_iter()
+            .try_for_each(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+    })
 }
 
 impl Drop for Staging {

@@ -20,12 +20,12 @@
 
 use std::path::Path;
 
-use seedcast_core::chunk::Encoding;
 use seedcast_core::protocol::HeldImage;
-use seedcast_core::{ChunkId, ChunkerConfig, CompressedChunk, GlobalId, Manifest, VerifiedChunk};
-use seedcast_db::{
-    Batch, DBPinnableSlice, Db, DbError, Durability, Layout, Record, Spec, version_key,
-};
+use seedcast_core::{ChunkId, GlobalId, Manifest, VerifiedChunk};
+use seedcast_db::{Batch, Db, DbError, Durability, Layout, Record, Spec, version_key};
+
+pub use crate::cache_value::CachedChunk;
+use crate::cache_value::{ScannedChunk, decode_value, stored_header, stored_value};
 use serde::{Deserialize, Serialize};
 
 /// 2: chunks kept in their stored form (`stored`); format 1's raw `chunks` stay readable.
@@ -57,126 +57,6 @@ const SPEC: Spec = Spec {
 
 /// The agent database's errors are the database layer's.
 pub type CacheError = DbError;
-
-/// Bytes before the payload in a `stored` value: encoding, then raw length (LE).
-const STORED_HEADER: usize = 5;
-
-/// A `stored` value: the chunk's encoding, raw length and payload.
-fn stored_value(c: &CompressedChunk) -> Vec<u8> {
-    let mut v = Vec::with_capacity(STORED_HEADER + c.payload.len());
-    v.push(c.encoding as u8);
-    v.extend_from_slice(&c.raw_len.to_le_bytes());
-    v.extend_from_slice(&c.payload);
-    v
-}
-
-/// A cached chunk's raw bytes: the stored value itself when it was kept raw, else decoded.
-pub enum CachedChunk<'a> {
-    Pinned(DBPinnableSlice<'a>, usize),
-    Decoded(Vec<u8>),
-}
-
-impl CachedChunk<'_> {
-    pub fn into_bytes(self) -> bytes::Bytes {
-        match self {
-            CachedChunk::Pinned(v, at) => bytes::Bytes::copy_from_slice(&v[at..]),
-            CachedChunk::Decoded(v) => v.into(),
-        }
-    }
-}
-
-impl std::fmt::Debug for CachedChunk<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "CachedChunk({} bytes)", self.len())
-    }
-}
-
-/// A cached chunk's value as a scan found it, decoded only when asked.
-#[derive(Debug)]
-pub struct ScannedChunk {
-    legacy: bool,
-    value: Box<[u8]>,
-}
-
-impl ScannedChunk {
-    /// The chunk's raw bytes, or why its value does not decode.
-    pub fn raw(&self) -> Result<std::borrow::Cow<'_, [u8]>, String> {
-        if self.legacy {
-            return Ok(self.value[..].into());
-        }
-        Ok(match decode_stored(&self.value)? {
-            Raw::InPlace => self.value[STORED_HEADER..].into(),
-            Raw::Decoded(d) => d.into(),
-        })
-    }
-}
-
-impl std::ops::Deref for CachedChunk<'_> {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        match self {
-            CachedChunk::Pinned(v, at) => &v[*at..],
-            CachedChunk::Decoded(v) => v,
-        }
-    }
-}
-
-/// Where a `stored` value's raw bytes are.
-enum Raw {
-    /// Kept raw: the value after its header.
-    InPlace,
-    Decoded(Vec<u8>),
-}
-
-/// Decode a `stored` value; why not, for one that does not decode (damaged on disk in a
-/// way RocksDB's checksums did not catch, or by hand). The declared length is bounded by
-/// the largest chunk, so a bad value cannot make the agent allocate more.
-fn decode_stored(v: &[u8]) -> Result<Raw, String> {
-    let (encoding, raw_len, payload) = stored_header(v)?;
-    let raw = match encoding {
-        Encoding::Raw => return Ok(Raw::InPlace),
-        Encoding::Zstd => {
-            zstd::bulk::decompress(payload, raw_len as usize).map_err(|e| format!("zstd: {e}"))?
-        }
-    };
-    if raw.len() != raw_len as usize {
-        return Err(format!(
-            "decodes to {} bytes, declares {raw_len}",
-            raw.len()
-        ));
-    }
-    Ok(Raw::Decoded(raw))
-}
-
-/// A `stored` value's encoding, raw length and payload, checked as far as they can be
-/// without decoding.
-fn stored_header(v: &[u8]) -> Result<(Encoding, u32, &[u8]), String> {
-    let (head, payload) = v
-        .split_at_checked(STORED_HEADER)
-        .ok_or_else(|| format!("{} bytes, shorter than its header", v.len()))?;
-    let raw_len = u32::from_le_bytes(head[1..].try_into().expect("4 bytes"));
-    if raw_len > ChunkerConfig::MAX_CHUNK {
-        return Err(format!("declares {raw_len} bytes, over the largest chunk"));
-    }
-    match Encoding::from_u8(head[0]) {
-        Some(Encoding::Raw) if payload.len() != raw_len as usize => {
-            Err(format!("raw, {} bytes, declares {raw_len}", payload.len()))
-        }
-        Some(e) => Ok((e, raw_len, payload)),
-        None => Err(format!("unknown encoding {}", head[0])),
-    }
-}
-
-/// The raw bytes of a value of chunk family `family`.
-fn decode_value<'a>(family: &str, v: DBPinnableSlice<'a>) -> Result<CachedChunk<'a>, String> {
-    if family == CF_CHUNKS {
-        return Ok(CachedChunk::Pinned(v, 0));
-    }
-    Ok(match decode_stored(&v)? {
-        Raw::InPlace => CachedChunk::Pinned(v, STORED_HEADER),
-        Raw::Decoded(d) => CachedChunk::Decoded(d),
-    })
-}
 
 impl Record for HeldRecord {}
 
@@ -443,7 +323,7 @@ impl AgentDb {
         for cf in CHUNK_FAMILIES {
             let why = match self.db.get_raw(cf, id.as_bytes()) {
                 Ok(None) => continue,
-                Ok(Some(v)) => match decode_value(cf, v) {
+                Ok(Some(v)) => match decode_value(cf == CF_CHUNKS, v) {
                     Ok(c) => return Ok(Some(c)),
                     Err(why) => why,
                 },
@@ -592,7 +472,9 @@ impl AgentDb {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache_value::STORED_HEADER;
     use bytes::Bytes;
+    use seedcast_core::chunk::Encoding;
 
     fn text(n: usize) -> Bytes {
         Bytes::from(

@@ -18,6 +18,7 @@ pub mod adapters;
 pub mod agent;
 pub mod assemble;
 pub mod cache;
+mod cache_value;
 pub mod check;
 pub mod config;
 pub mod connect;
