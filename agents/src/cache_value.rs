@@ -88,9 +88,8 @@ fn decode_stored(v: &[u8]) -> Result<Raw, String> {
     let (encoding, raw_len, payload) = stored_header(v)?;
     let raw = match encoding {
         Encoding::Raw => return Ok(Raw::InPlace),
-        Encoding::Zstd => {
-            zstd::bulk::decompress(payload, raw_len as usize).map_err(|e| format!("zstd: {e}"))?
-        }
+        Encoding::Zstd => seedcast_core::zstd_ctx::decompress(payload, raw_len as usize)
+            .map_err(|e| format!("zstd: {e}"))?,
     };
     if raw.len() != raw_len as usize {
         return Err(format!(

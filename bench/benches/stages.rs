@@ -4,7 +4,7 @@
 //! - `hash`: BLAKE3 per chunk (a chunk id) against one BLAKE3 over the buffer, on one and
 //!   on two cores (the machine's limit);
 //! - `compress`: zstd level 3 per chunk as the client stores chunks, on one core and split
-//!   over two; `verify`: decompress and re-hash (what engine and agent do to every chunk);
+//!   over two, beside a fresh zstd context per chunk (`zstd::bulk`, before `zstd_ctx`); `verify`: decompress and re-hash (what engine and agent do to every chunk);
 //! - `delta`: a delta group of 2 MiB of changed chunks against their 2 MiB base at level 19
 //!   (as the engine encodes once for all sites), and its decoding at a site;
 //! - `sketch`: every chunk's super-features as computed, beside the single gear-hash run
@@ -93,6 +93,17 @@ fn bench(c: &mut Criterion) {
                 .sum::<u64>()
         })
     });
+    g.bench_function(
+        "baseline: zstd 3 per chunk, one core, a fresh context per chunk",
+        |b| {
+            b.iter(|| {
+                pairs
+                    .iter()
+                    .map(|(_, raw)| zstd::bulk::compress(raw, 3).unwrap().len() as u64)
+                    .sum::<u64>()
+            })
+        },
+    );
     g.bench_function("limit: zstd 3 per chunk, two cores", |b| {
         b.iter(|| {
             two_cores(&pairs, |ps| {
@@ -132,13 +143,29 @@ fn bench(c: &mut Criterion) {
                 .iter()
                 .filter(|c| c.encoding == seedcast_core::Encoding::Zstd)
                 .map(|c| {
-                    zstd::bulk::decompress(&c.payload, c.raw_len as usize)
+                    seedcast_core::zstd_ctx::decompress(&c.payload, c.raw_len as usize)
                         .unwrap()
                         .len() as u64
                 })
                 .sum::<u64>()
         })
     });
+    g.bench_function(
+        "baseline: zstd decompress only, a fresh context per chunk",
+        |b| {
+            b.iter(|| {
+                stored
+                    .iter()
+                    .filter(|c| c.encoding == seedcast_core::Encoding::Zstd)
+                    .map(|c| {
+                        zstd::bulk::decompress(&c.payload, c.raw_len as usize)
+                            .unwrap()
+                            .len() as u64
+                    })
+                    .sum::<u64>()
+            })
+        },
+    );
     g.finish();
 
     // A delta group: 2 MiB of chunks, each changed every 4 KiB, against the originals.

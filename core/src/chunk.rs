@@ -43,7 +43,7 @@ impl CompressedChunk {
     /// instead when compression does not pay.
     pub fn compress(id: ChunkId, raw: &[u8], level: i32) -> Self {
         let raw_len = raw.len() as u32;
-        match zstd::bulk::compress(raw, level) {
+        match crate::zstd_ctx::compress(raw, level) {
             Ok(c) if c.len() < raw.len() => CompressedChunk {
                 id,
                 raw_len,
@@ -109,7 +109,7 @@ impl UnverifiedChunk {
         }
         let raw: Bytes = match c.encoding {
             Encoding::Raw => c.payload.clone(),
-            Encoding::Zstd => zstd::bulk::decompress(&c.payload, c.raw_len as usize)
+            Encoding::Zstd => crate::zstd_ctx::decompress(&c.payload, c.raw_len as usize)
                 .map(Bytes::from)
                 .map_err(|e| VerifyError::Decode {
                     id: c.id,

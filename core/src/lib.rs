@@ -38,6 +38,7 @@ pub mod sender;
 pub mod source;
 pub mod transfer;
 pub mod units;
+pub mod zstd_ctx;
 
 #[cfg(test)]
 mod testutil;
