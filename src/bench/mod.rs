@@ -346,6 +346,7 @@ pub async fn run_local(
 
     let mut seeding = Vec::new();
     let mut reassembly = None;
+    let mut casync_extract = None;
     for &n in &rounds {
         steps.next(format!("seeding {n} site(s)"));
         let mut agents = start_agents(&opts.bin, &client, &work, &logs, &addr, n).await?;
@@ -376,6 +377,15 @@ pub async fn run_local(
                 )));
             }
             reassembly = Some(phase);
+            // The peer right after, on the disk as seedcast left it: run at the end, after
+            // every round's writes, it was measured on a disk still writing those back.
+            steps.next("casync extract");
+            if let Some((_, store)) = &casync {
+                let out = work.join("casync-extract.raw");
+                let r = peers::casync_extract(store, &out)?;
+                let _ = std::fs::remove_file(&out);
+                casync_extract = Some(r);
+            }
         }
         drop(agents);
         for s in &names {
@@ -411,16 +421,6 @@ pub async fn run_local(
         });
     }
 
-    steps.next("casync extract");
-    let casync_extract = match &casync {
-        Some((_, store)) => {
-            let out = work.join("casync-extract.raw");
-            let r = peers::casync_extract(store, &out)?;
-            let _ = std::fs::remove_file(&out);
-            Some(r)
-        }
-        None => None,
-    };
     client.close().await;
     engine.alive("the engine")?;
     drop(engine);

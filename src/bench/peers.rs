@@ -21,6 +21,10 @@ pub struct PeerRun {
     pub cpu_secs: f64,
     /// Bytes it stored (casync's chunk store and index), where that means something.
     pub stored_bytes: Option<u64>,
+    /// Seconds spent making its output durable afterwards (included in `seconds`), where
+    /// the tool does not and seedcast's figure does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sync_secs: Option<f64>,
 }
 
 /// Is `tool` on the PATH?
@@ -63,6 +67,7 @@ pub(crate) fn run_all(cmds: Vec<Command>, shown: String) -> Result<PeerRun, Benc
         seconds,
         cpu_secs: me.reaped_children_cpu_secs()? - cpu0,
         stored_bytes: None,
+        sync_secs: None,
     })
 }
 
@@ -96,17 +101,25 @@ pub struct CasyncStore {
     index: PathBuf,
 }
 
-/// `casync extract` of the image from its local store into `out`.
+/// `casync extract` of the image from its local store into `out`, then `out` synced: a
+/// site's reassembly ends with the image on disk before it is published, and casync
+/// returns with it still in the page cache (the sync is timed and reported apart too).
 pub fn casync_extract(s: &CasyncStore, out: &Path) -> Result<PeerRun, BenchError> {
     let mut c = Command::new("casync");
     c.args(["extract", "--store"])
         .arg(&s.store)
         .arg(&s.index)
         .arg(out);
-    run_all(
+    let mut run = run_all(
         vec![c],
-        "casync extract --store=STORE image.caibx OUT".to_string(),
-    )
+        "casync extract --store=STORE image.caibx OUT; sync OUT".to_string(),
+    )?;
+    let t = Instant::now();
+    std::fs::File::open(out)?.sync_all()?;
+    let sync = t.elapsed().as_secs_f64();
+    run.seconds += sync;
+    run.sync_secs = Some(sync);
+    Ok(run)
 }
 
 /// `rsync --sparse` of `image` into each of `dests` at once (local copies: rsync's sender

@@ -174,7 +174,8 @@ pub fn render(r: &LocalReport) -> String {
     if let Some(c) = &r.casync_extract {
         let _ = writeln!(
             o,
-            "| casync extract | {:.2} | {} | {:.1} | - |",
+            "| casync extract, then its output synced ({:.2} s of it) | {:.2} | {} | {:.1} | - |",
+            c.sync_secs.unwrap_or(0.0),
             c.seconds,
             rate(data / c.seconds),
             c.cpu_secs
