@@ -127,7 +127,8 @@ pub struct SeedRound {
     /// `loopback_secs / phase.seconds`: the share of the loopback limit reached.
     pub of_loopback: f64,
     /// Every site here writes to this machine's one disk: its copy of the image's data and
-    /// its cache of the chunks (raw), so `sites × 2 × data` at the measured disk rate.
+    /// its cache of the chunks as they travelled (the engine's stored bytes), so `sites ×
+    /// (data + stored)` at the measured disk rate.
     pub disk_limit_secs: f64,
     /// `disk_limit_secs / phase.seconds`.
     pub of_disk_limit: f64,
@@ -381,6 +382,7 @@ pub async fn run_local(
             // every round's writes, it was measured on a disk still writing those back.
             steps.next("casync extract");
             if let Some((_, store)) = &casync {
+                wait_idle(engine.pid()).await?;
                 let out = work.join("casync-extract.raw");
                 let r = peers::casync_extract(store, &out)?;
                 let _ = std::fs::remove_file(&out);
@@ -394,6 +396,7 @@ pub async fn run_local(
         }
 
         steps.next(format!("loopback limit, {n} connection(s)"));
+        wait_idle(engine.pid()).await?;
         let per_site = phase.payload_bytes / n as u64;
         let loopback_secs = limits::quic_loopback(n, per_site.max(1)).await?;
 
@@ -408,7 +411,8 @@ pub async fn run_local(
         } else {
             None
         };
-        let disk_limit_secs = (n as u64 * 2 * image.data_len) as f64 / stage.disk_rate();
+        let disk_limit_secs =
+            (n as u64 * (image.data_len + ingest_stored_bytes)) as f64 / stage.disk_rate();
         seeding.push(SeedRound {
             sites: n,
             loopback_secs,
@@ -594,6 +598,22 @@ async fn start_agents(
 
 /// Push the (already ingested) image to `agents`' sites under `name` and measure from the
 /// commit until every site has published.
+/// Wait, at most a minute, until `pid` uses under 5 % of a core over a quarter second. The
+/// engine indexes a version as delta bases in the background once a site has published
+/// it (seconds of both cores for this benchmark's image): a phase timed meanwhile,
+/// seedcast's or a peer's, would share the cores with that.
+async fn wait_idle(pid: Pid) -> Result<(), BenchError> {
+    let end = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < end {
+        let before = CpuSnapshot::take(&[pid])?;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if before.since()? < 0.0125 {
+            break;
+        }
+    }
+    Ok(())
+}
+
 async fn seed(
     client: &Client,
     engine: &mut Proc,
@@ -602,6 +622,8 @@ async fn seed(
     name: &str,
 ) -> Result<(Phase, ImageStatus), BenchError> {
     let sites: Vec<String> = agents.iter().map(|a| a.0.clone()).collect();
+    wait_idle(engine.pid()).await?;
+    peers::settle_disk()?;
     let mut push = PushOptions::new(name, vec![image.path.clone()]);
     push.sites = Some(sites.clone());
     // The client chunks and asks; nothing is uploaded (the engine holds every chunk).

@@ -33,8 +33,21 @@ pub fn installed(tool: &str) -> bool {
         .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join(tool).is_file()))
 }
 
-/// Run the commands at once and wait for all; their wall time and CPU.
+/// Write back everything dirty in the page cache, so that a timed phase does not pay for
+/// the writes of the one before it (a phase that ran after eight sites' copies took twice
+/// as long as the same phase run first).
+pub(crate) fn settle_disk() -> Result<(), BenchError> {
+    let s = Command::new("sync").status()?;
+    if !s.success() {
+        return Err(BenchError::Failed(format!("sync: {s}")));
+    }
+    Ok(())
+}
+
+/// Run the commands at once (the disk settled first) and wait for all; their wall time and
+/// CPU.
 pub(crate) fn run_all(cmds: Vec<Command>, shown: String) -> Result<PeerRun, BenchError> {
+    settle_disk()?;
     let me = Pid::This;
     let cpu0 = me.reaped_children_cpu_secs()?;
     let t = Instant::now();
