@@ -123,6 +123,26 @@ pub(crate) struct DeltaCache {
     groups: Mutex<GroupMemo>,
 }
 
+/// Most base indexes kept ...
+const INDEXES_KEPT: usize = 4;
+/// ... and most bytes of them (the newest is kept whatever its size). Kept by count alone,
+/// four indexes of 2.4 GiB images held ~150 MiB of an engine seeding them (`bench local`,
+/// each round a new image indexed ahead): past the 256 MiB the engine is held to.
+const INDEXES_BYTES: usize = 96 << 20;
+
+/// Drop the oldest indexes beyond [`INDEXES_KEPT`] or [`INDEXES_BYTES`] (those still being
+/// built count as empty; a deployment that holds one keeps its `Arc`).
+fn evict_indexes(ix: &mut VecDeque<([u8; 32], Slot<BaseIndex>)>, kept: usize, budget: usize) {
+    let bytes = |ix: &VecDeque<([u8; 32], Slot<BaseIndex>)>| -> usize {
+        ix.iter()
+            .filter_map(|(_, s)| s.get().map(|i| i.heap_bytes()))
+            .sum()
+    };
+    while ix.len() > kept || (ix.len() > 1 && bytes(ix) > budget) {
+        ix.pop_front();
+    }
+}
+
 pub(crate) fn bases_key(held: &[HeldVersion], unavailable: &[ChunkId]) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
     for v in held {
@@ -178,9 +198,7 @@ impl DeltaCache {
                 None => {
                     let s: Slot<BaseIndex> = Arc::new(OnceCell::new());
                     ix.push_back((key, s.clone()));
-                    if ix.len() > 4 {
-                        ix.pop_front();
-                    }
+                    evict_indexes(&mut ix, INDEXES_KEPT, INDEXES_BYTES);
                     s
                 }
             }
@@ -310,6 +328,45 @@ mod tests {
 
     fn chunks(m: &Manifest) -> Vec<(u64, ChunkId, u32)> {
         m.files[0].recipe.chunks_at().collect()
+    }
+
+    #[test]
+    fn kept_indexes_are_bounded_by_count_and_bytes_the_newest_always_kept() {
+        let store = MemChunks::new();
+        let m = stored_manifest(&store, &noise(3, 1 << 20));
+        let built = build_index(&store, std::slice::from_ref(&m), &HashSet::new());
+        let per = built.heap_bytes();
+        assert!(
+            per > built.len() * 40,
+            "{per} bytes for {} chunks",
+            built.len()
+        );
+        let built = Arc::new(built);
+        let slot = |n: u8, ix: Option<Arc<BaseIndex>>| {
+            let s: Slot<BaseIndex> = Arc::new(OnceCell::new());
+            if let Some(ix) = ix {
+                s.set(ix).unwrap();
+            }
+            ([n; 32], s)
+        };
+        let mut q = VecDeque::new();
+        for n in 0..7 {
+            q.push_back(slot(n, Some(built.clone())));
+            evict_indexes(&mut q, 4, usize::MAX);
+        }
+        assert_eq!(q.len(), 4);
+        assert_eq!(q.back().unwrap().0, [6; 32], "the newest is kept");
+        // Over the byte budget the oldest go; one being built counts as empty.
+        let mut q: VecDeque<_> = (0..3).map(|n| slot(n, Some(built.clone()))).collect();
+        q.push_back(slot(9, None));
+        evict_indexes(&mut q, 4, per * 5 / 2);
+        let kept: Vec<u8> = q.iter().map(|(k, _)| k[0]).collect();
+        assert_eq!(kept, [1, 2, 9]);
+        // The newest stays whatever its size.
+        let mut q: VecDeque<_> = (0..2).map(|n| slot(n, Some(built.clone()))).collect();
+        evict_indexes(&mut q, 4, per / 2);
+        assert_eq!(q.len(), 1);
+        assert_eq!(q[0].0, [1; 32]);
     }
 
     #[test]
