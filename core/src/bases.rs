@@ -59,57 +59,73 @@ impl Keys {
 }
 
 /// Base chunks, indexed by aligned block and by super-feature.
+///
+/// The tables name a chunk by its position in `chunks` (4 bytes) rather than by its id
+/// (32): an index holds an entry per 4 KiB block of its images, and with ids the engine's
+/// index of a 2.4 GiB image took ~40 MiB.
 #[derive(Debug, Default)]
 pub struct BaseIndex {
-    blocks: HashMap<u64, ChunkId>,
-    features: HashMap<u64, ChunkId>,
-    lens: HashMap<ChunkId, u32>,
+    /// Indexed chunks and their lengths, in the order indexed.
+    chunks: Vec<(ChunkId, u32)>,
+    positions: HashMap<ChunkId, u32>,
+    blocks: HashMap<u64, u32>,
+    features: HashMap<u64, u32>,
 }
 
 impl BaseIndex {
     /// Index one base chunk (its raw bytes, first used at `offset` of its file). A chunk
     /// already indexed is left as it is.
     pub fn add(&mut self, id: ChunkId, offset: u64, raw: &[u8]) {
-        if !self.lens.contains_key(&id) {
+        if !self.positions.contains_key(&id) {
             self.insert(id, Keys::of(offset, raw));
         }
     }
 
     /// Index one base chunk from its [`Keys`] (computed on another thread). A chunk
-    /// already indexed is left as it is.
+    /// already indexed is left as it is, and so is any past 2^32 of them.
     pub fn insert(&mut self, id: ChunkId, keys: Keys) {
-        if self.lens.contains_key(&id) {
+        if self.positions.contains_key(&id) {
             return;
         }
-        self.lens.insert(id, keys.len);
+        let Ok(at) = u32::try_from(self.chunks.len()) else {
+            return;
+        };
+        self.chunks.push((id, keys.len));
+        self.positions.insert(id, at);
         for sf in keys.features.into_iter().flatten() {
-            self.features.entry(sf).or_insert(id);
+            self.features.entry(sf).or_insert(at);
         }
         for b in keys.blocks {
-            self.blocks.entry(b).or_insert(id);
+            self.blocks.entry(b).or_insert(at);
         }
     }
 
     pub fn contains(&self, id: &ChunkId) -> bool {
-        self.lens.contains_key(id)
+        self.positions.contains_key(id)
+    }
+
+    /// An indexed chunk's length.
+    fn len_of(&self, id: &ChunkId) -> Option<u32> {
+        self.positions.get(id).map(|&at| self.chunks[at as usize].1)
     }
 
     /// Memory the index holds (its tables' capacity), so that whoever keeps indexes can
-    /// bound them by bytes: one for a 2.4 GiB image holds ~40 MiB.
+    /// bound them by bytes.
     pub fn heap_bytes(&self) -> usize {
+        let id = std::mem::size_of::<ChunkId>();
         // Key, value and hashbrown's control byte per slot.
-        let id_slot = 8 + std::mem::size_of::<ChunkId>() + 1;
-        (self.blocks.capacity() + self.features.capacity()) * id_slot
-            + self.lens.capacity() * (std::mem::size_of::<ChunkId>() + 4 + 1)
+        (self.blocks.capacity() + self.features.capacity()) * (8 + 4 + 1)
+            + self.positions.capacity() * (id + 4 + 1)
+            + self.chunks.capacity() * (id + 4)
     }
 
     /// Base chunks indexed.
     pub fn len(&self) -> usize {
-        self.lens.len()
+        self.chunks.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.lens.is_empty()
+        self.chunks.is_empty()
     }
 
     /// Base chunks resembling `raw` (first used at `offset` of its file), best first,
@@ -117,19 +133,21 @@ impl BaseIndex {
     pub fn candidates(&self, raw: &[u8], offset: u64, out: &mut Vec<ChunkId>) {
         let mut b = first_block(offset);
         while b + BLOCK as usize <= raw.len() {
-            if let Some(id) = self.blocks.get(&block_key(&raw[b..b + BLOCK as usize]))
-                && !out.contains(id)
-            {
-                out.push(*id);
+            if let Some(&at) = self.blocks.get(&block_key(&raw[b..b + BLOCK as usize])) {
+                let id = self.chunks[at as usize].0;
+                if !out.contains(&id) {
+                    out.push(id);
+                }
             }
             b += BLOCK as usize;
         }
         if let Some(s) = sketch(raw) {
             for sf in s.0 {
-                if let Some(id) = self.features.get(&sf)
-                    && !out.contains(id)
-                {
-                    out.push(*id);
+                if let Some(&at) = self.features.get(&sf) {
+                    let id = self.chunks[at as usize].0;
+                    if !out.contains(&id) {
+                        out.push(id);
+                    }
                 }
             }
         }
@@ -168,7 +186,7 @@ pub fn encode_against(
     let mut prefix = Vec::new();
     let mut base = Vec::new();
     for id in cands {
-        let len = index.lens.get(&id).copied().unwrap_or(0) as usize;
+        let len = index.len_of(&id).unwrap_or(0) as usize;
         if base.len() >= budget.chunks || prefix.len() + len > budget.bytes {
             break;
         }

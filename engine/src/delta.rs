@@ -125,9 +125,8 @@ pub(crate) struct DeltaCache {
 
 /// Most base indexes kept ...
 const INDEXES_KEPT: usize = 4;
-/// ... and most bytes of them (the newest is kept whatever its size). Kept by count alone,
-/// four indexes of 2.4 GiB images held ~150 MiB of an engine seeding them (`bench local`,
-/// each round a new image indexed ahead): past the 256 MiB the engine is held to.
+/// ... and most bytes of them (the newest is kept whatever its size): an index holds an
+/// entry per 4 KiB block of its images (~13 MiB for a 2.4 GiB image).
 const INDEXES_BYTES: usize = 96 << 20;
 
 /// Drop the oldest indexes beyond [`INDEXES_KEPT`] or [`INDEXES_BYTES`] (those still being

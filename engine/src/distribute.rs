@@ -534,6 +534,7 @@ pub(crate) async fn index_bases(
     tracing::debug!(
         secs = t.elapsed().as_secs_f64(),
         bases = index.len(),
+        bytes = index.heap_bytes(),
         "delta bases ready"
     );
     Ok((!index.is_empty()).then(|| Deltas {
