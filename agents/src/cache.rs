@@ -255,13 +255,7 @@ impl AgentDb {
         payload_len: u64,
     ) -> Result<(), CacheError> {
         let mut r = self.received.lock();
-        let mut batch = Batch::default();
-        let mut written = 0u64;
-        for c in chunks {
-            let v = stored_value(c.stored());
-            written += v.len() as u64;
-            batch.put_cf(self.db.cf(CF_STORED), c.id().as_bytes(), v);
-        }
+        let (mut batch, written) = self.chunk_batch(chunks);
         let total = r.0 + payload_len;
         batch.put_cf(self.db.cf(CF_META), RECEIVED_KEY, total.to_le_bytes());
         self.db.write(batch, Durability::NoWal)?;
@@ -337,17 +331,21 @@ impl AgentDb {
         Ok(None)
     }
 
+    /// A batch putting `chunks` in their stored form, and the bytes it writes.
+    fn chunk_batch(&self, chunks: &[VerifiedChunk]) -> (Batch, u64) {
+        let mut batch = Batch::default();
+        let mut written = 0u64;
+        for c in chunks {
+            let v = stored_value(c.stored());
+            written += v.len() as u64;
+            batch.put_cf(self.db.cf(CF_STORED), c.id().as_bytes(), v);
+        }
+        (batch, written)
+    }
+
     /// Cache verified chunks (no WAL: see the module docs).
     pub fn put_chunks(&self, chunks: &[VerifiedChunk]) -> Result<(), CacheError> {
-        let mut batch = Batch::default();
-        for c in chunks {
-            batch.put_cf(
-                self.db.cf(CF_STORED),
-                c.id().as_bytes(),
-                stored_value(c.stored()),
-            );
-        }
-        self.db.write(batch, Durability::NoWal)
+        self.db.write(self.chunk_batch(chunks).0, Durability::NoWal)
     }
 
     /// Make cached chunks (and the count of bytes received) durable (end of a transfer).

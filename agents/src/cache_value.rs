@@ -6,7 +6,7 @@
 
 use std::borrow::Cow;
 
-use seedcast_core::chunk::Encoding;
+use seedcast_core::chunk::{Encoding, unzstd};
 use seedcast_core::{ChunkerConfig, CompressedChunk};
 use seedcast_db::DBPinnableSlice;
 
@@ -26,15 +26,6 @@ pub(crate) fn stored_value(c: &CompressedChunk) -> Vec<u8> {
 pub enum CachedChunk<'a> {
     Pinned(DBPinnableSlice<'a>, usize),
     Decoded(Vec<u8>),
-}
-
-impl CachedChunk<'_> {
-    pub fn into_bytes(self) -> bytes::Bytes {
-        match self {
-            CachedChunk::Pinned(v, at) => bytes::Bytes::copy_from_slice(&v[at..]),
-            CachedChunk::Decoded(v) => v.into(),
-        }
-    }
 }
 
 impl std::fmt::Debug for CachedChunk<'_> {
@@ -85,19 +76,12 @@ enum Raw {
 /// way RocksDB's checksums did not catch, or by hand). The declared length is bounded by
 /// the largest chunk, so a bad value cannot make the agent allocate more.
 fn decode_stored(v: &[u8]) -> Result<Raw, String> {
-    let (encoding, raw_len, payload) = stored_header(v)?;
-    let raw = match encoding {
-        Encoding::Raw => return Ok(Raw::InPlace),
-        Encoding::Zstd => seedcast_core::zstd_ctx::decompress(payload, raw_len as usize)
-            .map_err(|e| format!("zstd: {e}"))?,
-    };
-    if raw.len() != raw_len as usize {
-        return Err(format!(
-            "decodes to {} bytes, declares {raw_len}",
-            raw.len()
-        ));
+    match stored_header(v)? {
+        (Encoding::Raw, ..) => Ok(Raw::InPlace),
+        (Encoding::Zstd, raw_len, payload) => unzstd(payload, raw_len)
+            .map(Raw::Decoded)
+            .map_err(|e| e.to_string()),
     }
-    Ok(Raw::Decoded(raw))
 }
 
 /// A `stored` value's encoding, raw length and payload, checked as far as they can be

@@ -215,15 +215,20 @@ async fn data_stream(
     }
 }
 
-/// A base chunk's bytes: from the cache, else from a held image.
-fn base_bytes(db: &AgentDb, seeds: &SeedIndex, id: &ChunkId) -> Result<Bytes, ReceiveError> {
+/// Append a base chunk's bytes to `base`: from the cache, else from a held image.
+fn push_base(
+    db: &AgentDb,
+    seeds: &SeedIndex,
+    id: &ChunkId,
+    base: &mut Vec<u8>,
+) -> Result<(), ReceiveError> {
     if let Some(b) = db.chunk(id)? {
-        return Ok(b.into_bytes());
+        base.extend_from_slice(&b);
+        return Ok(());
     }
-    seeds
-        .read(id)
-        .map(|v| v.raw().clone())
-        .ok_or(ReceiveError::BaseUnavailable(*id))
+    let v = seeds.read(id).ok_or(ReceiveError::BaseUnavailable(*id))?;
+    base.extend_from_slice(v.raw());
+    Ok(())
 }
 
 /// Verify and cache a stored chunk the engine sent, and write it into the image being
@@ -340,7 +345,7 @@ async fn receive_group(
 fn group_base(db: &AgentDb, seeds: &SeedIndex, g: &GroupHeader) -> Result<Vec<u8>, ReceiveError> {
     let mut base = Vec::new();
     for id in &g.base {
-        base.extend_from_slice(&base_bytes(db, seeds, id)?);
+        push_base(db, seeds, id, &mut base)?;
         if base.len() > GroupHeader::MAX_BASE_BYTES {
             return Err(ReceiveError::BasesTooLarge {
                 max: GroupHeader::MAX_BASE_BYTES,

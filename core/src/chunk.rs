@@ -60,6 +60,31 @@ impl CompressedChunk {
     }
 }
 
+/// Why a zstd payload did not give its declared bytes.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PayloadError {
+    #[error("zstd payload does not decode: {0}")]
+    Zstd(String),
+    #[error("decoded to {actual} bytes, declared {declared}")]
+    Length { declared: u32, actual: usize },
+}
+
+/// The raw bytes of a zstd `payload` declared `raw_len` long: exactly that many, or why
+/// not. The declared length bounds the output buffer, so a zstd bomb allocates no more;
+/// the caller bounds the declared length. What verification decodes with, and what a
+/// site's cache of stored chunks is read back with.
+pub fn unzstd(payload: &[u8], raw_len: u32) -> Result<Vec<u8>, PayloadError> {
+    let raw = crate::zstd_ctx::decompress(payload, raw_len as usize)
+        .map_err(|e| PayloadError::Zstd(e.to_string()))?;
+    if raw.len() != raw_len as usize {
+        return Err(PayloadError::Length {
+            declared: raw_len,
+            actual: raw.len(),
+        });
+    }
+    Ok(raw)
+}
+
 /// Why a chunk was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum VerifyError {
@@ -109,13 +134,21 @@ impl UnverifiedChunk {
         }
         let raw: Bytes = match c.encoding {
             Encoding::Raw => c.payload.clone(),
-            Encoding::Zstd => crate::zstd_ctx::decompress(&c.payload, c.raw_len as usize)
-                .map(Bytes::from)
-                .map_err(|e| VerifyError::Decode {
-                    id: c.id,
-                    reason: e.to_string(),
-                })?,
+            Encoding::Zstd => match unzstd(&c.payload, c.raw_len) {
+                Ok(raw) => raw.into(),
+                Err(PayloadError::Zstd(reason)) => {
+                    return Err(VerifyError::Decode { id: c.id, reason });
+                }
+                Err(PayloadError::Length { declared, actual }) => {
+                    return Err(VerifyError::LengthMismatch {
+                        id: c.id,
+                        declared,
+                        actual,
+                    });
+                }
+            },
         };
+        // A raw payload of another length than declared.
         if raw.len() != c.raw_len as usize {
             return Err(VerifyError::LengthMismatch {
                 id: c.id,

@@ -432,7 +432,7 @@ fn super_features(features: &[u64; SUB_BLOCKS]) -> Sketch {
 /// compare per byte); since the hash forgets a byte after [`GEAR_WINDOW`] steps, the hash
 /// entering a sub-block is recomputed from its last 64 bytes, and four sub-blocks run
 /// interleaved, four independent chains the CPU overlaps — the same values (a test holds
-/// them to the single run), about twice as fast.
+/// them to the single run), 1.38× as fast (`stages` bench, 2.08 against 1.50 GiB/s).
 pub fn sketch(data: &[u8]) -> Option<Sketch> {
     const { assert!(SUB_BLOCKS.is_multiple_of(4)) };
     if data.len() < MIN_SKETCH_LEN {
@@ -627,7 +627,8 @@ mod tests {
         assert!(r.is_err() || out[0][..] != a[..]);
     }
 
-    /// `sketch_reference(&noise(21, 65536))` at the commit that first stored sketches.
+    /// `sketch(&noise(21, 65536))` as the single-run code before the interleaved one
+    /// (`6de9b7d`) gave it.
     const KNOWN: [u64; SUPER_FEATURES] = [
         13732244764192245833,
         7353861453924363728,
