@@ -11,7 +11,7 @@
 
 use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
 use seedcast_core::bases::{BaseBudget, BaseIndex, Keys, encode_against};
@@ -102,6 +102,9 @@ pub(crate) enum Encoded {
 
 type Slot<T> = Arc<OnceCell<Arc<T>>>;
 
+/// A built index by what it indexes ([`content_key`]).
+type ByContent = ([u8; 32], Weak<BaseIndex>);
+
 /// (base manifest id, new manifest id).
 type ManifestPair = ([u8; 32], [u8; 32]);
 
@@ -117,6 +120,10 @@ struct GroupMemo {
 #[derive(Debug, Default)]
 pub(crate) struct DeltaCache {
     indexes: Mutex<VecDeque<([u8; 32], Slot<BaseIndex>)>>,
+    /// The indexes built, by what they index ([`content_key`]): the same manifests held
+    /// under another image's name (a re-push, a copy) share one index instead of reading,
+    /// hashing and sketching every chunk again. Weak: eviction from `indexes` frees them.
+    by_content: Arc<Mutex<Vec<ByContent>>>,
     /// Manifest deltas by (base manifest id, new manifest id): one per version pair, not
     /// one per site.
     manifests: Mutex<VecDeque<(ManifestPair, Arc<Vec<u8>>)>>,
@@ -132,14 +139,34 @@ const INDEXES_BYTES: usize = 96 << 20;
 /// Drop the oldest indexes beyond [`INDEXES_KEPT`] or [`INDEXES_BYTES`] (those still being
 /// built count as empty; a deployment that holds one keeps its `Arc`).
 fn evict_indexes(ix: &mut VecDeque<([u8; 32], Slot<BaseIndex>)>, kept: usize, budget: usize) {
+    // An index shared by several keys (see `DeltaCache::by_content`) counts once.
     let bytes = |ix: &VecDeque<([u8; 32], Slot<BaseIndex>)>| -> usize {
+        let mut seen = HashSet::new();
         ix.iter()
-            .filter_map(|(_, s)| s.get().map(|i| i.heap_bytes()))
+            .filter_map(|(_, s)| s.get())
+            .filter(|i| seen.insert(Arc::as_ptr(i)))
+            .map(|i| i.heap_bytes())
             .sum()
     };
     while ix.len() > kept || (ix.len() > 1 && bytes(ix) > budget) {
         ix.pop_front();
     }
+}
+
+/// What an index indexes: the held manifests' ids and the chunks left out.
+/// `None` if a manifest does not encode (its index is then not shared).
+fn content_key(held: &[Manifest], unavailable: &[ChunkId]) -> Option<[u8; 32]> {
+    let mut h = blake3::Hasher::new();
+    h.update(b"seedcast base index content");
+    for m in held {
+        h.update(&m.id().ok()?);
+    }
+    let mut u: Vec<_> = unavailable.to_vec();
+    u.sort();
+    for id in u {
+        h.update(id.as_bytes());
+    }
+    Some(*h.finalize().as_bytes())
 }
 
 pub(crate) fn bases_key(held: &[HeldVersion], unavailable: &[ChunkId]) -> [u8; 32] {
@@ -202,11 +229,27 @@ impl DeltaCache {
                 }
             }
         };
+        let by_content = self.by_content.clone();
         slot.get_or_try_init(|| async move {
             tokio::task::spawn_blocking(move || {
                 let held = load()?;
+                let content = content_key(&held, &unavailable);
+                let built = content.and_then(|c| {
+                    let mut b = by_content.lock();
+                    b.retain(|(_, w)| w.strong_count() > 0);
+                    b.iter()
+                        .find(|(k, _)| *k == c)
+                        .and_then(|(_, w)| w.upgrade())
+                });
+                if let Some(ix) = built {
+                    return Ok(ix);
+                }
                 let unavailable: HashSet<ChunkId> = unavailable.into_iter().collect();
-                Ok(Arc::new(build_index(&*source, &held, &unavailable)))
+                let ix = Arc::new(build_index(&*source, &held, &unavailable));
+                if let Some(c) = content {
+                    by_content.lock().push((c, Arc::downgrade(&ix)));
+                }
+                Ok(ix)
             })
             .await?
         })
@@ -340,7 +383,13 @@ mod tests {
             "{per} bytes for {} chunks",
             built.len()
         );
-        let built = Arc::new(built);
+        let fresh = || {
+            Some(Arc::new(build_index(
+                &store,
+                std::slice::from_ref(&m),
+                &HashSet::new(),
+            )))
+        };
         let slot = |n: u8, ix: Option<Arc<BaseIndex>>| {
             let s: Slot<BaseIndex> = Arc::new(OnceCell::new());
             if let Some(ix) = ix {
@@ -350,22 +399,56 @@ mod tests {
         };
         let mut q = VecDeque::new();
         for n in 0..7 {
-            q.push_back(slot(n, Some(built.clone())));
+            q.push_back(slot(n, fresh()));
             evict_indexes(&mut q, 4, usize::MAX);
         }
         assert_eq!(q.len(), 4);
         assert_eq!(q.back().unwrap().0, [6; 32], "the newest is kept");
         // Over the byte budget the oldest go; one being built counts as empty.
-        let mut q: VecDeque<_> = (0..3).map(|n| slot(n, Some(built.clone()))).collect();
+        let mut q: VecDeque<_> = (0..3).map(|n| slot(n, fresh())).collect();
         q.push_back(slot(9, None));
         evict_indexes(&mut q, 4, per * 5 / 2);
         let kept: Vec<u8> = q.iter().map(|(k, _)| k[0]).collect();
         assert_eq!(kept, [1, 2, 9]);
         // The newest stays whatever its size.
-        let mut q: VecDeque<_> = (0..2).map(|n| slot(n, Some(built.clone()))).collect();
+        let mut q: VecDeque<_> = (0..2).map(|n| slot(n, fresh())).collect();
         evict_indexes(&mut q, 4, per / 2);
         assert_eq!(q.len(), 1);
         assert_eq!(q[0].0, [1; 32]);
+        // One index shared by three keys counts once.
+        let shared = fresh();
+        let mut q: VecDeque<_> = (0..3).map(|n| slot(n, shared.clone())).collect();
+        evict_indexes(&mut q, 4, per * 3 / 2);
+        assert_eq!(q.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn the_same_manifests_under_another_name_share_one_index() {
+        let store: Arc<MemChunks> = Arc::new(MemChunks::new());
+        let m = stored_manifest(&store, &noise(6, 1 << 20));
+        let other = stored_manifest(&store, &noise(7, 1 << 20));
+        let cache = DeltaCache::default();
+        let index = |key: u8, m: &Manifest, gone: Vec<ChunkId>| {
+            let m = m.clone();
+            cache.index(store.clone(), [key; 32], move || Ok(vec![m]), gone)
+        };
+        let a = index(1, &m, vec![]).await.unwrap();
+        let b = index(2, &m, vec![]).await.unwrap();
+        assert!(Arc::ptr_eq(&a, &b), "built twice for the same manifests");
+        // Other manifests, or other chunks left out, are other indexes.
+        let c = index(3, &other, vec![]).await.unwrap();
+        assert!(!Arc::ptr_eq(&a, &c));
+        let gone = vec![chunks(&m)[0].1];
+        let d = index(4, &m, gone.clone()).await.unwrap();
+        assert!(!Arc::ptr_eq(&a, &d));
+        assert!(!d.contains(&gone[0]));
+        // Once every key holding it is evicted it is freed: the map does not keep it.
+        let weak = Arc::downgrade(&a);
+        drop((a, b, d));
+        for k in 10..20 {
+            index(k, &other, vec![]).await.unwrap();
+        }
+        assert!(weak.upgrade().is_none());
     }
 
     #[test]
