@@ -154,19 +154,18 @@ fn evict_indexes(ix: &mut VecDeque<([u8; 32], Slot<BaseIndex>)>, kept: usize, bu
 }
 
 /// What an index indexes: the held manifests' ids and the chunks left out.
-/// `None` if a manifest does not encode (its index is then not shared).
-fn content_key(held: &[Manifest], unavailable: &[ChunkId]) -> Option<[u8; 32]> {
+fn content_key(held: &[[u8; 32]], unavailable: &[ChunkId]) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
     h.update(b"seedcast base index content");
-    for m in held {
-        h.update(&m.id().ok()?);
+    for id in held {
+        h.update(id);
     }
     let mut u: Vec<_> = unavailable.to_vec();
     u.sort();
     for id in u {
         h.update(id.as_bytes());
     }
-    Some(*h.finalize().as_bytes())
+    *h.finalize().as_bytes()
 }
 
 pub(crate) fn bases_key(held: &[HeldVersion], unavailable: &[ChunkId]) -> [u8; 32] {
@@ -214,7 +213,7 @@ impl DeltaCache {
         &self,
         source: Arc<dyn ChunkSource>,
         key: [u8; 32],
-        load: impl FnOnce() -> Result<Vec<Manifest>, EngineError> + Send + 'static,
+        load: impl FnOnce() -> Result<Vec<([u8; 32], Manifest)>, EngineError> + Send + 'static,
         unavailable: Vec<ChunkId>,
     ) -> Result<Arc<BaseIndex>, EngineError> {
         let slot = {
@@ -232,23 +231,21 @@ impl DeltaCache {
         let by_content = self.by_content.clone();
         slot.get_or_try_init(|| async move {
             tokio::task::spawn_blocking(move || {
-                let held = load()?;
-                let content = content_key(&held, &unavailable);
-                let built = content.and_then(|c| {
+                let (ids, held): (Vec<_>, Vec<_>) = load()?.into_iter().unzip();
+                let content = content_key(&ids, &unavailable);
+                let built = {
                     let mut b = by_content.lock();
                     b.retain(|(_, w)| w.strong_count() > 0);
                     b.iter()
-                        .find(|(k, _)| *k == c)
+                        .find(|(k, _)| *k == content)
                         .and_then(|(_, w)| w.upgrade())
-                });
+                };
                 if let Some(ix) = built {
                     return Ok(ix);
                 }
                 let unavailable: HashSet<ChunkId> = unavailable.into_iter().collect();
                 let ix = Arc::new(build_index(&*source, &held, &unavailable));
-                if let Some(c) = content {
-                    by_content.lock().push((c, Arc::downgrade(&ix)));
-                }
+                by_content.lock().push((content, Arc::downgrade(&ix)));
                 Ok(ix)
             })
             .await?
@@ -429,7 +426,7 @@ mod tests {
         let other = stored_manifest(&store, &noise(7, 1 << 20));
         let cache = DeltaCache::default();
         let index = |key: u8, m: &Manifest, gone: Vec<ChunkId>| {
-            let m = m.clone();
+            let m = (m.id().unwrap(), m.clone());
             cache.index(store.clone(), [key; 32], move || Ok(vec![m]), gone)
         };
         let a = index(1, &m, vec![]).await.unwrap();

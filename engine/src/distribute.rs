@@ -523,7 +523,7 @@ pub(crate) async fn index_bases(
         let mut manifests = Vec::new();
         for h in &bases_from {
             if let Some(m) = catalog.manifest(&h.global_id, h.version)? {
-                manifests.push(m.manifest);
+                manifests.push((m.manifest_id, m.manifest));
             }
         }
         Ok(manifests)

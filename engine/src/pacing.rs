@@ -10,7 +10,7 @@
 //!
 //! A record is charged as it is written, before the connection has sent it, so it is
 //! charged with the wire bytes it will at least take: its payload times the ratio of a
-//! full datagram to the stream bytes it can carry ([`wire_per_payload`]). Charging the bare
+//! full datagram to the stream bytes it can carry ([`wire_ratio`]). Charging the bare
 //! payload, as this did first, left the QUIC framing (about 4 % of a datagram) uncharged
 //! for as long as the payload count led the wire count, which was most of a transfer:
 //! sites ran 3–5 % over their limits. The ratio is a lower bound, so a site is never
@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use quinn::Connection;
+use quinn::{Connection, ConnectionStats};
 use seedcast_core::rate::TokenBucket;
 
 /// Time's worth of sending a bucket saves up while idle: short, so a limit holds over any
@@ -90,8 +90,12 @@ pub(crate) fn header_bytes(conn: &Connection) -> u64 {
 
 /// Bytes a connection has sent: datagrams with their UDP and IP headers.
 fn wire_tx(conn: &Connection) -> u64 {
-    let s = conn.stats();
-    s.udp_tx.bytes + header_bytes(conn) * s.udp_tx.datagrams
+    wire_of(&conn.stats(), header_bytes(conn))
+}
+
+/// [`wire_tx`] from a snapshot of the connection's stats.
+fn wire_of(s: &ConnectionStats, header: u64) -> u64 {
+    s.udp_tx.bytes + header * s.udp_tx.datagrams
 }
 
 /// The least QUIC adds to a datagram's stream bytes: a short header's first byte and a
@@ -99,15 +103,10 @@ fn wire_tx(conn: &Connection) -> u64 {
 /// type, stream ID and length at their smallest.
 const MIN_QUIC_OVERHEAD: u64 = 1 + 1 + 16 + 3;
 
-/// Wire bytes per payload byte, at least, for a connection sending full datagrams: the
-/// datagram with its UDP/IP headers over the stream bytes it carries (≈ 1.034 for IPv4 at
-/// quinn's usual 1452-byte datagrams; measured in full on a veth link: 1.044).
-pub(crate) fn wire_per_payload(conn: &Connection) -> f64 {
-    wire_ratio(conn.stats().path.current_mtu, header_bytes(conn))
-}
-
-/// [`wire_per_payload`] for datagrams of `mtu` bytes (UDP payload) and `header` bytes of
-/// UDP/IP header.
+/// Wire bytes per payload byte, at least, for a connection sending full datagrams of `mtu`
+/// bytes (UDP payload) with `header` bytes of UDP/IP header: the datagram with its headers
+/// over the stream bytes it carries (≈ 1.034 for IPv4 at quinn's usual 1452-byte
+/// datagrams; measured in full on a veth link: 1.044).
 fn wire_ratio(mtu: u16, header: u64) -> f64 {
     // QUIC's datagrams are never below 1200 bytes; quinn reports that before MTU discovery.
     let mtu = u64::from(mtu).max(1200);
@@ -149,8 +148,10 @@ impl Pacer {
     /// the last call, or the payload in the wire bytes it takes at least if more (it is
     /// written before it is sent).
     pub fn charge(&self, n: u64, now: Instant) -> Duration {
-        let wire = wire_tx(&self.conn).saturating_sub(self.wire_start);
-        let n = (n as f64 * wire_per_payload(&self.conn)) as u64;
+        // One snapshot for both: it takes the connection's lock, on every record.
+        let (stats, header) = (self.conn.stats(), header_bytes(&self.conn));
+        let wire = wire_of(&stats, header).saturating_sub(self.wire_start);
+        let n = (n as f64 * wire_ratio(stats.path.current_mtu, header)) as u64;
         let charge = {
             let mut a = self.account.lock();
             a.payload += n;
